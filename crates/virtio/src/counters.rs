@@ -1,0 +1,89 @@
+//! Per-queue counters, readable by the embedding program at any time.
+//!
+//! virtio has no way to return an error code to the guest for most faults,
+//! so, as in vhost, errors are counted here (and logged once in a while).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Counters of one virtqueue. Only its queue thread writes them.
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Guest notifications received (summed eventfd counts).
+    pub kicks: AtomicU64,
+    /// Descriptor chains completed (returned on the used ring).
+    pub chains: AtomicU64,
+    /// Bytes moved between guest memory and the backend.
+    pub bytes: AtomicU64,
+    /// Interrupts raised (call eventfd writes).
+    pub interrupts: AtomicU64,
+    /// Times the queue had used buffers to report but the guest had asked
+    /// not to be interrupted (EVENT_IDX / NO_INTERRUPT).
+    pub suppressed: AtomicU64,
+    /// Malformed chains, bad rings and backend I/O errors.
+    pub errors: AtomicU64,
+}
+
+/// A copy of [`QueueCounters`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCountersSnapshot {
+    pub kicks: u64,
+    pub chains: u64,
+    pub bytes: u64,
+    pub interrupts: u64,
+    pub suppressed: u64,
+    pub errors: u64,
+}
+
+impl QueueCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> QueueCountersSnapshot {
+        QueueCountersSnapshot {
+            kicks: self.kicks.load(Relaxed),
+            chains: self.chains.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            interrupts: self.interrupts.load(Relaxed),
+            suppressed: self.suppressed.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
+}
+
+/// Counters of a device: one [`QueueCounters`] per queue, plus whether the
+/// device has marked itself as needing a reset.
+#[derive(Debug)]
+pub struct DeviceCounters {
+    pub queues: Vec<Arc<QueueCounters>>,
+    pub needs_reset: AtomicBool,
+}
+
+impl DeviceCounters {
+    pub fn new(num_queues: usize) -> Arc<Self> {
+        Arc::new(DeviceCounters {
+            queues: (0..num_queues).map(|_| Arc::default()).collect(),
+            needs_reset: AtomicBool::new(false),
+        })
+    }
+
+    pub fn queue(&self, index: usize) -> QueueCountersSnapshot {
+        self.queues.get(index).map(|q| q.snapshot()).unwrap_or_default()
+    }
+
+    /// Sum over all queues.
+    pub fn total(&self) -> QueueCountersSnapshot {
+        let mut t = QueueCountersSnapshot::default();
+        for q in &self.queues {
+            let s = q.snapshot();
+            t.kicks += s.kicks;
+            t.chains += s.chains;
+            t.bytes += s.bytes;
+            t.interrupts += s.interrupts;
+            t.suppressed += s.suppressed;
+            t.errors += s.errors;
+        }
+        t
+    }
+}

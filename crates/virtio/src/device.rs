@@ -1,0 +1,167 @@
+//! What a device is to a transport, and how it is started and stopped.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::counters::DeviceCounters;
+use crate::memory::GuestMemory;
+use crate::queue::{QueueCtx, Stopped};
+use crate::threads::{Job, Runtime, ThreadSet};
+
+/// Feature bits every device here offers: virtio 1.x, indirect descriptors
+/// and EVENT_IDX (the guest tells us when it wants interrupts).
+pub const COMMON_FEATURES: u64 = (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
+    | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+
+/// What a queue thread waits for once its worker has no more work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The guest must make more buffers available (a kick).
+    Kick,
+    /// The backend must become readable (net receive, console input). Only
+    /// returned by a worker that may not block (shared-thread modes).
+    Backend,
+}
+
+/// Serves one virtqueue. Called by that queue's thread whenever the queue
+/// may have work; it returns when there is none left.
+pub trait QueueWorker: Send {
+    /// Pop chains, do their I/O in guest memory and return them on the used
+    /// ring until nothing more can be done right now.
+    ///
+    /// When `q.blocking()` is true the worker owns its thread and may block
+    /// in its backend (e.g. a `readv` on the TAP that waits for a packet),
+    /// calling `q.notify()` first since it is about to sleep. Otherwise it
+    /// must not block and returns [`Wait::Backend`] instead.
+    fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped>;
+
+    /// The backend fd polled for [`Wait::Backend`].
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+/// A virtio device as its transport sees it.
+pub trait VirtioDevice: Send {
+    /// Short name for threads and logs, e.g. `net0`, `blk1`.
+    fn name(&self) -> &str;
+    /// Virtio device ID (1 net, 2 block, 3 console, 4 rng).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features offered to the driver.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK with `features`: build one worker per queue
+    /// (index = queue index). Opens or configures the backend as needed.
+    fn activate(&mut self, features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError>;
+    /// The device was reset and its queue threads have stopped.
+    fn reset(&mut self) {}
+    /// Per-queue counters, shared with the queue threads.
+    fn counters(&self) -> Arc<DeviceCounters>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("{0}")]
+    Backend(String),
+    #[error("queue {0} does not exist on this device")]
+    NoSuchQueue(u16),
+    #[error("queue {0} is not valid (addresses outside guest memory or bad size)")]
+    InvalidQueue(u16),
+    #[error("cannot start a queue thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// One queue the driver made ready: its ring state and its two eventfds.
+pub struct QueueSetup {
+    pub index: u16,
+    pub queue: Queue,
+    /// Signalled by the guest's notification (a KVM ioeventfd).
+    pub kick: EventFd,
+    /// Written to raise the queue's interrupt (a KVM irqfd).
+    pub call: EventFd,
+}
+
+/// Where a device reports that it needs a reset.
+pub struct DeviceEvents {
+    pub counters: Arc<DeviceCounters>,
+    /// Written when the device wants a configuration-change interrupt.
+    pub config_call: Option<EventFd>,
+}
+
+impl DeviceEvents {
+    /// Marks the device DEVICE_NEEDS_RESET and tells the driver.
+    pub fn set_needs_reset(&self) {
+        self.counters.needs_reset.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(call) = &self.config_call {
+            let _ = call.write(1);
+        }
+    }
+}
+
+/// A device whose queue threads are running. Dropping it stops them.
+pub struct ActiveDevice {
+    threads: Option<ThreadSet>,
+}
+
+impl ActiveDevice {
+    /// Stops every queue thread of the device and waits for them. No thread
+    /// touches guest memory for this device once this returns.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.threads.take() {
+            t.stop();
+        }
+    }
+}
+
+impl Drop for ActiveDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts serving `queues` of `device` with the negotiated `features`, in the
+/// threading mode of `runtime`.
+pub fn activate(
+    device: &mut dyn VirtioDevice,
+    features: u64,
+    mem: &GuestMemory,
+    queues: Vec<QueueSetup>,
+    runtime: &Arc<Runtime>,
+    config_call: Option<EventFd>,
+) -> Result<ActiveDevice, ActivateError> {
+    let counters = device.counters();
+    counters.needs_reset.store(false, std::sync::atomic::Ordering::SeqCst);
+    let events = Arc::new(DeviceEvents { counters: counters.clone(), config_call });
+    let max = device.queue_max_sizes();
+    for s in &queues {
+        if usize::from(s.index) >= max.len() {
+            return Err(ActivateError::NoSuchQueue(s.index));
+        }
+        if !s.queue.is_valid(mem) {
+            return Err(ActivateError::InvalidQueue(s.index));
+        }
+    }
+    let mut workers: Vec<Option<Box<dyn QueueWorker>>> =
+        device.activate(features).map_err(|e| e)?.into_iter().map(Some).collect();
+    let event_idx = features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+    let mut jobs = Vec::new();
+    for mut s in queues {
+        let Some(worker) = workers.get_mut(usize::from(s.index)).and_then(Option::take) else {
+            return Err(ActivateError::NoSuchQueue(s.index));
+        };
+        s.queue.set_event_idx(event_idx);
+        let qc = counters.queues[usize::from(s.index)].clone();
+        let ctx = QueueCtx::new(s, mem.clone(), qc, events.clone());
+        jobs.push(Job { name: format!("{}-q{}", device.name(), ctx.index), ctx, worker });
+    }
+    let threads = runtime.start(jobs).map_err(ActivateError::Spawn)?;
+    Ok(ActiveDevice { threads: Some(threads) })
+}

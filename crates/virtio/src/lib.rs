@@ -1,0 +1,44 @@
+//! kickvm's virtio device servers.
+//!
+//! Every virtqueue is served by its own thread (see [`threads`]). The thread
+//! sleeps on the queue's *kick* eventfd (which the guest's notification
+//! signals), moves data straight between the backend and guest memory, and
+//! raises the guest's interrupt itself through the queue's *call* eventfd —
+//! only when the guest asked for it and only when the thread is about to
+//! sleep.
+//!
+//! This crate knows nothing about KVM or sockets. A transport (the
+//! launcher's virtio-pci, a vhost-user back-end, or the test [`driver`])
+//! negotiates features, lays out the rings, and hands each queue to
+//! [`activate`] together with its kick and call eventfds.
+//!
+//! Where a kick goes:
+//! 1. the transport turns a guest notification into a kick eventfd write
+//!    (a KVM ioeventfd in the launcher);
+//! 2. [`threads`] wakes the one thread serving that queue and runs the
+//!    device's [`QueueWorker`];
+//! 3. the device (`net`, `block`, `console`, `rng`) pops chains with
+//!    [`queue::QueueCtx::pop`], does the I/O on iovecs that point into
+//!    guest memory, and returns them with [`queue::QueueCtx::add_used`].
+
+pub mod block;
+pub mod chain;
+pub mod console;
+pub mod counters;
+pub mod device;
+pub mod driver;
+pub mod memory;
+pub mod net;
+pub mod queue;
+pub mod rng;
+pub mod sys;
+pub mod threads;
+
+pub use counters::{DeviceCounters, QueueCounters, QueueCountersSnapshot};
+pub use device::{
+    activate, ActivateError, ActiveDevice, DeviceEvents, QueueSetup, QueueWorker, VirtioDevice,
+    Wait,
+};
+pub use memory::GuestMemory;
+pub use queue::{QueueCtx, Stopped};
+pub use threads::{Runtime, ThreadingMode};

@@ -1,0 +1,256 @@
+//! The queue thread's view of its virtqueue: pop a chain, return it on the
+//! used ring, and raise the interrupt only when the guest wants it and the
+//! thread is about to sleep.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::chain::{self, Chain};
+use crate::counters::QueueCounters;
+use crate::device::{DeviceEvents, QueueSetup};
+use crate::memory::GuestMemory;
+
+/// Under sustained load, a queue thread that never runs out of work still
+/// interrupts the guest after this many used buffers, so the guest's
+/// latency stays bounded even though the thread does not sleep.
+pub const NOTIFY_BATCH: u32 = 64;
+
+/// The queue thread was asked to stop (device reset or shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+/// One virtqueue, owned by the thread that serves it.
+pub struct QueueCtx {
+    pub index: u16,
+    queue: Queue,
+    mem: GuestMemory,
+    kick: EventFd,
+    call: EventFd,
+    pub counters: Arc<QueueCounters>,
+    events: Arc<DeviceEvents>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) blocking: bool,
+    /// Used entries added since the last interrupt decision.
+    unsignalled: u32,
+    /// The rings are corrupt: serve nothing until the device is reset.
+    broken: bool,
+}
+
+impl QueueCtx {
+    pub(crate) fn new(
+        s: QueueSetup,
+        mem: GuestMemory,
+        counters: Arc<QueueCounters>,
+        events: Arc<DeviceEvents>,
+    ) -> Self {
+        QueueCtx {
+            index: s.index,
+            queue: s.queue,
+            mem,
+            kick: s.kick,
+            call: s.call,
+            counters,
+            events,
+            stop: Arc::new(AtomicBool::new(false)),
+            blocking: true,
+            unsignalled: 0,
+            broken: false,
+        }
+    }
+
+    /// Guest memory, for devices that read or write structures in it.
+    pub fn mem(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// True when this queue has a thread of its own and may block in its
+    /// backend (per-queue mode).
+    pub fn blocking(&self) -> bool {
+        self.blocking
+    }
+
+    /// Returns `Err(Stopped)` once the thread has been asked to stop.
+    pub fn check_stop(&self) -> Result<(), Stopped> {
+        if self.stop.load(Ordering::Acquire) {
+            Err(Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// For a backend call that failed with `err`: `Ok(())` means retry it
+    /// (it was only interrupted), `Err(Stopped)` means the thread must stop.
+    pub fn retry_after(&self, err: &io::Error) -> Result<bool, Stopped> {
+        if err.kind() == io::ErrorKind::Interrupted {
+            self.check_stop()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Takes the next available chain, validated. Malformed chains are
+    /// counted, returned to the guest with length 0, and skipped; a corrupt
+    /// avail ring marks the device NEEDS_RESET and stops this queue.
+    pub fn pop(&mut self) -> Option<Chain> {
+        loop {
+            if self.broken {
+                return None;
+            }
+            let head = match self.queue.iter(&self.mem) {
+                Ok(mut avail) => avail.next()?.head_index(),
+                Err(e) => {
+                    self.ring_broken(&e.to_string());
+                    return None;
+                }
+            };
+            match chain::walk(&self.mem, self.desc_table(), self.queue.size(), head) {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    self.fail_chain(head, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Puts the last popped chain back: it will be popped again.
+    pub fn unpop(&mut self) {
+        self.queue.go_to_previous_position();
+    }
+
+    /// Counts an error on a chain and returns it to the guest unused.
+    pub fn fail_chain(&mut self, head: u16, why: &str) {
+        self.count_error(why);
+        self.add_used(head, 0);
+    }
+
+    /// Counts a guest or backend error and logs it (rate-limited by count).
+    pub fn count_error(&self, why: &str) {
+        let n = self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if n < 10 || n.is_power_of_two() {
+            log::warn!("queue {}: {} (error #{})", self.index, why, n + 1);
+        }
+    }
+
+    fn ring_broken(&mut self, why: &str) {
+        self.count_error(&format!("ring is corrupt, device needs reset: {why}"));
+        self.broken = true;
+        self.events.set_needs_reset();
+    }
+
+    fn desc_table(&self) -> vm_memory::GuestAddress {
+        vm_memory::GuestAddress(self.queue.desc_table())
+    }
+
+    /// Returns a chain on the used ring with `len` bytes written into it.
+    /// Does not interrupt the guest, unless a long batch has built up.
+    pub fn add_used(&mut self, head: u16, len: u32) {
+        if self.broken {
+            return;
+        }
+        if let Err(e) = self.queue.add_used(&self.mem, head, len) {
+            self.ring_broken(&e.to_string());
+            return;
+        }
+        QueueCounters::add(&self.counters.chains, 1);
+        self.unsignalled += 1;
+        if self.unsignalled >= NOTIFY_BATCH {
+            self.notify();
+        }
+    }
+
+    /// Counts bytes moved for this queue.
+    pub fn add_bytes(&self, n: u64) {
+        QueueCounters::add(&self.counters.bytes, n);
+    }
+
+    /// True when used entries are waiting for an interrupt decision.
+    pub fn has_unsignalled(&self) -> bool {
+        self.unsignalled > 0
+    }
+
+    /// Raises the queue's interrupt if used entries were added since the
+    /// last time and the guest asked to hear about them. Call it when about
+    /// to sleep.
+    pub fn notify(&mut self) {
+        if self.unsignalled == 0 || self.broken {
+            return;
+        }
+        self.unsignalled = 0;
+        match self.queue.needs_notification(&self.mem) {
+            Ok(true) => {
+                QueueCounters::add(&self.counters.interrupts, 1);
+                if let Err(e) = self.call.write(1) {
+                    self.count_error(&format!("cannot signal the call eventfd: {e}"));
+                }
+            }
+            Ok(false) => QueueCounters::add(&self.counters.suppressed, 1),
+            Err(e) => self.ring_broken(&e.to_string()),
+        }
+    }
+
+    /// Re-enables guest notifications before sleeping. Returns true if more
+    /// chains arrived meanwhile (so the thread must not sleep: otherwise a
+    /// kick sent before notifications were re-enabled would be lost).
+    pub(crate) fn prepare_sleep(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
+        match self.queue.enable_notification(&self.mem) {
+            Ok(more) => more,
+            Err(e) => {
+                self.ring_broken(&e.to_string());
+                false
+            }
+        }
+    }
+
+    /// After a wake-up: with EVENT_IDX this is free; without it, ask the
+    /// guest not to kick while we are busy.
+    pub(crate) fn woke(&mut self) {
+        if !self.broken {
+            let _ = self.queue.disable_notification(&self.mem);
+        }
+    }
+
+    /// Blocks until the guest kicks (or until more work is already there).
+    pub fn wait_kick(&mut self) -> Result<(), Stopped> {
+        loop {
+            self.check_stop()?;
+            if self.prepare_sleep() {
+                self.woke();
+                return Ok(());
+            }
+            self.notify();
+            match crate::sys::eventfd_read(self.kick_fd()) {
+                Ok(n) => {
+                    QueueCounters::add(&self.counters.kicks, n);
+                    self.woke();
+                    return Ok(());
+                }
+                Err(e) => {
+                    if !self.retry_after(&e)? {
+                        self.count_error(&format!("cannot read the kick eventfd: {e}"));
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Consumes a pending kick without blocking (poll modes, after poll
+    /// reported the eventfd readable).
+    pub(crate) fn take_kick(&mut self) {
+        if let Ok(n) = crate::sys::eventfd_read(self.kick_fd()) {
+            QueueCounters::add(&self.counters.kicks, n);
+        }
+    }
+
+    pub(crate) fn kick_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.kick.as_raw_fd()
+    }
+}

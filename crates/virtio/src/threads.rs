@@ -1,0 +1,319 @@
+//! Who runs the queue workers: the threading model.
+//!
+//! - [`ThreadingMode::PerQueue`] (the default, the seeds' design): one OS
+//!   thread per virtqueue, named `<device>-q<N>`. It serves its queue, then
+//!   re-enables notifications, re-checks the ring, raises the interrupt if
+//!   the guest wants one, and blocks in `read` on its kick eventfd — or, for
+//!   a receive queue, in `readv` on its backend.
+//! - [`ThreadingMode::PerDevice`]: one thread per device, `poll`ing all its
+//!   queues' kicks and backends.
+//! - [`ThreadingMode::Single`]: one thread, `kickvm-io`, for every device —
+//!   the "before" model of the seeds, kept so the difference can be
+//!   measured.
+//!
+//! Stopping: the thread's stop flag is set and the thread is sent the wake
+//! signal ([`crate::sys::wake_signal`]) until it has exited, so a thread
+//! blocked in `read`/`readv`/`poll` returns with `EINTR` and sees the flag.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::device::{QueueWorker, Wait};
+use crate::queue::QueueCtx;
+use crate::sys;
+
+/// How queue workers are mapped onto threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThreadingMode {
+    #[default]
+    PerQueue,
+    PerDevice,
+    Single,
+}
+
+impl std::str::FromStr for ThreadingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "per-queue" => Ok(Self::PerQueue),
+            "per-device" => Ok(Self::PerDevice),
+            "single" => Ok(Self::Single),
+            _ => Err(format!("unknown threading mode `{s}`: use per-queue, per-device or single")),
+        }
+    }
+}
+
+impl std::fmt::Display for ThreadingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PerQueue => "per-queue",
+            Self::PerDevice => "per-device",
+            Self::Single => "single",
+        })
+    }
+}
+
+/// One queue and the worker that serves it.
+pub(crate) struct Job {
+    pub name: String,
+    pub ctx: QueueCtx,
+    pub worker: Box<dyn QueueWorker>,
+}
+
+struct Thread {
+    handle: JoinHandle<Vec<Job>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Thread {
+    fn spawn(name: String, mut jobs: Vec<Job>, blocking: bool) -> io::Result<Thread> {
+        sys::install_wake_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        for j in &mut jobs {
+            j.ctx.stop = stop.clone();
+            j.ctx.blocking = blocking;
+        }
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            if blocking {
+                serve_blocking(jobs)
+            } else {
+                serve_polling(jobs)
+            }
+        })?;
+        Ok(Thread { handle, stop })
+    }
+
+    /// Asks the thread to stop, knocks it out of any blocking call, and
+    /// waits for it. Returns its jobs so they can move to another thread.
+    fn stop(self) -> Vec<Job> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.stop.store(true, Ordering::Release);
+        let pthread = self.handle.as_pthread_t();
+        let mut wait = Duration::from_micros(50);
+        while !self.handle.is_finished() {
+            // SAFETY: the thread has not been joined, so its pthread_t is
+            // valid; the wake signal's handler is installed and does nothing.
+            unsafe { libc::pthread_kill(pthread, sys::wake_signal()) };
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_millis(20));
+        }
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+/// The queue threads of one active device.
+pub(crate) struct ThreadSet {
+    threads: Vec<Thread>,
+    single: Option<(Arc<Runtime>, u64)>,
+}
+
+impl ThreadSet {
+    pub(crate) fn stop(self) {
+        for t in self.threads {
+            drop(t.stop());
+        }
+        if let Some((rt, id)) = self.single {
+            rt.single_remove(id);
+        }
+    }
+}
+
+#[derive(Default)]
+struct SingleState {
+    thread: Option<Thread>,
+    next_id: u64,
+    /// Device id of each job the single thread serves, in order.
+    owners: Vec<u64>,
+}
+
+/// Starts queue threads in one threading mode. Shared by all devices of a
+/// VM (the `single` mode needs to know all of them).
+pub struct Runtime {
+    mode: ThreadingMode,
+    single: Mutex<SingleState>,
+}
+
+impl Runtime {
+    pub fn new(mode: ThreadingMode) -> Arc<Runtime> {
+        Arc::new(Runtime { mode, single: Mutex::default() })
+    }
+
+    pub fn mode(&self) -> ThreadingMode {
+        self.mode
+    }
+
+    pub(crate) fn start(self: &Arc<Self>, jobs: Vec<Job>) -> io::Result<ThreadSet> {
+        match self.mode {
+            ThreadingMode::PerQueue => {
+                let mut threads = Vec::new();
+                for job in jobs {
+                    let name = thread_name(&job.name);
+                    threads.push(Thread::spawn(name, vec![job], true)?);
+                }
+                Ok(ThreadSet { threads, single: None })
+            }
+            ThreadingMode::PerDevice => {
+                let name = jobs
+                    .first()
+                    .map(|j| j.name.rsplit_once("-q").map_or(j.name.clone(), |(d, _)| d.to_string()))
+                    .unwrap_or_default();
+                let threads = if jobs.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Thread::spawn(thread_name(&name), jobs, false)?]
+                };
+                Ok(ThreadSet { threads, single: None })
+            }
+            ThreadingMode::Single => {
+                let id = self.single_add(jobs)?;
+                Ok(ThreadSet { threads: Vec::new(), single: Some((self.clone(), id)) })
+            }
+        }
+    }
+
+    /// Restarts the single I/O thread with `jobs` added.
+    fn single_add(&self, jobs: Vec<Job>) -> io::Result<u64> {
+        let mut s = self.single.lock().unwrap_or_else(|e| e.into_inner());
+        let id = s.next_id;
+        s.next_id += 1;
+        let mut all = s.thread.take().map(Thread::stop).unwrap_or_default();
+        s.owners.extend(std::iter::repeat(id).take(jobs.len()));
+        all.extend(jobs);
+        s.thread = Some(Thread::spawn("kickvm-io".into(), all, false)?);
+        Ok(id)
+    }
+
+    /// Restarts the single I/O thread without the jobs of device `id`.
+    fn single_remove(&self, id: u64) {
+        let mut s = self.single.lock().unwrap_or_else(|e| e.into_inner());
+        let all = s.thread.take().map(Thread::stop).unwrap_or_default();
+        let owners = std::mem::take(&mut s.owners);
+        let mut keep = Vec::new();
+        for (job, owner) in all.into_iter().zip(owners) {
+            if owner != id {
+                keep.push(job);
+                s.owners.push(owner);
+            }
+        }
+        if !keep.is_empty() {
+            match Thread::spawn("kickvm-io".into(), keep, false) {
+                Ok(t) => s.thread = Some(t),
+                Err(e) => log::error!("cannot restart the I/O thread: {e}"),
+            }
+        }
+    }
+}
+
+/// Linux thread names are at most 15 bytes.
+fn thread_name(name: &str) -> String {
+    name.chars().take(15).collect()
+}
+
+/// Per-queue mode: the seeds' loop. Serve; when idle, sleep on the kick.
+fn serve_blocking(mut jobs: Vec<Job>) -> Vec<Job> {
+    if let Some(job) = jobs.first_mut() {
+        loop {
+            let r = match job.worker.serve(&mut job.ctx) {
+                Ok(Wait::Kick) => job.ctx.wait_kick(),
+                Ok(Wait::Backend) => poll_one(job),
+                Err(stopped) => Err(stopped),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+    }
+    jobs
+}
+
+/// A worker that cannot block in its backend: wait for the backend or a
+/// kick, whichever comes first.
+fn poll_one(job: &mut Job) -> Result<(), crate::Stopped> {
+    job.ctx.notify();
+    let mut fds = vec![libc::pollfd { fd: job.ctx.kick_fd(), events: libc::POLLIN, revents: 0 }];
+    if let Some(fd) = job.worker.backend_fd() {
+        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    }
+    loop {
+        job.ctx.check_stop()?;
+        // SAFETY: `fds` is a valid array of pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            break;
+        }
+    }
+    if fds[0].revents != 0 {
+        job.ctx.take_kick();
+    }
+    job.ctx.check_stop()
+}
+
+/// Per-device and single modes: one thread polls every queue it serves.
+fn serve_polling(mut jobs: Vec<Job>) -> Vec<Job> {
+    let n = jobs.len();
+    let mut runnable = vec![true; n];
+    let mut waits = vec![Wait::Kick; n];
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 * n);
+    let mut owners: Vec<(usize, bool)> = Vec::with_capacity(2 * n);
+    loop {
+        // Serve every queue that may have work.
+        for i in 0..n {
+            if runnable[i] {
+                runnable[i] = false;
+                let job = &mut jobs[i];
+                match job.worker.serve(&mut job.ctx) {
+                    Ok(w) => waits[i] = w,
+                    Err(_) => return jobs,
+                }
+            }
+        }
+        // About to sleep: re-enable notifications and re-check each ring.
+        let mut again = false;
+        for i in 0..n {
+            if waits[i] == Wait::Kick && jobs[i].ctx.prepare_sleep() {
+                jobs[i].ctx.woke();
+                runnable[i] = true;
+                again = true;
+            }
+        }
+        if again {
+            continue;
+        }
+        for job in jobs.iter_mut() {
+            job.ctx.notify();
+        }
+        fds.clear();
+        owners.clear();
+        for (i, job) in jobs.iter().enumerate() {
+            fds.push(libc::pollfd { fd: job.ctx.kick_fd(), events: libc::POLLIN, revents: 0 });
+            owners.push((i, true));
+            if waits[i] == Wait::Backend {
+                if let Some(fd) = job.worker.backend_fd() {
+                    fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                    owners.push((i, false));
+                }
+            }
+        }
+        // SAFETY: `fds` is a valid array of pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if jobs.first().is_some_and(|j| j.ctx.check_stop().is_err()) {
+            return jobs;
+        }
+        if r <= 0 {
+            continue;
+        }
+        for (p, &(i, is_kick)) in fds.iter().zip(owners.iter()) {
+            if p.revents == 0 {
+                continue;
+            }
+            if is_kick {
+                jobs[i].ctx.take_kick();
+                jobs[i].ctx.woke();
+            }
+            runnable[i] = true;
+        }
+    }
+}
