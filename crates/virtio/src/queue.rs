@@ -109,6 +109,11 @@ impl QueueCtx {
             };
             match chain::walk(&self.mem, self.desc_table(), self.queue.size(), head) {
                 Ok(c) => return Some(c),
+                // There is no such chain to return: the avail ring is corrupt.
+                Err(e @ chain::ChainError::HeadOutOfTable(_)) => {
+                    self.ring_broken(&e.to_string());
+                    return None;
+                }
                 Err(e) => {
                     self.fail_chain(head, &e.to_string());
                 }
