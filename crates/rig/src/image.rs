@@ -1,0 +1,490 @@
+//! Guest images: a Debian kernel plus an initramfs with busybox, the
+//! virtio modules the guest needs and a small `/init`
+//! (`crates/rig/guest/init.sh`). Built from Debian packages into the
+//! cache and keyed by their versions, so a second build is a lookup and a
+//! new package version means a new image.
+//!
+//! Three variants:
+//! - [`Variant::Guest`]: the default test guest (Debian cloud kernel).
+//! - [`Variant::Tools`]: the guest plus `iperf3`, `fio` and `ethtool`.
+//! - [`Variant::Rig`]: the rig's L1 (Debian generic kernel with 9p and
+//!   kvm-amd; `/init` is `crates/rig/guest/rig-init.sh`).
+//!
+//! What `/init` does with the kernel command line, and its console
+//! markers, are described in `docs/testing.md`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::cpio::{self, Archive};
+use crate::debs::{self, Cache, Package};
+use crate::elf::Elf;
+use crate::error::{Error, Result};
+use crate::modules::ModuleTree;
+use crate::progress;
+
+/// Printed by `/init` as soon as it starts.
+pub const INIT_START_MARKER: &str = "KICKVM-INIT-START";
+/// Printed by `/init` right before it runs the test script.
+pub const SCRIPT_START_MARKER: &str = "KICKVM-SCRIPT-START";
+/// Printed by `/init` after the script, followed by its exit status.
+pub const EXIT_STATUS_PREFIX: &str = "KICKVM-EXIT-STATUS=";
+/// First bytes of a script disk (see [`write_script_disk`]).
+pub const SCRIPT_DISK_MAGIC: &str = "#kickvm-script";
+
+/// Bump when the layout or contents the builder produces change, so cached
+/// images built by an older builder are not reused.
+const BUILDER_VERSION: u32 = 1;
+
+const GUEST_INIT: &str = include_str!("../guest/init.sh");
+const RIG_INIT: &str = include_str!("../guest/rig-init.sh");
+
+/// Modules the test guest loads, in addition to their dependencies.
+const GUEST_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_pci",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_rng",
+];
+/// Modules the rig's L1 loads: 9p for the host root, kvm-amd for nested
+/// KVM, tun/veth/bridge/vhost for tests that build networks inside L1.
+const RIG_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "irqbypass",
+    "kvm",
+    "ccp",
+    "kvm_amd",
+    "tun",
+    "veth",
+    "bridge",
+    "vhost_net",
+    "vhost_vsock",
+];
+/// Tool packages of [`Variant::Tools`] and the programs taken from them.
+const TOOL_PACKAGES: &[&str] = &["iperf3", "fio", "ethtool"];
+const TOOL_PROGRAMS: &[&str] = &[
+    "usr/bin/iperf3",
+    "usr/bin/fio",
+    "sbin/ethtool",
+    "usr/sbin/ethtool",
+];
+
+/// Which image to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The test guest: cloud kernel, busybox, virtio modules.
+    Guest,
+    /// The test guest plus iperf3, fio, ethtool and their libraries.
+    Tools,
+    /// The rig's L1: generic kernel, 9p + kvm-amd modules, rig init.
+    Rig,
+}
+
+impl Variant {
+    /// Short name used in cache paths and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Guest => "guest",
+            Variant::Tools => "guest-tools",
+            Variant::Rig => "rig-l1",
+        }
+    }
+
+    fn kernel_meta(self) -> &'static str {
+        match self {
+            Variant::Rig => "linux-image-amd64",
+            _ => "linux-image-cloud-amd64",
+        }
+    }
+
+    fn modules(self) -> &'static [&'static str] {
+        match self {
+            Variant::Rig => RIG_MODULES,
+            _ => GUEST_MODULES,
+        }
+    }
+
+    fn init(self) -> &'static str {
+        match self {
+            Variant::Rig => RIG_INIT,
+            _ => GUEST_INIT,
+        }
+    }
+}
+
+/// A built image: boot `kernel` with `initrd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    /// The bzImage (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// The gzip-compressed cpio initramfs.
+    pub initrd: PathBuf,
+    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    pub kernel_version: String,
+    /// The image's cache directory (also holds `manifest.txt`).
+    pub dir: PathBuf,
+}
+
+/// The default test guest, built if missing (cached in [`Cache::from_env`]).
+pub fn default_image() -> Result<GuestImage> {
+    image(Variant::Guest)
+}
+
+/// The guest with benchmark tools (`iperf3`, `fio`, `ethtool`).
+pub fn tools_image() -> Result<GuestImage> {
+    image(Variant::Tools)
+}
+
+/// The rig's L1 image.
+pub fn rig_image() -> Result<GuestImage> {
+    image(Variant::Rig)
+}
+
+/// The image of `variant` in the default cache, built if missing.
+pub fn image(variant: Variant) -> Result<GuestImage> {
+    build(variant, &Cache::from_env()?)
+}
+
+/// The kernel command line that makes `/init` run `script`
+/// (`kickvm.cmd=<base64>`). The kernel limits the whole command line to
+/// 2048 bytes; use [`write_script_disk`] for longer scripts.
+pub fn script_cmdline(script: &str) -> String {
+    format!("kickvm.cmd={}", crate::base64::encode(script.as_bytes()))
+}
+
+/// Writes a disk image holding `script`; attach it as a virtio-blk disk
+/// and `/init` runs it. Padded with zeros to a whole 4 KiB.
+pub fn write_script_disk(script: &str, path: &Path) -> Result<()> {
+    let mut bytes = format!("{SCRIPT_DISK_MAGIC}\n{script}\n").into_bytes();
+    bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
+    fs::write(path, bytes).map_err(|e| Error::io("cannot write script disk", path, e))
+}
+
+/// The exit status `/init` reported on the console, if it got that far.
+pub fn parse_exit_status(console: &str) -> Option<i32> {
+    console.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(EXIT_STATUS_PREFIX)?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The pointer file naming the last image built for `variant`; used inside
+/// the rig, where apt is not consulted.
+fn current_pointer(images: &Path, variant: Variant) -> PathBuf {
+    images.join(format!("{}.current", variant.name()))
+}
+
+fn image_at(dir: PathBuf) -> Result<GuestImage> {
+    let manifest = fs::read_to_string(dir.join("manifest.txt")).unwrap_or_default();
+    let kernel_version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel-release "))
+        .unwrap_or("")
+        .to_owned();
+    Ok(GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        kernel_version,
+        dir,
+    })
+}
+
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// Builds (or finds in `cache`) the image of `variant`.
+///
+/// Inside the rig (`KICKVM_IN_RIG` set) the cache is read-only and apt is
+/// not asked: the image last built on the host is used.
+pub fn build(variant: Variant, cache: &Cache) -> Result<GuestImage> {
+    let images = cache.root().join("images");
+    if std::env::var_os("KICKVM_IN_RIG").is_some() {
+        let ptr = current_pointer(&images, variant);
+        let name = fs::read_to_string(&ptr).map_err(|_| {
+            Error::with_hint(
+                format!(
+                    "no {} image in the cache {}",
+                    variant.name(),
+                    cache.root().display()
+                ),
+                format!(
+                    "build it on the host first: kickvm-rig image{}",
+                    if variant == Variant::Tools {
+                        " --with-tools"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        })?;
+        return image_at(images.join(name.trim()));
+    }
+
+    // Versions first (cheap, offline): they name the image.
+    let found = debs::candidates(&[
+        variant.kernel_meta().to_owned(),
+        "busybox-static".to_owned(),
+    ])?;
+    let kernel = debs::resolve_meta(&found[0], "linux-image-")?;
+    let mut pkgs = vec![kernel.clone(), found[1].clone()];
+    if variant == Variant::Tools {
+        let roots: Vec<String> = TOOL_PACKAGES.iter().map(|s| s.to_string()).collect();
+        pkgs.extend(debs::library_closure(&roots)?);
+    }
+    let pinned: Vec<String> = pkgs.iter().map(Package::pinned).collect();
+    let mut key_parts: Vec<&str> = vec![variant.name(), variant.init()];
+    key_parts.extend(variant.modules());
+    key_parts.extend(pinned.iter().map(String::as_str));
+    let builder = BUILDER_VERSION.to_string();
+    key_parts.push(&builder);
+    let dir = images.join(format!("{}-{:016x}", variant.name(), fnv1a(&key_parts)));
+    if dir.join("initrd.img").is_file() {
+        return image_at(dir);
+    }
+
+    let _lock = cache.lock()?;
+    if dir.join("initrd.img").is_file() {
+        return image_at(dir); // another process built it while we waited
+    }
+    let started = Instant::now();
+    progress(&format!(
+        "building the {} image ({})",
+        variant.name(),
+        kernel.pinned()
+    ));
+    let roots = debs::unpack_all(cache, &pkgs)?;
+    let tmp = images.join(format!(".tmp-{}-{}", variant.name(), std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+
+    let tree = ModuleTree::open(&roots[0])?;
+    let kernel_src = roots[0].join(format!("boot/vmlinuz-{}", tree.version));
+    fs::copy(&kernel_src, tmp.join("vmlinuz"))
+        .map_err(|e| Error::io("cannot copy kernel", &kernel_src, e))?;
+    let modules = tree.resolve(variant.modules())?;
+    let tools = if variant == Variant::Tools {
+        collect_tools(&roots[2..])?
+    } else {
+        Vec::new()
+    };
+
+    progress(&format!(
+        "writing initramfs: {} modules, {} tool files",
+        modules.len(),
+        tools.len()
+    ));
+    let busybox = roots[1].join("bin/busybox");
+    let busybox =
+        fs::read(&busybox).map_err(|e| Error::io("cannot read busybox from", &busybox, e))?;
+    cpio::write_gzipped(&tmp.join("initrd.img"), |a| {
+        fill_initramfs(a, variant, &busybox, &modules, &tools)
+    })?;
+
+    let mut manifest = format!(
+        "variant {}\nkernel-release {}\n",
+        variant.name(),
+        tree.version
+    );
+    pinned
+        .iter()
+        .for_each(|p| manifest.push_str(&format!("package {p}\n")));
+    modules
+        .iter()
+        .for_each(|(m, _)| manifest.push_str(&format!("module {m}\n")));
+    tools
+        .iter()
+        .for_each(|(t, _)| manifest.push_str(&format!("file {t}\n")));
+    fs::write(tmp.join("manifest.txt"), manifest)
+        .map_err(|e| Error::io("cannot write manifest in", &tmp, e))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir).map_err(|e| Error::io("cannot move image to", &dir, e))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let ptr = current_pointer(&images, variant);
+    fs::write(&ptr, name).map_err(|e| Error::io("cannot write", &ptr, e))?;
+    progress(&format!(
+        "{} image built in {:.1} s: {}",
+        variant.name(),
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    ));
+    image_at(dir)
+}
+
+type Files = Vec<(String, Vec<u8>)>;
+
+fn fill_initramfs(
+    a: &mut Archive<&mut dyn std::io::Write>,
+    variant: Variant,
+    busybox: &[u8],
+    modules: &[(String, PathBuf)],
+    tools: &Files,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::new(format!("cannot write initramfs: {e}"));
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "root",
+        "mnt",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/kickvm",
+        "lib/modules",
+    ] {
+        a.dir(d).map_err(io)?;
+    }
+    a.char_dev("dev/console", 0o600, 5, 1).map_err(io)?;
+    a.file("bin/busybox", 0o755, busybox).map_err(io)?;
+    a.symlink("bin/sh", "busybox").map_err(io)?;
+    a.file("init", 0o755, variant.init().as_bytes())
+        .map_err(io)?;
+    let mut order = String::new();
+    for (name, path) in modules {
+        let ko = fs::read(path).map_err(|e| Error::io("cannot read module", path, e))?;
+        a.file(&format!("lib/modules/{name}.ko"), 0o644, &ko)
+            .map_err(io)?;
+        order.push_str(name);
+        order.push('\n');
+    }
+    a.file("etc/kickvm/modules", 0o644, order.as_bytes())
+        .map_err(io)?;
+    a.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+        .map_err(io)?;
+    a.file("etc/group", 0o644, b"root:x:0:\n").map_err(io)?;
+    for (path, data) in tools {
+        a.file(path, 0o755, data).map_err(io)?;
+    }
+    if !tools.is_empty() {
+        a.symlink("usr/lib/x86_64-linux-gnu", "../../lib/x86_64-linux-gnu")
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Every regular file or symlink under the library directories of the
+/// unpacked packages, by file name (a soname is looked up there).
+fn library_index(roots: &[PathBuf]) -> BTreeMap<String, PathBuf> {
+    fn walk(dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() && !path.is_symlink() {
+                walk(&path, out);
+            } else if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                out.entry(name.to_owned()).or_insert(path);
+            }
+        }
+    }
+    let mut index = BTreeMap::new();
+    for r in roots {
+        for sub in ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64"] {
+            walk(&r.join(sub), &mut index);
+        }
+    }
+    index
+}
+
+/// The tool programs and, by a `DT_NEEDED` walk, every shared library they
+/// load, as (initramfs path, contents). Libraries go flat into
+/// `lib/x86_64-linux-gnu` (the guest sets `LD_LIBRARY_PATH` to it).
+fn collect_tools(roots: &[PathBuf]) -> Result<Files> {
+    let index = library_index(roots);
+    let mut files: Files = Vec::new();
+    let mut queue: Vec<(String, PathBuf)> = Vec::new();
+    for prog in TOOL_PROGRAMS {
+        if let Some(src) = roots.iter().map(|r| r.join(prog)).find(|p| p.is_file()) {
+            queue.push((prog.to_string(), src));
+        }
+    }
+    let mut seen: std::collections::BTreeSet<String> =
+        queue.iter().map(|(p, _)| p.clone()).collect();
+    while let Some((dest, src)) = queue.pop() {
+        let data = fs::read(&src).map_err(|e| Error::io("cannot read", &src, e))?;
+        if let Ok(elf) = Elf::parse(&data) {
+            let mut wanted = elf.needed();
+            if let Some(interp) = elf.interpreter() {
+                let soname = interp.rsplit('/').next().unwrap_or(&interp).to_owned();
+                if seen.insert(interp.trim_start_matches('/').to_owned()) {
+                    let lib = index
+                        .get(&soname)
+                        .ok_or_else(|| Error::new(format!("no {soname} in the tool packages")))?;
+                    queue.push((interp.trim_start_matches('/').to_owned(), lib.clone()));
+                }
+                wanted.retain(|w| w != &soname);
+            }
+            for soname in wanted {
+                let dest = format!("lib/x86_64-linux-gnu/{soname}");
+                if seen.insert(dest.clone()) {
+                    // A library no walked package provides (a Depends we
+                    // skipped) is taken from the host, which runs the same
+                    // Debian release.
+                    let host = Path::new("/lib/x86_64-linux-gnu").join(&soname);
+                    let lib = index
+                        .get(&soname)
+                        .cloned()
+                        .or_else(|| host.is_file().then_some(host))
+                        .ok_or_else(|| {
+                            Error::new(format!(
+                                "{} needs {soname}, which no unpacked package provides",
+                                src.display()
+                            ))
+                        })?;
+                    queue.push((dest, lib));
+                }
+            }
+        }
+        files.push((dest, data));
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_is_parsed() {
+        assert_eq!(parse_exit_status("x\nKICKVM-EXIT-STATUS=3\r\n"), Some(3));
+        assert_eq!(parse_exit_status("KICKVM-INIT-START\n"), None);
+    }
+
+    #[test]
+    fn script_disk_has_magic_and_whole_blocks() {
+        let p = std::env::temp_dir().join(format!("kickvm-disk-test-{}", std::process::id()));
+        write_script_disk("echo hi", &p).unwrap();
+        let b = fs::read(&p).unwrap();
+        assert!(b.starts_with(b"#kickvm-script\necho hi\n"));
+        assert_eq!(b.len(), 4096);
+        let _ = fs::remove_file(p);
+    }
+
+    #[test]
+    fn cmdline_is_base64() {
+        assert_eq!(script_cmdline("exit 3"), "kickvm.cmd=ZXhpdCAz");
+    }
+}

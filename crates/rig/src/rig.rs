@@ -1,0 +1,450 @@
+//! The nested rig: run a host command inside an "L1" Linux under QEMU TCG
+//! with `-cpu max` (nested SVM), where `kvm-amd` gives a working
+//! `/dev/kvm`. L1 sees the host's root read-only over 9p and chroots into
+//! it, so host binaries (cargo test binaries, QEMU, the launcher) run
+//! unchanged. A scratch directory is shared read-write at the same path;
+//! the command's stdout, stderr and exit status come back through it.
+//!
+//! Why: this family of hosts has a `/dev/kvm` (kvm_pvm) that emulates
+//! guest kernel code at ~1.5 MIPS; see `docs/testing.md`.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::image::{self, Variant};
+use crate::qemu;
+
+/// Exit status the CLI uses when the rig had to kill L1 (as `timeout(1)`).
+pub const TIMEOUT_EXIT: i32 = 124;
+
+/// Environment variables passed into L1 (plus every `KICKVM_*`).
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "TERM",
+    "RUST_BACKTRACE",
+    "RUST_LOG",
+];
+
+/// How to run L1.
+#[derive(Debug, Clone)]
+pub struct RigOptions {
+    /// Kill L1 after this long (boot included).
+    pub timeout: Duration,
+    /// L1 memory in MiB.
+    pub memory_mib: u32,
+    /// L1 vCPUs (TCG runs one host thread per vCPU).
+    pub cpus: u32,
+    /// More host directories to share read-write, at the same paths.
+    pub shares: Vec<PathBuf>,
+    /// Copy the command's output to our stdout/stderr while it runs.
+    pub stream: bool,
+    /// Print stage timings (`rig: L1 booted in 6.8 s`) to stderr.
+    pub report: bool,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            timeout: Duration::from_secs(1200),
+            memory_mib: 3072,
+            cpus: 2,
+            shares: Vec::new(),
+            stream: false,
+            report: true,
+        }
+    }
+}
+
+/// How long each stage took.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Finding (or building) the L1 image.
+    pub image: Duration,
+    /// From starting QEMU to the command starting in L1.
+    pub boot: Duration,
+    /// The command itself.
+    pub command: Duration,
+}
+
+/// A finished command.
+#[derive(Debug, Clone)]
+pub struct RigOutput {
+    /// The command's exit status (128+N when killed by signal N).
+    pub status: i32,
+    /// What it wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// What it wrote to stderr.
+    pub stderr: Vec<u8>,
+    /// Stage timings.
+    pub timings: Timings,
+}
+
+impl RigOutput {
+    /// True when the command exited with status 0.
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+/// True when this host's `/dev/kvm` can run a stock Linux kernel: it
+/// exists, is not `kvm_pvm`, and the CPU has `vmx` or `svm`. Inside the
+/// rig's L1 this is true.
+pub fn host_kvm_is_usable() -> bool {
+    if !Path::new("/dev/kvm").exists() || Path::new("/sys/module/kvm_pvm").exists() {
+        return false;
+    }
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Quotes `s` for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The script L1 runs in the chroot: cd to the host's cwd, set the
+/// environment, exec the command.
+fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
+    let cwd = sh_quote(&cwd.to_string_lossy());
+    let mut env: Vec<String> = std::env::vars()
+        .filter(|(k, _)| PASSED_ENV.contains(&k.as_str()) || k.starts_with("KICKVM_"))
+        .filter(|(k, _)| k != "KICKVM_RIG_SCRATCH")
+        .map(|(k, v)| sh_quote(&format!("{k}={v}")))
+        .collect();
+    env.push("KICKVM_IN_RIG=1".into());
+    env.push(sh_quote(&format!(
+        "KICKVM_RIG_SCRATCH={}",
+        scratch.display()
+    )));
+    let argv: Vec<String> = cmd.iter().map(|a| sh_quote(a)).collect();
+    format!(
+        "cd {cwd} 2>/dev/null || {{ echo \"rig: cwd {cwd} is not visible in L1 (/tmp and /run are L1's own); running in /\" >&2; cd /; }}\nexec env -i {} {}\n",
+        env.join(" "),
+        argv.join(" ")
+    )
+}
+
+/// A fresh directory for one rig run: `console.log` and `scratch/`.
+fn run_dir() -> Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kickvm-rig-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("scratch")).map_err(|e| Error::io("cannot create", &dir, e))?;
+    Ok(dir)
+}
+
+/// Appends what was added to `path` since `*pos` to `out` (and to `echo`).
+fn follow(path: &Path, pos: &mut u64, out: &mut Vec<u8>, echo: Option<&mut dyn Write>) {
+    let Ok(mut f) = fs::File::open(path) else {
+        return;
+    };
+    if f.seek(SeekFrom::Start(*pos)).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+        *pos += buf.len() as u64;
+        if let Some(w) = echo {
+            let _ = w.write_all(&buf);
+            let _ = w.flush();
+        }
+        out.extend_from_slice(&buf);
+    }
+}
+
+/// One L1 at a time per process: two would share 2 cores and both crawl.
+static ONE_L1: Mutex<()> = Mutex::new(());
+
+/// Runs `cmd` (program and arguments, as on the host) inside L1 and
+/// returns its output and exit status. The command's cwd is the host's
+/// cwd; the environment is `PATH`, `HOME`, `RUST_BACKTRACE`, ... and every
+/// `KICKVM_*` variable, plus `KICKVM_IN_RIG=1` and `KICKVM_RIG_SCRATCH`
+/// (a read-write directory shared with the host).
+///
+/// Errors (one line each, with L1's console log path): L1 did not finish
+/// within `opts.timeout`, or it stopped before the command finished.
+pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
+    if cmd.is_empty() {
+        return Err(Error::with_hint(
+            "no command to run in the rig",
+            "usage: kickvm-rig run -- CMD ARGS...",
+        ));
+    }
+    let _one = ONE_L1.lock().unwrap_or_else(|p| p.into_inner());
+    let report = |msg: String| {
+        if opts.report {
+            eprintln!("rig: {msg}");
+        }
+    };
+    let t0 = Instant::now();
+    let l1 = image::image(Variant::Rig)?;
+    qemu::check_image(&l1)?;
+    let mut timings = Timings {
+        image: t0.elapsed(),
+        ..Timings::default()
+    };
+    report(format!(
+        "L1 image ready in {:.1} s",
+        timings.image.as_secs_f64()
+    ));
+
+    let dir = run_dir()?;
+    let scratch = dir.join("scratch");
+    let console = dir.join("console.log");
+    let cwd = std::env::current_dir()
+        .map_err(|e| Error::new(format!("cannot read the current directory: {e}")))?;
+    let script = command_script(cmd, &cwd, &scratch);
+    fs::write(scratch.join("cmd.sh"), script)
+        .map_err(|e| Error::io("cannot write", &scratch, e))?;
+
+    let mut wanted = opts.shares.clone();
+    // L1 mounts its own tmpfs on /tmp and /run: a cache there would vanish.
+    if let Ok(cache) = crate::debs::Cache::from_env() {
+        if cache.root().starts_with("/tmp") || cache.root().starts_with("/run") {
+            wanted.push(cache.root().to_path_buf());
+        }
+    }
+    let mut shares = Vec::new();
+    for s in &wanted {
+        let abs = fs::canonicalize(s).map_err(|e| Error::io("cannot share", s, e))?;
+        shares.push(abs);
+    }
+    let qemu_bin = qemu::qemu_binary();
+    let mut q = Command::new(&qemu_bin);
+    let mut append = format!(
+        "console=ttyS0 loglevel=4 panic=-1 mitigations=off kickvm.scratch={}",
+        scratch.display()
+    );
+    if !shares.is_empty() {
+        let list: Vec<String> = shares.iter().map(|s| s.display().to_string()).collect();
+        append.push_str(&format!(" kickvm.shares={}", list.join(",")));
+    }
+    q.args([
+        "-M",
+        "pc",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+    ])
+    .arg(opts.cpus.to_string())
+    .arg("-m")
+    .arg(opts.memory_mib.to_string())
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-kernel")
+    .arg(&l1.kernel)
+    .arg("-initrd")
+    .arg(&l1.initrd)
+    .arg("-append")
+    .arg(append)
+    .args([
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ])
+    .arg("-virtfs")
+    .arg(format!(
+        "local,path={},mount_tag=scratch,security_model=none,multidevs=remap",
+        scratch.display()
+    ));
+    for (i, s) in shares.iter().enumerate() {
+        q.arg("-virtfs").arg(format!(
+            "local,path={},mount_tag=share{i},security_model=none,multidevs=remap",
+            s.display()
+        ));
+    }
+    let qemu_log = dir.join("qemu.log");
+    let log = fs::File::create(&qemu_log).map_err(|e| Error::io("cannot create", &qemu_log, e))?;
+    q.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+
+    let t_boot = Instant::now();
+    let mut child = qemu::spawn(&mut q, &qemu_bin)?;
+    let deadline = t_boot + opts.timeout;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let (mut out_pos, mut err_pos) = (0u64, 0u64);
+    let mut started: Option<Instant> = None;
+    let exited = loop {
+        if started.is_none() && scratch.join("started").exists() {
+            let now = Instant::now();
+            timings.boot = now - t_boot;
+            report(format!("L1 booted in {:.1} s", timings.boot.as_secs_f64()));
+            started = Some(now);
+        }
+        let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
+        follow(
+            &scratch.join("stdout"),
+            &mut out_pos,
+            &mut stdout,
+            if opts.stream { Some(&mut so) } else { None },
+        );
+        follow(
+            &scratch.join("stderr"),
+            &mut err_pos,
+            &mut stderr,
+            if opts.stream { Some(&mut se) } else { None },
+        );
+        match child.try_wait() {
+            Ok(Some(_)) => break true,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break false;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(Error::new(format!("cannot wait for QEMU: {e}"))),
+        }
+    };
+    // Last bytes written just before L1 powered off.
+    let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
+    follow(
+        &scratch.join("stdout"),
+        &mut out_pos,
+        &mut stdout,
+        if opts.stream { Some(&mut so) } else { None },
+    );
+    follow(
+        &scratch.join("stderr"),
+        &mut err_pos,
+        &mut stderr,
+        if opts.stream { Some(&mut se) } else { None },
+    );
+    if let Some(s) = started {
+        timings.command = s.elapsed();
+    }
+    let console_text = fs::read_to_string(&console).unwrap_or_default()
+        + &fs::read_to_string(&qemu_log).unwrap_or_default();
+    if !exited {
+        let stage = if started.is_some() {
+            "while the command ran"
+        } else {
+            "before L1 finished booting"
+        };
+        return Err(Error::with_hint(
+            format!(
+                "rig timed out after {} s {stage}; L1 was killed; last console lines: {}",
+                opts.timeout.as_secs(),
+                qemu::tail(&console_text, 3)
+            ),
+            format!(
+                "L1 console log: {}; raise --timeout if the command is just slow",
+                console.display()
+            ),
+        ));
+    }
+    let status = fs::read_to_string(scratch.join("status"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let Some(status) = status else {
+        return Err(Error::with_hint(
+            format!(
+                "L1 stopped before the command finished; last console lines: {}",
+                qemu::tail(&console_text, 5)
+            ),
+            format!("L1 console log: {}", console.display()),
+        ));
+    };
+    report(format!(
+        "command finished in {:.1} s (exit {status})",
+        timings.command.as_secs_f64()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    Ok(RigOutput {
+        status,
+        stdout,
+        stderr,
+        timings,
+    })
+}
+
+/// For a Rust test that needs a usable `/dev/kvm`: on a host where it is
+/// not usable (and we are not already in the rig), re-runs this test
+/// binary with `--exact <test_name> --nocapture --test-threads=1` inside
+/// the rig and returns `Some(passed)`; the caller asserts on it and
+/// returns. Returns `None` when the test should simply go on here.
+///
+/// The default guest image is built on the host first, since the cache is
+/// read-only inside L1.
+///
+/// ```no_run
+/// # fn boots_a_guest() {
+/// if let Some(passed) = kickvm_rig::reexec_test_in_rig_if_needed("boots_a_guest") {
+///     assert!(passed, "boots_a_guest failed inside the rig");
+///     return;
+/// }
+/// // ... the test proper, with a working /dev/kvm ...
+/// # }
+/// ```
+pub fn reexec_test_in_rig_if_needed(test_name: &str) -> Option<bool> {
+    if std::env::var_os("KICKVM_IN_RIG").is_some() || host_kvm_is_usable() {
+        return None;
+    }
+    let result = (|| {
+        image::default_image()?;
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::new(format!("cannot find the test binary: {e}")))?;
+        let cmd: Vec<String> = vec![
+            exe.to_string_lossy().into_owned(),
+            "--exact".into(),
+            test_name.into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ];
+        run_in_rig(
+            &cmd,
+            &RigOptions {
+                stream: true,
+                ..RigOptions::default()
+            },
+        )
+    })();
+    match result {
+        Ok(out) => Some(out.success()),
+        Err(e) => {
+            eprintln!("rig: {e}");
+            Some(false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn command_script_sets_env_and_cwd() {
+        let s = command_script(
+            &["sh".into(), "-c".into(), "echo $X".into()],
+            Path::new("/w d"),
+            Path::new("/s"),
+        );
+        assert!(s.starts_with("cd '/w d'"));
+        assert!(s.contains("KICKVM_IN_RIG=1"));
+        assert!(s.contains("'KICKVM_RIG_SCRATCH=/s'"));
+        assert!(s.ends_with("'sh' '-c' 'echo $X'\n"));
+    }
+}
