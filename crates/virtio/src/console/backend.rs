@@ -1,0 +1,241 @@
+//! Where console bytes come from and go to.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::queue::{QueueCtx, Stopped};
+
+/// What the console is connected to.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The launcher's own stdin and stdout.
+    Stdio,
+    /// A new pseudo-terminal; connect with `screen /dev/pts/N` or similar.
+    Pty,
+    /// A unix socket the launcher listens on; one client at a time.
+    Socket(PathBuf),
+    /// Output appended to a file; no input.
+    File(PathBuf),
+}
+
+/// An open backend, shared by the receive and transmit threads.
+pub struct ConsoleBackend {
+    kind: Kind,
+    _terminal: Option<TerminalGuard>,
+}
+
+enum Kind {
+    Stdio,
+    Pty { master: OwnedFd, _slave: OwnedFd, path: PathBuf },
+    Socket { listener: UnixListener, path: PathBuf, client: Mutex<Option<UnixStream>> },
+    File(std::fs::File),
+}
+
+impl ConsoleBackend {
+    pub fn open(b: Backend) -> io::Result<ConsoleBackend> {
+        let mut terminal = None;
+        let kind = match b {
+            Backend::Stdio => {
+                terminal = TerminalGuard::raw(0)?;
+                Kind::Stdio
+            }
+            Backend::Pty => open_pty()?,
+            Backend::Socket(path) => {
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on console socket {}: {e}", path.display()))
+                })?;
+                Kind::Socket { listener, path, client: Mutex::new(None) }
+            }
+            Backend::File(path) => Kind::File(
+                std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot open console file {}: {e}", path.display()))
+                })?,
+            ),
+        };
+        Ok(ConsoleBackend { kind, _terminal: terminal })
+    }
+
+    pub fn pty_path(&self) -> Option<&Path> {
+        match &self.kind {
+            Kind::Pty { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// The fd to read input from. For a socket with no client, accepts one
+    /// (blocking, in a per-queue thread) or returns `None` (shared thread).
+    pub(crate) fn input_fd(&self, q: &QueueCtx) -> Result<Option<RawFd>, Stopped> {
+        match &self.kind {
+            Kind::Stdio => Ok(Some(0)),
+            Kind::Pty { master, .. } => Ok(Some(master.as_raw_fd())),
+            Kind::File(_) => Ok(None),
+            Kind::Socket { listener, client, .. } => {
+                let c = client.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = c.as_ref() {
+                    return Ok(Some(s.as_raw_fd()));
+                }
+                if !q.blocking() && crate::sys::would_block(listener.as_raw_fd()) {
+                    return Ok(None);
+                }
+                drop(c);
+                loop {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let fd = s.as_raw_fd();
+                            *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                            return Ok(Some(fd));
+                        }
+                        Err(e) if q.retry_after(&e)? => {}
+                        Err(e) => {
+                            q.count_error(&format!("console socket accept failed: {e}"));
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Input on `fd` ended. Returns true if more input may come later (a
+    /// socket client left; the next one will be accepted).
+    pub(crate) fn input_closed(&self, fd: RawFd) -> bool {
+        if let Kind::Socket { client, .. } = &self.kind {
+            let mut c = client.lock().unwrap_or_else(|e| e.into_inner());
+            if c.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
+                *c = None;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// What a shared thread polls for input.
+    pub(crate) fn poll_fd(&self) -> Option<RawFd> {
+        match &self.kind {
+            Kind::Stdio => Some(0),
+            Kind::Pty { master, .. } => Some(master.as_raw_fd()),
+            Kind::File(_) => None,
+            Kind::Socket { listener, client, .. } => Some(
+                client
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map_or(listener.as_raw_fd(), |s| s.as_raw_fd()),
+            ),
+        }
+    }
+
+    /// Where output goes (`None`: dropped, e.g. no socket client).
+    pub(crate) fn output_fd(&self) -> Option<RawFd> {
+        match &self.kind {
+            Kind::Stdio => Some(1),
+            Kind::Pty { master, .. } => Some(master.as_raw_fd()),
+            Kind::File(f) => Some(f.as_raw_fd()),
+            Kind::Socket { client, .. } => {
+                client.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.as_raw_fd())
+            }
+        }
+    }
+}
+
+impl Drop for ConsoleBackend {
+    fn drop(&mut self) {
+        if let Kind::Socket { path, .. } = &self.kind {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn open_pty() -> io::Result<Kind> {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds; null name/termios/winsize are allowed.
+    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    if r < 0 {
+        return Err(io::Error::new(io::Error::last_os_error().kind(), "cannot create a pseudo-terminal"));
+    }
+    // SAFETY: openpty succeeded, both fds are new and ours.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut buf = [0 as libc::c_char; 128];
+    // SAFETY: ttyname_r writes a NUL-terminated name into `buf`.
+    let r = unsafe { libc::ttyname_r(slave.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: `buf` is NUL-terminated by ttyname_r.
+    let path = PathBuf::from(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned());
+    // The guest's own tty does line editing and echo; the pty passes bytes.
+    set_raw(slave.as_raw_fd())?;
+    // We keep the slave open so the master never reads EIO while no one
+    // is connected.
+    Ok(Kind::Pty { master, _slave: slave, path })
+}
+
+fn set_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: termios is plain data; tcgetattr fills it for a tty fd.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::cfmakeraw(&mut t);
+        if libc::tcsetattr(fd, libc::TCSANOW, &t) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Puts a terminal in raw mode and restores its settings when dropped, so
+/// the user's shell is never left without echo. The launcher also calls
+/// [`TerminalGuard::restore_saved`] from its exit paths.
+pub struct TerminalGuard {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
+
+impl TerminalGuard {
+    /// Raw mode on `fd` if it is a terminal; `Ok(None)` if it is not.
+    pub fn raw(fd: RawFd) -> io::Result<Option<TerminalGuard>> {
+        // SAFETY: isatty on any fd number is harmless.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return Ok(None);
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it.
+        let saved = unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut t) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            t
+        };
+        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some((fd, saved));
+        set_raw(fd)?;
+        Ok(Some(TerminalGuard { fd, saved }))
+    }
+
+    /// Restores the terminal saved by the last [`TerminalGuard::raw`], if
+    /// any (for exit paths that do not unwind, e.g. a signal handler's).
+    pub fn restore_saved() {
+        if let Ok(s) = SAVED.try_lock() {
+            if let Some((fd, t)) = s.as_ref() {
+                // SAFETY: restoring settings previously read from this fd.
+                unsafe { libc::tcsetattr(*fd, libc::TCSANOW, t) };
+            }
+        }
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        // SAFETY: restoring settings previously read from this fd.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
