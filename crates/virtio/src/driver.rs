@@ -316,6 +316,11 @@ impl DriverQueue {
         self.mem.read_obj::<u16>(self.used.unchecked_add(2)).map(u16::from_le).unwrap_or(0)
     }
 
+    /// The next used index the driver will read.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
     /// Takes the next used entry, if any: (head, bytes written by device).
     /// Its descriptors return to the free list.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
