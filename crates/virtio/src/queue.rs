@@ -19,6 +19,8 @@ use crate::memory::GuestMemory;
 /// latency stays bounded even though the thread does not sleep.
 pub const NOTIFY_BATCH: u32 = 64;
 
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 /// The queue thread was asked to stop (device reset or shutdown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped;
@@ -185,7 +187,7 @@ impl QueueCtx {
             return;
         }
         self.unsignalled = 0;
-        match self.queue.needs_notification(&self.mem) {
+        match self.guest_wants_interrupt() {
             Ok(true) => {
                 QueueCounters::add(&self.counters.interrupts, 1);
                 if let Err(e) = self.call.write(1) {
@@ -195,6 +197,19 @@ impl QueueCtx {
             Ok(false) => QueueCounters::add(&self.counters.suppressed, 1),
             Err(e) => self.ring_broken(&e.to_string()),
         }
+    }
+
+    /// EVENT_IDX: virtio-queue's `needs_notification` (wrap-safe). Without
+    /// it, the avail ring's VIRTQ_AVAIL_F_NO_INTERRUPT flag, which
+    /// virtio-queue does not look at.
+    fn guest_wants_interrupt(&mut self) -> Result<bool, virtio_queue::Error> {
+        if self.queue.event_idx_enabled() {
+            return self.queue.needs_notification(&self.mem);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags: u16 = vm_memory::Bytes::read_obj(&self.mem, vm_memory::GuestAddress(self.queue.avail_ring()))
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        Ok(u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
     }
 
     /// Re-enables guest notifications before sleeping. Returns true if more

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every kickvm test on a Debian machine: installs what the tests need
+# (Debian packages via scripts/install-deps.sh), builds the workspace, and
+# runs the unit, device (real TAP/file/pty), and end-to-end (real Linux
+# guests, in the nested rig where the host's KVM cannot run one) tests.
+#
+# Downloaded packages and built guest images are cached under
+# $KICKVM_CACHE (default ~/.cache/kickvm): a second run is offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+export KICKVM_CACHE="${KICKVM_CACHE:-$HOME/.cache/kickvm}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+echo "test: building" >&2
+cargo build --workspace --all-targets
+echo "test: running (end-to-end tests print the rig's stage timings)" >&2
+cargo test --workspace
