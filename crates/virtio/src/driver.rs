@@ -471,6 +471,35 @@ impl Harness {
         self.device.reset();
     }
 
+    /// Resets the device and activates it again with the same features, as
+    /// a driver does after a reset: every queue gets fresh rings (newly
+    /// allocated in guest memory) of the same size.
+    pub fn restart(&mut self) -> Result<(), ActivateError> {
+        self.reset();
+        let event_idx = self.features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        let sizes: Vec<u16> = self.queues.iter().map(|q| q.size).collect();
+        self.queues = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let mut q = DriverQueue::new(&mut self.guest, i as u16, size);
+                q.set_event_idx(event_idx);
+                q
+            })
+            .collect();
+        let setups = self.queues.iter().map(DriverQueue::setup).collect();
+        let active = activate(
+            self.device.as_mut(),
+            self.features,
+            self.guest.mem(),
+            setups,
+            &self.runtime,
+            Some(self.config_call.try_clone().expect("eventfd clone")),
+        )?;
+        self.active = Some(active);
+        Ok(())
+    }
+
     /// True once the device has marked itself DEVICE_NEEDS_RESET.
     pub fn needs_reset(&self) -> bool {
         self.device.counters().needs_reset.load(Ordering::SeqCst)

@@ -8,6 +8,7 @@
 //! columns read "n/a".
 
 mod blk;
+mod net;
 mod rng;
 mod stats;
 mod syscalls;
@@ -66,6 +67,7 @@ fn main() {
         println!("{}", rng::run(dur));
     }
     if what == "net" || what == "all" {
-        eprintln!("kickvm-bench: net is not built in yet");
+        eprintln!("kickvm-bench: net ({secs} s per row)...");
+        println!("{}", net::run(dur));
     }
 }

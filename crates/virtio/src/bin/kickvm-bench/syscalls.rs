@@ -47,6 +47,7 @@ impl SyscallCounter {
         if tids.is_empty() {
             return None;
         }
+        ensure_tracefs();
         let list: Vec<String> = tids.iter().map(|t| t.to_string()).collect();
         let child = Command::new("perf")
             .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-t", &list.join(",")])
@@ -72,5 +73,16 @@ impl SyscallCounter {
             .filter(|l| l.contains("raw_syscalls:sys_enter"))
             .filter_map(|l| l.split(',').next()?.trim().parse::<u64>().ok())
             .reduce(|a, b| a + b)
+    }
+}
+
+/// perf's syscall tracepoints live in tracefs; mount it if it is not (as
+/// root this works; otherwise perf fails and the bench reports "n/a").
+fn ensure_tracefs() {
+    if !std::path::Path::new("/sys/kernel/tracing/events/raw_syscalls").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+            .stderr(Stdio::null())
+            .status();
     }
 }

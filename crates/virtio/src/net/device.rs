@@ -1,0 +1,208 @@
+//! The virtio-net device: features, configuration space, and the workers
+//! it starts for each queue when the driver is ready.
+
+use std::sync::Arc;
+
+use super::ctrl::{CtrlWorker, QueuePairs};
+use super::features::*;
+use super::rx::RxWorker;
+use super::tap::{offload_flags, Tap, TapError};
+use super::tx::TxWorker;
+use super::{has, ETH_HLEN, MAX_FRAME_LEN, NET_HDR_LEN, NET_HDR_LEN_LEGACY};
+use crate::counters::DeviceCounters;
+use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
+use crate::queue::{QueueCtx, Stopped};
+
+/// virtio device ID of a network card.
+pub const VIRTIO_ID_NET: u32 = 1;
+
+/// Largest queue the device offers. Linux sizes its rings to what the
+/// device offers; 256 entries hold far more than one 64 KiB GSO packet in
+/// mergeable buffers.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// The offloads and ring features every net device here offers.
+const NET_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_NET_F_MAC)
+    | (1 << VIRTIO_NET_F_STATUS)
+    | (1 << VIRTIO_NET_F_CTRL_VQ);
+
+/// How to build a net device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Device name for threads and logs (`net0` → threads `net0-q0`, …).
+    pub name: String,
+    /// TAP interface name (empty: the kernel picks `tapN`).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// Queue pairs (each one a TAP queue fd and two queue threads).
+    pub queue_pairs: u16,
+    /// MTU to advertise (VIRTIO_NET_F_MTU); `None` leaves it to the guest.
+    pub mtu: Option<u16>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            name: "net0".into(),
+            tap: String::new(),
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            queue_pairs: 1,
+            mtu: None,
+        }
+    }
+}
+
+/// A virtio-net device backed by a TAP interface.
+pub struct NetDevice {
+    config: NetConfig,
+    taps: Arc<Vec<Arc<Tap>>>,
+    counters: Arc<DeviceCounters>,
+}
+
+impl NetDevice {
+    /// Opens the TAP (one fd per queue pair). The interface lives in the
+    /// network namespace of the calling thread.
+    pub fn new(mut config: NetConfig) -> Result<NetDevice, TapError> {
+        config.queue_pairs = config.queue_pairs.max(1);
+        let taps = Tap::open(&config.tap, usize::from(config.queue_pairs))?;
+        config.tap = taps[0].name().to_string();
+        let queues = 2 * usize::from(config.queue_pairs) + 1;
+        Ok(NetDevice {
+            config,
+            taps: Arc::new(taps.into_iter().map(Arc::new).collect()),
+            counters: DeviceCounters::new(queues),
+        })
+    }
+
+    /// The TAP interface's name.
+    pub fn tap_name(&self) -> &str {
+        &self.config.tap
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    /// Index of the control queue once `features` are negotiated: after the
+    /// last pair with MQ, after the first pair without.
+    pub fn ctrl_queue_index(&self, features: u64) -> u16 {
+        if has(features, VIRTIO_NET_F_MQ) {
+            2 * self.config.queue_pairs
+        } else {
+            2
+        }
+    }
+
+    fn config_space(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[0..6].copy_from_slice(&self.config.mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&self.config.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for NetDevice {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_MAX_SIZE; 2 * usize::from(self.config.queue_pairs) + 1]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = COMMON_FEATURES | NET_FEATURES;
+        if self.config.queue_pairs > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ;
+        }
+        if self.config.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let space = self.config_space();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| space.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
+        let features = features & self.features();
+        let version_1 = has(features, virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
+        let mergeable = has(features, VIRTIO_NET_F_MRG_RXBUF);
+        let hdr_len = if version_1 || mergeable { NET_HDR_LEN } else { NET_HDR_LEN_LEGACY };
+        let offloads = offload_flags(features);
+        let backend = |e: TapError| ActivateError::Backend(e.to_string());
+        for tap in self.taps.iter() {
+            tap.set_vnet_hdr_size(hdr_len).map_err(backend)?;
+            tap.set_offload(offloads).map_err(backend)?;
+        }
+        // A packet may need up to this many bytes of guest buffers.
+        let gso = offloads & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO) != 0;
+        let mtu = usize::from(self.config.mtu.unwrap_or(1500));
+        let frame_max = hdr_len + if gso { MAX_FRAME_LEN } else { ETH_HLEN + mtu };
+        let min_frame = hdr_len + ETH_HLEN + mtu;
+
+        // Multiqueue is off until the driver asks for more pairs.
+        let pairs = QueuePairs::new(self.taps.clone());
+        pairs.set_active(1).map_err(backend)?;
+
+        let n = 2 * usize::from(self.config.queue_pairs) + 1;
+        let used_pairs = if has(features, VIRTIO_NET_F_MQ) { self.config.queue_pairs } else { 1 };
+        let ctrl_index = usize::from(self.ctrl_queue_index(features));
+        let mut workers: Vec<Box<dyn QueueWorker>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let pair = i / 2;
+            let w: Box<dyn QueueWorker> = if i == ctrl_index {
+                Box::new(CtrlWorker::new(pairs.clone(), features))
+            } else if pair >= usize::from(used_pairs) {
+                Box::new(UnusedQueue)
+            } else if i % 2 == 0 {
+                Box::new(RxWorker::new(self.taps[pair].clone(), hdr_len, mergeable, frame_max, min_frame))
+            } else {
+                Box::new(TxWorker::new(self.taps[pair].clone(), hdr_len))
+            };
+            workers.push(w);
+        }
+        Ok(workers)
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}
+
+/// A queue the negotiated features leave without a role (the pairs past
+/// the first without MQ, or the last slot when the control queue moved to
+/// index 2). A driver should not use it; chains it posts anyway are
+/// counted and returned.
+struct UnusedQueue;
+
+impl QueueWorker for UnusedQueue {
+    fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
+        while let Some(c) = q.pop() {
+            q.fail_chain(c.head, "chain posted on a queue the negotiated features do not use");
+        }
+        Ok(Wait::Kick)
+    }
+}

@@ -1,0 +1,242 @@
+//! Receive, inverted: hold the guest's buffers first, then read the TAP
+//! straight into them.
+//!
+//! The queue thread pops receive buffers, and only then reads a packet —
+//! into those buffers, with one `readv` on the TAP queue fd. No packet is
+//! ever queued or copied on the host. In per-queue mode the thread sleeps
+//! in that `readv`; before it does, it interrupts the guest for the packets
+//! it delivered (lguest's `will_block`, done with a `RWF_NOWAIT` read that
+//! doubles as the next read when a packet is already waiting):
+//!
+//! ```text
+//! readv(tap)          -> packet, into held guest buffers; add_used
+//! preadv2(NOWAIT)     -> EAGAIN: about to sleep
+//! write(call)         -> interrupt, if the guest wants one
+//! readv(tap)          ... sleeps until the next packet
+//! ```
+//!
+//! Under load the `RWF_NOWAIT` read finds a packet every time: one system
+//! call per packet, and an interrupt only every `NOTIFY_BATCH` packets or
+//! when the TAP runs dry.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::tap::Tap;
+use super::{MAX_IOVECS, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
+use crate::chain::Chain;
+use crate::device::{QueueWorker, Wait};
+use crate::memory::iov_write_at;
+use crate::queue::{QueueCtx, Stopped};
+use crate::sys;
+
+/// After an unexpected TAP error (the interface vanished, the queue was
+/// detached), wait this long before reading again, so a broken backend
+/// costs a counter per 10 ms and not a spinning thread.
+const BACKEND_ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// Serves one receive queue.
+pub struct RxWorker {
+    tap: Arc<Tap>,
+    hdr_len: usize,
+    /// VIRTIO_NET_F_MRG_RXBUF: one packet may span several chains.
+    mergeable: bool,
+    /// Guest buffer bytes that cover the largest packet the TAP may send.
+    frame_max: usize,
+    /// Bytes that cover a packet of MTU size without GSO.
+    min_frame: usize,
+    /// Popped chains waiting for a packet, in ring order. They stay popped
+    /// across `serve` calls (and are dropped on reset): putting them back
+    /// would make the ring look non-empty to the "may I sleep?" check and
+    /// spin the thread while it waits for more buffers.
+    held: VecDeque<Chain>,
+    held_bytes: usize,
+    held_iovecs: usize,
+    /// Scratch iovec list for the next read.
+    iov: Vec<libc::iovec>,
+    /// The kernel supports `RWF_NOWAIT` reads on the TAP.
+    nowait: bool,
+}
+
+// SAFETY: the iovecs point into guest memory that outlives the worker (the
+// device stops its threads before guest memory goes away); they are only
+// used by the thread that owns the worker.
+unsafe impl Send for RxWorker {}
+
+impl RxWorker {
+    pub fn new(tap: Arc<Tap>, hdr_len: usize, mergeable: bool, frame_max: usize, min_frame: usize) -> RxWorker {
+        RxWorker {
+            tap,
+            hdr_len,
+            mergeable,
+            frame_max,
+            min_frame,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            held_iovecs: 0,
+            iov: Vec::new(),
+            nowait: true,
+        }
+    }
+
+    fn enough_held(&self) -> bool {
+        if self.mergeable {
+            self.held_bytes >= self.frame_max || self.held_iovecs >= MAX_IOVECS
+        } else {
+            !self.held.is_empty()
+        }
+    }
+
+    /// Pops receive buffers until a packet of any size fits. Returns false
+    /// when the guest has not given enough (wait for its kick).
+    fn hold_buffers(&mut self, q: &mut QueueCtx) -> bool {
+        while !self.enough_held() {
+            let Some(c) = q.pop() else {
+                // Out of buffers. With mergeable buffers, go on with less
+                // than a 64 KiB GSO packet needs as long as an MTU-sized
+                // one fits: a guest whose ring is smaller than 64 KiB of
+                // buffers would otherwise never receive.
+                return self.mergeable && self.held_bytes >= self.min_frame;
+            };
+            if !c.readable.is_empty() {
+                q.fail_chain(c.head, "receive chain has device-readable descriptors");
+                continue;
+            }
+            if (c.writable_len as usize) < self.hdr_len {
+                let why = format!("receive buffer of {} bytes cannot hold the virtio-net header", c.writable_len);
+                q.fail_chain(c.head, &why);
+                continue;
+            }
+            self.held_bytes += c.writable_len as usize;
+            self.held_iovecs += c.writable.len();
+            self.held.push_back(c);
+        }
+        true
+    }
+
+    /// The iovecs of the held buffers, in order (one chain's without
+    /// mergeable buffers).
+    fn build_iov(&mut self) {
+        self.iov.clear();
+        let chains = if self.mergeable { self.held.len() } else { 1 };
+        for c in self.held.iter().take(chains) {
+            self.iov.extend_from_slice(&c.writable);
+        }
+        self.iov.truncate(MAX_IOVECS);
+    }
+
+    /// Reads one packet into the held buffers. Returns `None` (not
+    /// blocking mode only) when no packet is waiting.
+    fn net_input(&mut self, q: &mut QueueCtx) -> Result<Option<usize>, Stopped> {
+        let fd = self.tap.as_raw_fd();
+        loop {
+            // Nothing to tell the guest: sleep right in the read.
+            let r = if q.blocking() && !q.has_unsignalled() {
+                sys::readv(fd, &self.iov)
+            } else {
+                read_nowait(fd, &self.iov, &mut self.nowait)
+            };
+            let err = match r {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) => e,
+            };
+            if err.kind() == io::ErrorKind::WouldBlock {
+                if !q.blocking() {
+                    return Ok(None);
+                }
+                // About to sleep in readv: interrupt the guest now.
+                q.notify();
+                continue;
+            }
+            if q.retry_after(&err)? {
+                continue;
+            }
+            match err.raw_os_error() {
+                // The packet did not fit the guest's buffer; the kernel has
+                // dropped it. The buffer is still ours for the next one.
+                Some(libc::EFAULT) | Some(libc::EINVAL) => {
+                    q.count_error("a received packet was larger than the guest's buffer and was dropped")
+                }
+                _ => {
+                    q.count_error(&format!("cannot read TAP `{}`: {err}", self.tap.name()));
+                    q.notify();
+                    std::thread::sleep(BACKEND_ERROR_PAUSE);
+                    q.check_stop()?;
+                }
+            }
+        }
+    }
+
+    /// Returns the buffers a packet of `len` bytes (header included) filled
+    /// to the guest, telling it in the header how many there are.
+    fn deliver(&mut self, q: &mut QueueCtx, len: usize) {
+        let mut count = 0usize;
+        if self.mergeable {
+            let mut left = len;
+            for c in &self.held {
+                count += 1;
+                left = left.saturating_sub(c.writable_len as usize);
+                if left == 0 {
+                    break;
+                }
+            }
+        } else {
+            count = 1;
+        }
+        if self.hdr_len == NET_HDR_LEN {
+            // The TAP skips num_buffers; it is ours to fill, before the
+            // buffers become visible on the used ring.
+            if let Some(first) = self.held.front() {
+                iov_write_at(&first.writable, NUM_BUFFERS_OFFSET, &(count as u16).to_le_bytes());
+            }
+        }
+        let mut left = len;
+        for _ in 0..count {
+            let Some(c) = self.held.pop_front() else { break };
+            let cap = c.writable_len as usize;
+            let n = if self.mergeable { left.min(cap) } else { left };
+            left -= n.min(left);
+            self.held_bytes -= cap;
+            self.held_iovecs -= c.writable.len();
+            q.add_used(c.head, n as u32);
+        }
+        q.add_bytes(len as u64);
+    }
+}
+
+/// A read that never sleeps: `RWF_NOWAIT`, or where the kernel lacks it a
+/// zero-timeout poll before a plain read.
+fn read_nowait(fd: RawFd, iov: &[libc::iovec], nowait: &mut bool) -> io::Result<usize> {
+    if *nowait {
+        match sys::readv_nowait(fd, iov) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => *nowait = false,
+            r => return r,
+        }
+    }
+    if sys::would_block(fd) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    sys::readv(fd, iov)
+}
+
+impl QueueWorker for RxWorker {
+    fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
+        loop {
+            if !self.hold_buffers(q) {
+                return Ok(Wait::Kick);
+            }
+            self.build_iov();
+            match self.net_input(q)? {
+                Some(len) => self.deliver(q, len),
+                None => return Ok(Wait::Backend),
+            }
+        }
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.tap.as_raw_fd())
+    }
+}
