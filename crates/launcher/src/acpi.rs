@@ -1,0 +1,322 @@
+//! The ACPI tables a stock kernel needs to find the machine: RSDP → XSDT →
+//! FADT (→ DSDT), MADT, MCFG. Built with the `acpi_tables` crate; the MADT
+//! entries it does not offer (interrupt source override, LAPIC NMI) are
+//! packed here.
+//!
+//! The platform is ACPI "hardware-reduced" (like Cloud Hypervisor's): no
+//! PM1 blocks, no SCI, no legacy PM timer. Power-off and reset go through
+//! the FADT's sleep control and reset registers, one byte-wide I/O port at
+//! [`layout::ACPI_SLEEP_PORT`]: `poweroff` makes Linux evaluate `\_S5_`
+//! and write `SLP_TYP << 2 | SLP_EN` there.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+
+use crate::layout;
+
+const OEM_ID: [u8; 6] = *b"KICKVM";
+const OEM_TABLE_ID: [u8; 8] = *b"KICKVM  ";
+const OEM_REVISION: u32 = 1;
+
+/// The `_S5_` sleep type; the launcher powers off when it is written.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// Sleep control register bits (ACPI 6.x §4.8.3.7).
+pub const SLP_EN: u8 = 1 << 5;
+pub const SLP_TYP_SHIFT: u8 = 2;
+pub const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
+
+/// FADT IAPC_BOOT_ARCH: no VGA, no CMOS RTC. The 8042 bit stays clear so
+/// Linux does not probe a keyboard controller (`reboot=k` still resets
+/// through port 0x64).
+const IAPC_NO_VGA: u16 = 1 << 2;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+
+/// MADT flag: the machine also has dual 8259 PICs (KVM's in-kernel irqchip
+/// emulates them).
+const MADT_PCAT_COMPAT: u32 = 1;
+
+/// What the tables describe.
+pub struct AcpiConfig {
+    pub cpus: u8,
+    /// Extra AML placed inside `\_SB.PCI0` (e.g. from the PCI code).
+    pub pci_aml: Vec<u8>,
+}
+
+/// Raw AML bytes as an [`Aml`] object.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// A placed table: its guest-physical address and bytes.
+pub type Placed = (u64, Vec<u8>);
+
+/// Every table with its address: RSDP at [`layout::RSDP_START`], the others
+/// packed from [`layout::ACPI_TABLES_START`].
+pub fn build(cfg: &AcpiConfig) -> Vec<Placed> {
+    let mut out = Vec::new();
+    let mut next = layout::ACPI_TABLES_START;
+    let mut place = |bytes: Vec<u8>, out: &mut Vec<Placed>| {
+        let addr = next;
+        next = (next + bytes.len() as u64 + 7) & !7;
+        out.push((addr, bytes));
+        addr
+    };
+
+    let dsdt = place(dsdt(cfg), &mut out);
+    let fadt = place(fadt(dsdt), &mut out);
+    let madt = place(madt(cfg.cpus), &mut out);
+    let mcfg = place(to_bytes(&mcfg()), &mut out);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for t in [fadt, madt, mcfg] {
+        xsdt.add_entry(t);
+    }
+    let xsdt = place(to_bytes(&xsdt), &mut out);
+    out.push((layout::RSDP_START, to_bytes(&Rsdp::new(OEM_ID, xsdt))));
+    out
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: the PCI host bridge and the S5 sleep state.
+pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mmio_end = layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1;
+    // Each resource and object is serialised as soon as it is built: the
+    // crate's containers only borrow their children.
+    let mut resources = Vec::new();
+    resources.extend(to_bytes(&aml::AddressSpace::new_bus_number(0u16, 0u16)));
+    let cfg_port = layout::PCI_CONFIG_PORT as u16;
+    resources.extend(to_bytes(&aml::IO::new(cfg_port, cfg_port, 1, 8)));
+    resources.extend(to_bytes(&aml::AddressSpace::new_io(0u16, cfg_port - 1, None)));
+    resources.extend(to_bytes(&aml::AddressSpace::new_io(cfg_port + 8, 0xffff, None)));
+    resources.extend(to_bytes(&aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO_START as u32,
+        mmio_end as u32,
+        None,
+    )));
+    let resources = RawAml(resources);
+    let crs = aml::ResourceTemplate::new(vec![&resources]);
+    let mut body = Vec::new();
+    body.extend(to_bytes(&aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"))));
+    body.extend(to_bytes(&aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"))));
+    for name in ["_ADR", "_SEG", "_UID", "_BBN"] {
+        body.extend(to_bytes(&aml::Name::new(name.into(), &aml::ZERO)));
+    }
+    body.extend(to_bytes(&aml::Name::new("_CRS".into(), &crs)));
+    body.extend_from_slice(&cfg.pci_aml);
+    let body = RawAml(body);
+    let pci0 = aml::Device::new("PCI0".into(), vec![&body]);
+    let com1 = com1();
+    let mbrs = motherboard_resources();
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mbrs]);
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+    );
+    let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    sb.to_aml_bytes(&mut t);
+    s5.to_aml_bytes(&mut t);
+    t.update_checksum();
+    t.as_slice().to_vec()
+}
+
+/// COM1 (`PNP0501`). Linux would find the port by legacy probing, but on
+/// a hardware-reduced ACPI platform it sets up no identity ISA IRQ
+/// mappings, so IRQ 4 only reaches the IOAPIC if a device claims it here.
+fn com1() -> RawAml {
+    let port = layout::SERIAL_PORT as u16;
+    let mut res = to_bytes(&aml::IO::new(port, port, 1, 8));
+    res.extend(to_bytes(&aml::Interrupt::new(true, true, false, false, layout::SERIAL_IRQ)));
+    let res = RawAml(res);
+    let crs = aml::ResourceTemplate::new(vec![&res]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let dev = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
+    RawAml(to_bytes(&dev))
+}
+
+/// Motherboard resources (`PNP0C02`): the PCI ECAM window. Linux uses
+/// MMCONFIG only when the firmware reserved it here.
+fn motherboard_resources() -> RawAml {
+    let ecam = aml::Memory32Fixed::new(false, layout::PCI_ECAM_START as u32, layout::PCI_ECAM_SIZE as u32);
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let dev = aml::Device::new("MBRS".into(), vec![&hid, &uid, &crs]);
+    RawAml(to_bytes(&dev))
+}
+
+/// The FADT: hardware-reduced, sleep/reset registers on one I/O port.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let port = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, layout::ACPI_SLEEP_PORT);
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.sleep_control_reg = port;
+    b.sleep_status_reg = port;
+    b.reset_reg = port;
+    b.reset_value = layout::ACPI_RESET_VALUE;
+    b.iapc_boot_arch = (IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    b.hypervisor_vendor_identity = u64::from_le_bytes(*b"KICKVM\0\0").into();
+    to_bytes(&b.finalize())
+}
+
+/// The MADT: one local APIC per vCPU (APIC ID = vCPU index), the IOAPIC
+/// with GSI base 0, ISA IRQ 0 → GSI 2 (the PIT is on IOAPIC pin 2), and
+/// LINT1 = NMI on every CPU.
+pub fn madt(cpus: u8) -> Vec<u8> {
+    let mut t = Sdt::new(*b"APIC", 44, 4, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.write_u32(36, layout::APIC_START as u32);
+    t.write_u32(40, MADT_PCAT_COMPAT);
+    for id in 0..cpus {
+        t.append_slice(&to_bytes(&ProcessorLocalApic::new(id, id, EnabledStatus::Enabled)));
+    }
+    t.append_slice(&to_bytes(&IoApic::new(0, layout::IOAPIC_START as u32, 0)));
+    t.append_slice(&interrupt_source_override(0, 2, 0));
+    t.append_slice(&lapic_nmi(0xff, 1));
+    t.as_slice().to_vec()
+}
+
+/// MADT type 2: ISA `irq` is connected to `gsi` (flags 0: bus defaults).
+fn interrupt_source_override(irq: u8, gsi: u32, flags: u16) -> Vec<u8> {
+    let mut v = vec![2, 10, 0, irq];
+    v.extend_from_slice(&gsi.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v
+}
+
+/// MADT type 4: `lint` of processor `uid` (0xff: all) is an NMI.
+fn lapic_nmi(uid: u8, lint: u8) -> Vec<u8> {
+    vec![4, 6, uid, 0, 0, lint]
+}
+
+/// The MCFG: ECAM for segment 0, bus 0.
+fn mcfg() -> MCFG {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(layout::PCI_ECAM_START, 0, 0, 0);
+    m
+}
+
+/// Decodes a byte written to the sleep control register: `Some(true)` for
+/// S5 (power off), `Some(false)` for reset, `None` for anything else.
+pub fn decode_sleep_port_write(value: u8) -> Option<bool> {
+    if value & SLP_EN != 0 && (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT == S5_SLEEP_TYPE {
+        Some(true)
+    } else if value == layout::ACPI_RESET_VALUE {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn tables() -> Vec<Placed> {
+        build(&AcpiConfig { cpus: 2, pci_aml: Vec::new() })
+    }
+
+    #[test]
+    fn every_table_checksums_and_fits_below_1_mib() {
+        for (addr, bytes) in tables() {
+            if &bytes[..8] == b"RSD PTR " {
+                assert_eq!(sum(&bytes[..20]), 0);
+                assert_eq!(sum(&bytes), 0);
+            } else {
+                assert_eq!(sum(&bytes), 0, "{}", String::from_utf8_lossy(&bytes[..4]));
+                let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+                assert_eq!(len, bytes.len());
+            }
+            assert!(addr + bytes.len() as u64 <= layout::HIGH_RAM_START);
+            assert!(addr >= layout::RSDP_START);
+        }
+    }
+
+    #[test]
+    fn xsdt_points_at_fadt_madt_mcfg_and_fadt_at_dsdt() {
+        let t = tables();
+        let at = |addr: u64| t.iter().find(|(a, _)| *a == addr).map(|(_, b)| b.clone()).unwrap();
+        let (_, rsdp) = t.iter().find(|(a, _)| *a == layout::RSDP_START).unwrap();
+        let xsdt = at(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let sigs: Vec<Vec<u8>> = xsdt[36..]
+            .chunks(8)
+            .map(|c| at(u64::from_le_bytes(c.try_into().unwrap()))[..4].to_vec())
+            .collect();
+        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]);
+        let fadt = at(u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
+        let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        assert_eq!(&at(x_dsdt)[..4], b"DSDT");
+        // HW_REDUCED_ACPI flag.
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0);
+    }
+
+    #[test]
+    fn madt_lists_each_cpu_and_the_ioapic() {
+        let m = madt(3);
+        let mut lapics = 0;
+        let mut ioapic = false;
+        let mut iso = false;
+        let mut off = 44;
+        while off < m.len() {
+            let (kind, len) = (m[off], m[off + 1] as usize);
+            match kind {
+                0 => {
+                    assert_eq!(m[off + 3], lapics);
+                    lapics += 1;
+                }
+                1 => ioapic = u32::from_le_bytes(m[off + 4..off + 8].try_into().unwrap()) == 0xfec0_0000,
+                2 => iso = m[off + 3] == 0 && m[off + 4] == 2,
+                _ => {}
+            }
+            off += len;
+        }
+        assert_eq!((lapics, ioapic, iso), (3, true, true));
+    }
+
+    #[test]
+    fn dsdt_describes_the_host_bridge_and_s5() {
+        let d = dsdt(&AcpiConfig { cpus: 1, pci_aml: Vec::new() });
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0"));
+        assert!(has(b"_S5_"));
+        assert!(has(b"_CRS"));
+        // EISA ID of PNP0A08, as AML encodes it.
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x08]));
+    }
+
+    #[test]
+    fn sleep_port_decodes_poweroff_and_reset() {
+        assert_eq!(decode_sleep_port_write((5 << 2) | (1 << 5)), Some(true));
+        assert_eq!(decode_sleep_port_write(1), Some(false));
+        assert_eq!(decode_sleep_port_write(5 << 2), None);
+        assert_eq!(decode_sleep_port_write((3 << 2) | (1 << 5)), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! The `kickvm` command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use kickvm_virtio::ThreadingMode;
+
+use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VmConfig};
+
+const ABOUT: &str = "Boot a stock Linux kernel on KVM, with virtio devices whose queues are each served by their own thread";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  # The project's default test guest (Debian cloud kernel + busybox initramfs):
+  kickvm run
+
+  # Your own kernel and initramfs, 2 vCPUs, 1 GiB, extra kernel arguments:
+  kickvm run --kernel /boot/vmlinuz-6.1.0-18-amd64 --initrd initrd.img \\
+             --cpus 2 --memory 1G --cmdline 'rdinit=/bin/sh quiet'
+
+  # A writable disk, a read-only one, a network card on TAP `tap0`
+  # with one queue pair per vCPU, and an entropy source:
+  kickvm run --kernel bzImage --initrd initramfs --cpus 2 \\
+             --disk path=root.img,serial=root --disk path=data.img,readonly=on \\
+             --net tap=tap0,mac=52:54:00:12:34:56,queues=2 --rng
+
+  # virtio-console (hvc0) on this terminal instead of the serial port:
+  kickvm run --kernel bzImage --initrd initramfs --console stdio --cmdline console=hvc0
+
+  # On a host whose /dev/kvm is kvm_pvm (too slow for Linux), inside the nested rig:
+  kickvm-rig run -- kickvm run --kernel bzImage --initrd initramfs
+
+The kernel command line always starts with:
+  console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd
+and --cmdline is appended. The serial port (ttyS0) prints to stdout and,
+unless --console stdio, reads stdin. Guest `poweroff` ends kickvm with
+status 0; guest `reboot` boots the VM again (or ends it with --no-reboot).
+Ctrl-C or SIGTERM stop the VM and restore the terminal.";
+
+#[derive(Parser, Debug)]
+#[command(name = "kickvm", version, about = ABOUT, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a Linux guest and run it until it powers off.
+    #[command(after_long_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel to boot (a bzImage, e.g. /boot/vmlinuz-*). Default: the
+    /// project's test guest image (built from Debian packages on first use).
+    #[arg(long, value_name = "BZIMAGE")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (cpio, optionally compressed) for the kernel.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to kickvm's defaults.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Guest RAM, e.g. 512M, 2G (a bare number is MiB). RAM beyond 3 GiB
+    /// is placed above 4 GiB.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = config::parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u8,
+    /// Back guest RAM with 2 MiB huge pages (reserve them in
+    /// /proc/sys/vm/nr_hugepages first).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N]
+    /// (N queue pairs; use one per vCPU for multi-queue).
+    #[arg(long, value_name = "OPTS", value_parser = config::parse_net)]
+    pub net: Vec<NetSpec>,
+    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,queues=N]
+    #[arg(long, value_name = "OPTS", value_parser = config::parse_disk)]
+    pub disk: Vec<DiskSpec>,
+    /// Where virtio-console (hvc0) is connected: stdio, pty, socket=PATH,
+    /// file=PATH or none.
+    #[arg(long, value_name = "WHERE", default_value = "none", value_parser = config::parse_console)]
+    pub console: ConsoleSpec,
+    /// Add a virtio-rng device fed from /dev/urandom.
+    #[arg(long)]
+    pub rng: bool,
+    /// How virtqueues are mapped onto threads: per-queue (one thread per
+    /// queue), per-device, or single (one I/O thread for all).
+    #[arg(long, value_name = "MODE", default_value = "per-queue")]
+    pub threads: ThreadingMode,
+    /// When the guest reboots, exit (status 0) instead of booting again.
+    #[arg(long)]
+    pub no_reboot: bool,
+    /// Run even on kvm_pvm, which emulates guest kernel code far too slowly
+    /// for Linux (for tests with tiny guests).
+    #[arg(long)]
+    pub allow_slow_kvm: bool,
+    /// The KVM device (for tests).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
+    pub kvm_device: PathBuf,
+}
+
+/// Kernel and initramfs to boot when `--kernel` is not given.
+pub type DefaultImage = dyn Fn() -> Result<(PathBuf, PathBuf), String>;
+
+impl RunArgs {
+    /// The VM these options describe. `default_image` is asked only when
+    /// `--kernel` is missing.
+    pub fn to_config(&self, default_image: &DefaultImage) -> Result<VmConfig, ConfigError> {
+        let (kernel, initrd) = match &self.kernel {
+            Some(k) => (k.clone(), self.initrd.clone()),
+            None => {
+                let (k, i) = default_image().map_err(|e| ConfigError(format!("no --kernel given and the default guest image is not available: {e}")))?;
+                (k, Some(self.initrd.clone().unwrap_or(i)))
+            }
+        };
+        Ok(VmConfig {
+            kernel,
+            initrd,
+            cmdline: config::full_cmdline(self.cmdline.as_deref()),
+            memory: self.memory,
+            cpus: self.cpus,
+            hugepages: self.hugepages,
+            nets: self.net.clone(),
+            disks: self.disk.clone(),
+            console: self.console.clone(),
+            rng: self.rng,
+            threads: self.threads,
+            kvm_device: self.kvm_device.clone(),
+            allow_slow_kvm: self.allow_slow_kvm,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut v = vec!["kickvm", "run"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map(|c| match c.command {
+            Command::Run(r) => r,
+        })
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let r = parse(&["--kernel", "k"]).unwrap();
+        assert_eq!((r.memory, r.cpus, r.console.clone(), r.rng, r.no_reboot), (512 << 20, 1, ConsoleSpec::None, false, false));
+        assert_eq!(r.threads, ThreadingMode::PerQueue);
+        let c = r.to_config(&|| Err("unused".into())).unwrap();
+        assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn everything() {
+        let r = parse(&[
+            "--kernel", "k", "--initrd", "i", "--cmdline", "-- quiet", "--memory", "1G", "--cpus", "2",
+            "--net", "tap=t0,queues=2", "--disk", "path=a", "--disk", "path=b,readonly=on",
+            "--console", "socket=/tmp/c", "--rng", "--threads", "single", "--no-reboot",
+        ])
+        .unwrap();
+        assert_eq!(r.memory, 1 << 30);
+        assert_eq!(r.disk.len(), 2);
+        assert!(r.disk[1].readonly);
+        assert_eq!(r.net[0].queues, 2);
+        assert_eq!(r.threads, ThreadingMode::Single);
+        assert!(r.no_reboot && r.rng);
+        let c = r.to_config(&|| Err("unused".into())).unwrap();
+        assert!(c.cmdline.ends_with(" -- quiet"));
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        assert!(parse(&["--memory", "lots"]).is_err());
+        assert!(parse(&["--threads", "many"]).is_err());
+        assert!(parse(&["--disk", "readonly=on"]).is_err());
+        assert!(parse(&["--console", "tty"]).is_err());
+    }
+
+    #[test]
+    fn default_image_is_used_without_kernel() {
+        let r = parse(&[]).unwrap();
+        let c = r.to_config(&|| Ok(("vmlinuz".into(), "initrd.img".into()))).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("vmlinuz"));
+        assert_eq!(c.initrd, Some(PathBuf::from("initrd.img")));
+        let e = r.to_config(&|| Err("apt is not reachable".into())).unwrap_err();
+        assert!(e.0.contains("apt is not reachable"));
+    }
+
+    #[test]
+    fn help_teaches_with_examples() {
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").unwrap();
+        let help = run.render_long_help().to_string();
+        assert!(help.contains("Examples:"));
+        assert!(help.contains("kickvm-rig run -- kickvm run"));
+        assert!(help.contains("--net tap=tap0"));
+    }
+}

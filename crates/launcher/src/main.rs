@@ -1,0 +1,90 @@
+//! `kickvm`: see `kickvm run --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kickvm::cli::{Cli, Command, RunArgs};
+use kickvm::config::ConsoleSpec;
+use kickvm::platform::{self, Exit};
+use kickvm::serial::StdinPump;
+use kickvm::term::RawTerminal;
+use kickvm::{memory, vm};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let status = match cli.command {
+        Command::Run(args) => run(&args),
+    };
+    ExitCode::from(status)
+}
+
+fn fail(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("kickvm: {msg}");
+    1
+}
+
+fn default_image() -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    kickvm_rig::default_image().map(|i| (i.kernel, i.initrd)).map_err(|e| e.to_string())
+}
+
+fn run(args: &RunArgs) -> u8 {
+    let cfg = match args.to_config(&default_image) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = cfg.validate() {
+        return fail(e);
+    }
+    if let Err(e) = memory::check_size(cfg.memory, cfg.hugepages) {
+        return fail(e);
+    }
+    let kvm = match vm::open_kvm(&cfg.kvm_device, cfg.allow_slow_kvm) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    platform::install_stop_signals();
+
+    // Stdin feeds the serial port unless virtio-console has it.
+    let serial_has_stdin = cfg.console != ConsoleSpec::Stdio;
+    let _raw = RawTerminal::enter(libc::STDIN_FILENO);
+    let mut io = vm::ConsoleIo::default();
+    if serial_has_stdin {
+        match StdinPump::start() {
+            Ok(p) => io.stdin = Some(p),
+            Err(e) => return fail(format!("cannot start the stdin thread: {e}")),
+        }
+    }
+
+    let mut boots = 0u32;
+    loop {
+        if let Some(sig) = platform::pending_signal() {
+            return stopped_by(sig);
+        }
+        boots += 1;
+        match vm::run(&kvm, &cfg, &io) {
+            Ok(Exit::PowerOff) => return 0,
+            Ok(Exit::Reset) if args.no_reboot => {
+                eprintln!("kickvm: the guest rebooted; exiting because of --no-reboot");
+                return 0;
+            }
+            Ok(Exit::Reset) => log::info!("the guest rebooted; boot #{}", boots + 1),
+            Ok(Exit::Signal(sig)) => return stopped_by(sig),
+            Ok(Exit::Error(msg)) => return fail(msg),
+            Err(e) => return fail(e),
+        }
+    }
+}
+
+fn stopped_by(sig: i32) -> u8 {
+    let name = match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    };
+    eprintln!("kickvm: stopped by {name}");
+    (128 + sig).clamp(0, 255) as u8
+}

@@ -1,0 +1,259 @@
+//! vCPUs: their initial state, and the thread (`vcpu<N>`) that runs each
+//! one and answers its port I/O and MMIO exits from the shared buses.
+//!
+//! vCPU 0 starts in 64-bit long mode at the kernel's 64-bit entry point.
+//! The others wait for INIT/SIPI, which KVM's in-kernel local APIC handles
+//! (their MP state starts as "uninitialized"); their threads block in
+//! `KVM_RUN` until the guest wakes them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_fpu, kvm_regs, CpuId, Msrs, kvm_msr_entry};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot::gdt;
+use crate::bus::Bus;
+use crate::layout;
+use crate::platform::{Control, Exit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {id}: {err}")]
+    Create { id: u32, err: kvm_ioctls::Error },
+    #[error("cannot set up vCPU {id} ({what}): {err}")]
+    Setup { id: u32, what: &'static str, err: kvm_ioctls::Error },
+    #[error("cannot start the thread of vCPU {id}: {err}")]
+    Spawn { id: u32, err: std::io::Error },
+}
+
+/// MSRs set on every vCPU before it first runs (a clean, defined state as
+/// after firmware: syscall MSRs zero, fast strings on, MTRRs enabled with
+/// write-back as the default type). The TSC is left alone: writing it per
+/// vCPU at slightly different times makes Linux call the TSCs unsynchronised.
+pub fn boot_msrs() -> Vec<(u32, u64)> {
+    const IA32_SYSENTER_CS: u32 = 0x174;
+    const IA32_SYSENTER_ESP: u32 = 0x175;
+    const IA32_SYSENTER_EIP: u32 = 0x176;
+    const IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MTRR_DEF_TYPE: u32 = 0x2ff;
+    const STAR: u32 = 0xc000_0081;
+    const LSTAR: u32 = 0xc000_0082;
+    const CSTAR: u32 = 0xc000_0083;
+    const SYSCALL_MASK: u32 = 0xc000_0084;
+    const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    const MISC_ENABLE_FAST_STRING: u64 = 1;
+    const MTRR_ENABLE: u64 = 1 << 11;
+    const MTRR_TYPE_WB: u64 = 6;
+    vec![
+        (IA32_SYSENTER_CS, 0),
+        (IA32_SYSENTER_ESP, 0),
+        (IA32_SYSENTER_EIP, 0),
+        (STAR, 0),
+        (CSTAR, 0),
+        (KERNEL_GS_BASE, 0),
+        (SYSCALL_MASK, 0),
+        (LSTAR, 0),
+        (IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WB),
+    ]
+}
+
+const CR0_PE: u64 = 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Local APIC LVT registers and delivery modes.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Sets CPUID, MSRs, FPU and the local APIC's LINT pins of vCPU `id`.
+pub fn configure(vcpu: &VcpuFd, id: u32, cpuid: &CpuId) -> Result<(), VcpuError> {
+    let err = |what, err| VcpuError::Setup { id, what, err };
+    vcpu.set_cpuid2(cpuid).map_err(|e| err("CPUID", e))?;
+
+    let entries: Vec<kvm_msr_entry> =
+        boot_msrs().into_iter().map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+    let msrs = Msrs::from_entries(&entries)
+        .map_err(|_| err("MSRs", kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let set = vcpu.set_msrs(&msrs).map_err(|e| err("MSRs", e))?;
+    if set != entries.len() {
+        // KVM stops at the first MSR it refuses; the rest keep their reset
+        // values, which a kernel copes with.
+        log::debug!("vCPU {id}: KVM accepted {set} of {} boot MSRs", entries.len());
+    }
+
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|e| err("FPU", e))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(|e| err("LAPIC", e))?;
+    set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic).map_err(|e| err("LAPIC", e))?;
+    Ok(())
+}
+
+fn set_lvt_mode(regs: &mut [libc::c_char], reg: usize, mode: u32) {
+    let Some(bytes) = regs.get_mut(reg..reg + 4) else { return };
+    let mut v = [0u8; 4];
+    for (d, s) in v.iter_mut().zip(bytes.iter()) {
+        *d = *s as u8;
+    }
+    let value = (u32::from_le_bytes(v) & !0x700) | (mode << 8);
+    for (d, s) in bytes.iter_mut().zip(value.to_le_bytes()) {
+        *d = s as libc::c_char;
+    }
+}
+
+/// Puts the boot vCPU in 64-bit mode at `entry` with the boot GDT, the
+/// identity page tables and `rsi` pointing at the zero page.
+pub fn set_boot_state(vcpu: &VcpuFd, entry: u64) -> Result<(), VcpuError> {
+    let err = |what, err| VcpuError::Setup { id: 0, what, err };
+    let mut sregs = vcpu.get_sregs().map_err(|e| err("segment registers", e))?;
+    let code = gdt::segment(gdt::CODE_INDEX);
+    let data = gdt::segment(gdt::DATA_INDEX);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = gdt::segment(gdt::TSS_INDEX);
+    sregs.gdt.base = layout::BOOT_GDT_START;
+    sregs.gdt.limit = (gdt::GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = layout::BOOT_IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+    sregs.cr3 = layout::PML4_START;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(|e| err("segment registers", e))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rsp: layout::BOOT_STACK_POINTER,
+        rbp: layout::BOOT_STACK_POINTER,
+        rsi: layout::ZERO_PAGE_START,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(|e| err("registers", e))?;
+    Ok(())
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Starts thread `vcpu<id>` running `vcpu` until `stop` is set.
+    pub fn spawn(
+        id: u32,
+        vcpu: VcpuFd,
+        pio: Bus,
+        mmio: Bus,
+        control: Arc<Control>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<VcpuThread, VcpuError> {
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run(id, vcpu, &pio, &mmio, &control, &stop))
+            .map_err(|err| VcpuError::Spawn { id, err })?;
+        Ok(VcpuThread { handle })
+    }
+
+    /// Knocks the thread out of `KVM_RUN` (the caller has set `stop`) until
+    /// it has exited, then joins it. Repeats the signal because one sent
+    /// just before the thread enters `KVM_RUN` would be lost.
+    pub fn stop_and_join(self) {
+        use std::os::unix::thread::JoinHandleExt;
+        let pthread = self.handle.as_pthread_t();
+        while !self.handle.is_finished() {
+            // SAFETY: the thread has not been joined, so its pthread_t is
+            // valid; the wake signal's handler does nothing.
+            unsafe { libc::pthread_kill(pthread, kickvm_virtio::sys::wake_signal()) };
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = self.handle.join();
+    }
+}
+
+/// The vCPU loop: run until the guest does something that needs the
+/// launcher, answer it, go back in.
+fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                pio.read(u64::from(port), data);
+                continue;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                pio.write(u64::from(port), data);
+                continue;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                mmio.read(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::Intr) => continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            // With the in-kernel irqchip, HLT never exits unless the vCPU
+            // can never wake up (interrupts off): the guest has stopped.
+            Ok(VcpuExit::Hlt) => Exit::PowerOff,
+            // A triple fault resets a PC.
+            Ok(VcpuExit::Shutdown) => {
+                log::info!("vcpu{id}: triple fault, resetting");
+                Exit::Reset
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Exit::PowerOff,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Exit::Reset,
+                other => Exit::Error(format!("vcpu{id}: guest system event {other}")),
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Exit::Error(format!("vcpu{id}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"))
+            }
+            Ok(VcpuExit::InternalError) => Exit::Error(format!("vcpu{id}: KVM internal error (emulation failure)")),
+            Ok(other) => Exit::Error(format!("vcpu{id}: unexpected exit {other:?}")),
+            Err(e) => Exit::Error(format!("vcpu{id}: KVM_RUN failed: {e}")),
+        };
+        control.request(exit);
+        return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_keeps_other_bits() {
+        let mut regs = [0 as libc::c_char; 1024];
+        regs[APIC_LVT_LINT0] = 0x30;
+        regs[APIC_LVT_LINT0 + 2] = 1; // mask bit 16
+        set_lvt_mode(&mut regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        assert_eq!(regs[APIC_LVT_LINT0] as u8, 0x30);
+        assert_eq!(regs[APIC_LVT_LINT0 + 1] as u8, 0x07);
+        assert_eq!(regs[APIC_LVT_LINT0 + 2] as u8, 1);
+    }
+
+    #[test]
+    fn boot_msrs_are_unique() {
+        let m = boot_msrs();
+        let mut idx: Vec<u32> = m.iter().map(|(i, _)| *i).collect();
+        idx.sort();
+        idx.dedup();
+        assert_eq!(idx.len(), m.len());
+    }
+}

@@ -1,0 +1,243 @@
+//! One VM, from `KVM_CREATE_VM` to the guest's power-off, reset or the
+//! launcher's signal: memory, interrupt controllers, the loaded kernel and
+//! its tables, platform devices, vCPU threads.
+//!
+//! A reboot is a new [`run`] with the same [`VmConfig`]: nothing of the old
+//! VM (memory, devices, threads) survives into the new one.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use kickvm_virtio::Runtime;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiConfig};
+use crate::boot::{self, BootError};
+use crate::bus::Bus;
+use crate::config::{io_reason, VmConfig};
+use crate::cpuid;
+use crate::devices;
+use crate::irq::GsiRouter;
+use crate::pci::PciHost;
+use crate::layout;
+use crate::memory::{self, MemoryError};
+use crate::platform::{AcpiSleep, Control, Exit, I8042};
+use crate::serial::{InputSink, SerialOut, SerialPort, StdinPump};
+use crate::vcpu::{self, VcpuError, VcpuThread};
+
+/// Three pages KVM needs for the TSS on Intel, just below the BIOS area at
+/// the top of 4 GiB, then one for the real-mode identity map.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Host(String),
+    #[error("{what}: {err}")]
+    Kvm { what: &'static str, err: kvm_ioctls::Error },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    Device(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { what, err }
+}
+
+/// Opens the KVM device and checks it can run a stock kernel.
+pub fn open_kvm(path: &Path, allow_slow: bool) -> Result<Kvm, VmError> {
+    let rig_hint = "run kickvm inside the nested test rig: kickvm-rig run -- kickvm run ...";
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::Host(format!("KVM device path {} contains a NUL byte", path.display())))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| {
+        let io = std::io::Error::from_raw_os_error(e.errno());
+        VmError::Host(match io.kind() {
+            std::io::ErrorKind::NotFound => {
+                format!("no {}: this host has no KVM (load kvm_intel or kvm_amd, or {rig_hint})", path.display())
+            }
+            std::io::ErrorKind::PermissionDenied => format!(
+                "cannot open {}: permission denied (add your user to the `kvm` group or run as root)",
+                path.display()
+            ),
+            _ => format!("cannot open {}: {}", path.display(), io_reason(&io)),
+        })
+    })?;
+    if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::Host(format!("{} speaks KVM API {}, kickvm needs 12", path.display(), kvm.get_api_version())));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::Pit2, "PIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::Host(format!("{} lacks KVM capability `{name}`", path.display())));
+        }
+    }
+    if !allow_slow && Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(VmError::Host(format!(
+            "this host's KVM is kvm_pvm, which emulates guest kernel code (~1.5 MIPS) and cannot boot Linux in useful time; {rig_hint} (--allow-slow-kvm overrides this for tiny test guests)"
+        )));
+    }
+    Ok(kvm)
+}
+
+/// Things the guest's console is connected to that outlive one VM.
+pub struct ConsoleIo {
+    /// Where COM1 output goes (stdout by default).
+    pub serial_out: Box<dyn Fn() -> SerialOut + Send + Sync>,
+    /// Stdin, when it feeds COM1.
+    pub stdin: Option<StdinPump>,
+}
+
+impl Default for ConsoleIo {
+    fn default() -> Self {
+        ConsoleIo { serial_out: Box::new(|| Box::new(std::io::stdout())), stdin: None }
+    }
+}
+
+/// The vCPU threads of a VM; dropping this stops them.
+struct Vcpus {
+    stop: Arc<AtomicBool>,
+    threads: Vec<VcpuThread>,
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            t.stop_and_join();
+        }
+    }
+}
+
+/// Builds the VM described by `cfg`, runs it until it stops, tears it
+/// down, and says why it stopped.
+pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
+    let t0 = std::time::Instant::now();
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create a VM"))?);
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("cannot set the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("cannot set the identity map address"))?;
+    vm.create_irq_chip().map_err(kvm_err("cannot create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("cannot create the in-kernel PIT"))?;
+
+    let ram = memory::create(cfg.memory, cfg.hugepages)?;
+    ram.register(&vm).map_err(kvm_err("cannot give guest memory to KVM"))?;
+
+    let kernel = boot::load_kernel(&ram.mem, &cfg.kernel, ram.low_end())?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.low_end(), &kernel)?),
+        None => None,
+    };
+
+    let control = Control::new().map_err(|e| VmError::Device(format!("cannot create the control eventfd: {e}")))?;
+    let pio = Bus::new();
+    let mmio = Bus::new();
+    let serial = attach_platform(&vm, &pio, &control, io)?;
+
+    // PCI and the virtio devices behind it. The routing table starts with
+    // KVM's default IOAPIC/PIC routes, which the serial irqfd relies on.
+    let msi = Arc::new(GsiRouter::new(vm.clone()));
+    msi.install().map_err(|e| VmError::Device(e.to_string()))?;
+    let mut pci = PciHost::new(&pio, &mmio, vm.clone(), msi).map_err(|e| VmError::Device(e.to_string()))?;
+    let runtime = Runtime::new(cfg.threads);
+    let devs = devices::build(cfg).map_err(|e| VmError::Device(e.to_string()))?;
+    let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime).map_err(|e| VmError::Device(e.to_string()))?;
+
+    write_acpi(&ram.mem, &AcpiConfig { cpus: cfg.cpus, pci_aml: Vec::new() })?;
+    boot::write_boot_structures(&ram.mem, &kernel, &cfg.cmdline, initrd, cfg.memory)?;
+
+    let vcpus = start_vcpus(kvm, &vm, cfg.cpus, kernel.entry, &pio, &mmio, &control)?;
+    log::info!("VM set up in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    if let Some(stdin) = &io.stdin {
+        stdin.set_target(Some(serial as Arc<Mutex<dyn InputSink>>));
+    }
+
+    let exit = control.wait();
+    if let Some(stdin) = &io.stdin {
+        stdin.set_target(None);
+    }
+    // No vCPU may touch a device, and no queue thread guest memory, once
+    // they are gone: vCPUs first, then the devices' queue threads, then RAM.
+    drop(vcpus);
+    drop(plugged);
+    drop(pci);
+    drop(ram);
+    Ok(exit)
+}
+
+/// COM1 (irqfd on GSI 4), the i8042 reset port, the ACPI sleep register.
+fn attach_platform(
+    vm: &VmFd,
+    pio: &Bus,
+    control: &Arc<Control>,
+    io: &ConsoleIo,
+) -> Result<Arc<Mutex<SerialPort>>, VmError> {
+    let dev = |e: crate::bus::BusError| VmError::Device(e.to_string());
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| VmError::Device(format!("cannot create the serial interrupt eventfd: {e}")))?;
+    vm.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(kvm_err("cannot attach the serial port's irqfd"))?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(irq, (io.serial_out)())));
+    pio.insert(serial.clone(), layout::SERIAL_PORT, 8).map_err(dev)?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(control.clone()))), layout::I8042_PORT - 4, 5).map_err(dev)?;
+    pio.insert(Arc::new(Mutex::new(AcpiSleep::new(control.clone()))), layout::ACPI_SLEEP_PORT, 1).map_err(dev)?;
+    Ok(serial)
+}
+
+fn write_acpi(mem: &kickvm_virtio::GuestMemory, cfg: &AcpiConfig) -> Result<(), VmError> {
+    for (addr, bytes) in acpi::build(cfg) {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|e| VmError::Boot(BootError::Write(format!("ACPI tables: {e}"))))?;
+    }
+    Ok(())
+}
+
+fn start_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u8,
+    entry: u64,
+    pio: &Bus,
+    mmio: &Bus,
+    control: &Arc<Control>,
+) -> Result<Vcpus, VmError> {
+    kickvm_virtio::sys::install_wake_handler();
+    let mut base = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("cannot read the CPUID KVM supports"))?;
+    cpuid::ensure_topology_leaves(&mut base);
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    // Configure every vCPU before any runs, so an AP is ready when the
+    // boot vCPU sends it INIT/SIPI.
+    let mut fds = Vec::new();
+    for id in 0..u32::from(count) {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|err| VcpuError::Create { id, err })?;
+        let mut c = base.clone();
+        cpuid::patch(&mut c, id, u32::from(count), tsc_deadline);
+        vcpu::configure(&fd, id, &c)?;
+        if id == 0 {
+            vcpu::set_boot_state(&fd, entry)?;
+        }
+        fds.push(fd);
+    }
+    let mut vcpus = Vcpus { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
+    for (id, fd) in fds.into_iter().enumerate() {
+        let t = VcpuThread::spawn(id as u32, fd, pio.clone(), mmio.clone(), control.clone(), vcpus.stop.clone())?;
+        vcpus.threads.push(t);
+    }
+    Ok(vcpus)
+}
