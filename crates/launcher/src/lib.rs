@@ -5,9 +5,9 @@
 //! a [`config::VmConfig`]; [`vm::open_kvm`] checks the host; [`vm::run`]
 //! creates the VM — [`memory`] (a memfd), the in-kernel irqchip, the
 //! kernel and initramfs ([`boot`]), the [`acpi`] tables, the [`serial`]
-//! port and [`platform`] devices on the port I/O [`bus`], and one
-//! [`vcpu`] thread per vCPU — and waits until the guest powers off or
-//! resets.
+//! port and [`platform`] devices on the port I/O [`bus`], [`pci`] with the
+//! virtio [`devices`] behind it, and one [`vcpu`] thread per vCPU — and
+//! waits until the guest powers off or resets.
 
 pub mod acpi;
 pub mod boot;
