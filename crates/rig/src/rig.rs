@@ -216,6 +216,15 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
             wanted.push(cache.root().to_path_buf());
         }
     }
+    // The command's directory and program too (a clone checked out under
+    // /tmp, as CI may do, would otherwise be invisible in L1).
+    let program = cmd.first().map(PathBuf::from).filter(|p| p.is_absolute());
+    for p in std::iter::once(cwd.clone()).chain(program.and_then(|p| p.parent().map(Path::to_path_buf))) {
+        let hidden = p.starts_with("/tmp") || p.starts_with("/run");
+        if hidden && !wanted.iter().any(|w| p.starts_with(w)) {
+            wanted.push(p);
+        }
+    }
     let mut shares = Vec::new();
     for s in &wanted {
         let abs = fs::canonicalize(s).map_err(|e| Error::io("cannot share", s, e))?;
