@@ -216,13 +216,16 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
             wanted.push(cache.root().to_path_buf());
         }
     }
-    // The command's directory and program too (a clone checked out under
-    // /tmp, as CI may do, would otherwise be invisible in L1).
+    // The command's directory and program too: a clone checked out under
+    // /tmp (as CI may do) would otherwise be invisible in L1. Share the
+    // whole top directory (`/tmp/X`), which holds the checkout and its
+    // target directory alike.
     let program = cmd.first().map(PathBuf::from).filter(|p| p.is_absolute());
-    for p in std::iter::once(cwd.clone()).chain(program.and_then(|p| p.parent().map(Path::to_path_buf))) {
-        let hidden = p.starts_with("/tmp") || p.starts_with("/run");
-        if hidden && !wanted.iter().any(|w| p.starts_with(w)) {
-            wanted.push(p);
+    for p in std::iter::once(cwd.clone()).chain(program) {
+        let top: PathBuf = p.components().take(3).collect();
+        let hidden = top.starts_with("/tmp") || top.starts_with("/run");
+        if hidden && top.components().count() == 3 && !wanted.iter().any(|w| top.starts_with(w)) {
+            wanted.push(top);
         }
     }
     let mut shares = Vec::new();
