@@ -108,3 +108,39 @@ fn help_has_examples() {
     assert!(help.contains("--disk path=root.img"));
     assert!(help.contains("kickvm-rig run -- kickvm run"));
 }
+
+fn interface_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+#[test]
+fn tap_that_cannot_be_opened() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: no /dev/net/tun");
+        return;
+    }
+    let dir = scratch("badtap");
+    let k = kernel(&dir);
+    // `lo` exists and is not a TAP: TUNSETIFF refuses it.
+    fails_with(&["--allow-slow-kvm", "--kernel", &k, "--net", "tap=lo"], &["cannot open TAP `lo`"]);
+}
+
+#[test]
+fn a_tap_created_by_kickvm_is_gone_after_a_failed_start() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: no /dev/net/tun");
+        return;
+    }
+    let dir = scratch("leak");
+    let k = kernel(&dir);
+    let name = format!("kvlk{}", std::process::id() % 100_000);
+    assert!(!interface_exists(&name));
+    // Two cards on the same new TAP name: the second open fails after the
+    // first created the interface.
+    let out = run(&[
+        "run", "--allow-slow-kvm", "--kernel", &k,
+        "--net", &format!("tap={name}"), "--net", &format!("tap={name}"),
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!interface_exists(&name), "TAP {name} left behind");
+}
