@@ -127,8 +127,27 @@ pub fn create(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
         offset += len;
     }
     let mem = GuestMemory::from_ranges_with_files(&regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+    if !hugepages {
+        advise_huge_pages(&mem);
+    }
     log::debug!("guest RAM: {} MiB in memfd {}", size >> 20, file.as_raw_fd());
     Ok(GuestRam { mem, file, size })
+}
+
+/// Asks for transparent huge pages on guest RAM. Each guest page the guest
+/// touches first costs a fault in the host (an EPT violation); 2 MiB pages
+/// make 512 times fewer. Effective where the host allows huge pages in
+/// shared memory (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` set
+/// to `advise` or `always`; the nested rig sets `advise`), harmless
+/// elsewhere.
+fn advise_huge_pages(mem: &GuestMemory) {
+    for region in mem.iter() {
+        // SAFETY: advice on a mapping owned by `mem`; it changes no contents.
+        let r = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            log::debug!("MADV_HUGEPAGE on guest RAM: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 impl GuestRam {

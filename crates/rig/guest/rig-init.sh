@@ -15,6 +15,11 @@ for m in $(cat /etc/kickvm/modules); do
     insmod /lib/modules/$m.ko 2>/dev/null || echo "kickvm-rig: insmod $m failed"
 done
 
+# Let guest RAM in shared memory (a VMM's memfd) use transparent huge
+# pages when the VMM asks (madvise), as anonymous memory already may: an L2
+# guest's first touch of each page is an expensive nested fault.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
+
 scratch= shares=
 for arg in $(cat /proc/cmdline); do
     case $arg in
