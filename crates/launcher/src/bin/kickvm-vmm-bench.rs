@@ -1,0 +1,942 @@
+//! kickvm-vmm-bench: the launcher's benchmarks (issue 4) against QEMU, on
+//! the same machine in the same run. Run it with `scripts/bench-vmm.sh`,
+//! which builds it and starts it inside the nested rig (it needs a KVM that
+//! runs a stock kernel, and root for the TAP and perf).
+//!
+//! 1. **boot**: launch → the guest's `/init` marker (`KICKVM-INIT-START`)
+//!    and launch → VMM exit after the guest's `poweroff -f`, for kickvm,
+//!    QEMU `-M microvm` and QEMU `-M pc`: same kernel, initramfs, command
+//!    line, 1 vCPU, 256 MiB, no devices.
+//! 2. **ping**: the guest pings the host over a TAP (`ping -q -c N -i I
+//!    10.0.2.2`, output kept in a guest file until the counted window is
+//!    over: console output costs the VMM exits and writes); RTT from
+//!    busybox's summary (and from an L1→guest ping timed by L1's clock),
+//!    and the VMM's syscalls per
+//!    ping counted with `perf stat --per-thread -p PID` over the ping window
+//!    (every thread, vCPU threads included), minus `clock_gettime` /
+//!    `gettimeofday` (real syscalls under TCG, free on real hosts), minus
+//!    the rate measured over an idle window of the same boot, divided by the
+//!    number of pings. kickvm `--threads per-queue|per-device|single` and
+//!    QEMU `-M pc` with userspace virtio-net (`vhost=off`).
+//! 3. **memory**: in the idle window of each ping run, the VMM's RSS from
+//!    `/proc/PID/smaps` minus the RSS of the guest-RAM mapping.
+//!
+//! Runs are interleaved (one of each configuration, then again) so that the
+//! rig's drift hits every configuration alike; tables show medians and the
+//! range. Raw consoles and perf outputs go to `--out DIR`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use kickvm_rig::image::{script_cmdline, EXIT_STATUS_PREFIX, INIT_START_MARKER};
+
+const MEMORY_MIB: u64 = 256;
+const TAP: &str = "kvbench0";
+const HOST_ADDR: &str = "10.0.2.2/24";
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+/// Same as kickvm's built-in prefix (crates/launcher/src/config.rs), given
+/// to QEMU explicitly so that all three boot the same command line.
+const KICKVM_DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+const EXTRA_CMDLINE: &str = "loglevel=4";
+/// Syscalls counted one by one (besides the total), when the running
+/// kernel has their tracepoints.
+const NAMED_SYSCALLS: &[&str] = &[
+    "read", "write", "readv", "writev", "preadv", "pwritev", "ioctl", "ppoll", "poll", "select",
+    "pselect6", "epoll_wait", "epoll_pwait", "futex", "recvmsg", "sendmsg", "recvfrom", "sendto",
+    "io_uring_enter", "rt_sigtimedwait", "rt_sigprocmask", "nanosleep", "clock_nanosleep",
+    "timerfd_settime", "madvise", "clock_gettime", "gettimeofday",
+];
+const CLOCK_SYSCALLS: &[&str] = &["clock_gettime", "gettimeofday"];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Vmm {
+    Kickvm(&'static str),
+    QemuMicrovm,
+    QemuPc,
+}
+
+impl Vmm {
+    fn label(self) -> String {
+        match self {
+            Vmm::Kickvm(t) => format!("kickvm --threads {t}"),
+            Vmm::QemuMicrovm => "QEMU -M microvm".into(),
+            Vmm::QemuPc => "QEMU -M pc".into(),
+        }
+    }
+    fn short(self) -> String {
+        match self {
+            Vmm::Kickvm(t) => format!("kickvm-{t}"),
+            Vmm::QemuMicrovm => "qemu-microvm".into(),
+            Vmm::QemuPc => "qemu-pc".into(),
+        }
+    }
+}
+
+struct Opts {
+    boot_runs: usize,
+    ping_runs: usize,
+    pings: u32,
+    interval: String,
+    idle_secs: f64,
+    out: PathBuf,
+    kickvm: PathBuf,
+    qemu: String,
+    boot: bool,
+    ping: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
+         \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping]\n\
+         Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh)."
+    );
+    std::process::exit(2)
+}
+
+fn parse_opts() -> Opts {
+    let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let mut o = Opts {
+        boot_runs: 5,
+        ping_runs: 3,
+        pings: 200,
+        interval: "0.02".into(),
+        idle_secs: 3.0,
+        out: PathBuf::from("target/vmm-bench"),
+        kickvm: exe_dir.map(|d| d.join("kickvm")).unwrap_or_else(|| "kickvm".into()),
+        qemu: kickvm_rig::qemu::qemu_binary(),
+        boot: true,
+        ping: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--boot-runs" => o.boot_runs = val().parse().unwrap_or_else(|_| usage()),
+            "--ping-runs" => o.ping_runs = val().parse().unwrap_or_else(|_| usage()),
+            "--pings" => o.pings = val().parse().unwrap_or_else(|_| usage()),
+            "--interval" => o.interval = val(),
+            "--idle" => o.idle_secs = val().parse().unwrap_or_else(|_| usage()),
+            "--out" => o.out = PathBuf::from(val()),
+            "--kickvm" => o.kickvm = PathBuf::from(val()),
+            "--qemu" => o.qemu = val(),
+            "--only" => match val().as_str() {
+                "boot" => o.ping = false,
+                "ping" => o.boot = false,
+                _ => usage(),
+            },
+            _ => usage(),
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------- VMM runs
+
+/// A running VMM whose console (stdout) lines arrive on a channel with the
+/// time they were read.
+struct Running {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<(Instant, String)>,
+    t0: Instant,
+    console: String,
+    log: File,
+}
+
+impl Running {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for a console line containing `needle`; returns when it came.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<Instant, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((t, line)) => {
+                    self.console.push_str(&line);
+                    self.console.push('\n');
+                    let _ = writeln!(self.log, "{line}");
+                    if line.contains(needle) {
+                        return Ok(t);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Err(format!("no `{needle}` on the console after {timeout:?}")),
+                Err(RecvTimeoutError::Disconnected) => return Err(format!("console closed before `{needle}`")),
+            }
+        }
+    }
+
+    /// Waits for a console line that is exactly `text`.
+    fn wait_line(&mut self, text: &str, timeout: Duration) -> Result<Instant, String> {
+        loop {
+            let t = self.wait_for(text, timeout)?;
+            if self.console.lines().last().map(str::trim) == Some(text) {
+                return Ok(t);
+            }
+        }
+    }
+
+    fn type_line(&mut self, s: &str) {
+        if let Some(i) = self.stdin.as_mut() {
+            let _ = i.write_all(format!("{s}\n").as_bytes());
+            let _ = i.flush();
+        }
+    }
+
+    /// Waits for the process to exit (killing it after `timeout`); returns
+    /// the time it exited.
+    fn wait_exit(&mut self, timeout: Duration) -> Result<Instant, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            // Drain the console so that the VMM never blocks on a full pipe.
+            while let Ok((_, line)) = self.lines.try_recv() {
+                self.console.push_str(&line);
+                self.console.push('\n');
+                let _ = writeln!(self.log, "{line}");
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(format!("did not exit within {timeout:?}; killed"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
+    let img = kickvm_rig::default_image().unwrap_or_else(|e| {
+        eprintln!("kickvm-vmm-bench: {e}");
+        std::process::exit(1)
+    });
+    let extra = format!("{EXTRA_CMDLINE} {}", script_cmdline(script));
+    let mut c;
+    match vmm {
+        Vmm::Kickvm(threads) => {
+            c = Command::new(&o.kickvm);
+            c.arg("run").arg("--kernel").arg(&img.kernel).arg("--initrd").arg(&img.initrd);
+            c.args(["--memory", &format!("{MEMORY_MIB}M"), "--cpus", "1", "--threads", threads]);
+            c.args(["--cmdline", &extra]);
+            if tap {
+                c.args(["--net", &format!("tap={TAP},mac={GUEST_MAC}")]);
+            }
+        }
+        Vmm::QemuMicrovm | Vmm::QemuPc => {
+            c = Command::new(&o.qemu);
+            let machine = if vmm == Vmm::QemuPc {
+                "pc"
+            } else {
+                "microvm,x-option-roms=off,rtc=off,isa-serial=on,pcie=on"
+            };
+            c.args(["-M", machine, "-accel", "kvm", "-cpu", "host", "-smp", "1"]);
+            c.args(["-m", &MEMORY_MIB.to_string(), "-nodefaults", "-no-user-config", "-display", "none"]);
+            c.args(["-no-reboot", "-serial", "stdio", "-name", "bench,debug-threads=on"]);
+            c.arg("-kernel").arg(&img.kernel).arg("-initrd").arg(&img.initrd);
+            c.args(["-append", &format!("{KICKVM_DEFAULT_CMDLINE} {extra}")]);
+            if tap {
+                c.args(["-netdev", &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off")]);
+                c.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}")]);
+            }
+        }
+    }
+    c
+}
+
+fn spawn(o: &Opts, vmm: Vmm, script: &str, tap: bool, log_name: &str) -> Running {
+    let mut cmd = vmm_command(o, vmm, script, tap);
+    let log_path = o.out.join(log_name);
+    let mut log = File::create(&log_path).unwrap_or_else(|e| die(&format!("cannot create {}: {e}", log_path.display())));
+    let _ = writeln!(log, "$ {cmd:?}");
+    let err_log = log.try_clone().unwrap();
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(err_log))
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot start {}: {e}", vmm.label())));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let stdin = child.stdin.take();
+    Running { child, stdin, lines: rx, t0, console: String::new(), log }
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("kickvm-vmm-bench: {msg}");
+    std::process::exit(1)
+}
+
+// ---------------------------------------------------------------- boot
+
+struct BootRun {
+    to_init: f64,
+    to_exit: f64,
+}
+
+fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
+    let mut r = spawn(o, vmm, "exit 0", false, &format!("boot-{}-{run}.log", vmm.short()));
+    let init = r.wait_for(INIT_START_MARKER, Duration::from_secs(120))?;
+    r.wait_for(EXIT_STATUS_PREFIX, Duration::from_secs(60))?;
+    let exit = r.wait_exit(Duration::from_secs(60))?;
+    Ok(BootRun { to_init: (init - r.t0).as_secs_f64(), to_exit: (exit - r.t0).as_secs_f64() })
+}
+
+// ---------------------------------------------------------------- perf
+
+/// Counts per thread and per event.
+type Counts = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// A `perf stat --per-thread -p PID` started with its events disabled and
+/// switched on and off through its control FIFO, so the window is exact.
+struct Perf {
+    child: Child,
+    ctl: File,
+    ack: BufReader<File>,
+    out: PathBuf,
+    enabled_at: Instant,
+}
+
+impl Perf {
+    fn start(pid: i32, events: &[String], dir: &Path, name: &str) -> Result<Perf, String> {
+        // FIFOs on a local file system (the output directory may be 9p, which has none).
+        let fifo_dir = std::env::temp_dir().join(format!("kickvm-vmm-bench-{}", std::process::id()));
+        fs::create_dir_all(&fifo_dir).map_err(|e| format!("{}: {e}", fifo_dir.display()))?;
+        let ctl_path = fifo_dir.join(format!("{name}.ctl"));
+        let ack_path = fifo_dir.join(format!("{name}.ack"));
+        let out = dir.join(format!("{name}.perf"));
+        for p in [&ctl_path, &ack_path] {
+            let _ = fs::remove_file(p);
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: `c` is a NUL-terminated path.
+            if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                return Err(format!("mkfifo {}: {}", p.display(), std::io::Error::last_os_error()));
+            }
+        }
+        let child = Command::new("perf")
+            .args(["stat", "--per-thread", "-x", ";", "-D", "-1"])
+            .arg("--control")
+            .arg(format!("fifo:{},{}", ctl_path.display(), ack_path.display()))
+            .arg("-o")
+            .arg(&out)
+            .args(["-e", &events.join(",")])
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start perf: {e}"))?;
+        let ctl = OpenOptions::new().write(true).open(&ctl_path).map_err(|e| format!("perf ctl: {e}"))?;
+        let ack = BufReader::new(File::open(&ack_path).map_err(|e| format!("perf ack: {e}"))?);
+        let mut p = Perf { child, ctl, ack, out, enabled_at: Instant::now() };
+        p.command("enable")?;
+        p.enabled_at = Instant::now();
+        Ok(p)
+    }
+
+    fn command(&mut self, c: &str) -> Result<(), String> {
+        self.ctl.write_all(format!("{c}\n").as_bytes()).map_err(|e| format!("perf {c}: {e}"))?;
+        let mut line = String::new();
+        self.ack.read_line(&mut line).map_err(|e| format!("perf {c} ack: {e}"))?;
+        // perf writes "ack\n" with its terminating NUL byte.
+        if line.trim_matches(|c: char| c == '\0' || c.is_whitespace()) != "ack" {
+            return Err(format!("perf {c}: got {line:?}"));
+        }
+        Ok(())
+    }
+
+    /// Stops counting; returns the counts and the window length in seconds.
+    fn stop(mut self) -> Result<(Counts, f64), String> {
+        self.command("disable")?;
+        let secs = self.enabled_at.elapsed().as_secs_f64();
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let text = fs::read_to_string(&self.out).map_err(|e| format!("perf output: {e}"))?;
+        Ok((parse_perf(&text), secs))
+    }
+}
+
+/// Parses `perf stat --per-thread -x ';'` lines: `comm-tid;count;unit;event;...`.
+/// Threads with the same name are added up.
+fn parse_perf(text: &str) -> Counts {
+    let mut m = Counts::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(';').collect();
+        if f.len() < 4 {
+            continue;
+        }
+        let thread = f[0].trim().rsplit_once('-').map(|(n, _)| n).unwrap_or(f[0]).to_string();
+        let count: f64 = f[1].trim().parse().unwrap_or(0.0);
+        let event = f[3].trim();
+        let event = event.strip_prefix("syscalls:sys_enter_").or(event.strip_prefix("raw_syscalls:sys_enter").map(|_| "ALL")).unwrap_or(event);
+        *m.entry(thread).or_default().entry(event.to_string()).or_default() += count;
+    }
+    m
+}
+
+fn perf_events() -> Vec<String> {
+    let tracing = Path::new("/sys/kernel/tracing");
+    if !tracing.join("events").exists() {
+        let _ = Command::new("mount").args(["-t", "tracefs", "t", "/sys/kernel/tracing"]).status();
+    }
+    let mut ev = vec!["raw_syscalls:sys_enter".to_string()];
+    for s in NAMED_SYSCALLS {
+        if tracing.join(format!("events/syscalls/sys_enter_{s}")).exists() {
+            ev.push(format!("syscalls:sys_enter_{s}"));
+        }
+    }
+    ev
+}
+
+// ---------------------------------------------------------------- memory
+
+struct Mem {
+    total_kib: u64,
+    guest_kib: u64,
+    other_anon_kib: u64,
+    other_file_kib: u64,
+    threads: Vec<String>,
+}
+
+fn memory(pid: i32, vmm: Vmm) -> Result<Mem, String> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| format!("smaps: {e}"))?;
+    let (mut total, mut guest, mut anon, mut file) = (0, 0, 0, 0);
+    let (mut is_guest, mut is_file) = (false, false);
+    for line in smaps.lines() {
+        let mut w = line.split_whitespace();
+        let first = w.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let (a, b) = first.split_once('-').unwrap();
+            let size = u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            let path: Vec<&str> = w.skip(4).collect();
+            let path = path.join(" ");
+            is_guest = match vmm {
+                // crates/launcher/src/memory.rs: memfd_create("kickvm-guest-ram")
+                Vmm::Kickvm(_) => path.contains("kickvm-guest-ram"),
+                // QEMU's RAM block: one anonymous mapping of (about) the guest size.
+                _ => path.is_empty() && size >= (MEMORY_MIB << 20) * 3 / 4,
+            };
+            is_file = path.starts_with('/') && !path.contains("kickvm-guest-ram");
+            continue;
+        }
+        if first == "Rss:" {
+            let kib: u64 = w.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += kib;
+            if is_guest {
+                guest += kib;
+            } else if is_file {
+                file += kib;
+            } else {
+                anon += kib;
+            }
+        }
+    }
+    let mut threads = Vec::new();
+    if let Ok(d) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in d.flatten() {
+            if let Ok(c) = fs::read_to_string(e.path().join("comm")) {
+                threads.push(c.trim().to_string());
+            }
+        }
+    }
+    threads.sort();
+    Ok(Mem { total_kib: total, guest_kib: guest, other_anon_kib: anon, other_file_kib: file, threads })
+}
+
+// ---------------------------------------------------------------- ping
+
+struct PingRun {
+    /// Guest seconds per L1 second during the ping.
+    guest_clock: f64,
+    /// L1→guest ping: (avg, min) RTT in ms, timed by L1.
+    host_rtt: Option<(f64, f64)>,
+    rtt_avg: f64,
+    received: u32,
+    /// Device-path syscalls per ping, all threads.
+    per_ping: f64,
+    /// Of which the vCPU threads.
+    per_ping_vcpu: f64,
+    /// Raw totals in the ping window (before any subtraction), per ping.
+    raw_per_ping: f64,
+    clock_per_ping: f64,
+    idle_rate: f64,
+    /// Per syscall name, per ping, idle-subtracted (all threads).
+    by_syscall: BTreeMap<String, f64>,
+    /// Per thread name, per ping, idle-subtracted, clocks excluded.
+    by_thread: BTreeMap<String, f64>,
+    mem: Mem,
+}
+
+fn is_vcpu_thread(name: &str) -> bool {
+    name.starts_with("vcpu") || (name.starts_with("CPU ") && name.ends_with("/KVM"))
+}
+
+fn setup_tap() -> Result<(), String> {
+    let ip = |args: &[&str]| Command::new("ip").args(args).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let _ = ip(&["link", "del", TAP]);
+    if ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]) && ip(&["addr", "add", HOST_ADDR, "dev", TAP]) && ip(&["link", "set", TAP, "up"]) {
+        Ok(())
+    } else {
+        Err(format!("cannot create TAP {TAP} (needs root and iproute2)"))
+    }
+}
+
+/// busybox from the guest image's unpacked packages (the host may have no
+/// `ping`).
+fn busybox() -> Option<PathBuf> {
+    let cache = std::env::var_os("KICKVM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kickvm")))?;
+    let mut found: Vec<PathBuf> = fs::read_dir(cache.join("unpacked"))
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("busybox-static_"))
+        .map(|e| e.path().join("bin/busybox"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Parses busybox ping's summary: (received, [min, avg, max]).
+fn parse_ping(text: &str) -> Option<(u32, Vec<f64>)> {
+    let received = text
+        .lines()
+        .find(|l| l.contains("packets received"))?
+        .split(", ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let rtt: Vec<f64> = text
+        .lines()
+        .find(|l| l.contains("round-trip"))?
+        .split(" = ")
+        .nth(1)?
+        .trim_end_matches(" ms")
+        .split('/')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    Some((received, rtt))
+}
+
+fn host_ping(o: &Opts) -> Option<(f64, f64)> {
+    let bb = busybox()?;
+    let out = Command::new(bb)
+        .args(["ping", "-q", "-c", &o.pings.to_string(), "-i", &o.interval, "10.0.2.15"])
+        .output()
+        .ok()?;
+    let (received, rtt) = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+    (received > 0 && rtt.len() >= 3).then(|| (rtt[1], rtt[0]))
+}
+
+fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRun, String> {
+    // The serial console costs the VMM a few exits and a write per
+    // character, so nothing is printed inside the counted window but the
+    // one-character end marker `D`: terminal echo is off, ping's output and
+    // the guest's clock readings go to files, printed after the window.
+    let script = format!(
+        "stty -echo 2>/dev/null; echo BENCH-READY; read x; cat /proc/uptime > /tmp/t0; \
+         ping -q -c {} -i {} 10.0.2.2 > /tmp/ping 2>&1; cat /proc/uptime > /tmp/t1; echo D; \
+         read x; echo \"BENCH-T0 $(cat /tmp/t0)\"; cat /tmp/ping; echo \"BENCH-T1 $(cat /tmp/t1)\"; \
+         echo BENCH-REPORTED; read x",
+        o.pings, o.interval
+    );
+    let name = format!("ping-{}-{run}", vmm.short());
+    let mut r = spawn(o, vmm, &script, true, &format!("{name}.log"));
+    r.wait_for("BENCH-READY", Duration::from_secs(120))?;
+    // Let the guest settle (the script's `read` is waiting on the console).
+    std::thread::sleep(Duration::from_millis(1000));
+    let mem = memory(r.pid(), vmm)?;
+    let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-idle"))?;
+    std::thread::sleep(Duration::from_secs_f64(o.idle_secs));
+    let (idle, idle_secs) = perf.stop()?;
+    let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-ping"))?;
+    let go = Instant::now();
+    r.type_line("g");
+    let done = r.wait_line("D", Duration::from_secs(30 + (o.pings as u64) * 2))?;
+    let (busy, busy_secs) = perf.stop()?;
+    let start = r.console.len();
+    r.type_line("s");
+    r.wait_for("BENCH-REPORTED", Duration::from_secs(30))?;
+    let summary = r.console[start..].to_string();
+    // The guest's clock against L1's over the ping: /proc/uptime at both ends.
+    let uptime = |marker: &str| -> Option<f64> {
+        summary.lines().find(|l| l.contains(marker))?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let guest_clock = match (uptime("BENCH-T0"), uptime("BENCH-T1")) {
+        (Some(a), Some(b)) => (b - a) / (done - go).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    // Host→guest, timed by L1's clock (the guest's may not be right).
+    let host_rtt = host_ping(o);
+    r.type_line("bye");
+    r.wait_exit(Duration::from_secs(60))?;
+
+    let (received, rtt) = parse_ping(&summary).ok_or_else(|| format!("no ping summary in:\n{summary}"))?;
+    if received == 0 || rtt.len() < 3 {
+        return Err(format!("no replies:\n{summary}"));
+    }
+    let pings = o.pings as f64;
+
+    let sum = |c: &Counts, f: &dyn Fn(&str) -> bool, ev: &str| -> f64 {
+        c.iter().filter(|(t, _)| f(t)).map(|(_, e)| e.get(ev).copied().unwrap_or(0.0)).sum()
+    };
+    let all = |_: &str| true;
+    let vcpu = |t: &str| is_vcpu_thread(t);
+    let clocks = |c: &Counts, f: &dyn Fn(&str) -> bool| -> f64 { CLOCK_SYSCALLS.iter().map(|s| sum(c, f, s)).sum() };
+    let device = |c: &Counts, f: &dyn Fn(&str) -> bool| sum(c, f, "ALL") - clocks(c, f);
+    let idle_rate = device(&idle, &all) / idle_secs;
+    let per_ping = (device(&busy, &all) - idle_rate * busy_secs) / pings;
+    let idle_rate_vcpu = device(&idle, &vcpu) / idle_secs;
+    let per_ping_vcpu = (device(&busy, &vcpu) - idle_rate_vcpu * busy_secs) / pings;
+
+    let mut by_syscall = BTreeMap::new();
+    let mut names: Vec<String> = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("syscalls:sys_enter_"))
+        .map(String::from)
+        .collect();
+    names.push("ALL".into());
+    for n in &names {
+        let v = (sum(&busy, &all, n) - sum(&idle, &all, n) / idle_secs * busy_secs) / pings;
+        by_syscall.insert(n.clone(), v);
+    }
+    let named: f64 = names.iter().filter(|n| *n != "ALL").map(|n| by_syscall[n]).sum();
+    by_syscall.insert("(other)".into(), by_syscall["ALL"] - named);
+    let mut by_thread = BTreeMap::new();
+    for t in busy.keys().chain(idle.keys()) {
+        let only = |x: &str| x == t;
+        let v = (device(&busy, &only) - device(&idle, &only) / idle_secs * busy_secs) / pings;
+        by_thread.insert(t.clone(), v);
+    }
+    Ok(PingRun {
+        guest_clock,
+        host_rtt,
+        rtt_avg: rtt[1],
+        received,
+        per_ping,
+        per_ping_vcpu,
+        raw_per_ping: sum(&busy, &all, "ALL") / pings,
+        clock_per_ping: clocks(&busy, &all) / pings,
+        idle_rate,
+        by_syscall,
+        by_thread,
+        mem,
+    })
+}
+
+// ---------------------------------------------------------------- report
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn range(v: &[f64], digits: usize) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.digits$}–{max:.digits$}")
+}
+
+fn list(v: &[f64], digits: usize) -> String {
+    v.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(", ")
+}
+
+fn main() {
+    let o = parse_opts();
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        die("needs root (TAP, perf); run it through scripts/bench-vmm.sh");
+    }
+    if !kickvm_rig::host_kvm_is_usable() && std::env::var_os("KICKVM_IN_RIG").is_none() {
+        die("this host's /dev/kvm cannot run Linux (kvm_pvm); run it in the rig: scripts/bench-vmm.sh");
+    }
+    fs::create_dir_all(&o.out).unwrap_or_else(|e| die(&format!("cannot create {}: {e}", o.out.display())));
+    let mut md = String::new();
+    let started = Instant::now();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let qemu_version = Command::new(&o.qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let _ = writeln!(
+        md,
+        "Host of the VMMs: Linux {} ({} CPUs{}); {}; guest: default image (`kickvm-rig image --print-paths`), \
+         1 vCPU, {MEMORY_MIB} MiB, command line `{KICKVM_DEFAULT_CMDLINE} {EXTRA_CMDLINE} kickvm.cmd=...`.\n",
+        kernel.trim(),
+        cpus,
+        if std::env::var_os("KICKVM_IN_RIG").is_some() { ", L1 of the nested rig" } else { "" },
+        qemu_version
+    );
+
+    if o.boot {
+        let vmms = [Vmm::Kickvm("per-queue"), Vmm::QemuMicrovm, Vmm::QemuPc];
+        let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
+        for run in 0..o.boot_runs {
+            for (i, v) in vmms.iter().enumerate() {
+                match boot_once(&o, *v, run) {
+                    Ok(b) => {
+                        eprintln!("bench: boot {} run {run}: /init {:.2} s, exit {:.2} s", v.label(), b.to_init, b.to_exit);
+                        res[i].0.push(b.to_init);
+                        res[i].1.push(b.to_exit);
+                    }
+                    Err(e) => eprintln!("bench: boot {} run {run}: FAILED: {e}", v.label()),
+                }
+            }
+        }
+        let _ = writeln!(md, "### Launch to the guest's `/init` marker, and to exit after `poweroff -f`\n");
+        let _ = writeln!(md, "{} runs each, interleaved; seconds.\n", o.boot_runs);
+        let _ = writeln!(md, "| VMM | to `/init`: median | range | runs | to exit: median | range |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for (i, v) in vmms.iter().enumerate() {
+            let (a, b) = &res[i];
+            let _ = writeln!(
+                md,
+                "| {} | **{:.2}** | {} | {} | {:.2} | {} |",
+                v.label(),
+                median(a),
+                range(a, 2),
+                list(a, 2),
+                median(b),
+                range(b, 2)
+            );
+        }
+        let k = median(&res[0].0);
+        let (mv, pc) = (median(&res[1].0), median(&res[2].0));
+        let ke = median(&res[0].1);
+        let (mve, pce) = (median(&res[1].1), median(&res[2].1));
+        let _ = writeln!(md);
+        let _ = writeln!(md, "| ratio (medians) | to `/init` | goal | to exit |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        let _ = writeln!(md, "| kickvm / QEMU pc | **{:.2}** | ≤ 0.5 | {:.2} |", k / pc, ke / pce);
+        let _ = writeln!(md, "| kickvm / QEMU microvm | **{:.2}** | ≤ 1.0 | {:.2} |\n", k / mv, ke / mve);
+        print!("{md}");
+        md_flush(&o, &md);
+    }
+
+    if o.ping {
+        let events = perf_events();
+        if let Err(e) = setup_tap() {
+            die(&e);
+        }
+        let vmms = [Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc];
+        let mut res: Vec<Vec<PingRun>> = (0..vmms.len()).map(|_| Vec::new()).collect();
+        for run in 0..o.ping_runs {
+            for (i, v) in vmms.iter().enumerate() {
+                match ping_once(&o, *v, run, &events) {
+                    Ok(p) => {
+                        eprintln!(
+                            "bench: ping {} run {run}: rtt avg {:.3} ms (L1→guest {:?}, guest clock ×{:.2}), {:.2} syscalls/ping ({:.2} vCPU), raw {:.2}, clock {:.2}, idle {:.1}/s",
+                            v.label(),
+                            p.rtt_avg,
+                            p.host_rtt,
+                            p.guest_clock,
+                            p.per_ping,
+                            p.per_ping_vcpu,
+                            p.raw_per_ping,
+                            p.clock_per_ping,
+                            p.idle_rate
+                        );
+                        res[i].push(p);
+                    }
+                    Err(e) => eprintln!("bench: ping {} run {run}: FAILED: {e}", v.label()),
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["link", "del", TAP]).status();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "### Guest→host ping over a TAP: RTT and device-path syscalls per ping\n\n\
+             Guest: `ping -q -c {} -i {} 10.0.2.2` (busybox); host end: TAP `{TAP}` {HOST_ADDR} in L1. \
+             {} runs each, interleaved. Syscalls: `perf stat --per-thread -p PID -e raw_syscalls:sys_enter,syscalls:sys_enter_...` \
+             over exactly the ping (switched on/off through perf's control FIFO; the guest prints nothing in that \
+             window but a one-letter end marker, since every console character costs the VMM exits and a `write`), \
+             every thread of the VMM (vCPU threads included), minus `clock_gettime`/`gettimeofday`, minus the rate of a {:.0} s idle \
+             window of the same boot (guest blocked in `read` on its console), divided by {} pings. \
+             RTT twice: busybox's in the guest (timed by the guest's clock), and busybox `ping -c N -i I 10.0.2.15` run in L1 \
+             right after (host→guest, timed by L1's clock, not syscall-counted); \"guest clock / L1 clock\" compares the guest's \
+             `/proc/uptime` with L1's clock over the ping.\n",
+            o.pings,
+            o.interval,
+            o.ping_runs,
+            o.idle_secs,
+            o.pings
+        );
+        let _ = writeln!(s, "| VMM | guest→host RTT avg, ms (guest clock): median | range | L1→guest RTT avg, ms (L1 clock): median | range | guest clock / L1 clock | syscalls/ping: median | range | of which vCPU threads | raw syscalls/ping (no subtraction) | clock_gettime+gettimeofday/ping | idle syscalls/s | lost |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for (i, v) in vmms.iter().enumerate() {
+            let r = &res[i];
+            let col = |f: &dyn Fn(&PingRun) -> f64| r.iter().map(f).collect::<Vec<f64>>();
+            let lost: u32 = r.iter().map(|p| o.pings - p.received).sum();
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {} | **{:.2}** | {} | {:.2} | **{:.1}** | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+                v.label(),
+                median(&col(&|p| p.rtt_avg)),
+                range(&col(&|p| p.rtt_avg), 2),
+                median(&col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0))),
+                range(&col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0)), 2),
+                median(&col(&|p| p.guest_clock)),
+                median(&col(&|p| p.per_ping)),
+                range(&col(&|p| p.per_ping), 1),
+                median(&col(&|p| p.per_ping_vcpu)),
+                median(&col(&|p| p.raw_per_ping)),
+                median(&col(&|p| p.clock_per_ping)),
+                median(&col(&|p| p.idle_rate)),
+                lost
+            );
+        }
+        // Per-syscall breakdown.
+        let mut names: Vec<String> = Vec::new();
+        for r in res.iter().flatten() {
+            for (n, v) in &r.by_syscall {
+                if n != "ALL" && !names.contains(n) && (v.abs() >= 0.05) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        names.sort_by_key(|n| n == "(other)");
+        let _ = writeln!(
+            s,
+            "\nWhere the syscalls go — per ping, by syscall (median over runs, idle-subtracted, all threads; \
+             `clock_gettime` included here):\n"
+        );
+        let _ = write!(s, "| syscall |");
+        for v in &vmms {
+            let _ = write!(s, " {} |", v.label());
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "|---|{}", "---|".repeat(vmms.len()));
+        for n in &names {
+            let _ = write!(s, "| {n} |");
+            for r in &res {
+                let v: Vec<f64> = r.iter().map(|p| p.by_syscall.get(n).copied().unwrap_or(0.0)).collect();
+                let _ = write!(s, " {:.2} |", median(&v));
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s, "\nBy thread (per ping, median, idle-subtracted, clocks excluded; threads with the same name added up):\n");
+        for (i, v) in vmms.iter().enumerate() {
+            let mut threads: Vec<String> = Vec::new();
+            for p in &res[i] {
+                for t in p.by_thread.keys() {
+                    if !threads.contains(t) {
+                        threads.push(t.clone());
+                    }
+                }
+            }
+            let parts: Vec<String> = threads
+                .iter()
+                .map(|t| {
+                    let vals: Vec<f64> = res[i].iter().map(|p| p.by_thread.get(t).copied().unwrap_or(0.0)).collect();
+                    format!("`{t}` {:.2}", median(&vals))
+                })
+                .collect();
+            let _ = writeln!(s, "- {}: {}", v.label(), parts.join(", "));
+        }
+        // Memory.
+        let _ = writeln!(
+            s,
+            "\n### VMM memory overhead (RSS minus guest RAM), guest idle after boot\n\n\
+             From `/proc/PID/smaps` one second after the guest's script started (virtio-net attached, guest idle): \
+             the Rss of every mapping, minus the Rss of the guest-RAM mapping (kickvm: the memfd \
+             `kickvm-guest-ram`; QEMU: its anonymous RAM block of ≥ ¾ of {MEMORY_MIB} MiB). \
+             \"anon\" = the rest not backed by a file (heap, stacks, other anonymous maps), \"file\" = binaries and libraries. \
+             MiB, median over runs.\n"
+        );
+        let _ = writeln!(s, "| VMM | total RSS | guest RAM touched | **overhead** | of which anon | of which file | threads |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for (i, v) in vmms.iter().enumerate() {
+            let r = &res[i];
+            let mib = |f: &dyn Fn(&Mem) -> u64| median(&r.iter().map(|p| f(&p.mem) as f64 / 1024.0).collect::<Vec<_>>());
+            let threads = r.first().map(|p| summarize_threads(&p.mem.threads)).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {:.1} | **{:.2}** | {:.2} | {:.2} | {} |",
+                v.label(),
+                mib(&|m| m.total_kib),
+                mib(&|m| m.guest_kib),
+                mib(&|m| m.total_kib - m.guest_kib),
+                mib(&|m| m.other_anon_kib),
+                mib(&|m| m.other_file_kib),
+                threads
+            );
+        }
+        print!("{s}");
+        md.push_str(&s);
+        md_flush(&o, &md);
+    }
+    let _ = writeln!(md, "\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
+    println!("\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
+    md_flush(&o, &md);
+}
+
+fn summarize_threads(names: &[String]) -> String {
+    let mut m: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in names {
+        *m.entry(n.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = m.iter().map(|(n, c)| if *c > 1 { format!("{n}×{c}") } else { n.to_string() }).collect();
+    format!("{}: {}", names.len(), parts.join(", "))
+}
+
+fn md_flush(o: &Opts, md: &str) {
+    let _ = fs::write(o.out.join("results.md"), md);
+}

@@ -1,0 +1,26 @@
+#!/bin/sh
+# The launcher's benchmarks (issue 4): kickvm against QEMU in the same run,
+# boot time, guest→host ping RTT and syscalls per ping, memory overhead.
+#
+#   scripts/bench-vmm.sh                      # full run (~6.5 min here, L1 boot included)
+#   scripts/bench-vmm.sh --boot-runs 1 --ping-runs 1 --pings 50   # quick look
+#
+# Arguments go to kickvm-vmm-bench (crates/launcher/src/bin/kickvm-vmm-bench.rs;
+# --help-ish usage: any unknown argument). On a host whose /dev/kvm cannot
+# run Linux (kvm_pvm, our machines) it runs inside the nested rig
+# (docs/testing.md). Results: Markdown on stdout and in
+# target/vmm-bench/results.md, with every console and perf output beside it.
+set -eu
+cd "$(dirname "$0")/.."
+out=$PWD/target/vmm-bench
+echo "+ cargo build --release --workspace" >&2
+cargo build --release --workspace >&2
+target/release/kickvm-rig image >/dev/null        # the guest image, built on the host
+rm -rf "$out" && mkdir -p "$out"
+echo "Command: \`scripts/bench-vmm.sh $*\` (git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d))"
+echo
+if target/release/kickvm-rig host-kvm >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    exec target/release/kickvm-vmm-bench --out "$out" "$@"
+fi
+exec target/release/kickvm-rig run --timeout 1200 --share "$out" -- \
+    target/release/kickvm-vmm-bench --out "$out" "$@"
