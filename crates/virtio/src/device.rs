@@ -150,7 +150,7 @@ pub fn activate(
         }
     }
     let mut workers: Vec<Option<Box<dyn QueueWorker>>> =
-        device.activate(features).map_err(|e| e)?.into_iter().map(Some).collect();
+        device.activate(features)?.into_iter().map(Some).collect();
     let event_idx = features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
     let mut jobs = Vec::new();
     for mut s in queues {

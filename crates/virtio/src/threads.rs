@@ -180,7 +180,7 @@ impl Runtime {
         let id = s.next_id;
         s.next_id += 1;
         let mut all = s.thread.take().map(Thread::stop).unwrap_or_default();
-        s.owners.extend(std::iter::repeat(id).take(jobs.len()));
+        s.owners.extend(std::iter::repeat_n(id, jobs.len()));
         all.extend(jobs);
         s.thread = Some(Thread::spawn("kickvm-io".into(), all, false)?);
         Ok(id)

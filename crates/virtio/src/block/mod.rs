@@ -234,9 +234,8 @@ impl RequestQueue {
         }
         let r = match &req.kind {
             Kind::Read { offset } => {
-                transfer(q, &req.data, *offset, |iov, off| sys::preadv(fd, iov, off))?.map(|n| {
+                transfer(q, &req.data, *offset, |iov, off| sys::preadv(fd, iov, off))?.inspect(|&n| {
                     q.add_bytes(n);
-                    n
                 })
             }
             Kind::Write { offset } => {

@@ -110,7 +110,7 @@ impl Request {
                     return Err(RequestError::WrongDirection);
                 }
                 let len = iov_len(&writable_data) as u64;
-                if len % SECTOR_SIZE != 0 {
+                if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::Unaligned(len));
                 }
                 (Kind::Read { offset: check_range(len)? }, writable_data)
@@ -120,7 +120,7 @@ impl Request {
                     return Err(RequestError::WrongDirection);
                 }
                 let len = iov_len(&readable_data) as u64;
-                if len % SECTOR_SIZE != 0 {
+                if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::Unaligned(len));
                 }
                 (Kind::Write { offset: check_range(len)? }, readable_data)
@@ -147,7 +147,7 @@ impl Request {
 fn parse_segments(iov: &[libc::iovec], capacity: u64) -> Result<Vec<Segment>, RequestError> {
     let len = iov_len(iov);
     let n = len / SEGMENT_LEN;
-    if len % SEGMENT_LEN != 0 || n == 0 || n > MAX_SEGMENTS {
+    if !len.is_multiple_of(SEGMENT_LEN) || n == 0 || n > MAX_SEGMENTS {
         return Err(RequestError::BadSegments(n));
     }
     let mut segs = Vec::with_capacity(n);
