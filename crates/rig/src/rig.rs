@@ -294,6 +294,13 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
     let deadline = t_boot + opts.timeout;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let (mut out_pos, mut err_pos) = (0u64, 0u64);
+    // Picks up what the command wrote to its output files since last time
+    // (and echoes it when streaming).
+    let drain = |out_pos: &mut u64, stdout: &mut Vec<u8>, err_pos: &mut u64, stderr: &mut Vec<u8>| {
+        let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
+        follow(&scratch.join("stdout"), out_pos, stdout, if opts.stream { Some(&mut so) } else { None });
+        follow(&scratch.join("stderr"), err_pos, stderr, if opts.stream { Some(&mut se) } else { None });
+    };
     let mut started: Option<Instant> = None;
     let exited = loop {
         if started.is_none() && scratch.join("started").exists() {
@@ -302,19 +309,7 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
             report(format!("L1 booted in {:.1} s", timings.boot.as_secs_f64()));
             started = Some(now);
         }
-        let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
-        follow(
-            &scratch.join("stdout"),
-            &mut out_pos,
-            &mut stdout,
-            if opts.stream { Some(&mut so) } else { None },
-        );
-        follow(
-            &scratch.join("stderr"),
-            &mut err_pos,
-            &mut stderr,
-            if opts.stream { Some(&mut se) } else { None },
-        );
+        drain(&mut out_pos, &mut stdout, &mut err_pos, &mut stderr);
         match child.try_wait() {
             Ok(Some(_)) => break true,
             Ok(None) if Instant::now() >= deadline => {
@@ -327,19 +322,7 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         }
     };
     // Last bytes written just before L1 powered off.
-    let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
-    follow(
-        &scratch.join("stdout"),
-        &mut out_pos,
-        &mut stdout,
-        if opts.stream { Some(&mut so) } else { None },
-    );
-    follow(
-        &scratch.join("stderr"),
-        &mut err_pos,
-        &mut stderr,
-        if opts.stream { Some(&mut se) } else { None },
-    );
+    drain(&mut out_pos, &mut stdout, &mut err_pos, &mut stderr);
     if let Some(s) = started {
         timings.command = s.elapsed();
     }
