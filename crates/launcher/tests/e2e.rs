@@ -238,3 +238,16 @@ test "$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)" = 2
     let _ = Command::new("ip").args(["link", "del", "kvtap0"]).status();
     r.assert_script_passed();
 }
+
+#[test]
+fn virtio_console_output_reaches_its_file() {
+    in_rig!("virtio_console_output_reaches_its_file");
+    let dir = scratch("hvc");
+    let out = dir.join("hvc0.log");
+    let arg = format!("file={}", out.display());
+    let script = "test -c /dev/hvc0 || { echo no-hvc0; exit 1; }; echo hvc0-says-hello > /dev/hvc0";
+    let r = boot(&["--console", &arg], script, Duration::from_secs(120));
+    r.assert_script_passed();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(text.contains("hvc0-says-hello"), "console file holds: {text:?}");
+}
