@@ -165,12 +165,8 @@ fn parse_show(text: &str) -> Vec<Package> {
     out
 }
 
-/// The candidate version (what `apt-get install` would pick) of each name.
-/// A name apt does not know is a one-line error saying how to fix it.
-pub fn candidates(names: &[String]) -> Result<Vec<Package>> {
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
+/// What apt knows of `names` (candidate versions; unknown names are absent).
+fn apt_show(names: &[String]) -> Result<Vec<Package>> {
     let out = run(
         Command::new("apt-cache")
             .arg("show")
@@ -179,7 +175,16 @@ pub fn candidates(names: &[String]) -> Result<Vec<Package>> {
         "cannot run apt-cache",
         "the image builder needs a Debian host with apt",
     )?;
-    let found = parse_show(&String::from_utf8_lossy(&out.stdout));
+    Ok(parse_show(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The candidate version (what `apt-get install` would pick) of each name.
+/// A name apt does not know is a one-line error saying how to fix it.
+pub fn candidates(names: &[String]) -> Result<Vec<Package>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let found = apt_show(names)?;
     names
         .iter()
         .map(|n| {
@@ -252,15 +257,7 @@ pub fn library_closure(roots: &[String]) -> Result<Vec<Package>> {
 /// Like [`candidates`], but only the `required` names must exist (virtual
 /// library names in a Depends line are skipped).
 fn candidates_lenient(names: &[String], required: &[String]) -> Result<Vec<Package>> {
-    let out = run(
-        Command::new("apt-cache")
-            .arg("show")
-            .arg("--no-all-versions")
-            .args(names),
-        "cannot run apt-cache",
-        "the image builder needs a Debian host with apt",
-    )?;
-    let found = parse_show(&String::from_utf8_lossy(&out.stdout));
+    let found = apt_show(names)?;
     for r in required.iter().filter(|r| names.contains(r)) {
         if !found.iter().any(|p| &p.name == r) {
             return Err(Error::with_hint(
