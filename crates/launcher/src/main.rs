@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
+    log::debug!("kickvm {} started", env!("CARGO_PKG_VERSION"));
     let cli = Cli::parse();
     let status = match cli.command {
         Command::Run(args) => run(&args),

@@ -127,22 +127,14 @@ impl Drop for Vcpus {
 /// down, and says why it stopped.
 pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     let t0 = std::time::Instant::now();
-    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create a VM"))?);
-    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("cannot set the TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(kvm_err("cannot set the identity map address"))?;
-    vm.create_irq_chip().map_err(kvm_err("cannot create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(kvm_err("cannot create the in-kernel PIT"))?;
-
+    let ms = || t0.elapsed().as_secs_f64() * 1e3;
     let ram = memory::create(cfg.memory, cfg.hugepages)?;
-    ram.register(&vm).map_err(kvm_err("cannot give guest memory to KVM"))?;
-
-    let kernel = boot::load_kernel(&ram.mem, &cfg.kernel, ram.low_end())?;
-    let initrd = match &cfg.initrd {
-        Some(p) => Some(boot::load_initrd(&ram.mem, p, ram.low_end(), &kernel)?),
-        None => None,
-    };
+    // Reading the kernel and initramfs into guest RAM is the longest step
+    // of set-up (the first touch of each page allocates and zeroes it): a
+    // second thread does it while this one builds the VM and its devices.
+    let loader = spawn_loader(cfg, &ram, t0)?;
+    let vm = create_vm(kvm, &ram)?;
+    log::debug!("{:7.1} ms: VM, irqchip, PIT, guest RAM", ms());
 
     let control = Control::new().map_err(|e| VmError::Device(format!("cannot create the control eventfd: {e}")))?;
     let pio = Bus::new();
@@ -158,11 +150,14 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     let devs = devices::build(cfg).map_err(|e| VmError::Device(e.to_string()))?;
     let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime).map_err(|e| VmError::Device(e.to_string()))?;
 
+    log::debug!("{:7.1} ms: devices", ms());
+    let (kernel, initrd) = loader.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     write_acpi(&ram.mem, &AcpiConfig { cpus: cfg.cpus, pci_aml: Vec::new() })?;
     boot::write_boot_structures(&ram.mem, &kernel, &cfg.cmdline, initrd, cfg.memory)?;
 
+    log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     let vcpus = start_vcpus(kvm, &vm, cfg.cpus, kernel.entry, &pio, &mmio, &control)?;
-    log::info!("VM set up in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    log::info!("VM set up in {:.1} ms", ms());
     if let Some(stdin) = &io.stdin {
         stdin.set_target(Some(serial as Arc<Mutex<dyn InputSink>>));
     }
@@ -178,6 +173,44 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     drop(pci);
     drop(ram);
     Ok(exit)
+}
+
+type Loaded = (boot::LoadedKernel, Option<(u64, u64)>);
+
+/// Starts loading the kernel and initramfs into `ram` on a thread of its own.
+fn spawn_loader(
+    cfg: &VmConfig,
+    ram: &memory::GuestRam,
+    t0: std::time::Instant,
+) -> Result<std::thread::JoinHandle<Result<Loaded, VmError>>, VmError> {
+    let (mem, low_end) = (ram.mem.clone(), ram.low_end());
+    let (kernel, initrd) = (cfg.kernel.clone(), cfg.initrd.clone());
+    std::thread::Builder::new()
+        .name("kickvm-load".into())
+        .spawn(move || {
+            let kernel = boot::load_kernel(&mem, &kernel, low_end)?;
+            let initrd = match &initrd {
+                Some(p) => Some(boot::load_initrd(&mem, p, low_end, &kernel)?),
+                None => None,
+            };
+            log::debug!("{:7.1} ms: kernel and initrd loaded", t0.elapsed().as_secs_f64() * 1e3);
+            Ok((kernel, initrd))
+        })
+        .map_err(|e| VmError::Host(format!("cannot start the kernel loader thread: {e}")))
+}
+
+/// The VM with its TSS, in-kernel interrupt controllers and PIT, and
+/// `ram` as its memory.
+fn create_vm(kvm: &Kvm, ram: &memory::GuestRam) -> Result<Arc<VmFd>, VmError> {
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create a VM"))?);
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("cannot set the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("cannot set the identity map address"))?;
+    vm.create_irq_chip().map_err(kvm_err("cannot create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("cannot create the in-kernel PIT"))?;
+    ram.register(&vm).map_err(kvm_err("cannot give guest memory to KVM"))?;
+    Ok(vm)
 }
 
 /// COM1 (irqfd on GSI 4), the i8042 reset port, the ACPI sleep register.

@@ -7,6 +7,9 @@
 # or a virtio-blk disk whose first line is "#kickvm-script" holds the script.
 # Markers on the console: KICKVM-INIT-START, KICKVM-SCRIPT-START,
 # KICKVM-EXIT-STATUS=<n>. Without a script: an interactive shell.
+# The marker says /init has started: first, before the ~300 applet links
+# and the mounts (under the rig's TCG they take ~0.5 s).
+/bin/busybox echo KICKVM-INIT-START
 /bin/busybox --install -s
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -15,7 +18,6 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts
 mount -t tmpfs tmp /tmp
-echo KICKVM-INIT-START
 
 for m in $(cat /etc/kickvm/modules); do
     insmod /lib/modules/$m.ko 2>/dev/null || echo "kickvm: insmod $m failed"

@@ -31,7 +31,7 @@ done
 p9="trans=virtio,version=9p2000.L,msize=262144"
 h=/mnt/host
 mkdir -p $h
-mount -t 9p -o $p9,ro hostroot $h || { echo "kickvm-rig: cannot mount host root"; poweroff -f; }
+mount -t 9p -o $p9,ro,cache=loose hostroot $h || { echo "kickvm-rig: cannot mount host root"; poweroff -f; }
 mount -t proc proc $h/proc
 mount -t sysfs sys $h/sys
 mount -t devtmpfs dev $h/dev
