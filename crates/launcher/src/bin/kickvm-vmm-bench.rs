@@ -436,8 +436,7 @@ fn orchestrate(o: &Opts) {
             for (i, v) in vmms.iter().enumerate() {
                 let dir = out.join(format!("boot-{}-{run}", v.short()));
                 let _ = fs::create_dir_all(&dir);
-                let args: Vec<String> =
-                    ["--only", "boot", "--boot-runs", "1", "--boot-vmm", v.arg()].iter().map(|s| s.to_string()).collect();
+                let args = ["--only", "boot", "--boot-runs", "1", "--boot-vmm", v.arg()].map(String::from);
                 let (so, se) = in_l1(&args, &dir);
                 take_header(&mut header, &mut md, &so);
                 let parsed = se.lines().find(|l| l.starts_with("bench: boot") && l.contains("/init")).and_then(|l| {
@@ -463,7 +462,7 @@ fn orchestrate(o: &Opts) {
         md_flush(o, &md);
     }
     if o.ping {
-        let args: Vec<String> = [
+        let args = vec![
             "--only".to_string(),
             "ping".into(),
             "--ping-runs".into(),
@@ -474,8 +473,7 @@ fn orchestrate(o: &Opts) {
             o.interval.clone(),
             "--idle".into(),
             o.idle_secs.to_string(),
-        ]
-        .to_vec();
+        ];
         let (so, _) = in_l1(&args, &out);
         take_header(&mut header, &mut md, &so);
         let body: String = so
