@@ -58,6 +58,10 @@ impl QueueCounters {
 pub struct DeviceCounters {
     pub queues: Vec<Arc<QueueCounters>>,
     pub needs_reset: AtomicBool,
+    /// Guest mistakes seen by the transport rather than a queue (a refused
+    /// FEATURES_OK, DRIVER_OK with rings outside memory, a BAR placed
+    /// where it cannot go): counted, and logged through this throttle.
+    pub transport_errors: crate::ratelimit::Throttle,
 }
 
 impl DeviceCounters {
@@ -65,6 +69,7 @@ impl DeviceCounters {
         Arc::new(DeviceCounters {
             queues: (0..num_queues).map(|_| Arc::default()).collect(),
             needs_reset: AtomicBool::new(false),
+            transport_errors: crate::ratelimit::Throttle::new(),
         })
     }
 

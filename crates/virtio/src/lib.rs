@@ -30,6 +30,7 @@ pub mod driver;
 pub mod memory;
 pub mod net;
 pub mod queue;
+pub mod ratelimit;
 pub mod rng;
 pub mod sys;
 pub mod threads;
