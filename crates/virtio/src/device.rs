@@ -152,6 +152,9 @@ pub fn activate(
     let mut workers: Vec<Option<Box<dyn QueueWorker>>> =
         device.activate(features)?.into_iter().map(Some).collect();
     let event_idx = features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+    // One handle on guest memory for all the device's queues; every chain
+    // they pop keeps it mapped.
+    let mem = Arc::new(mem.clone());
     let mut jobs = Vec::new();
     for mut s in queues {
         let Some(worker) = workers.get_mut(usize::from(s.index)).and_then(Option::take) else {
@@ -159,8 +162,9 @@ pub fn activate(
         };
         s.queue.set_event_idx(event_idx);
         let qc = counters.queues[usize::from(s.index)].clone();
-        let ctx = QueueCtx::new(s, mem.clone(), qc, events.clone());
-        jobs.push(Job { name: format!("{}-q{}", device.name(), ctx.index), ctx, worker });
+        let name = format!("{}-q{}", device.name(), s.index);
+        let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone());
+        jobs.push(Job::new(ctx, worker));
     }
     let threads = runtime.start(jobs).map_err(ActivateError::Spawn)?;
     Ok(ActiveDevice { threads: Some(threads) })

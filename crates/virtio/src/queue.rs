@@ -28,8 +28,12 @@ pub struct Stopped;
 /// One virtqueue, owned by the thread that serves it.
 pub struct QueueCtx {
     pub index: u16,
+    /// `<device>-q<N>`, for logs.
+    name: String,
     queue: Queue,
-    mem: GuestMemory,
+    mem: Arc<GuestMemory>,
+    /// VIRTIO_F_INDIRECT_DESC was negotiated.
+    indirect: bool,
     kick: EventFd,
     call: EventFd,
     pub counters: Arc<QueueCounters>,
@@ -45,14 +49,18 @@ pub struct QueueCtx {
 impl QueueCtx {
     pub(crate) fn new(
         s: QueueSetup,
-        mem: GuestMemory,
+        name: String,
+        mem: Arc<GuestMemory>,
+        features: u64,
         counters: Arc<QueueCounters>,
         events: Arc<DeviceEvents>,
     ) -> Self {
         QueueCtx {
             index: s.index,
+            name,
             queue: s.queue,
             mem,
+            indirect: features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC) != 0,
             kick: s.kick,
             call: s.call,
             counters,
@@ -67,6 +75,11 @@ impl QueueCtx {
     /// Guest memory, for devices that read or write structures in it.
     pub fn mem(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// `<device>-q<N>`: the queue's thread name in per-queue mode.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// True when this queue has a thread of its own and may block in its
@@ -97,19 +110,28 @@ impl QueueCtx {
     /// Takes the next available chain, validated. Malformed chains are
     /// counted, returned to the guest with length 0, and skipped; a corrupt
     /// avail ring marks the device NEEDS_RESET and stops this queue.
+    ///
+    /// Returns `None` once the thread has been asked to stop, even if the
+    /// guest keeps the ring full: a reset or shutdown never waits for the
+    /// guest to run out of requests.
     pub fn pop(&mut self) -> Option<Chain> {
         loop {
-            if self.broken {
+            if self.broken || self.stop.load(Ordering::Relaxed) {
                 return None;
             }
-            let head = match self.queue.iter(&self.mem) {
+            let head = match self.queue.iter(&*self.mem) {
                 Ok(mut avail) => avail.next()?.head_index(),
                 Err(e) => {
                     self.ring_broken(&e.to_string());
                     return None;
                 }
             };
-            match chain::walk(&self.mem, self.desc_table(), self.queue.size(), head) {
+            let rules = chain::Rules {
+                queue_size: self.queue.size(),
+                max_descriptors: self.queue.max_size(),
+                indirect: self.indirect,
+            };
+            match chain::walk(&self.mem, self.desc_table(), head, rules) {
                 Ok(c) => return Some(c),
                 // There is no such chain to return: the avail ring is corrupt.
                 Err(e @ chain::ChainError::HeadOutOfTable(_)) => {
@@ -136,10 +158,20 @@ impl QueueCtx {
 
     /// Counts a guest or backend error and logs it (rate-limited by count).
     pub fn count_error(&self, why: &str) {
-        let n = self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        if n < 10 || n.is_power_of_two() {
-            log::warn!("queue {}: {} (error #{})", self.index, why, n + 1);
+        let n = self.counters.errors.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if crate::ratelimit::should_log(n) {
+            log::warn!("{}: {} (error #{n})", self.name, why);
         }
+    }
+
+    /// The queue's worker panicked: a device bug, contained to its device.
+    /// The queue serves nothing more, and the driver is told the device
+    /// needs a reset; other devices go on.
+    pub(crate) fn worker_panicked(&mut self, why: &str) {
+        QueueCounters::add(&self.counters.errors, 1);
+        log::error!("{}: the device's queue worker panicked ({why}); the device needs a reset", self.name);
+        self.broken = true;
+        self.events.set_needs_reset();
     }
 
     fn ring_broken(&mut self, why: &str) {
@@ -158,7 +190,7 @@ impl QueueCtx {
         if self.broken {
             return;
         }
-        if let Err(e) = self.queue.add_used(&self.mem, head, len) {
+        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
             self.ring_broken(&e.to_string());
             return;
         }
@@ -204,10 +236,10 @@ impl QueueCtx {
     /// virtio-queue does not look at.
     fn guest_wants_interrupt(&mut self) -> Result<bool, virtio_queue::Error> {
         if self.queue.event_idx_enabled() {
-            return self.queue.needs_notification(&self.mem);
+            return self.queue.needs_notification(&*self.mem);
         }
         std::sync::atomic::fence(Ordering::SeqCst);
-        let flags: u16 = vm_memory::Bytes::read_obj(&self.mem, vm_memory::GuestAddress(self.queue.avail_ring()))
+        let flags: u16 = vm_memory::Bytes::read_obj(&*self.mem, vm_memory::GuestAddress(self.queue.avail_ring()))
             .map_err(virtio_queue::Error::GuestMemory)?;
         Ok(u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
     }
@@ -219,7 +251,7 @@ impl QueueCtx {
         if self.broken {
             return false;
         }
-        match self.queue.enable_notification(&self.mem) {
+        match self.queue.enable_notification(&*self.mem) {
             Ok(more) => more,
             Err(e) => {
                 self.ring_broken(&e.to_string());
@@ -232,7 +264,7 @@ impl QueueCtx {
     /// guest not to kick while we are busy.
     pub(crate) fn woke(&mut self) {
         if !self.broken {
-            let _ = self.queue.disable_notification(&self.mem);
+            let _ = self.queue.disable_notification(&*self.mem);
         }
     }
 
@@ -254,7 +286,7 @@ impl QueueCtx {
                 Err(e) => {
                     if !self.retry_after(&e)? {
                         self.count_error(&format!("cannot read the kick eventfd: {e}"));
-                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        crate::sys::pause(std::time::Duration::from_millis(100));
                     }
                 }
             }

@@ -4,6 +4,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Once;
 
+use crate::memory::GuestIovecs;
+
 fn check(ret: isize) -> io::Result<usize> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -12,49 +14,62 @@ fn check(ret: isize) -> io::Result<usize> {
     }
 }
 
-fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
-    iov.len().min(libc::c_int::MAX as usize) as libc::c_int
+/// `readv(2)` into guest buffers.
+pub fn readv(fd: RawFd, iov: &GuestIovecs) -> io::Result<usize> {
+    let v = iov.as_raw();
+    // SAFETY: every iovec describes mapped guest memory that `iov` keeps
+    // mapped (see `GuestIovecs`); the kernel checks the fd and copies.
+    check(unsafe { libc::readv(fd, v.as_ptr(), v.len() as libc::c_int) })
 }
 
-/// `readv(2)` into iovecs that point into guest memory.
-pub fn readv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
-    // SAFETY: every iovec describes writable mapped memory (guest RAM,
-    // checked by `memory::push_iovecs`) and the kernel bounds-checks the fd.
-    check(unsafe { libc::readv(fd, iov.as_ptr(), iov_count(iov)) })
+/// `writev(2)` from guest buffers.
+pub fn writev(fd: RawFd, iov: &GuestIovecs) -> io::Result<usize> {
+    let v = iov.as_raw();
+    // SAFETY: as for `readv`; the kernel only reads the buffers.
+    check(unsafe { libc::writev(fd, v.as_ptr(), v.len() as libc::c_int) })
 }
 
-/// `writev(2)` from iovecs that point into guest memory.
-pub fn writev(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
-    // SAFETY: every iovec describes readable mapped memory.
-    check(unsafe { libc::writev(fd, iov.as_ptr(), iov_count(iov)) })
-}
-
-/// `preadv(2)` at a file offset.
-pub fn preadv(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
+/// `preadv(2)` at a file offset into guest buffers.
+pub fn preadv(fd: RawFd, iov: &GuestIovecs, offset: u64) -> io::Result<usize> {
+    let v = iov.as_raw();
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: as for `readv`.
-    check(unsafe { libc::preadv(fd, iov.as_ptr(), iov_count(iov), offset as libc::off_t) })
+    check(unsafe { libc::preadv(fd, v.as_ptr(), v.len() as libc::c_int, offset) })
 }
 
-/// `pwritev(2)` at a file offset.
-pub fn pwritev(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
+/// `pwritev(2)` at a file offset from guest buffers.
+pub fn pwritev(fd: RawFd, iov: &GuestIovecs, offset: u64) -> io::Result<usize> {
+    let v = iov.as_raw();
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: as for `writev`.
-    check(unsafe { libc::pwritev(fd, iov.as_ptr(), iov_count(iov), offset as libc::off_t) })
+    check(unsafe { libc::pwritev(fd, v.as_ptr(), v.len() as libc::c_int, offset) })
 }
 
 /// A `readv` that never blocks even on a blocking fd: `preadv2` with
 /// `RWF_NOWAIT` at the current position. Fails with `WouldBlock` when no
 /// data is ready, or `Unsupported` where the kernel or file lacks it.
-pub fn readv_nowait(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+pub fn readv_nowait(fd: RawFd, iov: &GuestIovecs) -> io::Result<usize> {
+    let v = iov.as_raw();
     // SAFETY: as for `readv`; offset -1 means "current position".
-    let r = check(unsafe {
-        libc::preadv2(fd, iov.as_ptr(), iov_count(iov), -1, libc::RWF_NOWAIT)
-    });
+    let r = check(unsafe { libc::preadv2(fd, v.as_ptr(), v.len() as libc::c_int, -1, libc::RWF_NOWAIT) });
     match r {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             Err(io::Error::new(io::ErrorKind::Unsupported, e))
         }
         r => r,
     }
+}
+
+/// Sleeps for `d`, or less if the thread is sent the wake signal (unlike
+/// `std::thread::sleep`, which goes back to sleep after a signal): a queue
+/// thread that pauses can still be stopped at once.
+pub fn pause(d: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a valid timespec; the remaining time is not wanted.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
 }
 
 /// True if reading `fd` now would block (a zero-timeout poll).

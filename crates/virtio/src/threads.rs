@@ -58,9 +58,44 @@ impl std::fmt::Display for ThreadingMode {
 
 /// One queue and the worker that serves it.
 pub(crate) struct Job {
-    pub name: String,
     pub ctx: QueueCtx,
     pub worker: Box<dyn QueueWorker>,
+    /// The device the job belongs to, in `single` mode.
+    owner: u64,
+    /// The worker panicked: it is never called again (until a reset
+    /// builds a new one).
+    failed: bool,
+}
+
+impl Job {
+    pub(crate) fn new(ctx: QueueCtx, worker: Box<dyn QueueWorker>) -> Job {
+        Job { ctx, worker, owner: 0, failed: false }
+    }
+
+    /// Runs the worker until it has no more work. A panic inside it is
+    /// contained here (as Cloud Hypervisor's thread helper does): the
+    /// device is marked NEEDS_RESET with a configuration interrupt, one
+    /// line is logged, and the thread goes on serving its other queues or
+    /// waiting to be stopped.
+    fn serve(&mut self) -> Result<Wait, crate::Stopped> {
+        if self.failed {
+            return Ok(Wait::Kick);
+        }
+        let (worker, ctx) = (&mut self.worker, &mut self.ctx);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.serve(ctx))) {
+            Ok(r) => r,
+            Err(payload) => {
+                let why = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                self.failed = true;
+                self.ctx.worker_panicked(&why);
+                Ok(Wait::Kick)
+            }
+        }
+    }
 }
 
 struct Thread {
@@ -87,7 +122,8 @@ impl Thread {
     }
 
     /// Asks the thread to stop, knocks it out of any blocking call, and
-    /// waits for it. Returns its jobs so they can move to another thread.
+    /// waits for it. Returns its jobs so they can move to another thread
+    /// (none if the thread itself died, which `Job::serve` prevents).
     fn stop(self) -> Vec<Job> {
         use std::os::unix::thread::JoinHandleExt;
         self.stop.store(true, Ordering::Release);
@@ -100,7 +136,13 @@ impl Thread {
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_millis(20));
         }
-        self.handle.join().unwrap_or_default()
+        match self.handle.join() {
+            Ok(jobs) => jobs,
+            Err(_) => {
+                log::error!("a queue thread died; its queues are no longer served");
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -125,8 +167,6 @@ impl ThreadSet {
 struct SingleState {
     thread: Option<Thread>,
     next_id: u64,
-    /// Device id of each job the single thread serves, in order.
-    owners: Vec<u64>,
 }
 
 /// Starts queue threads in one threading mode. Shared by all devices of a
@@ -150,7 +190,7 @@ impl Runtime {
             ThreadingMode::PerQueue => {
                 let mut threads = Vec::new();
                 for job in jobs {
-                    let name = thread_name(&job.name);
+                    let name = thread_name(job.ctx.name());
                     threads.push(Thread::spawn(name, vec![job], true)?);
                 }
                 Ok(ThreadSet { threads, single: None })
@@ -158,7 +198,7 @@ impl Runtime {
             ThreadingMode::PerDevice => {
                 let name = jobs
                     .first()
-                    .map(|j| j.name.rsplit_once("-q").map_or(j.name.clone(), |(d, _)| d.to_string()))
+                    .map(|j| j.ctx.name().rsplit_once("-q").map_or(j.ctx.name(), |(d, _)| d).to_string())
                     .unwrap_or_default();
                 let threads = if jobs.is_empty() {
                     Vec::new()
@@ -175,12 +215,14 @@ impl Runtime {
     }
 
     /// Restarts the single I/O thread with `jobs` added.
-    fn single_add(&self, jobs: Vec<Job>) -> io::Result<u64> {
+    fn single_add(&self, mut jobs: Vec<Job>) -> io::Result<u64> {
         let mut s = self.single.lock().unwrap_or_else(|e| e.into_inner());
         let id = s.next_id;
         s.next_id += 1;
         let mut all = s.thread.take().map(Thread::stop).unwrap_or_default();
-        s.owners.extend(std::iter::repeat_n(id, jobs.len()));
+        for j in &mut jobs {
+            j.owner = id;
+        }
         all.extend(jobs);
         s.thread = Some(Thread::spawn("kickvm-io".into(), all, false)?);
         Ok(id)
@@ -190,14 +232,7 @@ impl Runtime {
     fn single_remove(&self, id: u64) {
         let mut s = self.single.lock().unwrap_or_else(|e| e.into_inner());
         let all = s.thread.take().map(Thread::stop).unwrap_or_default();
-        let owners = std::mem::take(&mut s.owners);
-        let mut keep = Vec::new();
-        for (job, owner) in all.into_iter().zip(owners) {
-            if owner != id {
-                keep.push(job);
-                s.owners.push(owner);
-            }
-        }
+        let keep: Vec<Job> = all.into_iter().filter(|j| j.owner != id).collect();
         if !keep.is_empty() {
             match Thread::spawn("kickvm-io".into(), keep, false) {
                 Ok(t) => s.thread = Some(t),
@@ -216,7 +251,7 @@ fn thread_name(name: &str) -> String {
 fn serve_blocking(mut jobs: Vec<Job>) -> Vec<Job> {
     if let Some(job) = jobs.first_mut() {
         loop {
-            let r = match job.worker.serve(&mut job.ctx) {
+            let r = match job.serve() {
                 Ok(Wait::Kick) => job.ctx.wait_kick(),
                 Ok(Wait::Backend) => poll_one(job),
                 Err(stopped) => Err(stopped),
@@ -264,7 +299,7 @@ fn serve_polling(mut jobs: Vec<Job>) -> Vec<Job> {
             if runnable[i] {
                 runnable[i] = false;
                 let job = &mut jobs[i];
-                match job.worker.serve(&mut job.ctx) {
+                match job.serve() {
                     Ok(w) => waits[i] = w,
                     Err(_) => return jobs,
                 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::chain::Chain;
 use crate::counters::DeviceCounters;
 use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
-use crate::memory::iov_write_at;
+use crate::memory::GuestIovecs;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
 
@@ -204,8 +204,8 @@ impl QueueWorker for RequestQueue {
 impl RequestQueue {
     /// Executes one request and completes it with its status.
     fn handle(&self, q: &mut QueueCtx, chain: &Chain) -> Result<(), Stopped> {
-        let (status_iov, parsed) = Request::parse(chain, self.capacity);
-        let Some(status_iov) = status_iov else {
+        let (status_buf, parsed) = Request::parse(chain, self.capacity);
+        let Some(status_buf) = status_buf else {
             q.fail_chain(chain.head, &RequestError::NoStatus.to_string());
             return Ok(());
         };
@@ -219,8 +219,9 @@ impl RequestQueue {
                 Err(status) => (status, 0),
             },
         };
-        iov_write_at(&[status_iov], 0, &[status]);
-        q.add_used(chain.head, written as u32 + 1);
+        status_buf.write_at(0, &[status]);
+        // The chain holds at most 4 GiB, status byte included.
+        q.add_used(chain.head, u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX));
         Ok(())
     }
 
@@ -246,15 +247,9 @@ impl RequestQueue {
             }
             // SAFETY: fdatasync on the disk's own open fd.
             Kind::Flush => cvt(unsafe { libc::fdatasync(fd) }).map(|_| 0),
-            Kind::GetId => Ok(iov_write_at(&req.data, 0, &self.id) as u64),
-            Kind::Discard(segs) => segs
-                .iter()
-                .try_for_each(|s| punch_hole(fd, s))
-                .map(|_| 0),
-            Kind::WriteZeroes(segs) => segs
-                .iter()
-                .try_for_each(|s| write_zeroes(fd, s))
-                .map(|_| 0),
+            Kind::GetId => Ok(req.data.write_at(0, &self.id) as u64),
+            Kind::Discard(segs) => each_segment(q, segs, |s| punch_hole(fd, s))?.map(|_| 0),
+            Kind::WriteZeroes(segs) => each_segment(q, segs, |s| write_zeroes(q, &self.file, s))?.map(|_| 0),
             Kind::Unsupported(t) => {
                 q.count_error(&format!("unsupported block request type {t}"));
                 return Ok(Err(VIRTIO_BLK_S_UNSUPP));
@@ -267,31 +262,62 @@ impl RequestQueue {
     }
 }
 
+/// Bytes moved by one system call at most. A request may be as large as
+/// the disk (up to 4 GiB); in slices this size a reset or shutdown waits
+/// for one slice, not for the whole request. Linux's requests are far
+/// smaller (`max_sectors_kb` defaults to 1280), so they take one call.
+const MAX_IO_BYTES: u64 = 16 << 20;
+
 /// Runs positional I/O until all of `iov` is transferred (short reads and
 /// writes happen), retrying on EINTR unless the thread must stop.
 fn transfer(
     q: &QueueCtx,
-    iov: &[libc::iovec],
+    iov: &GuestIovecs,
     offset: u64,
-    mut op: impl FnMut(&[libc::iovec], u64) -> io::Result<usize>,
+    mut op: impl FnMut(&GuestIovecs, u64) -> io::Result<usize>,
 ) -> Result<io::Result<u64>, Stopped> {
-    let total = crate::memory::iov_len(iov) as u64;
+    let total = iov.len();
     let mut done = 0u64;
-    let mut rest: Vec<libc::iovec> = iov.to_vec();
+    let mut rest = iov.clone();
     while done < total {
-        match op(&rest, offset + done) {
+        let mut slice;
+        let chunk = if rest.len() > MAX_IO_BYTES {
+            q.check_stop()?;
+            slice = rest.clone();
+            slice.truncate(MAX_IO_BYTES);
+            &slice
+        } else {
+            &rest
+        };
+        match op(chunk, offset.saturating_add(done)) {
             Ok(0) => {
                 return Ok(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "disk ended early")));
             }
             Ok(n) => {
                 done += n as u64;
-                rest = crate::memory::iov_skip(&rest, n);
+                rest = rest.skip(n as u64);
             }
             Err(e) if q.retry_after(&e)? => {}
             Err(e) => return Ok(Err(e)),
         }
     }
     Ok(Ok(done))
+}
+
+/// Runs `op` on each discard / write-zeroes segment, stopping early if
+/// the queue thread must stop.
+fn each_segment(
+    q: &QueueCtx,
+    segs: &[Segment],
+    mut op: impl FnMut(&Segment) -> io::Result<()>,
+) -> Result<io::Result<()>, Stopped> {
+    for s in segs {
+        q.check_stop()?;
+        if let Err(e) = op(s) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
 }
 
 fn cvt(r: libc::c_int) -> io::Result<()> {
@@ -302,41 +328,48 @@ fn cvt(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-fn punch_hole(fd: libc::c_int, s: &Segment) -> io::Result<()> {
-    // SAFETY: fallocate on our own fd with in-range offsets.
-    cvt(unsafe {
-        libc::fallocate(
-            fd,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            s.offset as libc::off_t,
-            s.len as libc::off_t,
-        )
-    })
+fn fallocate(fd: libc::c_int, mode: libc::c_int, s: &Segment) -> io::Result<()> {
+    let off = libc::off_t::try_from(s.offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = libc::off_t::try_from(s.len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fallocate on our own fd; the kernel checks the range.
+    cvt(unsafe { libc::fallocate(fd, mode, off, len) })
 }
 
-fn write_zeroes(fd: libc::c_int, s: &Segment) -> io::Result<()> {
+fn punch_hole(fd: libc::c_int, s: &Segment) -> io::Result<()> {
+    fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, s)
+}
+
+fn write_zeroes(q: &QueueCtx, file: &File, s: &Segment) -> io::Result<()> {
     let mode = if s.unmap {
         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
     } else {
         libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
     };
-    // SAFETY: as above.
-    let r = cvt(unsafe { libc::fallocate(fd, mode, s.offset as libc::off_t, s.len as libc::off_t) });
-    match r {
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zero_buffers(fd, s),
+    match fallocate(file.as_raw_fd(), mode, s) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zero_buffers(q, file, s),
         r => r,
     }
 }
 
-/// For files systems without ZERO_RANGE / PUNCH_HOLE: write zeroes.
-fn write_zero_buffers(fd: libc::c_int, s: &Segment) -> io::Result<()> {
-    let zeroes = vec![0u8; 64 * 1024];
+/// For file systems without ZERO_RANGE / PUNCH_HOLE: write zeroes, a
+/// megabyte at a time, giving up as soon as the thread must stop (the
+/// request then never completes: the driver is resetting the device).
+fn write_zero_buffers(q: &QueueCtx, file: &File, s: &Segment) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK as usize];
     let mut off = 0;
     while off < s.len {
-        let n = (s.len - off).min(zeroes.len() as u64) as usize;
-        let iov = [libc::iovec { iov_base: zeroes.as_ptr() as *mut _, iov_len: n }];
-        let w = sys::pwritev(fd, &iov, s.offset + off)?;
-        off += w as u64;
+        if q.check_stop().is_err() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "device reset during write-zeroes"));
+        }
+        let n = (s.len - off).min(CHUNK) as usize;
+        match file.write_at(&zeroes[..n], s.offset + off) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => off += w as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

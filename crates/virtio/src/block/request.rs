@@ -5,7 +5,7 @@
 //! then one device-writable status byte — the chain's last byte.
 
 use crate::chain::Chain;
-use crate::memory::{iov_len, iov_read_at, iov_skip, iov_truncate};
+use crate::memory::GuestIovecs;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -53,10 +53,9 @@ pub struct Segment {
 pub struct Request {
     pub kind: Kind,
     /// Guest buffers to read into (IN, GET_ID) or write from (OUT).
-    pub data: Vec<libc::iovec>,
-    pub data_len: u64,
-    /// The status byte's iovec (one byte of guest memory).
-    pub status: libc::iovec,
+    pub data: GuestIovecs,
+    /// The status byte (one byte of guest memory).
+    pub status: GuestIovecs,
 }
 
 /// Why a chain is not a valid request. With a status byte available the
@@ -80,27 +79,28 @@ pub enum RequestError {
 impl Request {
     /// Finds the status byte first (so even a bad request can report
     /// IOERR), then the header, then checks the data against `capacity`.
-    pub fn parse(chain: &Chain, capacity: u64) -> (Option<libc::iovec>, Result<Request, RequestError>) {
-        let Some(status) = last_byte(&chain.writable) else {
+    pub fn parse(chain: &Chain, capacity: u64) -> (Option<GuestIovecs>, Result<Request, RequestError>) {
+        let Some(status) = chain.writable.last_byte() else {
             return (None, Err(RequestError::NoStatus));
         };
-        (Some(status), Self::parse_body(chain, capacity, status))
+        let body = Self::parse_body(chain, capacity, status.clone());
+        (Some(status), body)
     }
 
-    fn parse_body(chain: &Chain, capacity: u64, status: libc::iovec) -> Result<Request, RequestError> {
+    fn parse_body(chain: &Chain, capacity: u64, status: GuestIovecs) -> Result<Request, RequestError> {
         let mut hdr = [0u8; HEADER_LEN];
-        if iov_read_at(&chain.readable, 0, &mut hdr) < HEADER_LEN {
+        if chain.readable.read_at(0, &mut hdr) < HEADER_LEN {
             return Err(RequestError::ShortHeader);
         }
         let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
-        let readable_data = iov_skip(&chain.readable, HEADER_LEN);
+        let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        let readable_data = chain.readable.skip(HEADER_LEN as u64);
         let mut writable_data = chain.writable.clone();
-        iov_truncate(&mut writable_data, (chain.writable_len - 1) as usize);
+        writable_data.truncate(chain.writable.len().saturating_sub(1));
         let check_range = |len: u64| -> Result<u64, RequestError> {
             let offset = sector.checked_mul(SECTOR_SIZE);
-            match offset.and_then(|o| o.checked_add(len)) {
-                Some(end) if end <= capacity => Ok(sector * SECTOR_SIZE),
+            match offset.and_then(|o| Some((o, o.checked_add(len)?))) {
+                Some((o, end)) if end <= capacity => Ok(o),
                 _ => Err(RequestError::OutOfRange { sector, len, capacity }),
             }
         };
@@ -109,7 +109,7 @@ impl Request {
                 if !readable_data.is_empty() {
                     return Err(RequestError::WrongDirection);
                 }
-                let len = iov_len(&writable_data) as u64;
+                let len = writable_data.len();
                 if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::Unaligned(len));
                 }
@@ -119,13 +119,13 @@ impl Request {
                 if !writable_data.is_empty() {
                     return Err(RequestError::WrongDirection);
                 }
-                let len = iov_len(&readable_data) as u64;
+                let len = readable_data.len();
                 if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::Unaligned(len));
                 }
                 (Kind::Write { offset: check_range(len)? }, readable_data)
             }
-            VIRTIO_BLK_T_FLUSH => (Kind::Flush, Vec::new()),
+            VIRTIO_BLK_T_FLUSH => (Kind::Flush, GuestIovecs::default()),
             VIRTIO_BLK_T_GET_ID => {
                 if !readable_data.is_empty() {
                     return Err(RequestError::WrongDirection);
@@ -135,49 +135,39 @@ impl Request {
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let segs = parse_segments(&readable_data, capacity)?;
                 let kind = if ty == VIRTIO_BLK_T_DISCARD { Kind::Discard(segs) } else { Kind::WriteZeroes(segs) };
-                (kind, Vec::new())
+                (kind, GuestIovecs::default())
             }
-            other => (Kind::Unsupported(other), Vec::new()),
+            other => (Kind::Unsupported(other), GuestIovecs::default()),
         };
-        let data_len = iov_len(&data) as u64;
-        Ok(Request { kind, data, data_len, status })
+        Ok(Request { kind, data, status })
     }
 }
 
-fn parse_segments(iov: &[libc::iovec], capacity: u64) -> Result<Vec<Segment>, RequestError> {
-    let len = iov_len(iov);
-    let n = len / SEGMENT_LEN;
-    if !len.is_multiple_of(SEGMENT_LEN) || n == 0 || n > MAX_SEGMENTS {
+fn parse_segments(iov: &GuestIovecs, capacity: u64) -> Result<Vec<Segment>, RequestError> {
+    let len = iov.len();
+    let n = usize::try_from(len / SEGMENT_LEN as u64).unwrap_or(usize::MAX);
+    if !len.is_multiple_of(SEGMENT_LEN as u64) || n == 0 || n > MAX_SEGMENTS {
         return Err(RequestError::BadSegments(n));
     }
     let mut segs = Vec::with_capacity(n);
     for i in 0..n {
         let mut raw = [0u8; SEGMENT_LEN];
-        iov_read_at(iov, i * SEGMENT_LEN, &mut raw);
-        let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
-        let sectors = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
-        let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or_default());
+        iov.read_at(i * SEGMENT_LEN, &mut raw);
+        let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = raw;
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+        let flags = u32::from_le_bytes([f0, f1, f2, f3]);
         let offset = sector.checked_mul(SECTOR_SIZE);
         let bytes = u64::from(sectors) * SECTOR_SIZE;
-        match offset.and_then(|o| o.checked_add(bytes)) {
-            Some(end) if end <= capacity => {}
+        let offset = match offset.and_then(|o| Some((o, o.checked_add(bytes)?))) {
+            Some((o, end)) if end <= capacity => o,
             _ => return Err(RequestError::OutOfRange { sector, len: bytes, capacity }),
-        }
+        };
         segs.push(Segment {
-            offset: sector * SECTOR_SIZE,
+            offset,
             len: bytes,
             unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
         });
     }
     Ok(segs)
-}
-
-/// The last byte of an iovec list, as its own iovec.
-fn last_byte(iov: &[libc::iovec]) -> Option<libc::iovec> {
-    let last = iov.iter().rev().find(|v| v.iov_len > 0)?;
-    Some(libc::iovec {
-        // SAFETY: `iov_len > 0`, so the last byte is inside the buffer.
-        iov_base: unsafe { (last.iov_base as *mut u8).add(last.iov_len - 1) }.cast(),
-        iov_len: 1,
-    })
 }

@@ -31,7 +31,7 @@ pub struct ConsoleBackend {
 enum Kind {
     Stdio,
     Pty { master: OwnedFd, _slave: OwnedFd, path: PathBuf },
-    Socket { listener: UnixListener, path: PathBuf, client: Mutex<Option<UnixStream>> },
+    Socket { listener: UnixListener, path: PathBuf, inode: (u64, u64), client: Mutex<Option<UnixStream>> },
     File(std::fs::File),
 }
 
@@ -44,13 +44,7 @@ impl ConsoleBackend {
                 Kind::Stdio
             }
             Backend::Pty => open_pty()?,
-            Backend::Socket(path) => {
-                let _ = std::fs::remove_file(&path);
-                let listener = UnixListener::bind(&path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on console socket {}: {e}", path.display()))
-                })?;
-                Kind::Socket { listener, path, client: Mutex::new(None) }
-            }
+            Backend::Socket(path) => listen(path)?,
             Backend::File(path) => Kind::File(
                 std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot open console file {}: {e}", path.display()))
@@ -68,27 +62,35 @@ impl ConsoleBackend {
     }
 
     /// The fd to read input from. For a socket with no client, accepts one
-    /// (blocking, in a per-queue thread) or returns `None` (shared thread).
+    /// (waiting for it in a per-queue thread) or returns `None` (shared
+    /// thread, or the thread must stop).
     pub(crate) fn input_fd(&self, q: &QueueCtx) -> Result<Option<RawFd>, Stopped> {
         match &self.kind {
             Kind::Stdio => Ok(Some(0)),
             Kind::Pty { master, .. } => Ok(Some(master.as_raw_fd())),
             Kind::File(_) => Ok(None),
             Kind::Socket { listener, client, .. } => {
-                let c = client.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(s) = c.as_ref() {
+                if let Some(s) = client.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     return Ok(Some(s.as_raw_fd()));
                 }
-                if !q.blocking() && crate::sys::would_block(listener.as_raw_fd()) {
-                    return Ok(None);
-                }
-                drop(c);
+                // The listener does not block: std's `accept` goes back to
+                // sleep after a signal, so the stop signal could never end
+                // it. The thread waits in `poll`, which the signal does end.
                 loop {
+                    q.check_stop()?;
                     match listener.accept() {
                         Ok((s, _)) => {
                             let fd = s.as_raw_fd();
                             *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
                             return Ok(Some(fd));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if !q.blocking() {
+                                return Ok(None);
+                            }
+                            let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                            // SAFETY: one valid pollfd; EINTR ends the wait.
+                            unsafe { libc::poll(&mut p, 1, -1) };
                         }
                         Err(e) if q.retry_after(&e)? => {}
                         Err(e) => {
@@ -145,10 +147,43 @@ impl ConsoleBackend {
 
 impl Drop for ConsoleBackend {
     fn drop(&mut self) {
-        if let Kind::Socket { path, .. } = &self.kind {
-            let _ = std::fs::remove_file(path);
+        // Remove the socket file only if it is still ours.
+        if let Kind::Socket { path, inode, .. } = &self.kind {
+            if file_id(path).is_some_and(|id| id == *inode) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Listens on `path`. A socket file left there by a launcher that is gone
+/// is replaced; anything else at `path` (a regular file, a directory, a
+/// socket someone still listens on) is refused, never deleted.
+fn listen(path: PathBuf) -> io::Result<Kind> {
+    use std::os::unix::fs::FileTypeExt;
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("console socket path {} {why}: remove it or choose another path", path.display()),
+        ))
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if !m.file_type().is_socket() => return refuse("exists and is not a socket"),
+        Ok(_) if UnixStream::connect(&path).is_ok() => return refuse("is a socket another program listens on"),
+        Ok(_) => std::fs::remove_file(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot remove stale console socket {}: {e}", path.display())))?,
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(&path)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on console socket {}: {e}", path.display())))?;
+    let inode = file_id(&path).unwrap_or_default();
+    Ok(Kind::Socket { listener, path, inode, client: Mutex::new(None) })
 }
 
 fn open_pty() -> io::Result<Kind> {

@@ -14,6 +14,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::counters::DeviceCounters;
+use crate::memory::GuestIovecs;
 use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
@@ -134,7 +135,7 @@ enum Input {
 /// Reads input straight into the guest's buffer. In a thread of its own,
 /// this is where the receive queue sleeps: first a read that cannot block;
 /// if there is nothing, interrupt the guest for what is done, then block.
-fn read_input(q: &mut QueueCtx, fd: RawFd, iov: &[libc::iovec]) -> Result<Input, Stopped> {
+fn read_input(q: &mut QueueCtx, fd: RawFd, iov: &GuestIovecs) -> Result<Input, Stopped> {
     let mut blocking = false;
     loop {
         let r = if blocking {
@@ -184,23 +185,23 @@ impl QueueWorker for Transmit {
                 q.fail_chain(chain.head, "console output buffer is device-writable");
                 continue;
             }
-            crate::memory::iov_truncate(&mut chain.readable, MAX_TX_BYTES as usize);
-            let len = crate::memory::iov_len(&chain.readable);
+            chain.readable.truncate(MAX_TX_BYTES);
+            let len = chain.readable.len();
             if let Some(fd) = self.backend.output_fd() {
                 write_all(q, fd, &chain.readable)?;
             }
-            q.add_bytes(len as u64);
+            q.add_bytes(len);
             q.add_used(chain.head, 0);
         }
         Ok(Wait::Kick)
     }
 }
 
-fn write_all(q: &QueueCtx, fd: RawFd, iov: &[libc::iovec]) -> Result<(), Stopped> {
-    let mut rest = iov.to_vec();
+fn write_all(q: &QueueCtx, fd: RawFd, iov: &GuestIovecs) -> Result<(), Stopped> {
+    let mut rest = iov.clone();
     while !rest.is_empty() {
         match sys::writev(fd, &rest) {
-            Ok(n) => rest = crate::memory::iov_skip(&rest, n),
+            Ok(n) => rest = rest.skip(n as u64),
             Err(e) if q.retry_after(&e)? => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };

@@ -14,7 +14,6 @@ use super::has;
 use super::tap::{Tap, TapError};
 use crate::chain::Chain;
 use crate::device::{QueueWorker, Wait};
-use crate::memory::{iov_read_at, iov_write_at};
 use crate::queue::{QueueCtx, Stopped};
 
 /// Longest command read from guest memory. The largest command of the
@@ -95,20 +94,20 @@ impl CtrlWorker {
     }
 
     fn handle(&mut self, q: &mut QueueCtx, c: Chain) {
-        if c.writable_len < 1 {
+        if c.writable.is_empty() {
             q.fail_chain(c.head, "control command has no room for the ack");
             return;
         }
-        let len = c.readable_len as usize;
+        let len = usize::try_from(c.readable.len()).unwrap_or(usize::MAX);
         let ack = if !(2..=MAX_COMMAND_LEN).contains(&len) {
             q.count_error(&format!("control command of {len} bytes"));
             VIRTIO_NET_ERR as u8
         } else {
             let mut cmd = [0u8; MAX_COMMAND_LEN];
-            let got = iov_read_at(&c.readable, 0, &mut cmd[..len]);
+            let got = c.readable.read_at(0, &mut cmd[..len]);
             self.execute(q, cmd[0], cmd[1], &cmd[2..got])
         };
-        iov_write_at(&c.writable, 0, &[ack]);
+        c.writable.write_at(0, &[ack]);
         q.add_used(c.head, 1);
     }
 }

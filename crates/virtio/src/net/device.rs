@@ -64,6 +64,10 @@ impl Default for NetConfig {
 pub struct NetDevice {
     config: NetConfig,
     taps: Arc<Vec<Arc<Tap>>>,
+    /// Which TAP queues are attached. It lives as long as the TAP fds (not
+    /// one activation): after a reset the TAP queues are as the last
+    /// activation left them, and re-activating must start from that.
+    pairs: Arc<QueuePairs>,
     counters: Arc<DeviceCounters>,
 }
 
@@ -75,11 +79,8 @@ impl NetDevice {
         let taps = Tap::open(&config.tap, usize::from(config.queue_pairs))?;
         config.tap = taps[0].name().to_string();
         let queues = 2 * usize::from(config.queue_pairs) + 1;
-        Ok(NetDevice {
-            config,
-            taps: Arc::new(taps.into_iter().map(Arc::new).collect()),
-            counters: DeviceCounters::new(queues),
-        })
+        let taps = Arc::new(taps.into_iter().map(Arc::new).collect::<Vec<_>>());
+        Ok(NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, counters: DeviceCounters::new(queues) })
     }
 
     /// The TAP interface's name.
@@ -164,7 +165,7 @@ impl VirtioDevice for NetDevice {
         let min_frame = hdr_len + ETH_HLEN + mtu;
 
         // Multiqueue is off until the driver asks for more pairs.
-        let pairs = QueuePairs::new(self.taps.clone());
+        let pairs = self.pairs.clone();
         pairs.set_active(1).map_err(backend)?;
 
         let n = 2 * usize::from(self.config.queue_pairs) + 1;

@@ -50,10 +50,7 @@ pub const NUM_BUFFERS_OFFSET: usize = 10;
 /// transmit chains are refused rather than handed to the kernel.
 pub const MAX_FRAME_LEN: usize = 65550;
 
-/// `readv`/`writev` take at most this many iovecs (`UIO_MAXIOV`). A chain
-/// with more segments — only possible through huge indirect tables — is
-/// cut here instead of failing every read.
-pub const MAX_IOVECS: usize = 1024;
+pub use crate::memory::MAX_IOVECS;
 
 /// Ethernet header length, for frame sizes derived from the MTU.
 pub const ETH_HLEN: usize = 14;

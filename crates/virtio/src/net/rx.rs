@@ -29,7 +29,7 @@ use super::tap::Tap;
 use super::{MAX_IOVECS, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 use crate::chain::Chain;
 use crate::device::{QueueWorker, Wait};
-use crate::memory::iov_write_at;
+use crate::memory::GuestIovecs;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
 
@@ -56,7 +56,7 @@ pub struct RxWorker {
     held_bytes: usize,
     held_iovecs: usize,
     /// Scratch iovec list for the next read.
-    iov: Vec<libc::iovec>,
+    iov: GuestIovecs,
     /// The kernel supports `RWF_NOWAIT` reads on the TAP.
     nowait: bool,
     /// The last blocking read slept: packets come one at a time (request
@@ -87,11 +87,6 @@ fn cycles() -> u64 {
     }
 }
 
-// SAFETY: the iovecs point into guest memory that outlives the worker (the
-// device stops its threads before guest memory goes away); they are only
-// used by the thread that owns the worker.
-unsafe impl Send for RxWorker {}
-
 impl RxWorker {
     pub fn new(tap: Arc<Tap>, hdr_len: usize, mergeable: bool, frame_max: usize, min_frame: usize) -> RxWorker {
         RxWorker {
@@ -103,7 +98,7 @@ impl RxWorker {
             held: VecDeque::new(),
             held_bytes: 0,
             held_iovecs: 0,
-            iov: Vec::new(),
+            iov: GuestIovecs::default(),
             nowait: true,
             idle: false,
         }
@@ -132,13 +127,13 @@ impl RxWorker {
                 q.fail_chain(c.head, "receive chain has device-readable descriptors");
                 continue;
             }
-            if (c.writable_len as usize) < self.hdr_len {
-                let why = format!("receive buffer of {} bytes cannot hold the virtio-net header", c.writable_len);
+            if c.writable.len() < self.hdr_len as u64 {
+                let why = format!("receive buffer of {} bytes cannot hold the virtio-net header", c.writable.len());
                 q.fail_chain(c.head, &why);
                 continue;
             }
-            self.held_bytes += c.writable_len as usize;
-            self.held_iovecs += c.writable.len();
+            self.held_bytes = self.held_bytes.saturating_add(buf_len(&c));
+            self.held_iovecs += c.writable.segments();
             self.held.push_back(c);
         }
         true
@@ -150,9 +145,11 @@ impl RxWorker {
         self.iov.clear();
         let chains = if self.mergeable { self.held.len() } else { 1 };
         for c in self.held.iter().take(chains) {
-            self.iov.extend_from_slice(&c.writable);
+            if self.iov.segments() + c.writable.segments() > MAX_IOVECS {
+                break;
+            }
+            self.iov.append(&c.writable);
         }
-        self.iov.truncate(MAX_IOVECS);
     }
 
     /// Reads one packet into the held buffers. Returns `None` (not
@@ -207,7 +204,7 @@ impl RxWorker {
                 _ => {
                     q.count_error(&format!("cannot read TAP `{}`: {err}", self.tap.name()));
                     q.notify();
-                    std::thread::sleep(BACKEND_ERROR_PAUSE);
+                    sys::pause(BACKEND_ERROR_PAUSE);
                     q.check_stop()?;
                 }
             }
@@ -222,7 +219,7 @@ impl RxWorker {
             let mut left = len;
             for c in &self.held {
                 count += 1;
-                left = left.saturating_sub(c.writable_len as usize);
+                left = left.saturating_sub(buf_len(c));
                 if left == 0 {
                     break;
                 }
@@ -234,26 +231,31 @@ impl RxWorker {
             // The TAP skips num_buffers; it is ours to fill, before the
             // buffers become visible on the used ring.
             if let Some(first) = self.held.front() {
-                iov_write_at(&first.writable, NUM_BUFFERS_OFFSET, &(count as u16).to_le_bytes());
+                first.writable.write_at(NUM_BUFFERS_OFFSET, &(count as u16).to_le_bytes());
             }
         }
         let mut left = len;
         for _ in 0..count {
             let Some(c) = self.held.pop_front() else { break };
-            let cap = c.writable_len as usize;
+            let cap = buf_len(&c);
             let n = if self.mergeable { left.min(cap) } else { left };
             left -= n.min(left);
-            self.held_bytes -= cap;
-            self.held_iovecs -= c.writable.len();
-            q.add_used(c.head, n as u32);
+            self.held_bytes = self.held_bytes.saturating_sub(cap);
+            self.held_iovecs = self.held_iovecs.saturating_sub(c.writable.segments());
+            q.add_used(c.head, u32::try_from(n).unwrap_or(u32::MAX));
         }
         q.add_bytes(len as u64);
     }
 }
 
+/// Bytes a held receive chain can take.
+fn buf_len(c: &Chain) -> usize {
+    usize::try_from(c.writable.len()).unwrap_or(usize::MAX)
+}
+
 /// A read that never sleeps: `RWF_NOWAIT`, or where the kernel lacks it a
 /// zero-timeout poll before a plain read.
-fn read_nowait(fd: RawFd, iov: &[libc::iovec], nowait: &mut bool) -> io::Result<usize> {
+fn read_nowait(fd: RawFd, iov: &GuestIovecs, nowait: &mut bool) -> io::Result<usize> {
     if *nowait {
         match sys::readv_nowait(fd, iov) {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => *nowait = false,

@@ -4,7 +4,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use super::tap::Tap;
-use super::{MAX_FRAME_LEN, MAX_IOVECS};
+use super::MAX_FRAME_LEN;
 use crate::chain::Chain;
 use crate::device::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
@@ -30,7 +30,7 @@ impl TxWorker {
             q.fail_chain(c.head, "transmit chain has device-writable descriptors");
             return Ok(());
         }
-        let len = c.readable_len as usize;
+        let len = usize::try_from(c.readable.len()).unwrap_or(usize::MAX);
         if len < self.hdr_len {
             q.fail_chain(c.head, &format!("transmit chain of {len} bytes is shorter than the virtio-net header"));
             return Ok(());
@@ -42,9 +42,8 @@ impl TxWorker {
             );
             return Ok(());
         }
-        let iov = &c.readable[..c.readable.len().min(MAX_IOVECS)];
         loop {
-            match sys::writev(self.tap.as_raw_fd(), iov) {
+            match sys::writev(self.tap.as_raw_fd(), &c.readable) {
                 Ok(n) => {
                     q.add_bytes(n as u64);
                     break;

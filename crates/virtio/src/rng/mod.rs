@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::counters::DeviceCounters;
 use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
-use crate::memory::iov_truncate;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
 
@@ -83,15 +82,15 @@ struct RequestQueue {
 impl QueueWorker for RequestQueue {
     fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
         while let Some(mut chain) = q.pop() {
-            if chain.writable_len == 0 {
+            if chain.writable.is_empty() {
                 q.fail_chain(chain.head, "rng request has no device-writable buffer");
                 continue;
             }
-            let mut want = chain.writable_len.min(MAX_BYTES_PER_REQUEST);
+            let mut want = chain.writable.len().min(MAX_BYTES_PER_REQUEST);
             if let Some(l) = &self.limiter {
                 want = take_tokens(l, want, q)?;
             }
-            iov_truncate(&mut chain.writable, want as usize);
+            chain.writable.truncate(want);
             let n = loop {
                 match sys::readv(self.source.as_raw_fd(), &chain.writable) {
                     Ok(n) => break n,
@@ -121,7 +120,7 @@ fn take_tokens(l: &Mutex<TokenBucket>, want: u64, q: &mut QueueCtx) -> Result<u6
         };
         // Report what is done before sleeping, as before any sleep.
         q.notify();
-        std::thread::sleep(wait);
+        sys::pause(wait);
         q.check_stop()?;
     }
 }
