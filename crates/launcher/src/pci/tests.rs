@@ -41,8 +41,8 @@ struct FillWorker;
 impl QueueWorker for FillWorker {
     fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
         while let Some(chain) = q.pop() {
-            let data = vec![FILL; chain.writable_len as usize];
-            let n = kickvm_virtio::memory::iov_write_at(&chain.writable, 0, &data);
+            let data = vec![FILL; chain.writable.len() as usize];
+            let n = chain.writable.write_at(0, &data);
             q.add_used(chain.head, n as u32);
         }
         Ok(Wait::Kick)
