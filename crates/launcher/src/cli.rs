@@ -67,8 +67,8 @@ pub struct RunArgs {
     /// is placed above 4 GiB.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = config::parse_size)]
     pub memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Number of vCPUs (1 to 254).
+    #[arg(long, value_name = "N", default_value = "1", value_parser = config::parse_cpus)]
     pub cpus: u8,
     /// Back guest RAM with 2 MiB huge pages (reserve them in
     /// /proc/sys/vm/nr_hugepages first).
@@ -187,6 +187,8 @@ mod tests {
         assert!(parse(&["--threads", "many"]).is_err());
         assert!(parse(&["--disk", "readonly=on"]).is_err());
         assert!(parse(&["--console", "tty"]).is_err());
+        assert!(parse(&["--cpus", "0"]).is_err());
+        assert!(parse(&["--cpus", "255"]).is_err());
     }
 
     #[test]

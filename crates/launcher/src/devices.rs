@@ -62,12 +62,10 @@ pub fn build(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> 
 /// A virtio-net card on TAP `spec.tap`. Without `mac=`, cards get
 /// 52:54:00:12:34:56, :57, ... in order.
 fn net(name: &str, index: usize, spec: &crate::config::NetSpec) -> Result<Box<dyn VirtioDevice>, DeviceError> {
-    let mut mac: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-    mac[5] = mac[5].wrapping_add(index as u8);
     let cfg = kickvm_virtio::net::NetConfig {
         name: name.to_string(),
         tap: spec.tap.clone(),
-        mac: spec.mac.unwrap_or(mac),
+        mac: spec.mac_or_default(index),
         queue_pairs: spec.queues,
         mtu: None,
     };

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod cpuid;
 pub mod devices;
+pub mod hostfile;
 pub mod irq;
 pub mod layout;
 pub mod memory;

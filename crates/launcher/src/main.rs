@@ -8,18 +8,38 @@ use kickvm::config::ConsoleSpec;
 use kickvm::platform::{self, Exit};
 use kickvm::serial::StdinPump;
 use kickvm::term::RawTerminal;
-use kickvm::{memory, vm};
+use kickvm::vm;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
     log::debug!("kickvm {} started", env!("CARGO_PKG_VERSION"));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
     let status = match cli.command {
         Command::Run(args) => run(&args),
     };
     ExitCode::from(status)
+}
+
+/// A command line clap cannot parse: one line, like every other mistake,
+/// with clap's usual status. Help and version go out as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid command line");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("kickvm: {first} (see kickvm run --help)");
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
 fn fail(msg: impl std::fmt::Display) -> u8 {
@@ -39,13 +59,13 @@ fn run(args: &RunArgs) -> u8 {
     if let Err(e) = cfg.validate() {
         return fail(e);
     }
-    if let Err(e) = memory::check_size(cfg.memory, cfg.hugepages) {
-        return fail(e);
-    }
     let kvm = match vm::open_kvm(&cfg.kvm_device, cfg.allow_slow_kvm) {
         Ok(k) => k,
         Err(e) => return fail(e),
     };
+    if let Err(e) = vm::check_limits(&kvm, &cfg) {
+        return fail(e);
+    }
     platform::install_stop_signals();
 
     // Stdin feeds the serial port unless virtio-console has it.

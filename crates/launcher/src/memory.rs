@@ -16,12 +16,25 @@ use crate::layout;
 /// The smallest guest we build: room for the boot structures in the first
 /// MiB plus a little kernel.
 pub const MIN_RAM: u64 = 4 << 20;
+/// KVM maps guest RAM in whole host pages: a memory slot's size must be a
+/// multiple of 4 KiB (`KVM_SET_USER_MEMORY_REGION` refuses anything else).
+pub const RAM_GRANULE: u64 = 4 << 10;
 const HUGE_PAGE: u64 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("guest memory of {0} bytes is too small (at least {min} MiB)", min = MIN_RAM >> 20)]
     TooSmall(u64),
+    #[error(
+        "guest memory of {0} bytes is not a multiple of 4 KiB, the page size KVM maps guest RAM in; use e.g. --memory {k}K",
+        k = .0.div_ceil(RAM_GRANULE) * (RAM_GRANULE >> 10)
+    )]
+    NotPageMultiple(u64),
+    #[error(
+        "guest memory of {0} bytes is not a multiple of 2 MiB, which --hugepages needs; use e.g. --memory {m}M",
+        m = .0.div_ceil(HUGE_PAGE) * (HUGE_PAGE >> 20)
+    )]
+    NotHugePageMultiple(u64),
     #[error(
         "guest memory of {asked} MiB is more than kickvm supports ({max} MiB)",
         asked = .0 >> 20, max = layout::MAX_RAM >> 20
@@ -63,6 +76,11 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// Top of RAM below 4 GiB for a guest of `size` bytes.
+pub fn low_end(size: u64) -> u64 {
+    size.min(layout::MEM_32BIT_GAP_START)
+}
+
 /// Checks `size` against the layout and the host before anything is
 /// allocated, so a too-large request is one clear line, not an OOM kill.
 pub fn check_size(size: u64, hugepages: bool) -> Result<(), MemoryError> {
@@ -71,6 +89,13 @@ pub fn check_size(size: u64, hugepages: bool) -> Result<(), MemoryError> {
     }
     if size > layout::MAX_RAM {
         return Err(MemoryError::TooLargeForLayout(size));
+    }
+    if size & (RAM_GRANULE - 1) != 0 {
+        return Err(MemoryError::NotPageMultiple(size));
+    }
+    // A hugetlb mapping is unmapped in whole huge pages.
+    if hugepages && size & (HUGE_PAGE - 1) != 0 {
+        return Err(MemoryError::NotHugePageMultiple(size));
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     if let Some(host) = meminfo_kib(&meminfo, "MemTotal").map(|k| k * 1024) {
@@ -105,10 +130,8 @@ fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
 pub fn create(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
     check_size(size, hugepages)?;
     let mut flags = libc::MFD_CLOEXEC;
-    let mut file_size = size;
     if hugepages {
         flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
-        file_size = size.div_ceil(HUGE_PAGE) * HUGE_PAGE;
     }
     // SAFETY: the name is a NUL-terminated string literal; the call has no
     // other memory effects.
@@ -118,7 +141,7 @@ pub fn create(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(file_size).map_err(|err| MemoryError::Truncate { size: file_size, err })?;
+    file.set_len(size).map_err(|err| MemoryError::Truncate { size, err })?;
     let file = Arc::new(file);
     let mut offset = 0u64;
     let mut regions = Vec::new();
@@ -172,7 +195,7 @@ impl GuestRam {
 
     /// Top of RAM below 4 GiB.
     pub fn low_end(&self) -> u64 {
-        self.size.min(layout::MEM_32BIT_GAP_START)
+        low_end(self.size)
     }
 }
 
@@ -191,6 +214,12 @@ mod tests {
     fn sizes_are_checked_before_allocating() {
         assert!(matches!(check_size(1 << 20, false), Err(MemoryError::TooSmall(_))));
         assert!(matches!(check_size(2 << 40, false), Err(MemoryError::TooLargeForLayout(_))));
+        let e = check_size(4097 << 10, false).unwrap_err();
+        assert!(matches!(e, MemoryError::NotPageMultiple(_)), "{e}");
+        assert!(e.to_string().contains("use e.g. --memory 4100K"), "{e}");
+        assert!(matches!(check_size((16 << 20) + 1, false), Err(MemoryError::NotPageMultiple(_))));
+        let e = check_size(5 << 20, true).unwrap_err();
+        assert!(e.to_string().contains("use e.g. --memory 6M"), "{e}");
         let e = check_size(layout::MAX_RAM, false).unwrap_err().to_string();
         assert!(e.contains("more than this host has"), "{e}");
     }

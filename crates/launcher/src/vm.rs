@@ -72,8 +72,12 @@ pub fn open_kvm(path: &Path, allow_slow: bool) -> Result<Kvm, VmError> {
             _ => format!("cannot open {}: {}", path.display(), io_reason(&io)),
         })
     })?;
-    if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
-        return Err(VmError::Host(format!("{} speaks KVM API {}, kickvm needs 12", path.display(), kvm.get_api_version())));
+    let api = kvm.get_api_version();
+    if api < 0 {
+        return Err(VmError::Host(format!("{} is not a KVM device (use /dev/kvm)", path.display())));
+    }
+    if api != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::Host(format!("{} speaks KVM API {api}, kickvm needs 12", path.display())));
     }
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel irqchip"),
@@ -92,6 +96,15 @@ pub fn open_kvm(path: &Path, allow_slow: bool) -> Result<Kvm, VmError> {
         )));
     }
     Ok(kvm)
+}
+
+/// Checks what only KVM can tell about `cfg` (before a VM is created).
+pub fn check_limits(kvm: &Kvm, cfg: &VmConfig) -> Result<(), VmError> {
+    let max = kvm.get_max_vcpus();
+    if usize::from(cfg.cpus) > max {
+        return Err(VmError::Host(format!("--cpus {}: this host's KVM runs at most {max} vCPUs per VM", cfg.cpus)));
+    }
+    Ok(())
 }
 
 /// Things the guest's console is connected to that outlive one VM.
@@ -175,7 +188,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     Ok(exit)
 }
 
-type Loaded = (boot::LoadedKernel, Option<(u64, u64)>);
+type Loaded = (boot::KernelImage, Option<(u64, u64)>);
 
 /// Starts loading the kernel and initramfs into `ram` on a thread of its own.
 fn spawn_loader(

@@ -3,46 +3,49 @@
 //! GDT and identity page tables, so the boot vCPU can start at the kernel's
 //! 64-bit entry point.
 
+pub mod bzimage;
 pub mod gdt;
 pub mod paging;
 pub mod params;
 
-use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::hostfile::{self, FileError};
 use crate::layout;
+pub use bzimage::{ImageError, KernelImage};
 use kickvm_virtio::GuestMemory;
 
-/// `xloadflags` bit: the kernel has a 64-bit entry point at load + 0x200.
-const XLF_KERNEL_64: u16 = 1 << 0;
-const ENTRY_64_OFFSET: u64 = 0x200;
 const PAGE: u64 = 0x1000;
+/// Where an initramfs may end when the kernel does not say
+/// (`initrd_addr_max` of boot protocols before 2.03).
+const DEFAULT_INITRD_ADDR_MAX: u32 = 0x37ff_ffff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot open kernel {path}: {err}")]
-    OpenKernel { path: String, err: std::io::Error },
-    #[error("kernel {0} is not a bzImage (no \"HdrS\" setup header); kickvm boots bzImage kernels such as /boot/vmlinuz-*")]
-    NotBzImage(String),
-    #[error("cannot load kernel {path}: {err}")]
-    LoadKernel { path: String, err: String },
-    #[error("kernel {0} has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)")]
-    No64BitEntry(String),
-    #[error("cannot read initrd {path}: {err}")]
-    OpenInitrd { path: String, err: std::io::Error },
-    #[error("initrd {path} ({size} MiB) does not fit in guest memory next to the kernel; give the guest more --memory", size = .size >> 20)]
-    InitrdTooLarge { path: String, size: u64 },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("cannot read kernel {path}: {err}")]
+    ReadKernel { path: String, err: std::io::Error },
+    #[error("kernel {path} {err}")]
+    Image { path: String, err: ImageError },
     #[error("kernel {path} needs at least {need} MiB of guest memory to start; give the guest more --memory", need = .need.div_ceil(1 << 20))]
     KernelTooLarge { path: String, need: u64 },
+    #[error("cannot read initrd {path}: {err}")]
+    ReadInitrd { path: String, err: std::io::Error },
+    #[error("initrd {path} ({size} MiB) does not fit in guest memory next to the kernel; give the guest more --memory", size = .size.div_ceil(1 << 20))]
+    InitrdTooLarge { path: String, size: u64 },
+    #[error("initrd {path} ({size} MiB) does not fit between the end of the kernel ({kernel_end:#x}) and {addr_max:#x}, the highest address it may use; use a smaller initrd", size = .size.div_ceil(1 << 20))]
+    InitrdAboveAddrMax { path: String, size: u64, kernel_end: u64, addr_max: u64 },
     #[error("kernel command line is {len} bytes, more than the kernel accepts ({max})")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("kernel command line contains {0:?}; it takes printable ASCII only (no tabs, newlines or other characters)")]
+    CmdlineChar(char),
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
     #[error("guest memory map has too many entries for the zero page")]
@@ -51,66 +54,75 @@ pub enum BootError {
     Write(String),
 }
 
-/// A kernel loaded into guest memory.
-pub struct LoadedKernel {
-    /// The 64-bit entry point (RIP of the boot vCPU).
-    pub entry: u64,
-    /// The setup header from the image, to be copied to the zero page.
-    pub header: setup_header,
-    /// Lowest address the kernel may use while it decompresses and starts:
-    /// nothing else may be placed below this (and above 1 MiB).
-    pub reserved_end: u64,
+/// Opens the kernel at `path` and checks its header; returns the open file
+/// and what the header says. Nothing is loaded.
+pub fn inspect_kernel(path: &Path) -> Result<(std::fs::File, KernelImage), BootError> {
+    let name = || path.display().to_string();
+    let (mut file, len) = hostfile::open("kernel", path, hostfile::Accept::Regular, false)?;
+    let mut head = Vec::new();
+    (&mut file)
+        .take(bzimage::HEADER_END as u64)
+        .read_to_end(&mut head)
+        .map_err(|err| BootError::ReadKernel { path: name(), err })?;
+    let image = KernelImage::parse(&head, len).map_err(|err| BootError::Image { path: name(), err })?;
+    Ok((file, image))
 }
 
-/// Loads a bzImage at its preferred 32-bit start (1 MiB) into a guest
-/// whose RAM below 4 GiB ends at `low_end`.
-pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<LoadedKernel, BootError> {
-    let name = path.display().to_string();
-    let mut file =
-        File::open(path).map_err(|err| BootError::OpenKernel { path: name.clone(), err })?;
-    let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(layout::HIGH_RAM_START)))
-        .map_err(|e| match e {
-            linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::InvalidBzImage)
-            | linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::ReadBzImageHeader)
-            | linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::Underflow) => {
-                BootError::NotBzImage(name.clone())
-            }
-            linux_loader::loader::Error::Bzimage(
-                linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
-            ) => BootError::KernelTooLarge { path: name.clone(), need: file_len(path) },
-            other => BootError::LoadKernel { path: name.clone(), err: other.to_string() },
-        })?;
-    let Some(header) = loaded.setup_header else {
-        return Err(BootError::NotBzImage(name));
-    };
-    if header.version < 0x020c || header.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(BootError::No64BitEntry(name));
+/// Checks that `kernel` can start in a guest whose RAM below 4 GiB ends at
+/// `low_end`.
+pub fn check_kernel_fits(path: &Path, kernel: &KernelImage, low_end: u64) -> Result<(), BootError> {
+    if kernel.reserved_end > low_end {
+        return Err(BootError::KernelTooLarge { path: path.display().to_string(), need: kernel.reserved_end });
     }
-    // The decompressor runs in place or at `pref_address`, and needs
-    // `init_size` bytes from wherever it ends up.
-    let run_at = loaded.kernel_load.0.max(header.pref_address);
-    let reserved_end = (run_at + u64::from(header.init_size)).max(loaded.kernel_end);
-    if reserved_end > low_end {
-        return Err(BootError::KernelTooLarge { path: name, need: reserved_end });
-    }
-    Ok(LoadedKernel { entry: loaded.kernel_load.0 + ENTRY_64_OFFSET, header, reserved_end })
+    Ok(())
 }
 
-fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len() + layout::HIGH_RAM_START).unwrap_or(0)
+/// Loads a bzImage's protected-mode part at 1 MiB into a guest whose RAM
+/// below 4 GiB ends at `low_end`. The header is checked again here: the
+/// file may have changed since the options were validated (every reboot
+/// loads it anew).
+pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<KernelImage, BootError> {
+    let (mut file, kernel) = inspect_kernel(path)?;
+    check_kernel_fits(path, &kernel, low_end)?;
+    let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
+    file.seek(SeekFrom::Start(kernel.payload_offset)).map_err(read_err)?;
+    let len = usize::try_from(kernel.payload_len).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
+    mem.read_exact_volatile_from(GuestAddress(layout::HIGH_RAM_START), &mut file, len)
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    Ok(kernel)
 }
 
 /// Where an initramfs of `size` bytes goes: as high as possible below
 /// `low_end` (and below what the kernel can address), page-aligned, and
 /// above the kernel's reserved area.
-pub fn initrd_placement(size: u64, low_end: u64, kernel: &LoadedKernel) -> Option<u64> {
-    let addr_max = match kernel.header.initrd_addr_max {
-        0 => 0x37ff_ffff, // protocol < 2.03 default
-        m => u64::from(m),
-    };
-    let top = low_end.min(addr_max + 1);
+pub fn initrd_placement(size: u64, low_end: u64, kernel: &KernelImage) -> Option<u64> {
+    let top = low_end.min(initrd_top(kernel));
     let addr = top.checked_sub(size)? & !(PAGE - 1);
-    (addr >= kernel.reserved_end).then_some(addr)
+    (size > 0 && addr >= kernel.reserved_end).then_some(addr)
+}
+
+/// One past the highest address the kernel takes an initramfs at.
+fn initrd_top(kernel: &KernelImage) -> u64 {
+    let max = match kernel.header.initrd_addr_max {
+        0 => DEFAULT_INITRD_ADDR_MAX,
+        m => m,
+    };
+    u64::from(max) + 1
+}
+
+/// Checks that an initramfs of `size` bytes fits; says why not.
+pub fn check_initrd_fits(path: &Path, size: u64, low_end: u64, kernel: &KernelImage) -> Result<u64, BootError> {
+    if let Some(addr) = initrd_placement(size, low_end, kernel) {
+        return Ok(addr);
+    }
+    let path = path.display().to_string();
+    let top = initrd_top(kernel);
+    // More memory helps only when RAM, not the kernel's limit, is short.
+    if top < low_end || low_end >= layout::MEM_32BIT_GAP_START {
+        let addr_max = top.min(low_end) - 1;
+        return Err(BootError::InitrdAboveAddrMax { path, size, kernel_end: kernel.reserved_end, addr_max });
+    }
+    Err(BootError::InitrdTooLarge { path, size })
 }
 
 /// Reads the initramfs into guest memory; returns `(address, size)`.
@@ -118,37 +130,39 @@ pub fn load_initrd(
     mem: &GuestMemory,
     path: &Path,
     low_end: u64,
-    kernel: &LoadedKernel,
+    kernel: &KernelImage,
 ) -> Result<(u64, u64), BootError> {
-    let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|err| BootError::OpenInitrd { path: name.clone(), err })?;
-    let size = file
-        .metadata()
-        .map_err(|err| BootError::OpenInitrd { path: name.clone(), err })?
-        .len();
-    let addr = initrd_placement(size, low_end, kernel)
-        .ok_or(BootError::InitrdTooLarge { path: name.clone(), size })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| BootError::OpenInitrd { path: name, err: std::io::Error::other(e.to_string()) })?;
+    let (mut file, size) = hostfile::open_nonempty("initrd", path)?;
+    let addr = check_initrd_fits(path, size, low_end, kernel)?;
+    let read_err = |err| BootError::ReadInitrd { path: path.display().to_string(), err };
+    // Fits below 4 GiB, so in usize.
+    let len = usize::try_from(size).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
+}
+
+/// Checks `cmdline` against what the kernel and the zero page take.
+pub fn check_cmdline(cmdline: &str, kernel: &KernelImage) -> Result<(), BootError> {
+    if let Some(c) = cmdline.chars().find(|c| !matches!(c, ' '..='~')) {
+        return Err(BootError::CmdlineChar(c));
+    }
+    let max = kernel.cmdline_max();
+    if cmdline.len() > max {
+        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max });
+    }
+    Ok(())
 }
 
 /// Writes the command line, zero page, GDT, IDT and page tables.
 pub fn write_boot_structures(
     mem: &GuestMemory,
-    kernel: &LoadedKernel,
+    kernel: &KernelImage,
     cmdline: &str,
     initrd: Option<(u64, u64)>,
     ram: u64,
 ) -> Result<(), BootError> {
-    let max = match kernel.header.cmdline_size {
-        0 => 255,
-        n => n as usize,
-    }
-    .min(layout::CMDLINE_MAX_SIZE - 1);
-    if cmdline.len() > max {
-        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max });
-    }
+    check_cmdline(cmdline, kernel)?;
     let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cl)
@@ -179,10 +193,20 @@ pub fn write_boot_structures(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bzimage::tests::{image, put};
 
-    fn kernel(reserved_end: u64) -> LoadedKernel {
-        let header = setup_header { initrd_addr_max: 0x7fff_ffff, ..Default::default() };
-        LoadedKernel { entry: 0x10_0200, header, reserved_end }
+    fn kernel(reserved_end: u64) -> KernelImage {
+        let mut img = image(0x1000);
+        put(&mut img, 0x22c, &0x7fff_ffffu32.to_le_bytes());
+        let mut k = KernelImage::parse(&img[..bzimage::HEADER_END], img.len() as u64).unwrap();
+        k.reserved_end = reserved_end;
+        k
+    }
+
+    fn file(bytes: &[u8]) -> vmm_sys_util::tempfile::TempFile {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(f.as_path(), bytes).unwrap();
+        f
     }
 
     #[test]
@@ -194,18 +218,76 @@ mod tests {
         // No room above the kernel.
         assert_eq!(initrd_placement(100 << 20, 128 << 20, &k), None);
         assert_eq!(initrd_placement(1 << 40, 128 << 20, &k), None);
+        assert_eq!(initrd_placement(u64::MAX, u64::MAX, &k), None);
+        assert_eq!(initrd_placement(0, 128 << 20, &k), None, "an empty initrd is not placed");
     }
 
     #[test]
-    fn a_file_that_is_not_a_bzimage_is_refused() {
+    fn an_initrd_that_does_not_fit_says_why() {
+        let p = Path::new("rd");
+        let e = check_initrd_fits(p, 100 << 20, 128 << 20, &kernel(64 << 20)).unwrap_err();
+        assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("more --memory"), "{e}");
+        // The kernel's initrd_addr_max, not RAM, is the limit.
+        let mut k = kernel(64 << 20);
+        k.header.initrd_addr_max = (96 << 20) - 1;
+        let e = check_initrd_fits(p, 64 << 20, 1 << 30, &k).unwrap_err();
+        assert!(matches!(e, BootError::InitrdAboveAddrMax { addr_max: 0x5ff_ffff, .. }), "{e}");
+        assert!(!e.to_string().contains("more --memory"), "{e}");
+        // initrd_addr_max 0 means the old default, 0x37ffffff.
+        k.header.initrd_addr_max = 0;
+        assert_eq!(check_initrd_fits(p, 0x1000, 3 << 30, &k).unwrap(), 0x3800_0000 - 0x1000);
+    }
+
+    #[test]
+    fn files_that_are_not_a_bzimage_are_refused() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        std::fs::write(f.as_path(), vec![0x7fu8; 8192]).unwrap();
+        let f = file(&[0x7fu8; 8192]);
         let e = load_kernel(&mem, f.as_path(), 16 << 20).err().unwrap();
-        assert!(matches!(e, BootError::NotBzImage(_)), "{e}");
-        std::fs::write(f.as_path(), b"tiny").unwrap();
+        assert!(matches!(e, BootError::Image { err: ImageError::NoHeader, .. }), "{e}");
+        assert!(e.to_string().contains("is not a bzImage"), "{e}");
+        let f = file(b"tiny");
         let e = load_kernel(&mem, f.as_path(), 16 << 20).err().unwrap();
-        assert!(matches!(e, BootError::NotBzImage(_)), "{e}");
+        assert!(matches!(e, BootError::Image { err: ImageError::TooShort(4), .. }), "{e}");
+        let f = file(b"");
+        let e = load_kernel(&mem, f.as_path(), 16 << 20).err().unwrap();
+        assert!(e.to_string().ends_with("is empty; kickvm boots bzImage kernels such as /boot/vmlinuz-*"), "{e}");
+        let e = load_kernel(&mem, Path::new("/tmp"), 16 << 20).err().unwrap();
+        assert_eq!(e.to_string(), "kernel /tmp is a directory, not a regular file");
+    }
+
+    #[test]
+    fn a_crafted_header_is_refused_before_anything_is_loaded() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mut img = image(0x1000);
+        img[1024..].fill(0xcc);
+        put(&mut img, 0x258, &(u64::MAX - 0x1000).to_le_bytes());
+        let f = file(&img);
+        let e = load_kernel(&mem, f.as_path(), 16 << 20).err().unwrap();
+        assert!(matches!(e, BootError::Image { err: ImageError::Overflow { .. }, .. }), "{e}");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(layout::HIGH_RAM_START)).unwrap(), 0, "nothing loaded");
+        // init_size that needs more than the guest has.
+        put(&mut img, 0x258, &0x10_0000u64.to_le_bytes());
+        put(&mut img, 0x260, &(32u32 << 20).to_le_bytes());
+        let f = file(&img);
+        let e = load_kernel(&mem, f.as_path(), 16 << 20).err().unwrap();
+        assert!(matches!(e, BootError::KernelTooLarge { need: 0x210_0000, .. }), "{e}");
+        assert!(e.to_string().contains("at least 33 MiB"), "{e}");
+        // The same image loads into a guest big enough.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let k = load_kernel(&mem, f.as_path(), 64 << 20).unwrap();
+        assert_eq!(k.entry, 0x10_0200);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(layout::HIGH_RAM_START + 0xfff)).unwrap(), 0xcc);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(layout::HIGH_RAM_START + 0x1000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_truncated_initrd_read_is_an_error() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let e = load_initrd(&mem, file(b"").as_path(), 16 << 20, &kernel(8 << 20)).unwrap_err();
+        assert!(e.to_string().ends_with("is empty"), "{e}");
+        let (addr, size) = load_initrd(&mem, file(b"0707").as_path(), 16 << 20, &kernel(8 << 20)).unwrap();
+        assert_eq!((addr, size), ((16 << 20) - 0x1000, 4));
     }
 
     #[test]
@@ -222,5 +304,8 @@ mod tests {
             write_boot_structures(&mem, &k, &long, None, 16 << 20),
             Err(BootError::CmdlineTooLong { .. })
         ));
+        for bad in ["console=ttyS0\tquiet", "a\nb", "init=/bin/\u{e9}"] {
+            assert!(matches!(check_cmdline(bad, &k), Err(BootError::CmdlineChar(_))), "{bad:?}");
+        }
     }
 }

@@ -77,8 +77,12 @@ pub fn boot_params_for(info: &BootInfo) -> Result<boot_params, super::BootError>
     p.hdr.cmd_line_ptr = info.cmdline_addr as u32;
     p.hdr.cmdline_size = info.cmdline_len as u32;
     if let Some((addr, size)) = info.initrd {
-        p.hdr.ramdisk_image = addr as u32;
-        p.hdr.ramdisk_size = size as u32;
+        // Placed below 4 GiB by `initrd_placement`; checked, not truncated.
+        let (Ok(addr), Ok(size)) = (u32::try_from(addr), u32::try_from(size)) else {
+            return Err(super::BootError::Write(format!("initrd at {addr:#x}+{size:#x} is not below 4 GiB")));
+        };
+        p.hdr.ramdisk_image = addr;
+        p.hdr.ramdisk_size = size;
     }
     p.acpi_rsdp_addr = info.rsdp_addr;
     let map = e820_map(info.ram);

@@ -1,9 +1,18 @@
-//! What a VM is made of, as the user asked for it: parsed and checked
-//! before any KVM object exists, so every mistake is one clear line.
+//! What a VM is made of, as the user asked for it: parsed here, and
+//! checked against the host ([`validate`]) before any KVM object, TAP or
+//! file exists, so every mistake is one clear line.
+//!
+//! The parsers refuse what they cannot take exactly: an option given twice,
+//! a number out of range, a name the kernel would change. Nothing is
+//! clamped, wrapped or dropped silently.
+
+mod validate;
 
 use std::path::PathBuf;
 
 use kickvm_virtio::ThreadingMode;
+
+pub use crate::hostfile::io_reason;
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -11,6 +20,11 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub const MAX_CPUS: u8 = 254;
 /// Queue pairs / queues a device may ask for.
 pub const MAX_QUEUES: u16 = 64;
+/// virtio-blk's serial number field holds 20 bytes.
+pub const MAX_SERIAL: usize = 20;
+/// The MAC of the first network card without `mac=`; the next cards count
+/// up from it.
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 /// The command line every kickvm guest gets before the user's `--cmdline`:
 /// the serial console, reset through the keyboard controller (the only
@@ -23,6 +37,18 @@ pub struct NetSpec {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
     pub queues: u16,
+}
+
+impl NetSpec {
+    /// The card's MAC: `mac=`, or for card `index` (0-based) without one,
+    /// [`DEFAULT_MAC`] + `index` (carrying into the higher bytes).
+    pub fn mac_or_default(&self, index: usize) -> [u8; 6] {
+        self.mac.unwrap_or_else(|| {
+            let base = DEFAULT_MAC.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+            let n = base.wrapping_add(index as u64).to_be_bytes();
+            [n[2], n[3], n[4], n[5], n[6], n[7]]
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,9 +117,26 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1 << shift).ok_or_else(|| ConfigError(format!("size `{s}` is too large")))
 }
 
-/// Splits `a=1,b=2` into pairs; a bare word becomes `(word, "")`.
-fn pairs(s: &str) -> Vec<(&str, &str)> {
-    s.split(',').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))).collect()
+/// Splits `a=1,b=2` into pairs; a bare word becomes `(word, "")`. A key
+/// given twice is refused (`option` names the option in the message):
+/// which one should win would be a guess.
+fn pairs<'a>(option: &str, s: &'a str) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let v: Vec<(&str, &str)> =
+        s.split(',').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))).collect();
+    for (i, (k, _)) in v.iter().enumerate() {
+        if v[..i].iter().any(|(earlier, _)| earlier == k) {
+            return err(format!("{option} {s}: `{k}` is given twice"));
+        }
+    }
+    Ok(v)
+}
+
+/// `--cpus N`.
+pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
+    match s.trim().parse::<u8>() {
+        Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
+        _ => err(format!("--cpus {s}: use a number from 1 to {MAX_CPUS}")),
+    }
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
@@ -111,7 +154,8 @@ fn parse_queues(v: &str) -> Result<u16, ConfigError> {
     }
 }
 
-/// Parses a MAC address `52:54:00:12:34:56`.
+/// Parses a MAC address `52:54:00:12:34:56`: six bytes of two hex digits,
+/// unicast, not all zero (what Linux accepts as a device address).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
@@ -119,18 +163,40 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
         return err(format!("mac={s}: use six hex bytes like 52:54:00:12:34:56"));
     }
     for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|_| ConfigError(format!("mac={s}: `{p}` is not a hex byte")))?;
+        let two_hex = p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        *m = match u8::from_str_radix(p, 16) {
+            Ok(v) if two_hex => v,
+            _ => return err(format!("mac={s}: `{p}` is not a byte of two hex digits")),
+        };
     }
     if mac[0] & 1 != 0 {
         return err(format!("mac={s} is a multicast address; the first byte must be even"));
     }
+    if mac == [0; 6] {
+        return err(format!("mac={s} is the all-zero address, which no card may have"));
+    }
     Ok(mac)
+}
+
+/// A network interface name the kernel takes as it is (`dev_valid_name`),
+/// and without `%`, which TUNSETIFF would replace with a number.
+fn check_ifname(name: &str) -> Result<(), ConfigError> {
+    if name.len() >= libc::IFNAMSIZ {
+        return err(format!("--net tap={name}: interface names are at most {} bytes", libc::IFNAMSIZ - 1));
+    }
+    let bad = name.chars().find(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace() || c.is_control());
+    if name == "." || name == ".." || bad.is_some() {
+        return err(format!(
+            "--net tap={name}: not a usable interface name (no `/`, `:`, `%`, spaces, and not . or ..)"
+        ));
+    }
+    Ok(())
 }
 
 /// `--net tap=NAME[,mac=MAC][,queues=N]`
 pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
     let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1 };
-    for (k, v) in pairs(s) {
+    for (k, v) in pairs("--net", s)? {
         match k {
             "tap" => spec.tap = v.to_string(),
             "mac" => spec.mac = Some(parse_mac(v)?),
@@ -141,23 +207,24 @@ pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
     if spec.tap.is_empty() {
         return err("--net needs tap=NAME (the host TAP interface)");
     }
-    if spec.tap.len() >= libc::IFNAMSIZ {
-        return err(format!("--net tap={}: interface names are at most {} bytes", spec.tap, libc::IFNAMSIZ - 1));
-    }
+    check_ifname(&spec.tap)?;
     Ok(spec)
 }
 
 /// `--disk path=FILE[,readonly=on][,serial=ID][,queues=N]`
 pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     let mut spec = DiskSpec { path: PathBuf::new(), readonly: false, serial: None, queues: 1 };
-    for (k, v) in pairs(s) {
+    let pairs = pairs("--disk", s)?;
+    if pairs.iter().any(|(k, _)| *k == "ro") && pairs.iter().any(|(k, _)| *k == "readonly") {
+        return err(format!("--disk {s}: give readonly= once"));
+    }
+    for (k, v) in pairs {
         match k {
             "path" => spec.path = PathBuf::from(v),
             "readonly" | "ro" => spec.readonly = parse_bool(k, v)?,
             "serial" => {
-                // virtio-blk's serial field holds 20 bytes.
-                if v.len() > 20 {
-                    return err(format!("--disk serial={v}: at most 20 bytes"));
+                if v.len() > MAX_SERIAL {
+                    return err(format!("--disk serial={v}: at most {MAX_SERIAL} bytes"));
                 }
                 spec.serial = Some(v.to_string());
             }
@@ -191,44 +258,6 @@ pub fn full_cmdline(user: Option<&str>) -> String {
     }
 }
 
-impl VmConfig {
-    /// Checks what can be checked without KVM: files exist and can be
-    /// opened as needed, counts are in range.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return err(format!("--cpus {}: use 1 to {MAX_CPUS}", self.cpus));
-        }
-        check_readable("kernel", &self.kernel)?;
-        if let Some(i) = &self.initrd {
-            check_readable("initrd", i)?;
-        }
-        for d in &self.disks {
-            let f = std::fs::OpenOptions::new().read(true).write(!d.readonly).open(&d.path);
-            if let Err(e) = f {
-                return err(format!("disk {}: {}", d.path.display(), io_reason(&e)));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn check_readable(what: &str, p: &std::path::Path) -> Result<(), ConfigError> {
-    match std::fs::File::open(p) {
-        Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => Ok(()),
-        Ok(_) => err(format!("{what} {} is not a regular file", p.display())),
-        Err(e) => err(format!("{what} {}: {}", p.display(), io_reason(&e))),
-    }
-}
-
-/// An I/O error as a short phrase ("no such file", "permission denied").
-pub fn io_reason(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file".into(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-        _ => e.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +281,42 @@ mod tests {
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=t,queues=0").is_err());
         assert!(parse_net("tap=t,speed=9").unwrap_err().0.contains("unknown option `speed`"));
+        assert!(parse_net("tap=a,tap=b").unwrap_err().0.contains("`tap` is given twice"));
+        assert!(parse_net("tap=t,queues=1,queues=2").unwrap_err().0.contains("given twice"));
+        assert!(parse_net("tap=t,queues=65").is_err());
+        for bad in ["tap/0", "tap:0", "tap%d", "ta p", ".", "..", "tap\t", "0123456789abcdef"] {
+            assert!(parse_net(&format!("tap={bad}")).is_err(), "{bad:?}");
+        }
+        assert!(parse_net("tap=0123456789abcde").is_ok(), "15 bytes fit");
+    }
+
+    #[test]
+    fn macs_are_exact() {
+        assert_eq!(parse_mac("52:54:00:AB:cd:ef"), Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        for bad in ["52:54:00:12:34", "52:54:00:12:34:56:78", "52:54:00:12:34:5", "52:54:00:12:34:+5",
+                    "52:54:00:12:34:056", "52:54:00:12:34:zz", "01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff",
+                    "00:00:00:00:00:00", ""] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_macs_count_up_and_carry() {
+        let n = NetSpec { tap: "t".into(), mac: None, queues: 1 };
+        assert_eq!(n.mac_or_default(0), DEFAULT_MAC);
+        assert_eq!(n.mac_or_default(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        assert_eq!(n.mac_or_default(0xaa), [0x52, 0x54, 0, 0x12, 0x35, 0x00]);
+        let m = NetSpec { mac: Some([2, 0, 0, 0, 0, 1]), ..n };
+        assert_eq!(m.mac_or_default(5), [2, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(parse_cpus("4"), Ok(4));
+        assert_eq!(parse_cpus("254"), Ok(254));
+        for bad in ["0", "255", "300", "-1", "two", ""] {
+            assert!(parse_cpus(bad).unwrap_err().0.contains("use a number from 1 to 254"), "{bad}");
+        }
     }
 
     #[test]
@@ -262,6 +327,10 @@ mod tests {
         assert!(parse_disk("readonly=on").is_err());
         assert!(parse_disk("path=x,readonly=maybe").is_err());
         assert!(parse_disk("path=x,serial=123456789012345678901").is_err());
+        assert!(parse_disk("path=x,serial=12345678901234567890").is_ok());
+        assert!(parse_disk("path=a,path=b").unwrap_err().0.contains("`path` is given twice"));
+        assert!(parse_disk("path=a,ro=on,readonly=off").is_err());
+        assert!(parse_disk("path=a,queues=0").is_err());
     }
 
     #[test]
