@@ -47,7 +47,7 @@ pub fn build(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> 
         let c = kickvm_virtio::console::Console::new("console0", backend)
             .map_err(|e| DeviceError::Backend(format!("virtio-console: {e}")))?;
         if let Some(p) = c.pty_path() {
-            eprintln!("kickvm: virtio-console (hvc0) is on {}", p.display());
+            announce_pty(p);
         }
         devs.push(Box::new(c));
     }
@@ -57,6 +57,18 @@ pub fn build(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> 
         devs.push(Box::new(r));
     }
     Ok(devs)
+}
+
+/// Tells the user where the console's pty is — at the first boot, and at a
+/// reboot only if the path changed (a guest rebooting in a loop gets the
+/// same pty number back, and must not repeat the line forever).
+fn announce_pty(path: &std::path::Path) {
+    static LAST: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.as_deref() != Some(path) {
+        eprintln!("kickvm: virtio-console (hvc0) is on {}", path.display());
+        *last = Some(path.to_path_buf());
+    }
 }
 
 /// A virtio-net card on TAP `spec.tap`. Without `mac=`, cards get

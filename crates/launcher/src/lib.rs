@@ -24,5 +24,8 @@ pub mod pci;
 pub mod platform;
 pub mod serial;
 pub mod term;
+#[cfg(test)]
+pub(crate) mod testlog;
+pub mod throttles;
 pub mod vcpu;
 pub mod vm;

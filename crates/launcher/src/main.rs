@@ -79,19 +79,23 @@ fn run(args: &RunArgs) -> u8 {
         }
     }
 
-    let mut boots = 0u32;
+    let mut boots = 0u64;
     loop {
         if let Some(sig) = platform::pending_signal() {
             return stopped_by(sig);
         }
-        boots += 1;
+        boots = boots.saturating_add(1);
         match vm::run(&kvm, &cfg, &io) {
             Ok(Exit::PowerOff) => return 0,
             Ok(Exit::Reset) if args.no_reboot => {
                 eprintln!("kickvm: the guest rebooted; exiting because of --no-reboot");
                 return 0;
             }
-            Ok(Exit::Reset) => log::info!("the guest rebooted; boot #{}", boots + 1),
+            // A guest may reboot in a loop: the first boots are logged, then rarely.
+            Ok(Exit::Reset) if kickvm_virtio::ratelimit::should_log(boots) => {
+                log::info!("the guest rebooted; boot #{}", boots + 1)
+            }
+            Ok(Exit::Reset) => {}
             Ok(Exit::Signal(sig)) => return stopped_by(sig),
             Ok(Exit::Error(msg)) => return fail(msg),
             Err(e) => return fail(e),

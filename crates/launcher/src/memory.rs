@@ -5,7 +5,7 @@
 //! region's offset over the socket.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use kickvm_virtio::GuestMemory;
@@ -20,6 +20,8 @@ pub const MIN_RAM: u64 = 4 << 20;
 /// multiple of 4 KiB (`KVM_SET_USER_MEMORY_REGION` refuses anything else).
 pub const RAM_GRANULE: u64 = 4 << 10;
 const HUGE_PAGE: u64 = 2 << 20;
+/// Boots at which the host refused huge-page advice for guest RAM.
+static MADVISE_REFUSED: kickvm_virtio::ratelimit::Throttle = kickvm_virtio::ratelimit::Throttle::new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -153,7 +155,6 @@ pub fn create(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
     if !hugepages {
         advise_huge_pages(&mem);
     }
-    log::debug!("guest RAM: {} MiB in memfd {}", size >> 20, file.as_raw_fd());
     Ok(GuestRam { mem, file, size })
 }
 
@@ -167,7 +168,8 @@ fn advise_huge_pages(mem: &GuestMemory) {
     for region in mem.iter() {
         // SAFETY: advice on a mapping owned by `mem`; it changes no contents.
         let r = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-        if r != 0 {
+        // The same answer at every boot: said at the first few only.
+        if r != 0 && MADVISE_REFUSED.hit().is_some() {
             log::debug!("MADV_HUGEPAGE on guest RAM: {}", std::io::Error::last_os_error());
         }
     }

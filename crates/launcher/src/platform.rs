@@ -36,6 +36,9 @@ pub struct Control {
     exit: Mutex<Option<Exit>>,
 }
 
+/// Stop requests, over the life of the process.
+static STOP_REQUESTS: kickvm_virtio::ratelimit::Throttle = kickvm_virtio::ratelimit::Throttle::new();
+
 /// The control eventfd the signal handler writes to, and the signal.
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
 static SIGNAL_NO: AtomicI32 = AtomicI32::new(0);
@@ -87,7 +90,10 @@ impl Control {
     pub fn request(&self, why: Exit) {
         let mut exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
         if exit.is_none() {
-            log::debug!("stop requested: {why:?}");
+            // Once per VM; throttled across the VMs of a rebooting guest.
+            if let Some(n) = STOP_REQUESTS.hit() {
+                log::debug!("stop requested: {why:?} (#{n})");
+            }
             *exit = Some(why);
         }
         let _ = self.evt.write(1);

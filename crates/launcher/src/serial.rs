@@ -29,8 +29,9 @@ pub type SerialOut = Box<dyn Write + Send>;
 /// COM1 on the port I/O bus.
 pub struct SerialPort {
     uart: Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>,
-    /// Output errors are reported once (e.g. stdout closed), then ignored:
-    /// the guest must not stall because nobody reads its console.
+    /// Output errors are reported once per VM (e.g. stdout closed), then
+    /// ignored: the guest must not stall because nobody reads its console.
+    /// Across VMs (a guest rebooting in a loop) the report is throttled.
     out_failed: bool,
 }
 
@@ -62,9 +63,11 @@ impl BusDevice for SerialPort {
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) else { return };
         if let Err(e) = self.uart.write(off, b) {
-            if !self.out_failed {
-                log::warn!("serial output failed, dropping further output errors: {e:?}");
-                self.out_failed = true;
+            if !std::mem::replace(&mut self.out_failed, true) {
+                kickvm_virtio::warn_limited!(
+                    crate::throttles::SERIAL_OUTPUT,
+                    "serial output failed, dropping further output errors of this boot: {e:?}"
+                );
             }
         }
     }

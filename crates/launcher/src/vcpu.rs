@@ -12,6 +12,8 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_fpu, kvm_regs, CpuId, Msrs, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use kickvm_virtio::ratelimit::Throttle;
+
 use crate::boot::gdt;
 use crate::bus::Bus;
 use crate::layout;
@@ -59,6 +61,10 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
     ]
 }
 
+/// vCPU set-ups where KVM took fewer boot MSRs than asked (every vCPU of
+/// every boot: a rebooting guest repeats it).
+static MSR_SHORTFALL: Throttle = Throttle::new();
+
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
@@ -83,9 +89,9 @@ pub fn configure(vcpu: &VcpuFd, id: u32, cpuid: &CpuId) -> Result<(), VcpuError>
     let msrs = Msrs::from_entries(&entries)
         .map_err(|_| err("MSRs", kvm_ioctls::Error::new(libc::EINVAL)))?;
     let set = vcpu.set_msrs(&msrs).map_err(|e| err("MSRs", e))?;
-    if set != entries.len() {
-        // KVM stops at the first MSR it refuses; the rest keep their reset
-        // values, which a kernel copes with.
+    // KVM stops at the first MSR it refuses; the rest keep their reset
+    // values, which a kernel copes with. Said at the first few boots only.
+    if set != entries.len() && MSR_SHORTFALL.hit().is_some() {
         log::debug!("vCPU {id}: KVM accepted {set} of {} boot MSRs", entries.len());
     }
 
@@ -164,7 +170,7 @@ impl VcpuThread {
     ) -> Result<VcpuThread, VcpuError> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run(id, vcpu, &pio, &mmio, &control, &stop))
+            .spawn(move || contained(id, &control, || run(id, vcpu, &pio, &mmio, &control, &stop)))
             .map_err(|err| VcpuError::Spawn { id, err })?;
         Ok(VcpuThread { handle })
     }
@@ -182,6 +188,21 @@ impl VcpuThread {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = self.handle.join();
+    }
+}
+
+/// Runs the vCPU loop `f` so that a panic in it — a device that failed on
+/// some guest access — stops the VM with a message instead of leaving a
+/// dead vCPU and a launcher waiting for it forever.
+fn contained(id: u32, control: &Control, f: impl FnOnce()) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        crate::throttles::VCPU_PANICS.hit();
+        control.request(Exit::Error(format!("vcpu{id}: internal error answering a guest access: {what}")));
     }
 }
 
@@ -213,7 +234,9 @@ fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop
             Ok(VcpuExit::Hlt) => Exit::PowerOff,
             // A triple fault resets a PC.
             Ok(VcpuExit::Shutdown) => {
-                log::info!("vcpu{id}: triple fault, resetting");
+                if let Some(n) = crate::throttles::TRIPLE_FAULTS.hit() {
+                    log::info!("vcpu{id}: triple fault, resetting (#{n})");
+                }
                 Exit::Reset
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
@@ -246,6 +269,19 @@ mod tests {
         assert_eq!(regs[APIC_LVT_LINT0] as u8, 0x30);
         assert_eq!(regs[APIC_LVT_LINT0 + 1] as u8, 0x07);
         assert_eq!(regs[APIC_LVT_LINT0 + 2] as u8, 1);
+    }
+
+    #[test]
+    fn a_panic_answering_the_guest_stops_the_vm_with_a_message() {
+        let control = Control::new().unwrap();
+        contained(3, &control, || panic!("device fell over"));
+        match control.wait() {
+            Exit::Error(m) => assert_eq!(m, "vcpu3: internal error answering a guest access: device fell over"),
+            other => panic!("{other:?}"),
+        }
+        let control = Control::new().unwrap();
+        contained(0, &control, || {});
+        assert!(!control.stopping());
     }
 
     #[test]

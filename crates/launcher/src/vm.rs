@@ -22,11 +22,12 @@ use crate::config::{io_reason, VmConfig};
 use crate::cpuid;
 use crate::devices;
 use crate::irq::GsiRouter;
-use crate::pci::PciHost;
+use crate::pci::{self, PciHost};
 use crate::layout;
 use crate::memory::{self, MemoryError};
 use crate::platform::{AcpiSleep, Control, Exit, I8042};
 use crate::serial::{InputSink, SerialOut, SerialPort, StdinPump};
+use crate::throttles;
 use crate::vcpu::{self, VcpuError, VcpuThread};
 
 /// Three pages KVM needs for the TSS on Intel, just below the BIOS area at
@@ -141,13 +142,18 @@ impl Drop for Vcpus {
 pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     let t0 = std::time::Instant::now();
     let ms = || t0.elapsed().as_secs_f64() * 1e3;
+    // The set-up lines of the first boots only: a guest that reboots in a
+    // loop must not repeat them forever.
+    let chatty = throttles::BOOTS.hit().is_some();
     let ram = memory::create(cfg.memory, cfg.hugepages)?;
     // Reading the kernel and initramfs into guest RAM is the longest step
     // of set-up (the first touch of each page allocates and zeroes it): a
     // second thread does it while this one builds the VM and its devices.
-    let loader = spawn_loader(cfg, &ram, t0)?;
+    let loader = spawn_loader(cfg, &ram, t0, chatty)?;
     let vm = create_vm(kvm, &ram)?;
-    log::debug!("{:7.1} ms: VM, irqchip, PIT, guest RAM", ms());
+    if chatty {
+        log::debug!("{:7.1} ms: VM, irqchip, PIT, {} MiB of guest RAM", ms(), cfg.memory >> 20);
+    }
 
     let control = Control::new().map_err(|e| VmError::Device(format!("cannot create the control eventfd: {e}")))?;
     let pio = Bus::new();
@@ -163,14 +169,20 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     let devs = devices::build(cfg).map_err(|e| VmError::Device(e.to_string()))?;
     let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime).map_err(|e| VmError::Device(e.to_string()))?;
 
-    log::debug!("{:7.1} ms: devices", ms());
+    if chatty {
+        log::debug!("{:7.1} ms: devices", ms());
+    }
     let (kernel, initrd) = loader.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     write_acpi(&ram.mem, &AcpiConfig { cpus: cfg.cpus, pci_aml: Vec::new() })?;
     boot::write_boot_structures(&ram.mem, &kernel, &cfg.cmdline, initrd, cfg.memory)?;
 
-    log::debug!("{:7.1} ms: ACPI and boot tables", ms());
+    if chatty {
+        log::debug!("{:7.1} ms: ACPI and boot tables", ms());
+    }
     let vcpus = start_vcpus(kvm, &vm, cfg.cpus, kernel.entry, &pio, &mmio, &control)?;
-    log::info!("VM set up in {:.1} ms", ms());
+    if chatty {
+        log::info!("VM set up in {:.1} ms", ms());
+    }
     if let Some(stdin) = &io.stdin {
         stdin.set_target(Some(serial as Arc<Mutex<dyn InputSink>>));
     }
@@ -182,10 +194,29 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     // No vCPU may touch a device, and no queue thread guest memory, once
     // they are gone: vCPUs first, then the devices' queue threads, then RAM.
     drop(vcpus);
+    // What the guest got wrong, now that no vCPU adds to it; at every
+    // final exit, and at the reboots whose set-up was logged.
+    if chatty || exit != Exit::Reset {
+        report_guest_errors(&plugged);
+    }
     drop(plugged);
     drop(pci);
     drop(ram);
     Ok(exit)
+}
+
+/// One info line per device whose guest made mistakes (queue errors,
+/// transport errors by kind, DEVICE_NEEDS_RESET), and one for the
+/// VM-wide counts.
+pub(crate) fn report_guest_errors(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
+    for d in devices {
+        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let errors = d.guest_errors();
+        if !errors.is_clean() {
+            log::info!("{}: guest errors: {errors}", d.name());
+        }
+    }
+    throttles::report();
 }
 
 type Loaded = (boot::KernelImage, Option<(u64, u64)>);
@@ -195,6 +226,7 @@ fn spawn_loader(
     cfg: &VmConfig,
     ram: &memory::GuestRam,
     t0: std::time::Instant,
+    chatty: bool,
 ) -> Result<std::thread::JoinHandle<Result<Loaded, VmError>>, VmError> {
     let (mem, low_end) = (ram.mem.clone(), ram.low_end());
     let (kernel, initrd) = (cfg.kernel.clone(), cfg.initrd.clone());
@@ -206,7 +238,9 @@ fn spawn_loader(
                 Some(p) => Some(boot::load_initrd(&mem, p, low_end, &kernel)?),
                 None => None,
             };
-            log::debug!("{:7.1} ms: kernel and initrd loaded", t0.elapsed().as_secs_f64() * 1e3);
+            if chatty {
+                log::debug!("{:7.1} ms: kernel and initrd loaded", t0.elapsed().as_secs_f64() * 1e3);
+            }
             Ok((kernel, initrd))
         })
         .map_err(|e| VmError::Host(format!("cannot start the kernel loader thread: {e}")))

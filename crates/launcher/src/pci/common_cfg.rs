@@ -99,6 +99,10 @@ pub enum StatusChange {
     Reset,
     /// The driver set DRIVER_OK: start the queue threads.
     DriverOk,
+    /// The driver set FEATURES_OK with features the device refuses (not
+    /// offered, or no VERSION_1); the bit stays clear. A guest mistake the
+    /// transport counts.
+    FeaturesRefused { driver: u64, offered: u64 },
 }
 
 /// The common configuration registers of one device.
@@ -291,13 +295,10 @@ impl CommonConfig {
         let old = self.status;
         // The driver only ever adds bits; clearing one takes a reset.
         let mut new = (old | v) & !NEEDS_RESET;
+        let mut change = None;
         if new & FEATURES_OK != 0 && old & FEATURES_OK == 0 && !self.features_acceptable() {
-            log::warn!(
-                "driver asked for features {:#x}, device offers {:#x}: refusing FEATURES_OK",
-                self.driver_features,
-                self.device_features
-            );
             new &= !FEATURES_OK;
+            change = Some(StatusChange::FeaturesRefused { driver: self.driver_features, offered: self.device_features });
         }
         if new & DRIVER_OK != 0 && new & FEATURES_OK == 0 {
             new &= !DRIVER_OK;
@@ -306,7 +307,7 @@ impl CommonConfig {
         if new & DRIVER_OK != 0 && old & DRIVER_OK == 0 {
             return Some(StatusChange::DriverOk);
         }
-        None
+        change
     }
 
     /// The driver accepted only offered features, and virtio 1.x.
@@ -386,6 +387,14 @@ mod tests {
     #[test]
     fn features_ok_only_for_a_subset_with_version_1() {
         let mut c = CommonConfig::new(VERSION_1 | 0x20, &[256], 2);
+        status(&mut c, 1 | 2);
+        w32(&mut c, DRIVER_FEATURE, 0x40);
+        assert_eq!(
+            status(&mut c, 1 | 2 | FEATURES_OK),
+            Some(StatusChange::FeaturesRefused { driver: 0x40, offered: VERSION_1 | 0x20 }),
+            "the refusal is reported, for the transport to count"
+        );
+        c.reset();
         assert_eq!(negotiate(&mut c, 0x20) & FEATURES_OK, 0, "no VERSION_1");
         c.reset();
         assert_eq!(negotiate(&mut c, VERSION_1 | 0x40) & FEATURES_OK, 0, "not offered");

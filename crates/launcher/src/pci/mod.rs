@@ -8,6 +8,8 @@
 //! - [`root`]: bus 0, the host bridge at 00:00.0, ports 0xCF8/0xCFC and ECAM.
 //! - [`msix`]: the MSI-X table and PBA, each vector an irqfd on its own GSI.
 //! - [`common_cfg`]: the virtio common configuration state machine.
+//! - [`guest_errors`]: the guest mistakes each device counts, and the
+//!   throttles that keep them from flooding the log.
 //! - [`virtio_pci`]: a virtio device as a PCI function: BAR0, ioeventfds,
 //!   activation and reset of the queue threads.
 //!
@@ -58,6 +60,7 @@
 
 pub mod common_cfg;
 pub mod config;
+pub mod guest_errors;
 pub mod msix;
 pub mod root;
 pub mod virtio_pci;
@@ -75,6 +78,7 @@ use crate::bus::Bus;
 use crate::irq::MsiRouting;
 use crate::layout;
 pub use root::PciRoot;
+pub use guest_errors::GuestErrorCounts;
 pub use virtio_pci::{VirtioPciDevice, VirtioPciParams};
 
 /// A PCI function as the root bus sees it. Offsets are within the

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::{IrqError, MsiMessage, MsiRouting};
+use crate::throttles::MSIX_ROUTING;
 
 pub const CAP_ID_MSIX: u8 = 0x11;
 /// Size of an MSI-X capability.
@@ -187,27 +188,30 @@ impl Msix {
         }
     }
 
-    /// Brings KVM in line with the guest's view of vector `i`.
+    /// Brings KVM in line with the guest's view of vector `i`. KVM refusing
+    /// a route the guest programmed is the guest's doing as far as the
+    /// host can tell, so it is counted and logged through a throttle.
     fn sync(&mut self, i: usize) {
         let live = self.enabled && !self.function_masked;
         let Some(v) = self.vectors.get_mut(i) else { return };
+        let failed = |e: IrqError| kickvm_virtio::warn_limited!(MSIX_ROUTING, "MSI-X vector {i}: {e}");
         if live && !v.masked {
             if v.routed != Some(v.msg) {
                 match self.routing.route_msi(v.gsi, v.msg) {
                     Ok(()) => v.routed = Some(v.msg),
-                    Err(e) => log::warn!("MSI-X vector {i}: {e}"),
+                    Err(e) => failed(e),
                 }
             }
             if !v.attached && v.routed == Some(v.msg) {
                 match self.routing.attach_irqfd(&v.call, v.gsi) {
                     Ok(()) => v.attached = true,
-                    Err(e) => log::warn!("MSI-X vector {i}: {e}"),
+                    Err(e) => failed(e),
                 }
             }
         } else if v.attached {
             match self.routing.detach_irqfd(&v.call, v.gsi) {
                 Ok(()) => v.attached = false,
-                Err(e) => log::warn!("MSI-X vector {i}: {e}"),
+                Err(e) => failed(e),
             }
         }
     }

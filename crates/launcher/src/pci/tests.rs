@@ -486,4 +486,5 @@ fn guest_garbage_does_not_panic() {
     }
 }
 
+mod flood;
 mod kvm;

@@ -23,6 +23,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
+use kickvm_virtio::ratelimit::Throttle;
 use kickvm_virtio::{ActiveDevice, DeviceCounters, GuestMemory, QueueSetup, Runtime, VirtioDevice};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
@@ -33,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::common_cfg::{self, CommonConfig, StatusChange};
 use super::config::{self, touches, PciConfig, PciIds};
+use super::guest_errors::{GuestErrorCounts, TransportErrors};
 use super::msix::{self, Msix};
 use super::{Ioeventfds, PciDevice, PciError};
 use crate::bus::{Bus, BusDevice};
@@ -114,6 +116,8 @@ pub struct VirtioPciDevice {
     msix: Msix,
     device: Box<dyn VirtioDevice>,
     counters: Arc<DeviceCounters>,
+    /// Guest mistakes seen here, by kind, each with its log throttle.
+    errors: TransportErrors,
     active: Option<ActiveDevice>,
     /// One kick eventfd per queue, for the life of the device.
     kicks: Vec<EventFd>,
@@ -185,6 +189,7 @@ impl VirtioPciDevice {
             msix,
             device,
             counters,
+            errors: TransportErrors::default(),
             active: None,
             ioeventfd_on: vec![false; num_queues],
             kicks,
@@ -211,6 +216,12 @@ impl VirtioPciDevice {
     /// The device's per-queue counters.
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+
+    /// What the guest got wrong on this device so far: transport mistakes
+    /// by kind, queue errors, DEVICE_NEEDS_RESET.
+    pub fn guest_errors(&self) -> GuestErrorCounts {
+        GuestErrorCounts::of(&self.errors, &self.counters)
     }
 
     /// Where BAR0 is programmed (whether or not it decodes).
@@ -264,6 +275,14 @@ impl VirtioPciDevice {
         self.counters.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// A guest mistake of the kind `kind` counts: counted there and in the
+    /// device's transport errors, and logged only when the kind's throttle
+    /// says so — the guest may repeat it as fast as it runs.
+    fn guest_error(&self, kind: &Throttle, what: std::fmt::Arguments<'_>) {
+        self.counters.transport_errors.hit();
+        kickvm_virtio::warn_limited!(kind, "{}: {what}", self.device.name());
+    }
+
     // ---- BAR placement -------------------------------------------------
 
     /// Makes the MMIO bus and KVM's ioeventfds match the BAR register and
@@ -286,15 +305,19 @@ impl VirtioPciDevice {
     fn place(&mut self, base: u64) {
         let Some(me) = self.this.upgrade() else { return };
         if let Err(e) = self.mmio_bus.insert(me, base, BAR_SIZE) {
-            log::warn!("{}: guest placed BAR0 where it cannot go: {e}", self.device.name());
+            self.guest_error(&self.errors.bar_misplaced, format_args!("guest placed BAR0 where it cannot go: {e}"));
             return;
         }
-        for (i, kick) in self.kicks.iter().enumerate() {
+        for (i, (kick, on)) in self.kicks.iter().zip(self.ioeventfd_on.iter_mut()).enumerate() {
             let addr = base + NOTIFY_OFFSET + u64::from(NOTIFY_OFF_MULTIPLIER) * i as u64;
             match self.ioeventfds.attach_ioeventfd(kick, addr) {
-                Ok(()) => self.ioeventfd_on[i] = true,
+                Ok(()) => *on = true,
                 // Kicks still work, through an MMIO exit: see `write_notify`.
-                Err(e) => log::warn!("{}: queue {i} notify at {addr:#x}: {e}", self.device.name()),
+                Err(e) => {
+                    self.counters.transport_errors.hit();
+                    let name = self.device.name();
+                    kickvm_virtio::warn_limited!(self.errors.notify_unbound, "{name}: queue {i} notify at {addr:#x}: {e}");
+                }
             }
         }
         self.placed = Some(base);
@@ -302,11 +325,13 @@ impl VirtioPciDevice {
 
     fn unplace(&mut self, base: u64) {
         self.mmio_bus.remove(base);
-        for (i, kick) in self.kicks.iter().enumerate() {
-            if std::mem::take(&mut self.ioeventfd_on[i]) {
+        for (i, (kick, on)) in self.kicks.iter().zip(self.ioeventfd_on.iter_mut()).enumerate() {
+            if std::mem::take(on) {
                 let addr = base + NOTIFY_OFFSET + u64::from(NOTIFY_OFF_MULTIPLIER) * i as u64;
                 if let Err(e) = self.ioeventfds.detach_ioeventfd(kick, addr) {
-                    log::warn!("{}: queue {i}: {e}", self.device.name());
+                    self.counters.transport_errors.hit();
+                    let name = self.device.name();
+                    kickvm_virtio::warn_limited!(self.errors.notify_unbound, "{name}: queue {i} notify at {addr:#x}: {e}");
                 }
             }
         }
@@ -336,7 +361,7 @@ impl VirtioPciDevice {
         match self.start() {
             Ok(active) => self.active = Some(active),
             Err(e) => {
-                log::error!("{}: cannot start the device: {e}", self.device.name());
+                self.guest_error(&self.errors.start_failed, format_args!("cannot start the device: {e}"));
                 self.counters.needs_reset.store(true, Ordering::SeqCst);
             }
         }
@@ -352,7 +377,8 @@ impl VirtioPciDevice {
             queue.try_set_avail_ring_address(GuestAddress(q.driver)).map_err(|e| bad(&e.to_string()))?;
             queue.try_set_used_ring_address(GuestAddress(q.device)).map_err(|e| bad(&e.to_string()))?;
             queue.set_ready(true);
-            let kick = self.kicks[i].try_clone().map_err(|e| bad(&e.to_string()))?;
+            let kick = self.kicks.get(i).ok_or_else(|| bad("no kick eventfd"))?;
+            let kick = kick.try_clone().map_err(|e| bad(&e.to_string()))?;
             let call = self.call_for(q.msix_vector).map_err(|e| bad(&e.to_string()))?;
             setups.push(QueueSetup { index: i as u16, queue, kick, call });
         }
@@ -426,6 +452,10 @@ impl VirtioPciDevice {
             COMMON_OFFSET => match self.common.write(off as usize, data) {
                 Some(StatusChange::Reset) => self.reset(),
                 Some(StatusChange::DriverOk) => self.activate(),
+                Some(StatusChange::FeaturesRefused { driver, offered }) => self.guest_error(
+                    &self.errors.features_refused,
+                    format_args!("driver asked for features {driver:#x}, device offers {offered:#x}: refusing FEATURES_OK"),
+                ),
                 None => {}
             },
             DEVICE_OFFSET => self.device.write_config(off, data),
