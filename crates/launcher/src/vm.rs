@@ -172,7 +172,9 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     if chatty {
         log::debug!("{:7.1} ms: devices", ms());
     }
-    let (kernel, initrd) = loader.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+    let (kernel, initrd) = loader
+        .join()
+        .map_err(|_| VmError::Host(format!("the kernel loader failed on {} (a bug: please report it)", cfg.kernel.display())))??;
     write_acpi(&ram.mem, &AcpiConfig { cpus: cfg.cpus, pci_aml: Vec::new() })?;
     boot::write_boot_structures(&ram.mem, &kernel, &cfg.cmdline, initrd, cfg.memory)?;
 

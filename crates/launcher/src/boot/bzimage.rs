@@ -55,6 +55,8 @@ pub enum ImageError {
     TruncatedSetup { setup: u64, len: u64 },
     #[error("is truncated: its header says the kernel proper is {want} bytes, and the file has {have} after the setup code")]
     TruncatedKernel { want: u64, have: u64 },
+    #[error("is {} MiB; the kernel proper of a bzImage must fit below 1 GiB (is this a kernel?)", .0 >> 20)]
+    TooLarge(u64),
     #[error("has a corrupt header: kernel_alignment {0:#x} of a relocatable kernel is not a power of two")]
     BadAlignment(u32),
     #[error("has a corrupt header: init_size is 0")]
@@ -130,6 +132,9 @@ impl KernelImage {
 
         let load = layout::HIGH_RAM_START;
         let load_end = load.saturating_add(payload_len);
+        if load_end > IDENTITY_MAPPED_END {
+            return Err(ImageError::TooLarge(file_len));
+        }
         let run_at = run_address(&header, load)?;
         let init_size = header.init_size;
         if init_size == 0 {
@@ -316,6 +321,14 @@ pub(crate) mod tests {
         assert!(matches!(parse(&img).unwrap_err(), ImageError::BeyondIdentityMap { start: 0x10_0000, .. }));
         put(&mut img, 0x230, &0x20_0000u32.to_le_bytes());
         assert_eq!(parse(&img).unwrap().run_at, 0x20_0000);
+    }
+
+    #[test]
+    fn a_file_too_large_to_be_a_kernel_is_refused() {
+        let img = image(0x1000);
+        let len = 2u64 << 30;
+        assert_eq!(KernelImage::parse(&img[..HEADER_END], len).unwrap_err(), ImageError::TooLarge(len));
+        assert!(KernelImage::parse(&img[..HEADER_END], u64::MAX).is_err());
     }
 
     #[test]

@@ -74,6 +74,13 @@ pub fn boot_params_for(info: &BootInfo) -> Result<boot_params, super::BootError>
     // The heap end is relative to the real-mode code's start; unused by a
     // 64-bit entry but boot loaders are expected to set it.
     p.hdr.heap_end_ptr = 0xfe00;
+    // Fields the boot loader owns, whatever the image file held: no
+    // setup_data list (a pointer the kernel would follow), a plain PC.
+    p.hdr.setup_data = 0;
+    p.hdr.hardware_subarch = 0;
+    p.hdr.hardware_subarch_data = 0;
+    p.hdr.ramdisk_image = 0;
+    p.hdr.ramdisk_size = 0;
     p.hdr.cmd_line_ptr = info.cmdline_addr as u32;
     p.hdr.cmdline_size = info.cmdline_len as u32;
     if let Some((addr, size)) = info.initrd {
@@ -118,6 +125,30 @@ mod tests {
         for w in big.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr);
         }
+    }
+
+    #[test]
+    fn loader_fields_from_the_image_file_are_not_passed_on() {
+        let header = setup_header {
+            setup_data: 0xdead_beef_0000,
+            hardware_subarch: 3,
+            ramdisk_image: 0x1234_0000,
+            ramdisk_size: 77,
+            ..Default::default()
+        };
+        let info = BootInfo {
+            header,
+            ram: 64 << 20,
+            cmdline_addr: layout::CMDLINE_START,
+            cmdline_len: 1,
+            initrd: None,
+            rsdp_addr: layout::RSDP_START,
+        };
+        let hdr = boot_params_for(&info).unwrap().hdr;
+        assert_eq!(({ hdr.setup_data }, { hdr.hardware_subarch }), (0, 0));
+        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0, 0));
+        let big = BootInfo { initrd: Some((1 << 32, 1)), ..info };
+        assert!(boot_params_for(&big).is_err(), "an initrd above 4 GiB cannot be described");
     }
 
     #[test]
