@@ -124,9 +124,10 @@ impl KernelImage {
             _ => return Err(ImageError::TruncatedSetup { setup, len: file_len }),
         };
         // `syssize` counts 16-byte paragraphs of the protected-mode part; a
-        // file shorter than that was cut off (padding after it is fine).
+        // file shorter than that was cut off (padding after it is fine, and
+        // so is a last paragraph the file does not fill).
         let want = u64::from(header.syssize) * 16;
-        if want > payload_len {
+        if want > payload_len.saturating_add(15) {
             return Err(ImageError::TruncatedKernel { want, have: payload_len });
         }
 
@@ -271,11 +272,14 @@ pub(crate) mod tests {
 
     #[test]
     fn truncated_kernel_is_refused() {
-        let mut img = image(0x1000);
+        let mut img = image(0x1008);
         put(&mut img, 0x1f4, &(0x1000u32 / 16).to_le_bytes());
         parse(&img).unwrap();
-        put(&mut img, 0x1f4, &(0x1000u32 / 16 + 1).to_le_bytes());
-        assert_eq!(parse(&img).unwrap_err(), ImageError::TruncatedKernel { want: 0x1010, have: 0x1000 });
+        // A last paragraph the file does not fill: accepted.
+        put(&mut img, 0x1f4, &(0x1010u32 / 16).to_le_bytes());
+        parse(&img).unwrap();
+        put(&mut img, 0x1f4, &(0x1020u32 / 16).to_le_bytes());
+        assert_eq!(parse(&img).unwrap_err(), ImageError::TruncatedKernel { want: 0x1020, have: 0x1008 });
         put(&mut img, 0x1f4, &u32::MAX.to_le_bytes());
         assert!(matches!(parse(&img).unwrap_err(), ImageError::TruncatedKernel { .. }));
     }
