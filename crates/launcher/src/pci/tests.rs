@@ -486,5 +486,71 @@ fn guest_garbage_does_not_panic() {
     }
 }
 
+/// Like [`guest_garbage_does_not_panic`], but nothing is off limits: the
+/// command register, BAR0 (placed anywhere, over ECAM, over itself,
+/// wrapping the address space), the MSI-X capability, the 0xCF8 address
+/// register with any bus/slot/function, ECAM anywhere in its window, and
+/// accesses of odd widths at odd offsets.
+#[test]
+fn any_access_from_any_vcpu_exit_is_answered() {
+    let r = rig();
+    let d = &r.drv;
+    let mut x: u64 = 0x0123_4567_89ab_cdef;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..50_000 {
+        let v = next();
+        let len = [1usize, 2, 3, 4, 8][(v % 5) as usize];
+        let bytes = next().to_le_bytes();
+        let mut buf = vec![0u8; len];
+        match (v >> 8) % 6 {
+            0 => {
+                let port = 0xcf8 + (v >> 16) % 8;
+                if v & (1 << 40) != 0 {
+                    d.pio.write(port, &bytes[..len]);
+                } else {
+                    d.pio.read(port, &mut buf);
+                }
+            }
+            1 => {
+                let at = layout::PCI_ECAM_START + (v >> 16) % layout::PCI_ECAM_SIZE;
+                if v & (1 << 60) != 0 {
+                    d.mmio.write(at, &bytes[..len]);
+                } else {
+                    d.mmio.read(at, &mut buf);
+                }
+            }
+            2 => d.cfg_write(((v >> 16) % 0x100) as u32, [1, 2, 4][((v >> 30) % 3) as usize], bytes_u32(&bytes)),
+            3 => d.cfg_write(0x04 + 4 * ((v >> 16) % 5) as u32, 4, bytes_u32(&bytes)),
+            _ => {
+                // Wherever BAR0 decodes now, if anywhere.
+                let base = r.dev.lock().unwrap().placed_at().unwrap_or(d.bar);
+                let at = base.wrapping_add((v >> 16) % (BAR_SIZE + 0x10));
+                if v & (1 << 61) != 0 {
+                    d.mmio.write(at, &bytes[..len]);
+                } else {
+                    d.mmio.read(at, &mut buf);
+                }
+            }
+        }
+    }
+    // Still a working function afterwards.
+    d.cfg_write(0x04, 2, 0);
+    d.cfg_write(0x10, 4, d.bar as u32);
+    d.cfg_write(0x14, 4, (d.bar >> 32) as u32);
+    d.cfg_write(0x04, 2, 0x6);
+    d.set_status(0);
+    assert_eq!(d.cfg_read(0, 4), 0x1044_1af4);
+    assert_eq!(d.bar_read(cc::NUM_QUEUES as u64, 2), 1);
+}
+
+fn bytes_u32(b: &[u8; 8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
 mod flood;
 mod kvm;
