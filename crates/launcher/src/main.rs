@@ -85,6 +85,14 @@ fn run(args: &RunArgs) -> u8 {
             return stopped_by(sig);
         }
         boots = boots.saturating_add(1);
+        // A reboot builds the VM anew from the same options: files may
+        // have changed since the first boot (a disk replaced by a fifo
+        // would hang the open), so they are checked again first.
+        if boots > 1 {
+            if let Err(e) = cfg.validate() {
+                return fail(format!("cannot boot again: {e}"));
+            }
+        }
         match vm::run(&kvm, &cfg, &io) {
             Ok(Exit::PowerOff) => return 0,
             Ok(Exit::Reset) if args.no_reboot => {
