@@ -161,7 +161,9 @@ pub fn activate(
             return Err(ActivateError::NoSuchQueue(s.index));
         };
         s.queue.set_event_idx(event_idx);
-        let qc = counters.queues[usize::from(s.index)].clone();
+        let Some(qc) = counters.queues.get(usize::from(s.index)).cloned() else {
+            return Err(ActivateError::NoSuchQueue(s.index));
+        };
         let name = format!("{}-q{}", device.name(), s.index);
         let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone());
         jobs.push(Job::new(ctx, worker));

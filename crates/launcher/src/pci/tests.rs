@@ -552,5 +552,6 @@ fn bytes_u32(b: &[u8; 8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
+mod cycles;
 mod flood;
 mod kvm;

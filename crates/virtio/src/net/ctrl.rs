@@ -105,7 +105,8 @@ impl CtrlWorker {
         } else {
             let mut cmd = [0u8; MAX_COMMAND_LEN];
             let got = c.readable.read_at(0, &mut cmd[..len]);
-            self.execute(q, cmd[0], cmd[1], &cmd[2..got])
+            let [class, command, ..] = cmd;
+            self.execute(q, class, command, cmd.get(2..got).unwrap_or_default())
         };
         c.writable.write_at(0, &[ack]);
         q.add_used(c.head, 1);
