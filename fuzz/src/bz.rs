@@ -3,16 +3,21 @@
 //!
 //! A run builds a bzImage (setup sectors with a setup header whose fields
 //! come from the input, raw patches, a sparse protected-mode payload) in a
-//! memfd, and calls what `vm::run` calls, as it calls it:
-//! `boot::load_kernel` (`/proc/self/fd/N`), `initrd_placement`,
-//! `load_initrd` (a sparse memfd of the input's size), and
-//! `write_boot_structures`, on 4..32 MiB of guest memory.
+//! memfd, and calls what `kickvm run` calls, as it calls them: the checks
+//! of `VmConfig::validate` (`boot::inspect_kernel`, `check_kernel_fits`,
+//! `check_cmdline`, `check_initrd_fits`), then `boot::load_kernel`
+//! (`/proc/self/fd/N`), `load_initrd` (a sparse memfd of the input's
+//! size) and `write_boot_structures`, on 4..32 MiB of guest memory; and
+//! `KernelImage::parse` on the same header with other file lengths, and
+//! `initrd_placement` with other initrd sizes.
 //!
 //! Beyond "no panic", each result is checked against what the functions
-//! promise: the kernel's reserved area ends below `low_end` and covers
-//! `max(load, pref_address) + init_size` without wrapping; an initrd
-//! placement is page-aligned, above the kernel's reserved area, below
-//! `low_end` and below `initrd_addr_max`.
+//! promise: an accepted kernel's entry point is inside its loaded payload,
+//! it runs at or above `pref_address` and 1 MiB, its reserved area covers
+//! the payload and `run_at + init_size` without wrapping and ends inside
+//! RAM and the identity map; an initrd placement is page-aligned, above
+//! the kernel's reserved area, below `low_end` and `initrd_addr_max`;
+//! every error is one line.
 
 use std::io::Write;
 
@@ -34,6 +39,8 @@ pub struct BzInput {
     pub initrd: Option<Size>,
     /// More initrd sizes to place (`initrd_placement` only).
     pub probes: Vec<Size>,
+    /// More file lengths to parse the header with (`KernelImage::parse`).
+    pub lens: Vec<Size>,
     pub cmdline: Text<4096>,
 }
 
@@ -41,6 +48,7 @@ pub struct BzInput {
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub setup_sects: u8,
+    pub syssize: Syssize,
     pub magic: Magic,
     pub version: u16,
     pub loadflags: u8,
@@ -53,6 +61,14 @@ pub struct Header {
     pub pref_address: Pref,
     pub init_size: u32,
     pub boot_flag: bool,
+}
+
+/// `syssize`: 16-byte paragraphs of the protected-mode part.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Syssize {
+    /// What the payload is.
+    Auto,
+    Raw(u32),
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +129,14 @@ impl Size {
 
 // ---- encoders --------------------------------------------------------
 
+impl Encode for Syssize {
+    fn encode(&self, e: &mut Enc) {
+        match *self {
+            Syssize::Auto => e.tag(0, 2),
+            Syssize::Raw(v) => e.tag(1, 2).u32(v),
+        };
+    }
+}
 impl Encode for Magic {
     fn encode(&self, e: &mut Enc) {
         match *self {
@@ -142,6 +166,7 @@ impl Encode for Pref {
 impl Encode for Header {
     fn encode(&self, e: &mut Enc) {
         e.u8(self.setup_sects)
+            .put(&self.syssize)
             .put(&self.magic)
             .u16(self.version)
             .u8(self.loadflags)
@@ -185,6 +210,7 @@ impl Encode for BzInput {
             .put(&self.payload)
             .option(&self.initrd)
             .vec(&self.probes)
+            .vec(&self.lens)
             .put(&self.cmdline);
     }
 }
@@ -208,7 +234,16 @@ pub fn image(input: &BzInput) -> (Vec<u8>, u64) {
     let sects = if h.setup_sects == 0 { 4 } else { usize::from(h.setup_sects) };
     let setup_len = (sects + 1) * 512;
     let mut img = vec![0u8; setup_len.max(0x1000)];
+    let total = match input.payload {
+        Payload::Len(v) => setup_len as u64 + u64::from(v) % MAX_PAYLOAD,
+        Payload::Truncated(v) => u64::from(v) % 0x1_0000,
+    };
     put(&mut img, 0x1f1, &[h.setup_sects]);
+    let syssize = match h.syssize {
+        Syssize::Auto => (total.saturating_sub(setup_len as u64) / 16) as u32,
+        Syssize::Raw(v) => v,
+    };
+    put(&mut img, 0x1f4, &syssize.to_le_bytes());
     if h.boot_flag {
         put(&mut img, 0x1fe, &0xaa55u16.to_le_bytes());
     }
@@ -234,16 +269,19 @@ pub fn image(input: &BzInput) -> (Vec<u8>, u64) {
     for p in &input.patches {
         put(&mut img, usize::from(p.offset % 0x1000), &p.data.0);
     }
-    let total = match input.payload {
-        Payload::Len(v) => setup_len as u64 + u64::from(v) % MAX_PAYLOAD,
-        Payload::Truncated(v) => u64::from(v) % 0x1_0000,
-    };
     img.truncate(total.min(img.len() as u64) as usize);
     if img.len() > setup_len {
         // A recognisable start of the protected-mode code.
         put(&mut img, setup_len, b"\x0f\x01\xd9kickvm-fuzz");
     }
     (img, total)
+}
+
+/// A bzImage that passes every check (a Debian-like header, 1 MiB of
+/// payload): `(head bytes, file length)`.
+pub fn sample_kernel() -> (Vec<u8>, u64) {
+    let input = crate::seeds::bzimage().into_iter().find(|(n, _)| *n == "debian-like").expect("seed").1;
+    image(&input)
 }
 
 pub fn pref(p: Pref) -> u64 {
@@ -269,6 +307,47 @@ fn memfd(name: &'static std::ffi::CStr, slot: &'static std::sync::OnceLock<(i32,
     (f, path.clone())
 }
 
+/// Checks an accepted kernel against what `KernelImage` promises.
+fn check_image(k: &boot::KernelImage, file_len: u64, low_end: Option<u64>) {
+    let hdr = k.header;
+    let (pref, init) = (hdr.pref_address, u64::from(hdr.init_size));
+    let load = kickvm::layout::HIGH_RAM_START;
+    assert_eq!(k.payload_offset + k.payload_len, file_len, "payload does not end at the end of the file");
+    assert!(
+        k.entry >= load + 0x200 && k.entry < load + k.payload_len,
+        "entry {:#x} is outside the loaded payload {load:#x}+{:#x}",
+        k.entry,
+        k.payload_len
+    );
+    assert!(k.run_at >= load && k.run_at >= pref, "runs at {:#x}, below 1 MiB or pref_address {pref:#x}", k.run_at);
+    let need = (u128::from(k.run_at) + u128::from(init)).max(u128::from(load) + u128::from(k.payload_len));
+    assert!(
+        u128::from(k.reserved_end) >= need,
+        "reserved area ends at {:#x}, but the kernel runs at {:#x} with init_size {init:#x} and payload {:#x}",
+        k.reserved_end,
+        k.run_at,
+        k.payload_len
+    );
+    assert!(k.reserved_end <= boot::bzimage::IDENTITY_MAPPED_END, "reserved area ends at {:#x}, past the identity map", k.reserved_end);
+    if let Some(low_end) = low_end {
+        assert!(k.reserved_end <= low_end, "reserved area ends at {:#x}, past RAM ({low_end:#x})", k.reserved_end);
+    }
+}
+
+/// Checks an initrd placement against what `initrd_placement` promises.
+fn check_place(k: &boot::KernelImage, low_end: u64, size: u64, addr: u64) {
+    let max = match k.header.initrd_addr_max {
+        0 => 0x37ff_ffff,
+        m => u64::from(m),
+    };
+    assert!(size > 0, "an empty initrd was placed");
+    assert_eq!(addr % 4096, 0, "initrd at {addr:#x} is not page-aligned");
+    assert!(addr >= k.reserved_end, "initrd at {addr:#x} overlaps the kernel (reserved to {:#x})", k.reserved_end);
+    let end = u128::from(addr) + u128::from(size);
+    assert!(end <= u128::from(low_end), "initrd {addr:#x}+{size:#x} ends past RAM ({low_end:#x})");
+    assert!(end <= u128::from(max) + 1, "initrd {addr:#x}+{size:#x} ends past initrd_addr_max {max:#x}");
+}
+
 /// Runs one input; panics on any violation.
 pub fn run(input: &BzInput) {
     checks::log_begin();
@@ -279,80 +358,105 @@ pub fn run(input: &BzInput) {
     let mem = kickvm_virtio::GuestMemory::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .expect("fuzz guest memory");
     // What vm::run passes: RAM below the 32-bit gap, and all of RAM.
-    let low_end = mem_size.min(kickvm::layout::MEM_32BIT_GAP_START);
+    let low_end = kickvm::memory::low_end(mem_size);
 
     let (head, total) = image(input);
+    for len in input.lens.iter().take(16) {
+        let len = len.get();
+        let cut = &head[..head.len().min(usize::try_from(len).unwrap_or(usize::MAX))];
+        match boot::KernelImage::parse(cut, len) {
+            Ok(k) => check_image(&k, len, None),
+            Err(e) => one_line(&e.to_string()),
+        }
+    }
     let (mut f, kpath) = memfd(c"kickvm-fuzz-kernel", &KERNEL);
     f.set_len(0).expect("truncate kernel memfd");
     f.write_all(&head).expect("write kernel memfd");
     f.set_len(total).expect("size kernel memfd");
     drop(f);
+    let kpath: &std::path::Path = kpath.as_ref();
 
-    let k = match boot::load_kernel(&mem, kpath.as_ref(), low_end) {
-        Ok(k) => k,
-        Err(e) => {
-            one_line(&e.to_string());
-            checks::log_end();
-            return;
-        }
-    };
-    let hdr = k.header;
-    assert!(k.reserved_end <= low_end, "kernel reserved area ends at {:#x}, past RAM ({low_end:#x})", k.reserved_end);
-    let load = k.entry.checked_sub(0x200).expect("entry below 0x200");
-    let want_end = u128::from(load.max(hdr.pref_address)) + u128::from(hdr.init_size);
-    assert!(
-        u128::from(k.reserved_end) >= want_end,
-        "kernel reserved area ends at {:#x}, but the kernel may run at {:#x} and needs {:#x} bytes there",
-        k.reserved_end,
-        load.max(hdr.pref_address),
-        { hdr.init_size }
-    );
-
-    let check_place = |size: u64, addr: u64| {
-        let max = match hdr.initrd_addr_max {
-            0 => 0x37ff_ffff,
-            m => u64::from(m),
-        };
-        assert_eq!(addr % 4096, 0, "initrd at {addr:#x} is not page-aligned");
-        assert!(addr >= k.reserved_end, "initrd at {addr:#x} overlaps the kernel (reserved to {:#x})", k.reserved_end);
-        let end = u128::from(addr) + u128::from(size);
-        assert!(end <= u128::from(low_end), "initrd {addr:#x}+{size:#x} ends past RAM ({low_end:#x})");
-        assert!(end <= u128::from(max) + 1, "initrd {addr:#x}+{size:#x} ends past initrd_addr_max {max:#x}");
-    };
-    for s in input.probes.iter().take(64) {
-        let size = s.get();
-        if let Some(addr) = boot::initrd_placement(size, low_end, &k) {
-            check_place(size, addr);
-        }
-    }
-
-    let mut initrd = None;
-    if let Some(s) = input.initrd {
+    let initrd_path = input.initrd.map(|s| {
         let size = s.get().min(i64::MAX as u64);
         let (f, ipath) = memfd(c"kickvm-fuzz-initrd", &INITRD);
         f.set_len(0).expect("truncate initrd memfd");
         f.set_len(size).expect("size initrd memfd");
-        drop(f);
-        match boot::load_initrd(&mem, ipath.as_ref(), low_end, &k) {
-            Ok((addr, sz)) => {
-                assert_eq!(sz, size, "initrd size");
-                check_place(sz, addr);
-                initrd = Some((addr, sz));
+        (size, std::path::PathBuf::from(ipath))
+    });
+    let cmdline = input.cmdline.lossy();
+
+    // What `VmConfig::validate` checks, before anything is created.
+    let mut valid = true;
+    match boot::inspect_kernel(kpath) {
+        Ok((_, k)) => {
+            check_image(&k, total, None);
+            let checks = [
+                boot::check_kernel_fits(kpath, &k, low_end),
+                boot::check_cmdline(&cmdline, &k),
+                match &initrd_path {
+                    Some((size, p)) => boot::check_initrd_fits(p, *size, low_end, &k).map(|_| ()),
+                    None => Ok(()),
+                },
+            ];
+            for c in checks {
+                if let Err(e) = c {
+                    one_line(&e.to_string());
+                    valid = false;
+                }
             }
-            Err(e) => one_line(&e.to_string()),
+        }
+        Err(e) => {
+            one_line(&e.to_string());
+            valid = false;
         }
     }
 
-    let cmdline = input.cmdline.lossy();
-    if let Err(e) = boot::write_boot_structures(&mem, &k, &cmdline, initrd, mem_size) {
-        one_line(&e.to_string());
+    // Loading, as the VM build does; it stops at the first error.
+    let loaded = load(input, &mem, (kpath, total), low_end, initrd_path.as_ref(), &cmdline, mem_size);
+    match loaded {
+        Ok(()) => assert!(valid, "the kernel loads and boots, but validate()'s checks refuse it"),
+        Err(e) => {
+            one_line(&e);
+            assert!(!valid, "validate()'s checks passed, but loading failed: {e}");
+        }
     }
     checks::log_end();
 }
 
-/// Strict: an error the user sees is one line.
-fn one_line(msg: &str) {
-    if checks::strict() {
-        assert!(!msg.contains('\n'), "error message is not one line: {msg:?}");
+/// `vm::run`'s loading steps.
+fn load(
+    input: &BzInput,
+    mem: &kickvm_virtio::GuestMemory,
+    (kpath, total): (&std::path::Path, u64),
+    low_end: u64,
+    initrd: Option<&(u64, std::path::PathBuf)>,
+    cmdline: &str,
+    ram: u64,
+) -> Result<(), String> {
+    let k = boot::load_kernel(mem, kpath, low_end).map_err(|e| e.to_string())?;
+    check_image(&k, total, Some(low_end));
+    for s in input.probes.iter().take(64) {
+        let size = s.get();
+        if let Some(addr) = boot::initrd_placement(size, low_end, &k) {
+            check_place(&k, low_end, size, addr);
+        }
+        if let Err(e) = boot::check_initrd_fits(kpath, size, low_end, &k) {
+            one_line(&e.to_string());
+        }
     }
+    let initrd = match initrd {
+        Some((size, p)) => {
+            let (addr, sz) = boot::load_initrd(mem, p, low_end, &k).map_err(|e| e.to_string())?;
+            assert_eq!(sz, *size, "initrd size");
+            check_place(&k, low_end, sz, addr);
+            Some((addr, sz))
+        }
+        None => None,
+    };
+    boot::write_boot_structures(mem, &k, cmdline, initrd, ram).map_err(|e| e.to_string())
+}
+
+/// An error the user sees is one line.
+fn one_line(msg: &str) {
+    assert!(!msg.contains('\n'), "error message is not one line: {msg:?}");
 }

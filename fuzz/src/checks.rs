@@ -3,9 +3,8 @@
 //! - Every log record (info and above) is counted per call site
 //!   (`file:line`) during one run of the target. A site that logs more than
 //!   [`log_limit`] lines in one run is not rate-limited: a guest can flood
-//!   the host's log through it (issue 8, class 4). Checked only in strict
-//!   mode (`KICKVM_FUZZ_STRICT=1`, `scripts/fuzz.sh --strict`) while that
-//!   class is open; `KICKVM_FUZZ_LOG=1` prints every line.
+//!   the host's log through it (issue 8, class 4). `KICKVM_FUZZ_LOG=1`
+//!   prints every line.
 //! - [`Census`]: the process's threads and fds before a run must be the
 //!   same after it (queue threads stopped, eventfds closed): always on.
 
@@ -13,13 +12,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
-
-/// Strict mode: oracles for defect classes that issue 8 still has open
-/// (log floods, host input taken silently) panic too.
-pub fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var("KICKVM_FUZZ_STRICT").is_ok_and(|v| v == "1"))
-}
 
 /// Lines one call site may log in one run (`KICKVM_FUZZ_LOG_LIMIT`,
 /// default 64: a [`kickvm_virtio::ratelimit::Throttle`] logs 10 + one per
@@ -83,22 +75,20 @@ pub fn log_begin() {
     }
 }
 
-/// End of a run: in strict mode, panics if a call site logged more than
-/// [`log_limit`] lines.
+/// End of a run: panics if a call site logged more than [`log_limit`]
+/// lines.
 pub fn log_end() {
     let mut sites = SITES.lock().unwrap_or_else(|e| e.into_inner());
     let Some(map) = sites.as_mut() else { return };
-    if strict() {
-        if let Some((site, s)) = map.iter().find(|(_, s)| s.lines > log_limit()) {
-            let (site, lines, first) = (site.clone(), s.lines, s.first.clone());
-            map.clear();
-            drop(sites);
-            panic!(
-                "log flood: {site} logged {lines} lines in one run (limit {}): a guest-triggerable \
-                 message is not rate-limited; first: {first}",
-                log_limit()
-            );
-        }
+    if let Some((site, s)) = map.iter().find(|(_, s)| s.lines > log_limit()) {
+        let (site, lines, first) = (site.clone(), s.lines, s.first.clone());
+        map.clear();
+        drop(sites);
+        panic!(
+            "log flood: {site} logged {lines} lines in one run (limit {}): a guest-triggerable \
+             message is not rate-limited; first: {first}",
+            log_limit()
+        );
     }
     map.clear();
 }

@@ -1,7 +1,7 @@
 //! The seed corpus, as structures: `fuzz/seeds/<target>/<name>` is each
 //! one encoded (see `lib.rs`'s `write_seeds`). Every seed runs clean.
 
-use crate::bz::{BzInput, Code32, Header, Magic, Patch, Payload, Pref, Size};
+use crate::bz::{BzInput, Code32, Header, Magic, Patch, Payload, Pref, Size, Syssize};
 use crate::cli::{Arg, CliInput, ConsoleV, Direct, Flag, Key, Kv, KvVal, MacV, PathV, SizeV, Sub, Unit, Value};
 use crate::enc::{text, Bytes};
 use crate::guest::MemLayout;
@@ -13,6 +13,7 @@ use crate::vpci::{Addr, BlkOpts, DescOp, DeviceSet, Leaf, Len, Mode, Next, Op, P
 fn debian_header() -> Header {
     Header {
         setup_sects: 27,
+        syssize: Syssize::Auto,
         magic: Magic::HdrS,
         version: 0x020f,
         loadflags: 0x01,
@@ -36,6 +37,7 @@ fn bz(mem_mib: u8, header: Header, payload: Payload, initrd: Option<Size>, cmdli
         payload,
         initrd,
         probes: vec![Size::Pages { pages: 1, extra: 0 }, Size::Raw(u64::MAX)],
+        lens: vec![Size::Pages { pages: 0, extra: 0x1f0 }],
         cmdline: text(cmdline),
     }
 }
@@ -58,6 +60,9 @@ pub fn bzimage() -> Vec<(&'static str, BzInput)> {
         ("setup-sects-zero", bz(28, Header { setup_sects: 0, ..debian_header() }, Payload::Len(1 << 20), None, cmdline)),
         ("code32-below-1m", bz(28, Header { code32_start: Code32::Raw(0x9000), ..debian_header() }, Payload::Len(1 << 20), None, cmdline)),
         ("patched-header", patched),
+        ("syssize-too-large", bz(28, Header { syssize: Syssize::Raw(0x10_0000), ..debian_header() }, Payload::Len(1 << 20), None, cmdline)),
+        ("not-relocatable-pref-8m", bz(28, Header { relocatable: 0, pref_address: Pref::Low(0x80_0000), ..debian_header() }, Payload::Len(1 << 20), Some(Size::Pages { pages: 16, extra: 0 }), cmdline)),
+        ("pref-near-top", bz(28, Header { pref_address: Pref::NearTop(0x1000), ..debian_header() }, Payload::Len(1 << 20), None, cmdline)),
     ]
 }
 
@@ -89,6 +94,8 @@ pub fn cli() -> Vec<(&'static str, CliInput)> {
         Direct::Disk(text("path=/tmp/d.img,readonly=on,serial=abc,queues=4")),
         Direct::Console(text("socket=/tmp/console.sock")),
         Direct::Cmdline(Some(text("rdinit=/bin/sh quiet"))),
+        Direct::Cpus(text("2")),
+        Direct::Cpus(text("255")),
     ];
     vec![
         ("kernel-initrd-cpus-memory", run(vec![
@@ -124,6 +131,14 @@ pub fn cli() -> Vec<(&'static str, CliInput)> {
         ("cpus-zero-no-image", CliInput { image_ok: false, sub: Sub::Run, args: vec![fv(Flag::Cpus, Value::Num(0))], direct: Vec::new() }),
         ("cmdline-dashes", run(vec![kernel, Arg::FlagEq(Flag::Cmdline, Value::Text(text("-- quiet"))), fv(Flag::Console, Value::Console(ConsoleV::File(PathV::Missing)))])),
         ("direct-parsers", CliInput { image_ok: true, sub: Sub::None, args: Vec::new(), direct }),
+        ("kernel-is-a-fifo-or-dir", run(vec![
+            fv(Flag::Kernel, Value::Path(PathV::Fifo)),
+            fv(Flag::Disk, Value::Kvs(vec![kv(Key::Path, KvVal::Path(PathV::Dir))])),
+        ])),
+        ("console-socket-file-exists", run(vec![
+            fv(Flag::Console, Value::Console(ConsoleV::Socket(PathV::Disk))),
+            fv(Flag::Memory, size(4097, Unit::K)),
+        ])),
     ]
 }
 

@@ -431,8 +431,23 @@ fn build_devices(set: &DeviceSet) -> Vec<Box<dyn VirtioDevice>> {
     out
 }
 
+/// What a run got done (for tests of the seeds).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Devices with running queue threads at the end of the ops.
+    pub active: usize,
+    /// Used-ring entries the devices returned, over the rings the driver set up.
+    pub used: u32,
+}
+
 /// Runs one input; panics on any violation.
 pub fn run(input: &PciInput) {
+    run_outcome(input);
+}
+
+/// [`run`], saying what got done.
+pub fn run_outcome(input: &PciInput) -> Outcome {
+    let mut outcome = Outcome::default();
     checks::log_begin();
     // Process-lifetime fds first, so they are in the census.
     disk_path();
@@ -467,6 +482,14 @@ pub fn run(input: &PciInput) {
                 break;
             }
         }
+        // Let the queue threads finish what they were kicked for.
+        std::thread::sleep(Duration::from_micros(200));
+        outcome.active = vm.devs.iter().filter(|d| d.pci.lock().unwrap().is_active()).count();
+        for d in &vm.devs {
+            for r in d.rings.iter().flatten() {
+                outcome.used += u32::from(r.used_idx(&vm.mem).unwrap_or(0));
+            }
+        }
         // Teardown: what the launcher does at poweroff.
         drop(host);
         for d in &vm.devs {
@@ -479,6 +502,7 @@ pub fn run(input: &PciInput) {
     }
     before.expect_back("a virtio-pci run");
     checks::log_end();
+    outcome
 }
 
 fn resolve(vm: &Vm, a: Addr) -> u64 {
