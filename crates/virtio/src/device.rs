@@ -137,6 +137,19 @@ pub fn activate(
     runtime: &Arc<Runtime>,
     config_call: Option<EventFd>,
 ) -> Result<ActiveDevice, ActivateError> {
+    let jobs = jobs(device, features, mem, queues, config_call)?;
+    let threads = runtime.start(jobs).map_err(ActivateError::Spawn)?;
+    Ok(ActiveDevice { threads: Some(threads) })
+}
+
+/// Checks the queues and builds one job (queue + worker) per queue.
+pub(crate) fn jobs(
+    device: &mut dyn VirtioDevice,
+    features: u64,
+    mem: &GuestMemory,
+    queues: Vec<QueueSetup>,
+    config_call: Option<EventFd>,
+) -> Result<Vec<Job>, ActivateError> {
     let counters = device.counters();
     counters.needs_reset.store(false, std::sync::atomic::Ordering::SeqCst);
     let events = Arc::new(DeviceEvents { counters: counters.clone(), config_call });
@@ -168,6 +181,5 @@ pub fn activate(
         let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone());
         jobs.push(Job::new(ctx, worker));
     }
-    let threads = runtime.start(jobs).map_err(ActivateError::Spawn)?;
-    Ok(ActiveDevice { threads: Some(threads) })
+    Ok(jobs)
 }

@@ -27,6 +27,7 @@ pub mod console;
 pub mod counters;
 pub mod device;
 pub mod driver;
+pub mod inline;
 pub mod memory;
 pub mod net;
 pub mod queue;

@@ -72,6 +72,17 @@ impl Job {
         Job { ctx, worker, owner: 0, failed: false }
     }
 
+    /// [`Job::serve`], then the interrupt decision a thread makes before
+    /// it sleeps (see [`crate::inline`]).
+    pub(crate) fn serve_inline(&mut self) -> Result<Wait, crate::Stopped> {
+        let r = self.serve();
+        if self.ctx.prepare_sleep() {
+            self.ctx.woke();
+        }
+        self.ctx.notify();
+        r
+    }
+
     /// Runs the worker until it has no more work. A panic inside it is
     /// contained here (as Cloud Hypervisor's thread helper does): the
     /// device is marked NEEDS_RESET with a configuration interrupt, one
