@@ -196,11 +196,7 @@ impl VcpuThread {
 /// dead vCPU and a launcher waiting for it forever.
 fn contained(id: u32, control: &Control, f: impl FnOnce()) {
     if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let what = kickvm_virtio::threads::panic_message(p.as_ref());
         crate::throttles::VCPU_PANICS.hit();
         control.request(Exit::Error(format!("vcpu{id}: internal error answering a guest access: {what}")));
     }

@@ -130,43 +130,39 @@ impl GuestIovecs {
         })
     }
 
-    /// Copies `data` into the buffers starting at byte `offset` of their
-    /// concatenation; returns how many bytes fitted.
-    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+    /// Walks the buffers from byte `offset` on, handing `copy` each piece
+    /// and how many bytes are done so far, until `len` bytes are done or
+    /// the buffers end; `copy` returns how many bytes it moved.
+    fn each_part(&self, offset: usize, len: usize, mut copy: impl FnMut(VolatileSlice<'_>, usize) -> usize) -> usize {
         let mut done = 0;
         for (at, s) in self.slices() {
-            if done == data.len() {
+            if done == len {
                 break;
             }
-            let end = at + s.len();
-            let from = offset + done;
-            if from >= end {
+            let from = offset.saturating_add(done);
+            if from >= at + s.len() {
                 continue;
             }
             let Ok(part) = s.offset(from - at) else { continue };
-            part.copy_from(&data[done..]);
-            done += part.len().min(data.len() - done);
+            done += copy(part, done);
         }
         done
+    }
+
+    /// Copies `data` into the buffers starting at byte `offset` of their
+    /// concatenation; returns how many bytes fitted.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        self.each_part(offset, data.len(), |part, done| {
+            let rest = data.get(done..).unwrap_or_default();
+            part.copy_from(rest);
+            part.len().min(rest.len())
+        })
     }
 
     /// Copies bytes from the buffers starting at byte `offset` into `buf`;
     /// returns how many bytes were available.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
-        let mut done = 0;
-        for (at, s) in self.slices() {
-            if done == buf.len() {
-                break;
-            }
-            let end = at + s.len();
-            let from = offset + done;
-            if from >= end {
-                continue;
-            }
-            let Ok(part) = s.offset(from - at) else { continue };
-            done += part.copy_to(&mut buf[done..]);
-        }
-        done
+        self.each_part(offset, buf.len(), |part, done| part.copy_to(buf.get_mut(done..).unwrap_or_default()))
     }
 
     /// The buffers from byte `at` to the end.

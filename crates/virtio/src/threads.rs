@@ -96,13 +96,8 @@ impl Job {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.serve(ctx))) {
             Ok(r) => r,
             Err(payload) => {
-                let why = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
                 self.failed = true;
-                self.ctx.worker_panicked(&why);
+                self.ctx.worker_panicked(&panic_message(payload.as_ref()));
                 Ok(Wait::Kick)
             }
         }
@@ -251,6 +246,15 @@ impl Runtime {
             }
         }
     }
+}
+
+/// The message a caught panic carried.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 /// Linux thread names are at most 15 bytes.
