@@ -17,3 +17,5 @@ echo "test: building" >&2
 cargo build --workspace --all-targets
 echo "test: running (end-to-end tests print the rig's stage timings)" >&2
 cargo test --workspace
+echo "test: fuzz targets, a few seconds each from their seeds (scripts/fuzz.sh --smoke)" >&2
+scripts/fuzz.sh --smoke

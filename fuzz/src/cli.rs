@@ -626,12 +626,24 @@ pub fn argv(input: &CliInput) -> Vec<OsString> {
 
 // ---- the run ---------------------------------------------------------
 
-/// An error the user sees is one line.
-fn one_line(msg: &str) {
-    assert!(!msg.contains('\n'), "error message is not one line: {msg:?}");
+/// An error the user sees is one line (unless it quotes input that
+/// already had a line break: `input_breaks`).
+fn one_line(msg: &str, input_breaks: bool) {
+    assert!(input_breaks || !msg.contains('\n'), "error message is not one line: {msg:?}");
+}
+
+fn breaks(b: &[u8]) -> bool {
+    b.iter().any(|&c| c == b'\n' || c == b'\r')
 }
 
 fn direct(d: &Direct) {
+    let nl = match d {
+        Direct::Size(t) | Direct::Mac(t) => breaks(&t.0),
+        Direct::Cpus(t) => breaks(&t.0),
+        Direct::Net(t) | Direct::Disk(t) | Direct::Console(t) => breaks(&t.0),
+        Direct::Cmdline(t) => t.as_ref().is_some_and(|t| breaks(&t.0)),
+    };
+    let one_line = |m: &str| one_line(m, nl);
     match d {
         Direct::Size(t) => {
             if let Err(e) = config::parse_size(&t.lossy()) {
@@ -680,7 +692,10 @@ pub fn run(input: &CliInput) {
     for d in input.direct.iter().take(64) {
         direct(d);
     }
-    let cli = match Cli::try_parse_from(argv(input)) {
+    let argv = argv(input);
+    let nl = argv.iter().any(|a| breaks(a.as_encoded_bytes()));
+    let one_line = |m: &str| one_line(m, nl);
+    let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
             // What the user would see (rendered, not printed).

@@ -442,11 +442,15 @@ pub struct Outcome {
 
 /// Runs one input; panics on any violation.
 pub fn run(input: &PciInput) {
-    run_outcome(input);
+    run_inner(input, false);
 }
 
-/// [`run`], saying what got done.
+/// [`run`], saying what got done once the queue threads are idle.
 pub fn run_outcome(input: &PciInput) -> Outcome {
+    run_inner(input, true)
+}
+
+fn run_inner(input: &PciInput, wait_idle: bool) -> Outcome {
     let mut outcome = Outcome::default();
     checks::log_begin();
     // Process-lifetime fds first, so they are in the census.
@@ -482,13 +486,23 @@ pub fn run_outcome(input: &PciInput) -> Outcome {
                 break;
             }
         }
-        // Let the queue threads finish what they were kicked for.
-        std::thread::sleep(Duration::from_micros(200));
-        outcome.active = vm.devs.iter().filter(|d| d.pci.lock().unwrap().is_active()).count();
-        for d in &vm.devs {
-            for r in d.rings.iter().flatten() {
-                outcome.used += u32::from(r.used_idx(&vm.mem).unwrap_or(0));
+        if wait_idle {
+            // Until the used rings stop moving for 50 ms (5 s at most).
+            let used = |vm: &Vm| -> u32 {
+                vm.devs.iter().flat_map(|d| d.rings.iter().flatten()).map(|r| u32::from(r.used_idx(&vm.mem).unwrap_or(0))).sum()
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut last = used(&vm);
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                let now = used(&vm);
+                if now == last || std::time::Instant::now() > deadline {
+                    break;
+                }
+                last = now;
             }
+            outcome.active = vm.devs.iter().filter(|d| d.pci.lock().unwrap().is_active()).count();
+            outcome.used = used(&vm);
         }
         // Teardown: what the launcher does at poweroff.
         drop(host);
@@ -769,7 +783,7 @@ impl Vm {
             Op::Negotiate { .. } | Op::Status { .. } => 100,
             Op::Settle { micros } => 10 + u32::from(*micros),
             Op::Offer { descs, .. } => 4 + descs.len() as u32,
-            Op::Repeat { .. } => 0,
+            Op::Repeat { .. } => 1,
             _ => 2,
         };
         if !self.charge(cost) {
