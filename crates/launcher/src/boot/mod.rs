@@ -87,8 +87,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<Kerne
     let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
     file.seek(SeekFrom::Start(kernel.payload_offset)).map_err(read_err)?;
     let len = usize::try_from(kernel.payload_len).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
-    mem.read_exact_volatile_from(GuestAddress(layout::HIGH_RAM_START), &mut file, len)
-        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    read_into(mem, GuestAddress(layout::HIGH_RAM_START), &mut file, len).map_err(read_err)?;
     Ok(kernel)
 }
 
@@ -137,9 +136,26 @@ pub fn load_initrd(
     let read_err = |err| BootError::ReadInitrd { path: path.display().to_string(), err };
     // Fits below 4 GiB, so in usize.
     let len = usize::try_from(size).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    read_into(mem, GuestAddress(addr), &mut file, len).map_err(read_err)?;
     Ok((addr, size))
+}
+
+/// Reads `len` bytes of `file` into guest memory at `addr`. A file system
+/// may return less than asked for (9p hands out one message at a time, as
+/// when the rig shares /tmp), so this reads until done.
+fn read_into(mem: &GuestMemory, addr: GuestAddress, file: &mut std::fs::File, len: usize) -> std::io::Result<()> {
+    use vm_memory::{Address, Bytes};
+    let mut done = 0usize;
+    while done < len {
+        let at = addr.checked_add(done as u64).ok_or(std::io::ErrorKind::InvalidInput)?;
+        match mem.read_volatile_from(at, file, len - done) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ended early")),
+            Ok(n) => done += n,
+            Err(vm_memory::GuestMemoryError::IOError(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// Checks `cmdline` against what the kernel and the zero page take.
@@ -307,5 +323,35 @@ mod tests {
         for bad in ["console=ttyS0\tquiet", "a\nb", "init=/bin/\u{e9}"] {
             assert!(matches!(check_cmdline(bad, &k), Err(BootError::CmdlineChar(_))), "{bad:?}");
         }
+    }
+
+    /// A file system that returns less than asked (9p does, one message at
+    /// a time): the loader reads on until it has everything.
+    #[test]
+    fn short_reads_are_read_on() {
+        use std::io::Write;
+        use vm_memory::Bytes;
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two new fds into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both fds are new and owned here.
+        let (mut r, mut w) = unsafe {
+            use std::os::fd::FromRawFd;
+            (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+        };
+        let writer = std::thread::spawn(move || {
+            for i in 0..4u8 {
+                w.write_all(&[i; 1000]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        read_into(&mem, GuestAddress(0x1000), &mut r, 4000).unwrap();
+        writer.join().unwrap();
+        let mut back = vec![0u8; 4000];
+        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert!(back.chunks(1000).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        let e = read_into(&mem, GuestAddress(0), &mut r, 1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }
