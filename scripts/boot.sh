@@ -18,7 +18,17 @@ scripts/install-deps.sh
 echo "boot: building kickvm (release)" >&2
 cargo build --release -q -p kickvm -p kickvm-rig
 
+# The guest image is built here, on the host (the rig's L1 only reads the
+# cache), and its paths are handed to kickvm: the launcher itself knows
+# nothing of images.
+echo "boot: building the guest image (cached under ${KICKVM_CACHE:-$HOME/.cache/kickvm})" >&2
+read -r kernel initrd < <(target/release/kickvm-rig image --print-paths)
+
 args=("$@")
+has_kernel=false
+for a in "${args[@]}"; do
+    case "$a" in --kernel|--kernel=*) has_kernel=true ;; esac
+done
 if [ ${#args[@]} -eq 0 ]; then
     disk="${KICKVM_CACHE:-$HOME/.cache/kickvm}/demo-disk.img"
     mkdir -p "$(dirname "$disk")"
@@ -30,6 +40,9 @@ echo "disk: $(cat /sys/block/vda/size) sectors; 16 bytes from /dev/hwrng: $(head
 grep -H . /proc/interrupts | grep -i virtio | head -8'
     args=(--cpus 2 --memory 512M --rng --disk "path=$disk"
           --cmdline "loglevel=4 kickvm.cmd=$(printf '%s' "$script" | base64 -w0)")
+fi
+if ! $has_kernel; then
+    args=(--kernel "$kernel" --initrd "$initrd" "${args[@]}")
 fi
 
 if target/release/kickvm-rig host-kvm >/dev/null 2>&1; then
