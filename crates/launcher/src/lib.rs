@@ -23,7 +23,6 @@ pub mod memory;
 pub mod pci;
 pub mod platform;
 pub mod serial;
-pub mod term;
 #[cfg(test)]
 pub(crate) mod testlog;
 pub mod throttles;

@@ -7,7 +7,7 @@ use kickvm::cli::{Cli, Command, RunArgs};
 use kickvm::config::ConsoleSpec;
 use kickvm::platform::{self, Exit};
 use kickvm::serial::StdinPump;
-use kickvm::term::RawTerminal;
+use kickvm_virtio::terminal::{Mode, RawTerminal};
 use kickvm::vm;
 
 fn main() -> ExitCode {
@@ -70,7 +70,7 @@ fn run(args: &RunArgs) -> u8 {
 
     // Stdin feeds the serial port unless virtio-console has it.
     let serial_has_stdin = cfg.console != ConsoleSpec::Stdio;
-    let _raw = RawTerminal::enter(libc::STDIN_FILENO);
+    let _raw = RawTerminal::enter(libc::STDIN_FILENO, Mode::KeepSignals).ok().flatten();
     let mut io = vm::ConsoleIo::default();
     if serial_has_stdin {
         match StdinPump::start() {

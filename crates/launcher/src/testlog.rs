@@ -1,5 +1,5 @@
 //! A `log::Log` for tests that counts what one test thread logs, so a test
-//! can bound the lines a guest's mistakes cost (issue 8, class 4).
+//! can bound the lines a guest's mistakes cost (docs/security.md, class 4).
 //!
 //! Installed once for the whole test binary, at trace level; it keeps the
 //! lines of threads inside [`capture`] only, so tests running in parallel

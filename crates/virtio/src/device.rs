@@ -2,47 +2,19 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::counters::DeviceCounters;
 use crate::memory::GuestMemory;
-use crate::queue::{QueueCtx, Stopped};
-use crate::threads::{Job, Runtime, ThreadSet};
+use crate::queue::{DeviceEvents, QueueCtx, QueueSetup};
+use crate::threads::{Job, QueueWorker, Runtime, ThreadSet};
 
 /// Feature bits every device here offers: virtio 1.x, indirect descriptors
 /// and EVENT_IDX (the guest tells us when it wants interrupts).
 pub const COMMON_FEATURES: u64 = (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
     | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
-
-/// What a queue thread waits for once its worker has no more work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// The guest must make more buffers available (a kick).
-    Kick,
-    /// The backend must become readable (net receive, console input). Only
-    /// returned by a worker that may not block (shared-thread modes).
-    Backend,
-}
-
-/// Serves one virtqueue. Called by that queue's thread whenever the queue
-/// may have work; it returns when there is none left.
-pub trait QueueWorker: Send {
-    /// Pop chains, do their I/O in guest memory and return them on the used
-    /// ring until nothing more can be done right now.
-    ///
-    /// When `q.blocking()` is true the worker owns its thread and may block
-    /// in its backend (e.g. a `readv` on the TAP that waits for a packet),
-    /// calling `q.notify()` first since it is about to sleep. Otherwise it
-    /// must not block and returns [`Wait::Backend`] instead.
-    fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped>;
-
-    /// The backend fd polled for [`Wait::Backend`].
-    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
-}
 
 /// A virtio device as its transport sees it.
 pub trait VirtioDevice: Send {
@@ -79,33 +51,6 @@ pub enum ActivateError {
     Spawn(std::io::Error),
 }
 
-/// One queue the driver made ready: its ring state and its two eventfds.
-pub struct QueueSetup {
-    pub index: u16,
-    pub queue: Queue,
-    /// Signalled by the guest's notification (a KVM ioeventfd).
-    pub kick: EventFd,
-    /// Written to raise the queue's interrupt (a KVM irqfd).
-    pub call: EventFd,
-}
-
-/// Where a device reports that it needs a reset.
-pub struct DeviceEvents {
-    pub counters: Arc<DeviceCounters>,
-    /// Written when the device wants a configuration-change interrupt.
-    pub config_call: Option<EventFd>,
-}
-
-impl DeviceEvents {
-    /// Marks the device DEVICE_NEEDS_RESET and tells the driver.
-    pub fn set_needs_reset(&self) {
-        self.counters.needs_reset.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(call) = &self.config_call {
-            let _ = call.write(1);
-        }
-    }
-}
-
 /// A device whose queue threads are running. Dropping it stops them.
 pub struct ActiveDevice {
     threads: Option<ThreadSet>,
@@ -137,18 +82,21 @@ pub fn activate(
     runtime: &Arc<Runtime>,
     config_call: Option<EventFd>,
 ) -> Result<ActiveDevice, ActivateError> {
-    let jobs = jobs(device, features, mem, queues, config_call)?;
+    let blocking = runtime.mode() == crate::ThreadingMode::PerQueue;
+    let jobs = jobs(device, features, mem, queues, config_call, blocking)?;
     let threads = runtime.start(jobs).map_err(ActivateError::Spawn)?;
     Ok(ActiveDevice { threads: Some(threads) })
 }
 
-/// Checks the queues and builds one job (queue + worker) per queue.
+/// Checks the queues and builds one job (queue + worker) per queue;
+/// `blocking`: each queue will have a thread of its own.
 pub(crate) fn jobs(
     device: &mut dyn VirtioDevice,
     features: u64,
     mem: &GuestMemory,
     queues: Vec<QueueSetup>,
     config_call: Option<EventFd>,
+    blocking: bool,
 ) -> Result<Vec<Job>, ActivateError> {
     let counters = device.counters();
     counters.needs_reset.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -178,8 +126,8 @@ pub(crate) fn jobs(
             return Err(ActivateError::NoSuchQueue(s.index));
         };
         let name = format!("{}-q{}", device.name(), s.index);
-        let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone());
-        jobs.push(Job::new(ctx, worker));
+        let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone(), blocking);
+        jobs.push(Job::new(device.name(), ctx, worker));
     }
     Ok(jobs)
 }

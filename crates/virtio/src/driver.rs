@@ -17,7 +17,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{activate, ActivateError, ActiveDevice, QueueSetup, VirtioDevice};
+use crate::device::{activate, ActivateError, ActiveDevice, VirtioDevice};
+use crate::queue::QueueSetup;
 use crate::memory::GuestMemory;
 use crate::threads::{Runtime, ThreadingMode};
 

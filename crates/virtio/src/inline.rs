@@ -5,7 +5,8 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{jobs, ActivateError, QueueSetup, VirtioDevice};
+use crate::device::{jobs, ActivateError, VirtioDevice};
+use crate::queue::QueueSetup;
 use crate::memory::GuestMemory;
 use crate::threads::Job;
 
@@ -23,11 +24,7 @@ impl Inline {
         queues: Vec<QueueSetup>,
         config_call: Option<EventFd>,
     ) -> Result<Inline, ActivateError> {
-        let mut jobs = jobs(device, features, mem, queues, config_call)?;
-        for j in &mut jobs {
-            j.ctx.blocking = false;
-        }
-        Ok(Inline { jobs })
+        Ok(Inline { jobs: jobs(device, features, mem, queues, config_call, false)? })
     }
 
     /// Serves every queue until its worker has nothing more to do right

@@ -34,13 +34,11 @@ pub mod queue;
 pub mod ratelimit;
 pub mod rng;
 pub mod sys;
+pub mod terminal;
 pub mod threads;
 
 pub use counters::{DeviceCounters, QueueCounters, QueueCountersSnapshot};
-pub use device::{
-    activate, ActivateError, ActiveDevice, DeviceEvents, QueueSetup, QueueWorker, VirtioDevice,
-    Wait,
-};
+pub use device::{activate, ActivateError, ActiveDevice, VirtioDevice};
 pub use memory::GuestMemory;
-pub use queue::{QueueCtx, Stopped};
-pub use threads::{Runtime, ThreadingMode};
+pub use queue::{DeviceEvents, QueueCtx, QueueSetup, Stopped};
+pub use threads::{QueueWorker, Runtime, ThreadingMode, Wait};

@@ -10,8 +10,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{self, Chain};
-use crate::counters::QueueCounters;
-use crate::device::{DeviceEvents, QueueSetup};
+use crate::counters::{DeviceCounters, QueueCounters};
 use crate::memory::GuestMemory;
 
 /// Under sustained load, a queue thread that never runs out of work still
@@ -20,6 +19,33 @@ use crate::memory::GuestMemory;
 pub const NOTIFY_BATCH: u32 = 64;
 
 const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// One queue the driver made ready: its ring state and its two eventfds.
+pub struct QueueSetup {
+    pub index: u16,
+    pub queue: Queue,
+    /// Signalled by the guest's notification (a KVM ioeventfd).
+    pub kick: EventFd,
+    /// Written to raise the queue's interrupt (a KVM irqfd).
+    pub call: EventFd,
+}
+
+/// Where a device reports that it needs a reset.
+pub struct DeviceEvents {
+    pub counters: Arc<DeviceCounters>,
+    /// Written when the device wants a configuration-change interrupt.
+    pub config_call: Option<EventFd>,
+}
+
+impl DeviceEvents {
+    /// Marks the device DEVICE_NEEDS_RESET and tells the driver.
+    pub fn set_needs_reset(&self) {
+        self.counters.needs_reset.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(call) = &self.config_call {
+            let _ = call.write(1);
+        }
+    }
+}
 
 /// The queue thread was asked to stop (device reset or shutdown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +64,10 @@ pub struct QueueCtx {
     call: EventFd,
     pub counters: Arc<QueueCounters>,
     events: Arc<DeviceEvents>,
-    pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) blocking: bool,
+    /// Set when the thread serving this queue must stop.
+    stop: Arc<AtomicBool>,
+    /// The queue has a thread of its own (see [`QueueCtx::blocking`]).
+    blocking: bool,
     /// Used entries added since the last interrupt decision.
     unsignalled: u32,
     /// The rings are corrupt: serve nothing until the device is reset.
@@ -47,6 +75,8 @@ pub struct QueueCtx {
 }
 
 impl QueueCtx {
+    /// `blocking`: the queue will have a thread of its own (per-queue
+    /// mode), in which its worker may block in its backend.
     pub(crate) fn new(
         s: QueueSetup,
         name: String,
@@ -54,6 +84,7 @@ impl QueueCtx {
         features: u64,
         counters: Arc<QueueCounters>,
         events: Arc<DeviceEvents>,
+        blocking: bool,
     ) -> Self {
         QueueCtx {
             index: s.index,
@@ -66,7 +97,7 @@ impl QueueCtx {
             counters,
             events,
             stop: Arc::new(AtomicBool::new(false)),
-            blocking: true,
+            blocking,
             unsignalled: 0,
             broken: false,
         }
@@ -88,6 +119,17 @@ impl QueueCtx {
         self.blocking
     }
 
+    /// The flag the queue's thread is stopped with.
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// A stopped queue that moves to a new thread (the `single` mode
+    /// restarts its thread when a device comes or goes) serves again.
+    pub(crate) fn resume(&mut self) {
+        self.stop.store(false, Ordering::Release);
+    }
+
     /// Returns `Err(Stopped)` once the thread has been asked to stop.
     pub fn check_stop(&self) -> Result<(), Stopped> {
         if self.stop.load(Ordering::Acquire) {
@@ -97,8 +139,9 @@ impl QueueCtx {
         }
     }
 
-    /// For a backend call that failed with `err`: `Ok(())` means retry it
-    /// (it was only interrupted), `Err(Stopped)` means the thread must stop.
+    /// For a backend call that failed with `err`: `Ok(true)` means retry
+    /// it (it was only interrupted), `Ok(false)` means the error is real,
+    /// `Err(Stopped)` means the thread must stop.
     pub fn retry_after(&self, err: &io::Error) -> Result<bool, Stopped> {
         if err.kind() == io::ErrorKind::Interrupted {
             self.check_stop()?;
@@ -244,18 +287,19 @@ impl QueueCtx {
         Ok(u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
     }
 
-    /// Re-enables guest notifications before sleeping. Returns true if more
-    /// chains arrived meanwhile (so the thread must not sleep: otherwise a
-    /// kick sent before notifications were re-enabled would be lost).
-    pub(crate) fn prepare_sleep(&mut self) -> bool {
+    /// Re-enables guest notifications before sleeping. Returns false if
+    /// more chains arrived meanwhile: the thread must serve them and not
+    /// sleep, or a kick sent before notifications were re-enabled would be
+    /// lost.
+    pub(crate) fn may_sleep(&mut self) -> bool {
         if self.broken {
-            return false;
+            return true;
         }
         match self.queue.enable_notification(&*self.mem) {
-            Ok(more) => more,
+            Ok(more) => !more,
             Err(e) => {
                 self.ring_broken(&e.to_string());
-                false
+                true
             }
         }
     }
@@ -272,7 +316,7 @@ impl QueueCtx {
     pub fn wait_kick(&mut self) -> Result<(), Stopped> {
         loop {
             self.check_stop()?;
-            if self.prepare_sleep() {
+            if !self.may_sleep() {
                 self.woke();
                 return Ok(());
             }

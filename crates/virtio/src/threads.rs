@@ -1,6 +1,6 @@
 //! Who runs the queue workers: the threading model.
 //!
-//! - [`ThreadingMode::PerQueue`] (the default, the seeds' design): one OS
+//! - [`ThreadingMode::PerQueue`] (the default: lguest's and vhost's design): one OS
 //!   thread per virtqueue, named `<device>-q<N>`. It serves its queue, then
 //!   re-enables notifications, re-checks the ring, raises the interrupt if
 //!   the guest wants one, and blocks in `read` on its kick eventfd — or, for
@@ -8,7 +8,7 @@
 //! - [`ThreadingMode::PerDevice`]: one thread per device, `poll`ing all its
 //!   queues' kicks and backends.
 //! - [`ThreadingMode::Single`]: one thread, `kickvm-io`, for every device —
-//!   the "before" model of the seeds, kept so the difference can be
+//!   the "before" model (lguest's old Launcher loop), kept so the difference can be
 //!   measured.
 //!
 //! Stopping: the thread's stop flag is set and the thread is sent the wake
@@ -21,9 +21,36 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::device::{QueueWorker, Wait};
-use crate::queue::QueueCtx;
+use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
+
+/// What a queue thread waits for once its worker has no more work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The guest must make more buffers available (a kick).
+    Kick,
+    /// The backend must become readable (net receive, console input). Only
+    /// returned by a worker that may not block (shared-thread modes).
+    Backend,
+}
+
+/// Serves one virtqueue. Called by that queue's thread whenever the queue
+/// may have work; it returns when there is none left.
+pub trait QueueWorker: Send {
+    /// Pop chains, do their I/O in guest memory and return them on the used
+    /// ring until nothing more can be done right now.
+    ///
+    /// When `q.blocking()` is true the worker owns its thread and may block
+    /// in its backend (e.g. a `readv` on the TAP that waits for a packet),
+    /// calling `q.notify()` first since it is about to sleep. Otherwise it
+    /// must not block and returns [`Wait::Backend`] instead.
+    fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped>;
+
+    /// The backend fd polled for [`Wait::Backend`].
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
 
 /// How queue workers are mapped onto threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +85,8 @@ impl std::fmt::Display for ThreadingMode {
 
 /// One queue and the worker that serves it.
 pub(crate) struct Job {
+    /// The device's name (`net0`): per-device mode names its thread so.
+    device: String,
     pub ctx: QueueCtx,
     pub worker: Box<dyn QueueWorker>,
     /// The device the job belongs to, in `single` mode.
@@ -68,15 +97,15 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    pub(crate) fn new(ctx: QueueCtx, worker: Box<dyn QueueWorker>) -> Job {
-        Job { ctx, worker, owner: 0, failed: false }
+    pub(crate) fn new(device: &str, ctx: QueueCtx, worker: Box<dyn QueueWorker>) -> Job {
+        Job { device: device.to_string(), ctx, worker, owner: 0, failed: false }
     }
 
     /// [`Job::serve`], then the interrupt decision a thread makes before
     /// it sleeps (see [`crate::inline`]).
     pub(crate) fn serve_inline(&mut self) -> Result<Wait, crate::Stopped> {
         let r = self.serve();
-        if self.ctx.prepare_sleep() {
+        if !self.ctx.may_sleep() {
             self.ctx.woke();
         }
         self.ctx.notify();
@@ -106,17 +135,18 @@ impl Job {
 
 struct Thread {
     handle: JoinHandle<Vec<Job>>,
-    stop: Arc<AtomicBool>,
+    /// The stop flags of the queues it serves.
+    stops: Vec<Arc<AtomicBool>>,
 }
 
 impl Thread {
-    fn spawn(name: String, mut jobs: Vec<Job>, blocking: bool) -> io::Result<Thread> {
+    /// Starts a thread serving `jobs`: blocking in its one queue's kick or
+    /// backend if that queue was made for a thread of its own, else
+    /// polling them all.
+    fn spawn(name: String, jobs: Vec<Job>) -> io::Result<Thread> {
         sys::install_wake_handler();
-        let stop = Arc::new(AtomicBool::new(false));
-        for j in &mut jobs {
-            j.ctx.stop = stop.clone();
-            j.ctx.blocking = blocking;
-        }
+        let stops = jobs.iter().map(|j| j.ctx.stop_flag()).collect();
+        let blocking = matches!(jobs.as_slice(), [j] if j.ctx.blocking());
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             if blocking {
                 serve_blocking(jobs)
@@ -124,7 +154,7 @@ impl Thread {
                 serve_polling(jobs)
             }
         })?;
-        Ok(Thread { handle, stop })
+        Ok(Thread { handle, stops })
     }
 
     /// Asks the thread to stop, knocks it out of any blocking call, and
@@ -132,7 +162,9 @@ impl Thread {
     /// (none if the thread itself died, which `Job::serve` prevents).
     fn stop(self) -> Vec<Job> {
         use std::os::unix::thread::JoinHandleExt;
-        self.stop.store(true, Ordering::Release);
+        for s in &self.stops {
+            s.store(true, Ordering::Release);
+        }
         let pthread = self.handle.as_pthread_t();
         let mut wait = Duration::from_micros(50);
         while !self.handle.is_finished() {
@@ -197,19 +229,14 @@ impl Runtime {
                 let mut threads = Vec::new();
                 for job in jobs {
                     let name = thread_name(job.ctx.name());
-                    threads.push(Thread::spawn(name, vec![job], true)?);
+                    threads.push(Thread::spawn(name, vec![job])?);
                 }
                 Ok(ThreadSet { threads, single: None })
             }
             ThreadingMode::PerDevice => {
-                let name = jobs
-                    .first()
-                    .map(|j| j.ctx.name().rsplit_once("-q").map_or(j.ctx.name(), |(d, _)| d).to_string())
-                    .unwrap_or_default();
-                let threads = if jobs.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Thread::spawn(thread_name(&name), jobs, false)?]
+                let threads = match jobs.first() {
+                    None => Vec::new(),
+                    Some(j) => vec![Thread::spawn(thread_name(&j.device), jobs)?],
                 };
                 Ok(ThreadSet { threads, single: None })
             }
@@ -226,11 +253,14 @@ impl Runtime {
         let id = s.next_id;
         s.next_id += 1;
         let mut all = s.thread.take().map(Thread::stop).unwrap_or_default();
+        for j in &mut all {
+            j.ctx.resume();
+        }
         for j in &mut jobs {
             j.owner = id;
         }
         all.extend(jobs);
-        s.thread = Some(Thread::spawn("kickvm-io".into(), all, false)?);
+        s.thread = Some(Thread::spawn("kickvm-io".into(), all)?);
         Ok(id)
     }
 
@@ -238,9 +268,12 @@ impl Runtime {
     fn single_remove(&self, id: u64) {
         let mut s = self.single.lock().unwrap_or_else(|e| e.into_inner());
         let all = s.thread.take().map(Thread::stop).unwrap_or_default();
-        let keep: Vec<Job> = all.into_iter().filter(|j| j.owner != id).collect();
+        let mut keep: Vec<Job> = all.into_iter().filter(|j| j.owner != id).collect();
+        for j in &mut keep {
+            j.ctx.resume();
+        }
         if !keep.is_empty() {
-            match Thread::spawn("kickvm-io".into(), keep, false) {
+            match Thread::spawn("kickvm-io".into(), keep) {
                 Ok(t) => s.thread = Some(t),
                 Err(e) => log::error!("cannot restart the I/O thread: {e}"),
             }
@@ -262,7 +295,7 @@ fn thread_name(name: &str) -> String {
     name.chars().take(15).collect()
 }
 
-/// Per-queue mode: the seeds' loop. Serve; when idle, sleep on the kick.
+/// Per-queue mode: lguest's loop. Serve; when idle, sleep on the kick.
 fn serve_blocking(mut jobs: Vec<Job>) -> Vec<Job> {
     if let Some(job) = jobs.first_mut() {
         loop {
@@ -328,7 +361,7 @@ fn serve_polling(mut jobs: Vec<Job>) -> Vec<Job> {
         // About to sleep: re-enable notifications and re-check each ring.
         let mut again = false;
         for i in 0..n {
-            if waits[i] == Wait::Kick && jobs[i].ctx.prepare_sleep() {
+            if waits[i] == Wait::Kick && !jobs[i].ctx.may_sleep() {
                 jobs[i].ctx.woke();
                 runnable[i] = true;
                 again = true;

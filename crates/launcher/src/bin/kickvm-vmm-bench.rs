@@ -1,4 +1,4 @@
-//! kickvm-vmm-bench: the launcher's benchmarks (issue 4) against QEMU, on
+//! kickvm-vmm-bench: the launcher's benchmarks against QEMU (docs/benchmarks.md), on
 //! the same machine in the same run. Run it with `scripts/bench-vmm.sh`,
 //! which builds it and starts it inside the nested rig (it needs a KVM that
 //! runs a stock kernel, and root for the TAP and perf).

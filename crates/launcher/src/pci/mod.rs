@@ -2,7 +2,8 @@
 //! modern virtio-pci transport with MSI-X.
 //!
 //! Written by hand: no published crate provides PCI config space, MSI-X or
-//! virtio-pci (see DESIGN.md).
+//! virtio-pci (Cloud Hypervisor's and crosvm's are in-tree only; the crates.io
+//! names `pci` and `virtio-devices` are unrelated).
 //!
 //! - [`config`]: a function's 256-byte configuration header, capabilities, BARs.
 //! - [`root`]: bus 0, the host bridge at 00:00.0, ports 0xCF8/0xCFC and ECAM.

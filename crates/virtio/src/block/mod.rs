@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use crate::chain::Chain;
 use crate::counters::DeviceCounters;
-use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
+use crate::device::{ActivateError, VirtioDevice, COMMON_FEATURES};
+use crate::threads::{QueueWorker, Wait};
 use crate::memory::GuestIovecs;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::queue::{QueueCtx, Stopped};
+use crate::terminal::{make_raw, Mode, RawTerminal};
 
 /// What the console is connected to.
 #[derive(Debug, Clone)]
@@ -25,7 +26,7 @@ pub enum Backend {
 /// An open backend, shared by the receive and transmit threads.
 pub struct ConsoleBackend {
     kind: Kind,
-    _terminal: Option<TerminalGuard>,
+    _terminal: Option<RawTerminal>,
 }
 
 enum Kind {
@@ -40,7 +41,7 @@ impl ConsoleBackend {
         let mut terminal = None;
         let kind = match b {
             Backend::Stdio => {
-                terminal = TerminalGuard::raw(0)?;
+                terminal = RawTerminal::enter(0, Mode::Raw)?;
                 Kind::Stdio
             }
             Backend::Pty => open_pty()?,
@@ -204,73 +205,9 @@ fn open_pty() -> io::Result<Kind> {
     // SAFETY: `buf` is NUL-terminated by ttyname_r.
     let path = PathBuf::from(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned());
     // The guest's own tty does line editing and echo; the pty passes bytes.
-    set_raw(slave.as_raw_fd())?;
+    make_raw(slave.as_raw_fd(), Mode::Raw)?;
     // We keep the slave open so the master never reads EIO while no one
     // is connected.
     Ok(Kind::Pty { master, _slave: slave, path })
 }
 
-fn set_raw(fd: RawFd) -> io::Result<()> {
-    // SAFETY: termios is plain data; tcgetattr fills it for a tty fd.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(fd, &mut t) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        libc::cfmakeraw(&mut t);
-        if libc::tcsetattr(fd, libc::TCSANOW, &t) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Puts a terminal in raw mode and restores its settings when dropped, so
-/// the user's shell is never left without echo. The launcher also calls
-/// [`TerminalGuard::restore_saved`] from its exit paths.
-pub struct TerminalGuard {
-    fd: RawFd,
-    saved: libc::termios,
-}
-
-static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
-
-impl TerminalGuard {
-    /// Raw mode on `fd` if it is a terminal; `Ok(None)` if it is not.
-    pub fn raw(fd: RawFd) -> io::Result<Option<TerminalGuard>> {
-        // SAFETY: isatty on any fd number is harmless.
-        if unsafe { libc::isatty(fd) } != 1 {
-            return Ok(None);
-        }
-        // SAFETY: termios is plain data; tcgetattr fills it.
-        let saved = unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(fd, &mut t) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            t
-        };
-        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some((fd, saved));
-        set_raw(fd)?;
-        Ok(Some(TerminalGuard { fd, saved }))
-    }
-
-    /// Restores the terminal saved by the last [`TerminalGuard::raw`], if
-    /// any (for exit paths that do not unwind, e.g. a signal handler's).
-    pub fn restore_saved() {
-        if let Ok(s) = SAVED.try_lock() {
-            if let Some((fd, t)) = s.as_ref() {
-                // SAFETY: restoring settings previously read from this fd.
-                unsafe { libc::tcsetattr(*fd, libc::TCSANOW, t) };
-            }
-        }
-    }
-}
-
-impl Drop for TerminalGuard {
-    fn drop(&mut self) {
-        // SAFETY: restoring settings previously read from this fd.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
-        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-}

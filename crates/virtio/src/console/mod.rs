@@ -8,14 +8,15 @@
 
 mod backend;
 
-pub use backend::{Backend, ConsoleBackend, TerminalGuard};
+pub use backend::{Backend, ConsoleBackend};
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::counters::DeviceCounters;
 use crate::memory::GuestIovecs;
-use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
+use crate::device::{ActivateError, VirtioDevice, COMMON_FEATURES};
+use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
 

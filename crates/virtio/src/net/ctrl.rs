@@ -13,7 +13,7 @@ use super::features::*;
 use super::has;
 use super::tap::{Tap, TapError};
 use crate::chain::Chain;
-use crate::device::{QueueWorker, Wait};
+use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
 
 /// Longest command read from guest memory. The largest command of the

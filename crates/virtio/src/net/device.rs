@@ -10,7 +10,8 @@ use super::tap::{offload_flags, Tap, TapError};
 use super::tx::TxWorker;
 use super::{has, ETH_HLEN, MAX_FRAME_LEN, NET_HDR_LEN, NET_HDR_LEN_LEGACY};
 use crate::counters::DeviceCounters;
-use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
+use crate::device::{ActivateError, VirtioDevice, COMMON_FEATURES};
+use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
 
 /// virtio device ID of a network card.

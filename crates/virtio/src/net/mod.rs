@@ -5,7 +5,7 @@
 //!   `writev`s it — virtio-net header and frame, straight from guest
 //!   memory — to the TAP queue fd (the TAP expects the same header: "what a
 //!   coincidence!", as lguest put it).
-//! - receive, inverted as in the seeds: [`rx::RxWorker`] first holds guest
+//! - receive, inverted (as lguest and QEMU's "invert network receive" proposal did): [`rx::RxWorker`] first holds guest
 //!   buffers from `rx<N>`, then reads the TAP straight into them. No packet
 //!   is ever copied or queued in between. Its thread sleeps in that `readv`
 //!   and interrupts the guest only just before it does.

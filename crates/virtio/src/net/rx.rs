@@ -28,7 +28,7 @@ use std::time::Duration;
 use super::tap::Tap;
 use super::{MAX_IOVECS, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 use crate::chain::Chain;
-use crate::device::{QueueWorker, Wait};
+use crate::threads::{QueueWorker, Wait};
 use crate::memory::GuestIovecs;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::tap::Tap;
 use super::MAX_FRAME_LEN;
 use crate::chain::Chain;
-use crate::device::{QueueWorker, Wait};
+use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
 

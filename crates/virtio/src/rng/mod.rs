@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::counters::DeviceCounters;
-use crate::device::{ActivateError, QueueWorker, VirtioDevice, Wait, COMMON_FEATURES};
+use crate::device::{ActivateError, VirtioDevice, COMMON_FEATURES};
+use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
 

@@ -1,4 +1,4 @@
-//! A guest repeating a mistake as fast as it can (issue 8, class 4): each
+//! A guest repeating a mistake as fast as it can (docs/security.md, class 4): each
 //! attempt is counted and the count is readable, but the host's log gets
 //! a few lines, not one per attempt. Driven through the same port and MMIO
 //! bus accesses a vCPU's exits deliver.

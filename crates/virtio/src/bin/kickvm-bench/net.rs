@@ -4,7 +4,7 @@
 //! - ping-pong: the driver sends an ICMP echo request to the TAP's address
 //!   and waits for the kernel's reply in a receive buffer; round trips/s,
 //!   p50/p99 RTT, and the device threads' syscalls per round trip (the
-//!   seeds' figure: lguest went from ≈17 to ≈6; the goal here is ≤ 5).
+//!   lguest's 2009 figure: it went from ≈17 to ≈6; the goal here is ≤ 5).
 //!   Peer: the same echo through the kernel alone — a raw `AF_PACKET`
 //!   socket on one end of a veth pair, the kernel answering on the other.
 //! - sustained load one way: TX flood (frames the kernel drops on
@@ -509,7 +509,7 @@ fn flood_sender(sock: OwnedFd, stop: &AtomicBool, sent: &AtomicU64) {
 // ----------------------------------------------- per-thread syscall detail
 
 /// `perf stat --per-thread` with one tracepoint per syscall the device
-/// threads make, for a breakdown like the seeds' strace walk-through.
+/// threads make, for a breakdown like lguest's strace walk-through.
 struct PerThread {
     child: std::process::Child,
 }
