@@ -1,11 +1,11 @@
 #!/bin/sh
-# The launcher's benchmarks (issue 4): kickvm against QEMU in the same run,
+# The launcher's benchmarks: kickvm against QEMU in the same run,
 # boot time, guest→host ping RTT and syscalls per ping, memory overhead.
 #
 #   scripts/bench-vmm.sh                      # full run (~10 min here, L1 boots included)
 #   scripts/bench-vmm.sh --boot-runs 1 --ping-runs 1 --pings 50   # quick look
 #
-# Arguments go to kickvm-vmm-bench (crates/launcher/src/bin/kickvm-vmm-bench.rs;
+# Arguments go to kickvm-vmm-bench (crates/bench/src/bin/kickvm-vmm-bench.rs;
 # --help-ish usage: any unknown argument). On a host whose /dev/kvm cannot
 # run Linux (kvm_pvm, our machines) it runs inside the nested rig
 # (docs/testing.md). Results: Markdown on stdout and in

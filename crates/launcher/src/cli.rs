@@ -11,8 +11,10 @@ const ABOUT: &str = "Boot a stock Linux kernel on KVM, with virtio devices whose
 
 const RUN_EXAMPLES: &str = "\
 Examples:
-  # The project's default test guest (Debian cloud kernel + busybox initramfs):
-  kickvm run
+  # The project's default guest (Debian cloud kernel + busybox initramfs),
+  # built from Debian packages by kickvm-rig:
+  kickvm run --kernel K --initrd I     # K I: `kickvm-rig image --print-paths`
+  scripts/boot.sh                      # builds it and boots it, in the rig if needed
 
   # Your own kernel and initramfs, 2 vCPUs, 1 GiB, extra kernel arguments:
   kickvm run --kernel /boot/vmlinuz-6.1.0-18-amd64 --initrd initrd.img \\
@@ -114,7 +116,7 @@ impl RunArgs {
         let (kernel, initrd) = match &self.kernel {
             Some(k) => (k.clone(), self.initrd.clone()),
             None => {
-                let (k, i) = default_image().map_err(|e| ConfigError(format!("no --kernel given and the default guest image is not available: {e}")))?;
+                let (k, i) = default_image().map_err(|e| ConfigError(format!("no --kernel given: {e}")))?;
                 (k, Some(self.initrd.clone().unwrap_or(i)))
             }
         };

@@ -47,8 +47,12 @@ fn fail(msg: impl std::fmt::Display) -> u8 {
     1
 }
 
+/// The launcher boots what it is given: the project's default guest image
+/// is built and handed over by `scripts/boot.sh` (or `kickvm-rig image`).
 fn default_image() -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
-    kickvm_rig::default_image().map(|i| (i.kernel, i.initrd)).map_err(|e| e.to_string())
+    Err("pass --kernel (and --initrd): scripts/boot.sh builds the project's default guest image and boots it, \
+         `kickvm-rig image --print-paths` prints its paths"
+        .into())
 }
 
 fn run(args: &RunArgs) -> u8 {

@@ -26,6 +26,7 @@ pub mod chain;
 pub mod console;
 pub mod counters;
 pub mod device;
+#[cfg(feature = "test-driver")]
 pub mod driver;
 pub mod inline;
 pub mod memory;

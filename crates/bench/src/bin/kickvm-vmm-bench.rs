@@ -42,7 +42,7 @@ const HOST_ADDR: &str = "10.0.2.2/24";
 const GUEST_MAC: &str = "52:54:00:12:34:56";
 /// Same as kickvm's built-in prefix (crates/launcher/src/config.rs), given
 /// to QEMU explicitly so that all three boot the same command line.
-const KICKVM_DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+const KICKVM_DEFAULT_CMDLINE: &str = kickvm::config::DEFAULT_CMDLINE;
 const EXTRA_CMDLINE: &str = "loglevel=4";
 /// Syscalls counted one by one (besides the total), when the running
 /// kernel has their tracepoints.
