@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::counters::DeviceCounters;
 use crate::memory::GuestMemory;
-use crate::queue::{DeviceEvents, QueueCtx, QueueSetup};
+use crate::queue::{DeviceEvents, QueueCtx, QueueSetup, QueueState};
 use crate::threads::{Job, QueueWorker, Runtime, ThreadSet};
 
 /// Feature bits every device here offers: virtio 1.x, indirect descriptors
@@ -58,17 +58,20 @@ pub struct ActiveDevice {
 
 impl ActiveDevice {
     /// Stops every queue thread of the device and waits for them. No thread
-    /// touches guest memory for this device once this returns.
-    pub fn stop(&mut self) {
-        if let Some(t) = self.threads.take() {
-            t.stop();
-        }
+    /// touches guest memory for this device once this returns. Returns
+    /// where each queue stopped in its rings (what a vhost-user back-end
+    /// answers to GET_VRING_BASE), in queue order; empty if already stopped.
+    pub fn stop(&mut self) -> Vec<QueueState> {
+        let Some(t) = self.threads.take() else { return Vec::new() };
+        let mut states: Vec<QueueState> = t.stop().iter().map(|j| j.ctx.state()).collect();
+        states.sort_by_key(|s| s.index);
+        states
     }
 }
 
 impl Drop for ActiveDevice {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }
 

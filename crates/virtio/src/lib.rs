@@ -41,5 +41,5 @@ pub mod threads;
 pub use counters::{DeviceCounters, QueueCounters, QueueCountersSnapshot};
 pub use device::{activate, ActivateError, ActiveDevice, VirtioDevice};
 pub use memory::GuestMemory;
-pub use queue::{DeviceEvents, QueueCtx, QueueSetup, Stopped};
+pub use queue::{DeviceEvents, QueueCtx, QueueSetup, QueueState, Stopped};
 pub use threads::{QueueWorker, Runtime, ThreadingMode, Wait};

@@ -47,6 +47,16 @@ impl DeviceEvents {
     }
 }
 
+/// Where a stopped queue is in its rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    pub index: u16,
+    /// The next avail ring entry the device would have taken.
+    pub next_avail: u16,
+    /// The next used ring entry the device would have written.
+    pub next_used: u16,
+}
+
 /// The queue thread was asked to stop (device reset or shutdown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped;
@@ -117,6 +127,11 @@ impl QueueCtx {
     /// backend (per-queue mode).
     pub fn blocking(&self) -> bool {
         self.blocking
+    }
+
+    /// Where the queue is in its rings.
+    pub(crate) fn state(&self) -> QueueState {
+        QueueState { index: self.index, next_avail: self.queue.next_avail(), next_used: self.queue.next_used() }
     }
 
     /// The flag the queue's thread is stopped with.

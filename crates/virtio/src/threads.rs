@@ -191,13 +191,14 @@ pub(crate) struct ThreadSet {
 }
 
 impl ThreadSet {
-    pub(crate) fn stop(self) {
-        for t in self.threads {
-            drop(t.stop());
-        }
+    /// Stops the threads; returns the device's queues (as their threads
+    /// left them).
+    pub(crate) fn stop(self) -> Vec<Job> {
+        let mut jobs: Vec<Job> = self.threads.into_iter().flat_map(Thread::stop).collect();
         if let Some((rt, id)) = self.single {
-            rt.single_remove(id);
+            jobs.extend(rt.single_remove(id));
         }
+        jobs
     }
 }
 
@@ -265,10 +266,11 @@ impl Runtime {
     }
 
     /// Restarts the single I/O thread without the jobs of device `id`.
-    fn single_remove(&self, id: u64) {
+    /// Returns the jobs of device `id`.
+    fn single_remove(&self, id: u64) -> Vec<Job> {
         let mut s = self.single.lock().unwrap_or_else(|e| e.into_inner());
         let all = s.thread.take().map(Thread::stop).unwrap_or_default();
-        let mut keep: Vec<Job> = all.into_iter().filter(|j| j.owner != id).collect();
+        let (gone, mut keep): (Vec<Job>, Vec<Job>) = all.into_iter().partition(|j| j.owner == id);
         for j in &mut keep {
             j.ctx.resume();
         }
@@ -278,6 +280,7 @@ impl Runtime {
                 Err(e) => log::error!("cannot restart the I/O thread: {e}"),
             }
         }
+        gone
     }
 }
 
