@@ -16,18 +16,52 @@ pub const COMMON_FEATURES: u64 = (1 << virtio_bindings::virtio_config::VIRTIO_F_
     | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
 
+/// A device configuration structure the driver reads byte by byte.
+///
+/// # Safety
+/// Implementors are plain old data with no padding (so every byte of a
+/// value is initialized): the `repr(C, packed)` structures of
+/// `virtio_bindings`, whose fields are integers and arrays of them.
+pub unsafe trait ConfigSpace: Copy {
+    /// The structure's bytes, as the driver sees them.
+    fn bytes(&self) -> Vec<u8> {
+        // SAFETY: `Self` is plain old data without padding (the trait's
+        // contract): all `size_of::<Self>()` bytes are initialized.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), std::mem::size_of::<Self>()) }
+            .to_vec()
+    }
+}
+
+// SAFETY: repr(C, packed), integers and arrays of integers only.
+unsafe impl ConfigSpace for virtio_bindings::virtio_blk::virtio_blk_config {}
+// SAFETY: repr(C, packed), integers and arrays of integers only.
+unsafe impl ConfigSpace for virtio_bindings::virtio_net::virtio_net_config {}
+
 /// A virtio device as its transport sees it.
 pub trait VirtioDevice: Send {
     /// Short name for threads and logs, e.g. `net0`, `blk1`.
     fn name(&self) -> &str;
-    /// Virtio device ID (1 net, 2 block, 3 console, 4 rng).
+    /// Virtio device ID (`virtio_bindings::virtio_ids`).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> Vec<u16>;
     /// Features offered to the driver.
     fn features(&self) -> u64;
-    /// Reads the device-specific configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The device-specific configuration space, as bytes (most devices:
+    /// a `virtio_bindings` structure through [`ConfigSpace::bytes`]).
+    /// Empty by default.
+    fn config_space(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Reads the device-specific configuration space; bytes past its end
+    /// read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let space = self.config_space();
+        let from = usize::try_from(offset).ok();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = from.and_then(|o| o.checked_add(i)).and_then(|o| space.get(o)).copied().unwrap_or(0);
+        }
+    }
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// The driver set DRIVER_OK with `features`: build one worker per queue

@@ -11,12 +11,18 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{self, Chain};
 use crate::counters::{DeviceCounters, QueueCounters};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestIovecs, GuestMemory};
 
 /// Under sustained load, a queue thread that never runs out of work still
 /// interrupts the guest after this many used buffers, so the guest's
 /// latency stays bounded even though the thread does not sleep.
 pub const NOTIFY_BATCH: u32 = 64;
+
+/// Bytes [`QueueCtx::io_all`] hands to one system call at most. A request
+/// may be as large as a chain (4 GiB); in slices this size a reset waits
+/// for one slice. Linux's block requests are far smaller (`max_sectors_kb`
+/// defaults to 1280), so they take one call.
+pub const MAX_IO_BYTES: u64 = 16 << 20;
 
 const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -163,6 +169,48 @@ impl QueueCtx {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Moves all of `iov` through `op`, a read or write that may take only
+    /// part of it (short reads and writes happen): `op` gets the buffers
+    /// still to go and how many bytes are done. At most [`MAX_IO_BYTES`]
+    /// go to one call, so a stop waits for one slice, not a whole 4 GiB
+    /// request; interrupted calls are retried unless the thread must stop;
+    /// a backend that would block is waited for a millisecond at a time.
+    /// Returns the bytes moved, or the backend's error.
+    pub fn io_all(
+        &self,
+        iov: &GuestIovecs,
+        mut op: impl FnMut(&GuestIovecs, u64) -> io::Result<usize>,
+    ) -> Result<io::Result<u64>, Stopped> {
+        let total = iov.len();
+        let mut done = 0u64;
+        let mut rest = iov.clone();
+        while done < total {
+            let mut slice;
+            let chunk = if rest.len() > MAX_IO_BYTES {
+                self.check_stop()?;
+                slice = rest.clone();
+                slice.truncate(MAX_IO_BYTES);
+                &slice
+            } else {
+                &rest
+            };
+            match op(chunk, done) {
+                Ok(0) => return Ok(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the backend ended early"))),
+                Ok(n) => {
+                    done += n as u64;
+                    rest = rest.skip(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    crate::sys::pause(std::time::Duration::from_millis(1));
+                    self.check_stop()?;
+                }
+                Err(e) if self.retry_after(&e)? => {}
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(done))
     }
 
     /// Takes the next available chain, validated. Malformed chains are

@@ -72,6 +72,22 @@ pub fn pause(d: std::time::Duration) {
     unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
 }
 
+/// A `readv` that never sleeps: `RWF_NOWAIT`, or where the kernel or the
+/// file lacks it (`*nowait` is then cleared for next time) a zero-timeout
+/// poll before a plain read. `WouldBlock` when nothing is ready.
+pub fn read_nowait(fd: RawFd, iov: &GuestIovecs, nowait: &mut bool) -> io::Result<usize> {
+    if *nowait {
+        match readv_nowait(fd, iov) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => *nowait = false,
+            r => return r,
+        }
+    }
+    if would_block(fd) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    readv(fd, iov)
+}
+
 /// True if reading `fd` now would block (a zero-timeout poll).
 pub fn would_block(fd: RawFd) -> bool {
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };

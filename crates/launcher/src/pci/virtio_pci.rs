@@ -86,11 +86,12 @@ const TRANSPORT_UNSUPPORTED: u64 = (1 << VIRTIO_F_RING_PACKED)
 
 /// Class code a driver-less OS shows for each device type.
 fn class_of(device_type: u32) -> (u8, u8, u8) {
+    use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
     match device_type {
-        1 => (0x02, 0x00, 0x00), // network controller, ethernet
-        2 => (0x01, 0x80, 0x00), // mass storage, other
-        3 => (0x07, 0x80, 0x00), // communication, other
-        _ => (0xff, 0x00, 0x00), // unassigned class
+        VIRTIO_ID_NET => (0x02, 0x00, 0x00),     // network controller, ethernet
+        VIRTIO_ID_BLOCK => (0x01, 0x80, 0x00),   // mass storage, other
+        VIRTIO_ID_CONSOLE => (0x07, 0x80, 0x00), // communication, other
+        _ => (0xff, 0x00, 0x00),                 // unassigned class
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::features::*;
 use super::has;
-use super::tap::{Tap, TapError};
+use super::backend::{Tap, TapError};
 use crate::chain::Chain;
 use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};

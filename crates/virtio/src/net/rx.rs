@@ -25,7 +25,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::tap::Tap;
+use super::backend::Tap;
 use super::{MAX_IOVECS, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 use crate::chain::Chain;
 use crate::threads::{QueueWorker, Wait};
@@ -178,7 +178,7 @@ impl RxWorker {
                 self.idle = cycles().wrapping_sub(t0) > SLEPT_CYCLES;
                 r
             } else {
-                read_nowait(fd, &self.iov, &mut self.nowait)
+                sys::read_nowait(fd, &self.iov, &mut self.nowait)
             };
             let err = match r {
                 Ok(n) => return Ok(Some(n)),
@@ -251,21 +251,6 @@ impl RxWorker {
 /// Bytes a held receive chain can take.
 fn buf_len(c: &Chain) -> usize {
     usize::try_from(c.writable.len()).unwrap_or(usize::MAX)
-}
-
-/// A read that never sleeps: `RWF_NOWAIT`, or where the kernel lacks it a
-/// zero-timeout poll before a plain read.
-fn read_nowait(fd: RawFd, iov: &GuestIovecs, nowait: &mut bool) -> io::Result<usize> {
-    if *nowait {
-        match sys::readv_nowait(fd, iov) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => *nowait = false,
-            r => return r,
-        }
-    }
-    if sys::would_block(fd) {
-        return Err(io::ErrorKind::WouldBlock.into());
-    }
-    sys::readv(fd, iov)
 }
 
 impl QueueWorker for RxWorker {

@@ -3,7 +3,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use super::tap::Tap;
+use super::backend::Tap;
 use super::MAX_FRAME_LEN;
 use crate::chain::Chain;
 use crate::threads::{QueueWorker, Wait};
