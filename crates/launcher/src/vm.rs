@@ -47,8 +47,16 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("{0}")]
-    Device(String),
+    #[error("cannot create the {what} eventfd: {source}")]
+    EventFd { what: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Irq(#[from] crate::irq::IrqError),
+    #[error(transparent)]
+    Pci(#[from] crate::pci::PciError),
+    #[error(transparent)]
+    Device(#[from] devices::DeviceError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -155,7 +163,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
         log::debug!("{:7.1} ms: VM, irqchip, PIT, {} MiB of guest RAM", ms(), cfg.memory >> 20);
     }
 
-    let control = Control::new().map_err(|e| VmError::Device(format!("cannot create the control eventfd: {e}")))?;
+    let control = Control::new().map_err(|source| VmError::EventFd { what: "control", source })?;
     let pio = Bus::new();
     let mmio = Bus::new();
     let serial = attach_platform(&vm, &pio, &control, io)?;
@@ -163,11 +171,11 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     // PCI and the virtio devices behind it. The routing table starts with
     // KVM's default IOAPIC/PIC routes, which the serial irqfd relies on.
     let msi = Arc::new(GsiRouter::new(vm.clone()));
-    msi.install().map_err(|e| VmError::Device(e.to_string()))?;
-    let mut pci = PciHost::new(&pio, &mmio, vm.clone(), msi).map_err(|e| VmError::Device(e.to_string()))?;
+    msi.install()?;
+    let mut pci = PciHost::new(&pio, &mmio, vm.clone(), msi)?;
     let runtime = Runtime::new(cfg.threads);
-    let devs = devices::build(cfg).map_err(|e| VmError::Device(e.to_string()))?;
-    let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime).map_err(|e| VmError::Device(e.to_string()))?;
+    let devs = devices::build(cfg)?;
+    let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime)?;
 
     if chatty {
         log::debug!("{:7.1} ms: devices", ms());
@@ -269,14 +277,13 @@ fn attach_platform(
     control: &Arc<Control>,
     io: &ConsoleIo,
 ) -> Result<Arc<Mutex<SerialPort>>, VmError> {
-    let dev = |e: crate::bus::BusError| VmError::Device(e.to_string());
     let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map_err(|e| VmError::Device(format!("cannot create the serial interrupt eventfd: {e}")))?;
+        .map_err(|source| VmError::EventFd { what: "serial interrupt", source })?;
     vm.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(kvm_err("cannot attach the serial port's irqfd"))?;
     let serial = Arc::new(Mutex::new(SerialPort::new(irq, (io.serial_out)())));
-    pio.insert(serial.clone(), layout::SERIAL_PORT, 8).map_err(dev)?;
-    pio.insert(Arc::new(Mutex::new(I8042::new(control.clone()))), layout::I8042_PORT - 4, 5).map_err(dev)?;
-    pio.insert(Arc::new(Mutex::new(AcpiSleep::new(control.clone()))), layout::ACPI_SLEEP_PORT, 1).map_err(dev)?;
+    pio.insert(serial.clone(), layout::SERIAL_PORT, 8)?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(control.clone()))), layout::I8042_PORT - 4, 5)?;
+    pio.insert(Arc::new(Mutex::new(AcpiSleep::new(control.clone()))), layout::ACPI_SLEEP_PORT, 1)?;
     Ok(serial)
 }
 

@@ -76,7 +76,7 @@ pub trait VirtioDevice: Send {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("{0}")]
-    Backend(String),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("queue {0} does not exist on this device")]
     NoSuchQueue(u16),
     #[error("queue {0} is not valid (addresses outside guest memory or bad size)")]

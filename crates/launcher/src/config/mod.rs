@@ -6,7 +6,7 @@
 //! a number out of range, a name the kernel would change. Nothing is
 //! clamped, wrapped or dropped silently.
 
-mod validate;
+pub(crate) mod validate;
 
 use std::path::PathBuf;
 
@@ -95,7 +95,7 @@ pub struct VmConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 

@@ -95,6 +95,20 @@ fn class_of(device_type: u32) -> (u8, u8, u8) {
     }
 }
 
+/// Why the device could not start at DRIVER_OK (the driver's rings, or
+/// the host).
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("queue {queue}: {source}")]
+    Ring { queue: usize, source: virtio_queue::Error },
+    #[error("queue {0} does not exist")]
+    NoSuchQueue(usize),
+    #[error("{}cannot duplicate an eventfd: {source}", queue.map_or(String::new(), |q| format!("queue {q}: ")))]
+    EventFd { queue: Option<usize>, source: std::io::Error },
+    #[error(transparent)]
+    Activate(#[from] kickvm_virtio::ActivateError),
+}
+
 /// What [`VirtioPciDevice::new`] needs besides the device.
 pub struct VirtioPciParams {
     pub mem: GuestMemory,
@@ -368,31 +382,32 @@ impl VirtioPciDevice {
         }
     }
 
-    fn start(&mut self) -> Result<ActiveDevice, String> {
+    fn start(&mut self) -> Result<ActiveDevice, StartError> {
         let mut setups = Vec::new();
         for (i, q) in self.common.queues().iter().enumerate().filter(|(_, q)| q.enabled) {
-            let bad = |what: &str| format!("queue {i}: {what}");
-            let mut queue = Queue::new(q.max_size).map_err(|e| bad(&e.to_string()))?;
-            queue.try_set_size(q.size).map_err(|e| bad(&e.to_string()))?;
-            queue.try_set_desc_table_address(GuestAddress(q.desc)).map_err(|e| bad(&e.to_string()))?;
-            queue.try_set_avail_ring_address(GuestAddress(q.driver)).map_err(|e| bad(&e.to_string()))?;
-            queue.try_set_used_ring_address(GuestAddress(q.device)).map_err(|e| bad(&e.to_string()))?;
+            let ring = |source| StartError::Ring { queue: i, source };
+            let eventfd = |source| StartError::EventFd { queue: Some(i), source };
+            let mut queue = Queue::new(q.max_size).map_err(ring)?;
+            queue.try_set_size(q.size).map_err(ring)?;
+            queue.try_set_desc_table_address(GuestAddress(q.desc)).map_err(ring)?;
+            queue.try_set_avail_ring_address(GuestAddress(q.driver)).map_err(ring)?;
+            queue.try_set_used_ring_address(GuestAddress(q.device)).map_err(ring)?;
             queue.set_ready(true);
-            let kick = self.kicks.get(i).ok_or_else(|| bad("no kick eventfd"))?;
-            let kick = kick.try_clone().map_err(|e| bad(&e.to_string()))?;
-            let call = self.call_for(q.msix_vector).map_err(|e| bad(&e.to_string()))?;
+            let kick = self.kicks.get(i).ok_or(StartError::NoSuchQueue(i))?;
+            let kick = kick.try_clone().map_err(eventfd)?;
+            let call = self.call_for(q.msix_vector).map_err(eventfd)?;
             setups.push(QueueSetup { index: i as u16, queue, kick, call });
         }
-        let config_call = self.call_for(self.common.msix_config).map_err(|e| e.to_string())?;
-        kickvm_virtio::activate(
+        let config_call =
+            self.call_for(self.common.msix_config).map_err(|source| StartError::EventFd { queue: None, source })?;
+        Ok(kickvm_virtio::activate(
             &mut *self.device,
             self.common.driver_features(),
             &self.mem,
             setups,
             &self.runtime,
             Some(config_call),
-        )
-        .map_err(|e| e.to_string())
+        )?)
     }
 
     /// The eventfd that raises `vector`; with no vector, one that nobody

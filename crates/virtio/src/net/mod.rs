@@ -209,7 +209,7 @@ impl VirtioDevice for NetDevice {
         let mergeable = has(features, VIRTIO_NET_F_MRG_RXBUF);
         let hdr_len = if version_1 || mergeable { NET_HDR_LEN } else { NET_HDR_LEN_LEGACY };
         let offloads = offload_flags(features);
-        let backend = |e: TapError| ActivateError::Backend(e.to_string());
+        let backend = |e: TapError| ActivateError::Backend(Box::new(e));
         for tap in self.taps.iter() {
             tap.set_vnet_hdr_size(hdr_len).map_err(backend)?;
             tap.set_offload(offloads).map_err(backend)?;
