@@ -179,15 +179,7 @@ impl VcpuThread {
     /// it has exited, then joins it. Repeats the signal because one sent
     /// just before the thread enters `KVM_RUN` would be lost.
     pub fn stop_and_join(self) {
-        use std::os::unix::thread::JoinHandleExt;
-        let pthread = self.handle.as_pthread_t();
-        while !self.handle.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is
-            // valid; the wake signal's handler does nothing.
-            unsafe { libc::pthread_kill(pthread, kickvm_virtio::sys::wake_signal()) };
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let _ = self.handle.join();
+        let _ = kickvm_virtio::sys::wake_until_finished(self.handle);
     }
 }
 

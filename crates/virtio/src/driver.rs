@@ -156,15 +156,11 @@ impl DriverQueue {
 
     /// Writes descriptor `i` raw (no checks: for malformed-chain tests).
     pub fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, self.desc.unchecked_add(16 * u64::from(i))).expect("desc write");
+        Self::write_indirect_desc(&self.mem, self.desc, i, addr, len, flags, next);
     }
 
-    /// Writes an indirect table entry (same layout as a descriptor).
+    /// Writes entry `i` of the descriptor table at `table` (the queue's
+    /// own, or an indirect one: same layout).
     pub fn write_indirect_desc(mem: &GuestMemory, table: GuestAddress, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -434,34 +430,23 @@ impl Harness {
     /// As [`Self::start`], sharing a runtime with other devices (needed for
     /// the `single` threading mode to serve several devices).
     pub fn start_with_runtime(
-        mut device: Box<dyn VirtioDevice>,
+        device: Box<dyn VirtioDevice>,
         opts: HarnessOpts,
         runtime: Arc<Runtime>,
     ) -> Result<Harness, ActivateError> {
-        let mut guest = Guest::new(opts.guest_mem);
         let features = device.features() & opts.driver_features;
-        let event_idx = features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-        let queues: Vec<DriverQueue> = device
-            .queue_max_sizes()
-            .iter()
-            .enumerate()
-            .map(|(i, &max)| {
-                let mut q = DriverQueue::new(&mut guest, i as u16, opts.queue_size.min(max));
-                q.set_event_idx(event_idx);
-                q
-            })
-            .collect();
-        let config_call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let setups = queues.iter().map(DriverQueue::setup).collect();
-        let active = activate(
-            device.as_mut(),
+        let sizes = device.queue_max_sizes().iter().map(|&max| opts.queue_size.min(max)).collect();
+        let mut h = Harness {
+            guest: Guest::new(opts.guest_mem),
+            queues: Vec::new(),
+            device,
             features,
-            guest.mem(),
-            setups,
-            &runtime,
-            Some(config_call.try_clone().expect("eventfd clone")),
-        )?;
-        Ok(Harness { guest, queues, device, features, active: Some(active), runtime, config_call })
+            active: None,
+            runtime,
+            config_call: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        };
+        h.activate(sizes)?;
+        Ok(h)
     }
 
     /// Resets the device: stops its queue threads.
@@ -477,8 +462,13 @@ impl Harness {
     /// allocated in guest memory) of the same size.
     pub fn restart(&mut self) -> Result<(), ActivateError> {
         self.reset();
+        let sizes = self.queues.iter().map(|q| q.size).collect();
+        self.activate(sizes)
+    }
+
+    /// Lays out fresh rings of `sizes` and activates the device on them.
+    fn activate(&mut self, sizes: Vec<u16>) -> Result<(), ActivateError> {
         let event_idx = self.features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-        let sizes: Vec<u16> = self.queues.iter().map(|q| q.size).collect();
         self.queues = sizes
             .iter()
             .enumerate()

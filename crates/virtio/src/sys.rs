@@ -105,6 +105,24 @@ pub fn wake_signal() -> libc::c_int {
 
 extern "C" fn on_wake_signal(_: libc::c_int) {}
 
+/// Sends `thread` the wake signal until it has finished (a signal sent
+/// just before it enters a blocking call would be lost, so one is not
+/// enough), then joins it. The caller has told the thread to stop.
+pub fn wake_until_finished<T>(thread: std::thread::JoinHandle<T>) -> std::thread::Result<T> {
+    use std::os::unix::thread::JoinHandleExt;
+    install_wake_handler();
+    let pthread = thread.as_pthread_t();
+    let mut wait = std::time::Duration::from_micros(50);
+    while !thread.is_finished() {
+        // SAFETY: the thread has not been joined, so its pthread_t is
+        // valid; the wake signal's handler is installed and does nothing.
+        unsafe { libc::pthread_kill(pthread, wake_signal()) };
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(std::time::Duration::from_millis(20));
+    }
+    thread.join()
+}
+
 /// Installs the wake signal's handler (once per process).
 pub fn install_wake_handler() {
     static ONCE: Once = Once::new();

@@ -19,7 +19,6 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
@@ -161,20 +160,10 @@ impl Thread {
     /// waits for it. Returns its jobs so they can move to another thread
     /// (none if the thread itself died, which `Job::serve` prevents).
     fn stop(self) -> Vec<Job> {
-        use std::os::unix::thread::JoinHandleExt;
         for s in &self.stops {
             s.store(true, Ordering::Release);
         }
-        let pthread = self.handle.as_pthread_t();
-        let mut wait = Duration::from_micros(50);
-        while !self.handle.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is
-            // valid; the wake signal's handler is installed and does nothing.
-            unsafe { libc::pthread_kill(pthread, sys::wake_signal()) };
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_millis(20));
-        }
-        match self.handle.join() {
+        match sys::wake_until_finished(self.handle) {
             Ok(jobs) => jobs,
             Err(_) => {
                 log::error!("a queue thread died; its queues are no longer served");
