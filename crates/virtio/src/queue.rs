@@ -390,6 +390,16 @@ impl QueueCtx {
                     self.woke();
                     return Ok(());
                 }
+                // A kick eventfd from a vhost-user frontend may be
+                // non-blocking (QEMU makes them so, and the flag belongs to
+                // the file it shares with us): sleep in poll instead.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut p = libc::pollfd { fd: self.kick_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd, for the duration of the call.
+                    if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+                        self.retry_after(&io::Error::last_os_error())?;
+                    }
+                }
                 Err(e) => {
                     if !self.retry_after(&e)? {
                         self.count_error(&format!("cannot read the kick eventfd: {e}"));
