@@ -45,6 +45,12 @@ impl Guest {
         Guest { mem, next: 0x1000, size: size as u64 }
     }
 
+    /// Guest RAM over `mem` (e.g. a memfd that a vhost-user back-end maps
+    /// too), whose first `size` bytes from guest address 0 are RAM.
+    pub fn with_memory(mem: GuestMemory, size: usize) -> Guest {
+        Guest { mem, next: 0x1000, size: size as u64 }
+    }
+
     pub fn mem(&self) -> &GuestMemory {
         &self.mem
     }
