@@ -347,7 +347,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return refuse("SET_VRING_NUM", format!("queue {index} is running"));
         }
         v.size = num as u16;
-        Ok(())
+        // A ring already kicked and enabled (messages out of the usual
+        // order) may now have all it needs.
+        self.change(|_| Ok(()))
     }
 
     fn set_vring_addr(
@@ -375,7 +377,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 return refuse("SET_VRING_ADDR", format!("queue {index}: a ring is outside guest memory"));
             }
         }
-        Ok(())
+        self.change(|_| Ok(()))
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
@@ -387,7 +389,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return refuse("SET_VRING_BASE", format!("queue {index}: base {base} does not fit a split ring"));
         };
         v.base = base;
-        Ok(())
+        self.change(|_| Ok(()))
     }
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {

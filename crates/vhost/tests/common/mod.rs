@@ -1,0 +1,184 @@
+//! A vhost-user frontend for tests: the `vhost` crate's `Frontend` over a
+//! real unix socket, guest memory in a real memfd shared with the back-end,
+//! and kickvm's test driver playing the guest on the rings.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kickvm_virtio::driver::{DriverQueue, Guest};
+use kickvm_virtio::{GuestMemory, VirtioDevice};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{FileOffset, GuestAddress};
+
+pub const T: Duration = Duration::from_secs(5);
+
+/// Where the frontend's "process" has guest RAM: user address = guest
+/// address + this, so every ring address the back-end gets must be
+/// translated.
+pub const USER_BASE: u64 = 0x7f00_0000_0000;
+
+pub fn init_log() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .is_test(true)
+        .try_init();
+}
+
+/// A scratch directory under /dev/shm (or the temp dir), removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let dir = base.join(format!("kickvm-vhost-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A back-end serving `device` on a socket, for `connections` frontends in
+/// turn (on a thread, as `kickvm backend` does in its main loop).
+pub struct BackendThread {
+    pub socket: PathBuf,
+    pub handle: JoinHandle<Option<Box<dyn VirtioDevice>>>,
+}
+
+pub fn start_backend(dir: &Scratch, device: Box<dyn VirtioDevice>, connections: usize) -> BackendThread {
+    let socket = dir.path("vhost.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let handle = std::thread::spawn(move || {
+        let mut dev = Some(device);
+        for _ in 0..connections {
+            let (s, _) = listener.accept().ok()?;
+            dev = kickvm_vhost::serve(s, dev?);
+        }
+        dev
+    });
+    BackendThread { socket, handle }
+}
+
+/// Guest RAM in a memfd, mapped here too.
+pub fn memfd(size: usize) -> File {
+    // SAFETY: a NUL-terminated name and valid flags.
+    let fd = unsafe { libc::memfd_create(c"kickvm-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size as u64).unwrap();
+    f
+}
+
+pub fn guest_in(file: &File, size: usize) -> Guest {
+    let mem = GuestMemory::from_ranges_with_files(&[(
+        GuestAddress(0),
+        size,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    Guest::with_memory(mem, size)
+}
+
+/// The frontend: a connection, guest memory, and the driver's queues.
+pub struct Front {
+    pub fe: Frontend,
+    pub guest: Guest,
+    pub memfd: File,
+    pub size: usize,
+    pub queues: Vec<DriverQueue>,
+    pub features: u64,
+}
+
+impl Front {
+    /// Connects and negotiates: owner, features (`want` ∩ offered, plus
+    /// PROTOCOL_FEATURES), protocol features (all the back-end offers),
+    /// every request asking for an ack, and the memory table.
+    pub fn connect(socket: &std::path::Path, mem_size: usize, want: u64) -> Front {
+        let stream = UnixStream::connect(socket).unwrap();
+        let mut fe = Frontend::from_stream(stream, 64);
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+        assert!(offered & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) != 0);
+        let features = offered & (want | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        fe.set_features(features).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        let expect = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        assert_eq!(pf, expect, "protocol features offered");
+        fe.set_protocol_features(pf).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let memfd = memfd(mem_size);
+        let guest = guest_in(&memfd, mem_size);
+        let front = Front { fe, guest, memfd, size: mem_size, queues: Vec::new(), features };
+        front.fe.set_mem_table(&[front.region(0, mem_size)]).unwrap();
+        front
+    }
+
+    /// A region of the memfd as the frontend describes it.
+    pub fn region(&self, guest: u64, size: usize) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: guest,
+            memory_size: size as u64,
+            userspace_addr: USER_BASE + guest,
+            mmap_offset: guest,
+            mmap_handle: self.memfd.as_raw_fd(),
+        }
+    }
+
+    /// Lays out queue `index` with `size` entries and starts it: num,
+    /// addresses (user addresses), base, call, kick, enable.
+    pub fn add_queue(&mut self, index: u16, size: u16) {
+        let q = DriverQueue::new(&mut self.guest, index, size);
+        self.queues.push(q);
+        self.start_queue(self.queues.len() - 1, 0);
+    }
+
+    /// (Re)starts driver queue `qi` at ring index `base`.
+    pub fn start_queue(&mut self, qi: usize, base: u16) {
+        let q = &self.queues[qi];
+        let i = usize::from(q.index);
+        self.fe.set_vring_num(i, q.size).unwrap();
+        let cfg = VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: USER_BASE + q.desc.0,
+            used_ring_addr: USER_BASE + q.used.0,
+            avail_ring_addr: USER_BASE + q.avail.0,
+            log_addr: None,
+        };
+        self.fe.set_vring_addr(i, &cfg).unwrap();
+        self.fe.set_vring_base(i, base).unwrap();
+        let s = q.setup();
+        // As QEMU's: the back-end must cope with a non-blocking kick.
+        kickvm_virtio::sys::set_nonblocking(s.kick.as_raw_fd(), true).unwrap();
+        self.fe.set_vring_call(i, &s.call).unwrap();
+        self.fe.set_vring_kick(i, &s.kick).unwrap();
+        self.fe.set_vring_enable(i, true).unwrap();
+    }
+
+    /// QEMU's stop: disable, then GET_VRING_BASE.
+    pub fn stop_queue(&mut self, qi: usize) -> u32 {
+        let i = usize::from(self.queues[qi].index);
+        self.fe.set_vring_enable(i, false).unwrap();
+        self.fe.get_vring_base(i).unwrap()
+    }
+}
