@@ -167,49 +167,49 @@ fn follow(path: &Path, pos: &mut u64, out: &mut Vec<u8>, echo: Option<&mut dyn W
 /// One L1 at a time per process: two would share 2 cores and both crawl.
 static ONE_L1: Mutex<()> = Mutex::new(());
 
-/// Runs `cmd` (program and arguments, as on the host) inside L1 and
-/// returns its output and exit status. The command's cwd is the host's
-/// cwd; the environment is `PATH`, `HOME`, `RUST_BACKTRACE`, ... and every
-/// `KICKVM_*` variable, plus `KICKVM_IN_RIG=1` and `KICKVM_RIG_SCRATCH`
-/// (a read-write directory shared with the host).
-///
-/// Errors (one line each, with L1's console log path): L1 did not finish
-/// within `opts.timeout`, or it stopped before the command finished.
-pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
-    if cmd.is_empty() {
-        return Err(Error::with_hint(
-            "no command to run in the rig",
-            "usage: kickvm-rig run -- CMD ARGS...",
-        ));
+/// Prints a stage line (`rig: ...`) on stderr when `opts.report` asks for it.
+fn report(opts: &RigOptions, msg: String) {
+    if opts.report {
+        eprintln!("rig: {msg}");
     }
-    let _one = ONE_L1.lock().unwrap_or_else(|p| p.into_inner());
-    let report = |msg: String| {
-        if opts.report {
-            eprintln!("rig: {msg}");
-        }
-    };
-    let t0 = Instant::now();
-    let l1 = image::image(Variant::Rig)?;
-    qemu::check_image(&l1)?;
-    let mut timings = Timings {
-        image: t0.elapsed(),
-        ..Timings::default()
-    };
-    report(format!(
-        "L1 image ready in {:.1} s",
-        timings.image.as_secs_f64()
-    ));
+}
 
-    let dir = run_dir()?;
-    let scratch = dir.join("scratch");
-    let console = dir.join("console.log");
-    let cwd = std::env::current_dir()
-        .map_err(|e| Error::new(format!("cannot read the current directory: {e}")))?;
-    let script = command_script(cmd, &cwd, &scratch);
-    fs::write(scratch.join("cmd.sh"), script)
-        .map_err(|e| Error::io("cannot write", &scratch, e))?;
+/// The files of one rig run, all under its run directory.
+struct RunFiles {
+    /// The run directory itself (removed after a successful run).
+    dir: PathBuf,
+    /// Shared read-write with L1: `cmd.sh` in, `started`, `stdout`,
+    /// `stderr`, `status` out.
+    scratch: PathBuf,
+    /// L1's serial console.
+    console: PathBuf,
+    /// QEMU's own stderr.
+    qemu_log: PathBuf,
+}
 
-    let mut wanted = opts.shares.clone();
+impl RunFiles {
+    /// A fresh run directory (see [`run_dir`]) and the paths in it.
+    fn create() -> Result<RunFiles> {
+        let dir = run_dir()?;
+        Ok(RunFiles {
+            scratch: dir.join("scratch"),
+            console: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            dir,
+        })
+    }
+
+    /// L1's console log followed by QEMU's stderr, for error messages.
+    fn console_text(&self) -> String {
+        fs::read_to_string(&self.console).unwrap_or_default()
+            + &fs::read_to_string(&self.qemu_log).unwrap_or_default()
+    }
+}
+
+/// The host directories to share read-write into L1, canonicalized:
+/// `extra` (the caller's `--share`s) plus what L1 would otherwise not see.
+fn shares_for(cmd: &[String], cwd: &Path, extra: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut wanted = extra.to_vec();
     // L1 mounts its own tmpfs on /tmp and /run: a cache there would vanish.
     if let Ok(cache) = crate::debs::Cache::from_env() {
         if cache.root().starts_with("/tmp") || cache.root().starts_with("/run") {
@@ -221,7 +221,7 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
     // whole top directory (`/tmp/X`), which holds the checkout and its
     // target directory alike.
     let program = cmd.first().map(PathBuf::from).filter(|p| p.is_absolute());
-    for p in std::iter::once(cwd.clone()).chain(program) {
+    for p in std::iter::once(cwd.to_path_buf()).chain(program) {
         let top: PathBuf = p.components().take(3).collect();
         let hidden = top.starts_with("/tmp") || top.starts_with("/run");
         if hidden && top.components().count() == 3 && !wanted.iter().any(|w| top.starts_with(w)) {
@@ -233,8 +233,12 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         let abs = fs::canonicalize(s).map_err(|e| Error::io("cannot share", s, e))?;
         shares.push(abs);
     }
-    let qemu_bin = qemu::qemu_binary();
-    let mut q = Command::new(&qemu_bin);
+    Ok(shares)
+}
+
+/// L1's kernel command line: where the scratch share goes and which other
+/// shares to mount (read by `rig-init.sh`).
+fn l1_append(scratch: &Path, shares: &[PathBuf]) -> String {
     let mut append = format!(
         "console=ttyS0 loglevel=4 panic=-1 mitigations=off kickvm.scratch={}",
         scratch.display()
@@ -243,6 +247,19 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         let list: Vec<String> = shares.iter().map(|s| s.display().to_string()).collect();
         append.push_str(&format!(" kickvm.shares={}", list.join(",")));
     }
+    append
+}
+
+/// The QEMU command that boots L1: TCG with `-cpu max` (nested SVM), the
+/// host's root read-only over 9p, the scratch and the shares read-write.
+fn l1_command(
+    qemu_bin: &str,
+    l1: &image::GuestImage,
+    opts: &RigOptions,
+    files: &RunFiles,
+    shares: &[PathBuf],
+) -> Command {
+    let mut q = Command::new(qemu_bin);
     q.args([
         "-M",
         "pc",
@@ -263,13 +280,13 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         "-no-reboot",
     ])
     .arg("-serial")
-    .arg(format!("file:{}", console.display()))
+    .arg(format!("file:{}", files.console.display()))
     .arg("-kernel")
     .arg(&l1.kernel)
     .arg("-initrd")
     .arg(&l1.initrd)
     .arg("-append")
-    .arg(append)
+    .arg(l1_append(&files.scratch, shares))
     .args([
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -277,7 +294,7 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
     .arg("-virtfs")
     .arg(format!(
         "local,path={},mount_tag=scratch,security_model=none,multidevs=remap",
-        scratch.display()
+        files.scratch.display()
     ));
     for (i, s) in shares.iter().enumerate() {
         q.arg("-virtfs").arg(format!(
@@ -285,31 +302,57 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
             s.display()
         ));
     }
-    let qemu_log = dir.join("qemu.log");
-    let log = fs::File::create(&qemu_log).map_err(|e| Error::io("cannot create", &qemu_log, e))?;
-    q.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    q
+}
 
-    let t_boot = Instant::now();
-    let mut child = qemu::spawn(&mut q, &qemu_bin)?;
-    let deadline = t_boot + opts.timeout;
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let (mut out_pos, mut err_pos) = (0u64, 0u64);
-    // Picks up what the command wrote to its output files since last time
-    // (and echoes it when streaming).
-    let drain = |out_pos: &mut u64, stdout: &mut Vec<u8>, err_pos: &mut u64, stderr: &mut Vec<u8>| {
+/// What the command has written to its output files in the scratch share
+/// so far.
+struct CommandOutput {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    out_pos: u64,
+    err_pos: u64,
+}
+
+impl CommandOutput {
+    /// Picks up what the command wrote to its output files since last time
+    /// (and echoes it when streaming).
+    fn drain(&mut self, scratch: &Path, stream: bool) {
         let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
-        follow(&scratch.join("stdout"), out_pos, stdout, if opts.stream { Some(&mut so) } else { None });
-        follow(&scratch.join("stderr"), err_pos, stderr, if opts.stream { Some(&mut se) } else { None });
-    };
+        follow(&scratch.join("stdout"), &mut self.out_pos, &mut self.stdout, if stream { Some(&mut so) } else { None });
+        follow(&scratch.join("stderr"), &mut self.err_pos, &mut self.stderr, if stream { Some(&mut se) } else { None });
+    }
+}
+
+/// How L1 ended.
+struct L1End {
+    /// False when the rig killed it at the deadline.
+    exited: bool,
+    /// When the command started in L1, if it did.
+    started: Option<Instant>,
+}
+
+/// Waits for L1 to power off, killing it at `t_boot + opts.timeout`;
+/// meanwhile notes the boot time when the command starts and collects the
+/// command's output as it grows.
+fn wait_for_l1(
+    child: &mut std::process::Child,
+    t_boot: Instant,
+    opts: &RigOptions,
+    scratch: &Path,
+    output: &mut CommandOutput,
+    timings: &mut Timings,
+) -> Result<L1End> {
+    let deadline = t_boot + opts.timeout;
     let mut started: Option<Instant> = None;
     let exited = loop {
         if started.is_none() && scratch.join("started").exists() {
             let now = Instant::now();
             timings.boot = now - t_boot;
-            report(format!("L1 booted in {:.1} s", timings.boot.as_secs_f64()));
+            report(opts, format!("L1 booted in {:.1} s", timings.boot.as_secs_f64()));
             started = Some(now);
         }
-        drain(&mut out_pos, &mut stdout, &mut err_pos, &mut stderr);
+        output.drain(scratch, opts.stream);
         match child.try_wait() {
             Ok(Some(_)) => break true,
             Ok(None) if Instant::now() >= deadline => {
@@ -321,15 +364,15 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
             Err(e) => return Err(Error::new(format!("cannot wait for QEMU: {e}"))),
         }
     };
-    // Last bytes written just before L1 powered off.
-    drain(&mut out_pos, &mut stdout, &mut err_pos, &mut stderr);
-    if let Some(s) = started {
-        timings.command = s.elapsed();
-    }
-    let console_text = fs::read_to_string(&console).unwrap_or_default()
-        + &fs::read_to_string(&qemu_log).unwrap_or_default();
-    if !exited {
-        let stage = if started.is_some() {
+    Ok(L1End { exited, started })
+}
+
+/// The command's exit status as L1 left it in the scratch share, or the
+/// one-line error for an L1 that was killed or stopped before that.
+fn command_status(end: &L1End, files: &RunFiles, opts: &RigOptions) -> Result<i32> {
+    let console_text = files.console_text();
+    if !end.exited {
+        let stage = if end.started.is_some() {
             "while the command ran"
         } else {
             "before L1 finished booting"
@@ -342,31 +385,92 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
             ),
             format!(
                 "L1 console log: {}; raise --timeout if the command is just slow",
-                console.display()
+                files.console.display()
             ),
         ));
     }
-    let status = fs::read_to_string(scratch.join("status"))
+    let status = fs::read_to_string(files.scratch.join("status"))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
-    let Some(status) = status else {
-        return Err(Error::with_hint(
+    status.ok_or_else(|| {
+        Error::with_hint(
             format!(
                 "L1 stopped before the command finished; last console lines: {}",
                 qemu::tail(&console_text, 5)
             ),
-            format!("L1 console log: {}", console.display()),
+            format!("L1 console log: {}", files.console.display()),
+        )
+    })
+}
+
+/// Runs `cmd` (program and arguments, as on the host) inside L1 and
+/// returns its output and exit status. The command's cwd is the host's
+/// cwd; the environment is `PATH`, `HOME`, `RUST_BACKTRACE`, ... and every
+/// `KICKVM_*` variable, plus `KICKVM_IN_RIG=1` and `KICKVM_RIG_SCRATCH`
+/// (a read-write directory shared with the host).
+///
+/// Errors (one line each, with L1's console log path): L1 did not finish
+/// within `opts.timeout`, or it stopped before the command finished.
+pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
+    if cmd.is_empty() {
+        return Err(Error::with_hint(
+            "no command to run in the rig",
+            "usage: kickvm-rig run -- CMD ARGS...",
         ));
+    }
+    let _one = ONE_L1.lock().unwrap_or_else(|p| p.into_inner());
+    let t0 = Instant::now();
+    let l1 = image::image(Variant::Rig)?;
+    qemu::check_image(&l1)?;
+    let mut timings = Timings {
+        image: t0.elapsed(),
+        ..Timings::default()
     };
-    report(format!(
-        "command finished in {:.1} s (exit {status})",
-        timings.command.as_secs_f64()
-    ));
-    let _ = fs::remove_dir_all(&dir);
+    report(
+        opts,
+        format!("L1 image ready in {:.1} s", timings.image.as_secs_f64()),
+    );
+
+    let files = RunFiles::create()?;
+    let cwd = std::env::current_dir()
+        .map_err(|e| Error::new(format!("cannot read the current directory: {e}")))?;
+    let script = command_script(cmd, &cwd, &files.scratch);
+    fs::write(files.scratch.join("cmd.sh"), script)
+        .map_err(|e| Error::io("cannot write", &files.scratch, e))?;
+    let shares = shares_for(cmd, &cwd, &opts.shares)?;
+    let qemu_bin = qemu::qemu_binary();
+    let mut q = l1_command(&qemu_bin, &l1, opts, &files, &shares);
+    let log = fs::File::create(&files.qemu_log)
+        .map_err(|e| Error::io("cannot create", &files.qemu_log, e))?;
+    q.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+
+    let t_boot = Instant::now();
+    let mut child = qemu::spawn(&mut q, &qemu_bin)?;
+    let mut output = CommandOutput {
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        out_pos: 0,
+        err_pos: 0,
+    };
+    let end = wait_for_l1(&mut child, t_boot, opts, &files.scratch, &mut output, &mut timings)?;
+    // Last bytes written just before L1 powered off.
+    output.drain(&files.scratch, opts.stream);
+    if let Some(s) = end.started {
+        timings.command = s.elapsed();
+    }
+    let status = command_status(&end, &files, opts)?;
+    report(
+        opts,
+        format!(
+            "command finished in {:.1} s (exit {status})",
+            timings.command.as_secs_f64()
+        ),
+    );
+    let _ = fs::remove_dir_all(&files.dir);
     Ok(RigOutput {
         status,
-        stdout,
-        stderr,
+        stdout: output.stdout,
+        stderr: output.stderr,
         timings,
     })
 }
