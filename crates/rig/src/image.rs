@@ -218,45 +218,16 @@ fn fnv1a(parts: &[&str]) -> u64 {
 pub fn build(variant: Variant, cache: &Cache) -> Result<GuestImage> {
     let images = cache.root().join("images");
     if std::env::var_os("KICKVM_IN_RIG").is_some() {
-        let ptr = current_pointer(&images, variant);
-        let name = fs::read_to_string(&ptr).map_err(|_| {
-            Error::with_hint(
-                format!(
-                    "no {} image in the cache {}",
-                    variant.name(),
-                    cache.root().display()
-                ),
-                format!(
-                    "build it on the host first: kickvm-rig image{}",
-                    if variant == Variant::Tools {
-                        " --with-tools"
-                    } else {
-                        ""
-                    }
-                ),
-            )
-        })?;
-        return image_at(images.join(name.trim()));
+        return last_built_image(&images, variant, cache);
     }
 
     // Versions first (cheap, offline): they name the image.
-    let found = debs::candidates(&[
-        variant.kernel_meta().to_owned(),
-        "busybox-static".to_owned(),
-    ])?;
-    let kernel = debs::resolve_meta(&found[0], "linux-image-")?;
-    let mut pkgs = vec![kernel.clone(), found[1].clone()];
-    if variant == Variant::Tools {
-        let roots: Vec<String> = TOOL_PACKAGES.iter().map(|s| s.to_string()).collect();
-        pkgs.extend(debs::library_closure(&roots)?);
-    }
-    let pinned: Vec<String> = pkgs.iter().map(Package::pinned).collect();
-    let mut key_parts: Vec<&str> = vec![variant.name(), variant.init()];
-    key_parts.extend(variant.modules());
-    key_parts.extend(pinned.iter().map(String::as_str));
-    let builder = BUILDER_VERSION.to_string();
-    key_parts.push(&builder);
-    let dir = images.join(format!("{}-{:016x}", variant.name(), fnv1a(&key_parts)));
+    let pkgs = image_packages(variant)?;
+    let dir = images.join(format!(
+        "{}-{:016x}",
+        variant.name(),
+        image_key(variant, &pkgs.pinned)
+    ));
     if dir.join("initrd.img").is_file() {
         return image_at(dir);
     }
@@ -269,13 +240,112 @@ pub fn build(variant: Variant, cache: &Cache) -> Result<GuestImage> {
     progress(&format!(
         "building the {} image ({})",
         variant.name(),
-        kernel.pinned()
+        pkgs.kernel.pinned()
     ));
-    let roots = debs::unpack_all(cache, &pkgs)?;
+    let roots = debs::unpack_all(cache, &pkgs.all)?;
     let tmp = images.join(format!(".tmp-{}-{}", variant.name(), std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
 
+    let contents = write_kernel_and_initramfs(&tmp, variant, &roots)?;
+    fs::write(
+        tmp.join("manifest.txt"),
+        manifest(variant, &contents, &pkgs.pinned),
+    )
+    .map_err(|e| Error::io("cannot write manifest in", &tmp, e))?;
+    publish(&tmp, &dir, &images, variant)?;
+    progress(&format!(
+        "{} image built in {:.1} s: {}",
+        variant.name(),
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    ));
+    image_at(dir)
+}
+
+/// Inside the rig: the image of `variant` the host built last, named by
+/// its pointer file.
+fn last_built_image(images: &Path, variant: Variant, cache: &Cache) -> Result<GuestImage> {
+    let ptr = current_pointer(images, variant);
+    let name = fs::read_to_string(&ptr).map_err(|_| {
+        Error::with_hint(
+            format!(
+                "no {} image in the cache {}",
+                variant.name(),
+                cache.root().display()
+            ),
+            format!(
+                "build it on the host first: kickvm-rig image{}",
+                if variant == Variant::Tools {
+                    " --with-tools"
+                } else {
+                    ""
+                }
+            ),
+        )
+    })?;
+    image_at(images.join(name.trim()))
+}
+
+/// The Debian packages an image is made from.
+struct ImagePackages {
+    /// The kernel package (the meta package resolved).
+    kernel: Package,
+    /// Kernel, `busybox-static`, then (tools image) the tools and their
+    /// libraries; unpacked in this order.
+    all: Vec<Package>,
+    /// `all` as `name=version`.
+    pinned: Vec<String>,
+}
+
+/// The packages of `variant` at the versions apt would install now.
+fn image_packages(variant: Variant) -> Result<ImagePackages> {
+    let found = debs::candidates(&[
+        variant.kernel_meta().to_owned(),
+        "busybox-static".to_owned(),
+    ])?;
+    let kernel = debs::resolve_meta(&found[0], "linux-image-")?;
+    let mut all = vec![kernel.clone(), found[1].clone()];
+    if variant == Variant::Tools {
+        let roots: Vec<String> = TOOL_PACKAGES.iter().map(|s| s.to_string()).collect();
+        all.extend(debs::library_closure(&roots)?);
+    }
+    let pinned: Vec<String> = all.iter().map(Package::pinned).collect();
+    Ok(ImagePackages {
+        kernel,
+        all,
+        pinned,
+    })
+}
+
+/// The hash that names an image: variant, `/init`, module list, package
+/// versions and builder version.
+fn image_key(variant: Variant, pinned: &[String]) -> u64 {
+    let mut key_parts: Vec<&str> = vec![variant.name(), variant.init()];
+    key_parts.extend(variant.modules());
+    key_parts.extend(pinned.iter().map(String::as_str));
+    let builder = BUILDER_VERSION.to_string();
+    key_parts.push(&builder);
+    fnv1a(&key_parts)
+}
+
+/// What went into an image, for its manifest.
+struct ImageContents {
+    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    kernel_release: String,
+    /// The modules, in load order, with their `.ko` paths.
+    modules: Vec<(String, PathBuf)>,
+    /// The tool files (tools image only).
+    tools: Files,
+}
+
+/// Writes `vmlinuz` and `initrd.img` into `tmp` from the unpacked packages
+/// `roots` (in [`ImagePackages::all`] order).
+fn write_kernel_and_initramfs(
+    tmp: &Path,
+    variant: Variant,
+    roots: &[PathBuf],
+) -> Result<ImageContents> {
     let tree = ModuleTree::open(&roots[0])?;
     let kernel_src = roots[0].join(format!("boot/vmlinuz-{}", tree.version));
     fs::copy(&kernel_src, tmp.join("vmlinuz"))
@@ -298,35 +368,43 @@ pub fn build(variant: Variant, cache: &Cache) -> Result<GuestImage> {
     cpio::write_gzipped(&tmp.join("initrd.img"), |a| {
         fill_initramfs(a, variant, &busybox, &modules, &tools)
     })?;
+    Ok(ImageContents {
+        kernel_release: tree.version,
+        modules,
+        tools,
+    })
+}
 
+/// The text of `manifest.txt`: variant, kernel release, then one line per
+/// package, module and tool file.
+fn manifest(variant: Variant, contents: &ImageContents, pinned: &[String]) -> String {
     let mut manifest = format!(
         "variant {}\nkernel-release {}\n",
         variant.name(),
-        tree.version
+        contents.kernel_release
     );
     pinned
         .iter()
         .for_each(|p| manifest.push_str(&format!("package {p}\n")));
-    modules
+    contents
+        .modules
         .iter()
         .for_each(|(m, _)| manifest.push_str(&format!("module {m}\n")));
-    tools
+    contents
+        .tools
         .iter()
         .for_each(|(t, _)| manifest.push_str(&format!("file {t}\n")));
-    fs::write(tmp.join("manifest.txt"), manifest)
-        .map_err(|e| Error::io("cannot write manifest in", &tmp, e))?;
-    let _ = fs::remove_dir_all(&dir);
-    fs::rename(&tmp, &dir).map_err(|e| Error::io("cannot move image to", &dir, e))?;
+    manifest
+}
+
+/// Moves the finished image from `tmp` to `dir` and points the variant's
+/// pointer file at it.
+fn publish(tmp: &Path, dir: &Path, images: &Path, variant: Variant) -> Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    fs::rename(tmp, dir).map_err(|e| Error::io("cannot move image to", dir, e))?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let ptr = current_pointer(&images, variant);
-    fs::write(&ptr, name).map_err(|e| Error::io("cannot write", &ptr, e))?;
-    progress(&format!(
-        "{} image built in {:.1} s: {}",
-        variant.name(),
-        started.elapsed().as_secs_f64(),
-        dir.display()
-    ));
-    image_at(dir)
+    let ptr = current_pointer(images, variant);
+    fs::write(&ptr, name).map_err(|e| Error::io("cannot write", &ptr, e))
 }
 
 type Files = Vec<(String, Vec<u8>)>;
