@@ -1,7 +1,7 @@
 //! `kickvm-rig`: build guest images, boot them under QEMU, and run host
 //! commands inside the nested-KVM rig. `kickvm-rig help` teaches the rest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -124,7 +124,18 @@ fn cmd_run(args: Vec<String>) -> Result<i32> {
     }
 }
 
-fn cmd_boot(args: Vec<String>) -> Result<i32> {
+/// `boot-qemu`'s options: [`BootOptions`] (with a placeholder image) and
+/// what picks the image and the script disk.
+struct BootArgs {
+    opts: BootOptions,
+    variant: Variant,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    script_file: Option<PathBuf>,
+}
+
+/// Parses `boot-qemu`'s options.
+fn parse_boot_args(args: Vec<String>) -> Result<BootArgs> {
     let mut variant = Variant::Guest;
     let (mut kernel, mut initrd): (Option<PathBuf>, Option<PathBuf>) = (None, None);
     let mut accel = None;
@@ -159,25 +170,61 @@ fn cmd_boot(args: Vec<String>) -> Result<i32> {
     if let Some(a) = accel {
         opts.accel = a;
     }
-    opts.image = match (kernel, initrd) {
-        (Some(kernel), Some(initrd)) => GuestImage {
+    Ok(BootArgs {
+        opts,
+        variant,
+        kernel,
+        initrd,
+        script_file,
+    })
+}
+
+/// The image to boot: `--kernel` and `--initrd` as given, or else the
+/// cached image of `variant` (built if missing).
+fn boot_image(
+    variant: Variant,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+) -> Result<GuestImage> {
+    match (kernel, initrd) {
+        (Some(kernel), Some(initrd)) => Ok(GuestImage {
             kernel,
             initrd,
             kernel_version: String::new(),
             dir: PathBuf::new(),
-        },
-        (None, None) => image::image(variant)?,
-        _ => return Err(usage("--kernel and --initrd go together")),
-    };
+        }),
+        (None, None) => image::image(variant),
+        _ => Err(usage("--kernel and --initrd go together")),
+    }
+}
+
+/// Writes the `--script` file onto a temporary script disk; the disk is
+/// removed when the returned guard drops.
+fn script_disk(file: &Path) -> Result<RemoveOnDrop> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| Error::io("cannot read script", file, e))?;
+    let disk = std::env::temp_dir().join(format!("kickvm-script-{}.img", std::process::id()));
+    image::write_script_disk(&text, &disk)?;
+    Ok(RemoveOnDrop(disk))
+}
+
+/// `boot-qemu`: boots the image, runs the script (or gives a console shell)
+/// and returns the script's exit status.
+fn cmd_boot(args: Vec<String>) -> Result<i32> {
+    let BootArgs {
+        mut opts,
+        variant,
+        kernel,
+        initrd,
+        script_file,
+    } = parse_boot_args(args)?;
+    opts.image = boot_image(variant, kernel, initrd)?;
     qemu::check_image(&opts.image)?;
     let _disk_guard;
     if let Some(f) = script_file {
-        let text =
-            std::fs::read_to_string(&f).map_err(|e| Error::io("cannot read script", &f, e))?;
-        let disk = std::env::temp_dir().join(format!("kickvm-script-{}.img", std::process::id()));
-        image::write_script_disk(&text, &disk)?;
-        opts.disks.insert(0, disk.clone());
-        _disk_guard = RemoveOnDrop(disk);
+        let guard = script_disk(&f)?;
+        opts.disks.insert(0, guard.0.clone());
+        _disk_guard = guard;
     }
     if opts.script.is_none() && opts.disks.is_empty() {
         return interactive(&opts);
