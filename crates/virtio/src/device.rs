@@ -69,6 +69,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError>;
     /// The device was reset and its queue threads have stopped.
     fn reset(&mut self) {}
+    /// System calls the device's workers make beyond a queue thread's own
+    /// (`seccomp::QUEUE_THREAD`): its queue threads' seccomp filter.
+    fn syscalls(&self) -> &'static [i64] {
+        &[]
+    }
     /// Per-queue counters, shared with the queue threads.
     fn counters(&self) -> Arc<DeviceCounters>;
 }
@@ -164,7 +169,7 @@ pub(crate) fn jobs(
         };
         let name = format!("{}-q{}", device.name(), s.index);
         let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone(), blocking);
-        jobs.push(Job::new(device.name(), ctx, worker));
+        jobs.push(Job::new(device.name(), ctx, worker, device.syscalls()));
     }
     Ok(jobs)
 }

@@ -34,6 +34,7 @@ pub mod net;
 pub mod queue;
 pub mod ratelimit;
 pub mod rng;
+pub mod seccomp;
 pub mod sys;
 pub mod terminal;
 pub mod threads;

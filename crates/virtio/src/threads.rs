@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::queue::{QueueCtx, Stopped};
+use crate::seccomp::{self, SeccompMode};
 use crate::sys;
 
 /// What a queue thread waits for once its worker has no more work.
@@ -93,11 +94,13 @@ pub(crate) struct Job {
     /// The worker panicked: it is never called again (until a reset
     /// builds a new one).
     failed: bool,
+    /// The device's system calls (its thread's seccomp filter).
+    syscalls: &'static [i64],
 }
 
 impl Job {
-    pub(crate) fn new(device: &str, ctx: QueueCtx, worker: Box<dyn QueueWorker>) -> Job {
-        Job { device: device.to_string(), ctx, worker, owner: 0, failed: false }
+    pub(crate) fn new(device: &str, ctx: QueueCtx, worker: Box<dyn QueueWorker>, syscalls: &'static [i64]) -> Job {
+        Job { device: device.to_string(), ctx, worker, owner: 0, failed: false, syscalls }
     }
 
     /// [`Job::serve`], then the interrupt decision a thread makes before
@@ -142,11 +145,20 @@ impl Thread {
     /// Starts a thread serving `jobs`: blocking in its one queue's kick or
     /// backend if that queue was made for a thread of its own, else
     /// polling them all.
-    fn spawn(name: String, jobs: Vec<Job>) -> io::Result<Thread> {
+    /// Its first act is to install its seccomp filter: a queue thread's
+    /// own calls and its devices' (`mode` off: none).
+    fn spawn(name: String, jobs: Vec<Job>, mode: SeccompMode) -> io::Result<Thread> {
         sys::install_wake_handler();
         let stops = jobs.iter().map(|j| j.ctx.stop_flag()).collect();
         let blocking = matches!(jobs.as_slice(), [j] if j.ctx.blocking());
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
+        let mut lists: Vec<&'static [i64]> = vec![seccomp::QUEUE_THREAD];
+        lists.extend(jobs.iter().map(|j| j.syscalls));
+        let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            if let Err(e) = seccomp::apply(&name, &lists, mode) {
+                // Serving unfiltered would be a silent downgrade.
+                log::error!("{e}; the thread serves nothing");
+                return jobs;
+            }
             if blocking {
                 serve_blocking(jobs)
             } else {
@@ -201,12 +213,19 @@ struct SingleState {
 /// VM (the `single` mode needs to know all of them).
 pub struct Runtime {
     mode: ThreadingMode,
+    seccomp: SeccompMode,
     single: Mutex<SingleState>,
 }
 
 impl Runtime {
+    /// Queue threads in `mode`, each under its seccomp filter.
     pub fn new(mode: ThreadingMode) -> Arc<Runtime> {
-        Arc::new(Runtime { mode, single: Mutex::default() })
+        Self::with_seccomp(mode, SeccompMode::On)
+    }
+
+    /// Queue threads in `mode`, with `seccomp` filters.
+    pub fn with_seccomp(mode: ThreadingMode, seccomp: SeccompMode) -> Arc<Runtime> {
+        Arc::new(Runtime { mode, seccomp, single: Mutex::default() })
     }
 
     pub fn mode(&self) -> ThreadingMode {
@@ -219,14 +238,14 @@ impl Runtime {
                 let mut threads = Vec::new();
                 for job in jobs {
                     let name = thread_name(job.ctx.name());
-                    threads.push(Thread::spawn(name, vec![job])?);
+                    threads.push(Thread::spawn(name, vec![job], self.seccomp)?);
                 }
                 Ok(ThreadSet { threads, single: None })
             }
             ThreadingMode::PerDevice => {
                 let threads = match jobs.first() {
                     None => Vec::new(),
-                    Some(j) => vec![Thread::spawn(thread_name(&j.device), jobs)?],
+                    Some(j) => vec![Thread::spawn(thread_name(&j.device), jobs, self.seccomp)?],
                 };
                 Ok(ThreadSet { threads, single: None })
             }
@@ -250,7 +269,7 @@ impl Runtime {
             j.owner = id;
         }
         all.extend(jobs);
-        s.thread = Some(Thread::spawn("kickvm-io".into(), all)?);
+        s.thread = Some(Thread::spawn("kickvm-io".into(), all, self.seccomp)?);
         Ok(id)
     }
 
@@ -264,7 +283,7 @@ impl Runtime {
             j.ctx.resume();
         }
         if !keep.is_empty() {
-            match Thread::spawn("kickvm-io".into(), keep) {
+            match Thread::spawn("kickvm-io".into(), keep, self.seccomp) {
                 Ok(t) => s.thread = Some(t),
                 Err(e) => log::error!("cannot restart the I/O thread: {e}"),
             }

@@ -506,3 +506,98 @@ fn write_zeroes_without_zero_range_still_zeroes() {
     assert!(disk[4096..4096 + (3 << 20)].iter().all(|&b| b == 0));
     assert!(disk[4096 + (3 << 20)..].iter().all(|&b| b == 0xee));
 }
+
+// ------------------------------------------------------------------ seccomp
+
+/// A worker that tries what no queue thread needs — a socket, a file, a
+/// program — and reports the errno of each in the buffer it fills.
+struct Nosy {
+    counters: Arc<DeviceCounters>,
+}
+
+struct NosyWorker;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+impl QueueWorker for NosyWorker {
+    fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
+        while let Some(c) = q.pop() {
+            // SAFETY: plain system calls with valid (or null) arguments.
+            let tried = unsafe {
+                let s = (libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0), errno());
+                let o = (libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY), errno());
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                [s, o, e]
+            };
+            let mut out = Vec::new();
+            for (r, e) in tried {
+                out.extend_from_slice(&(r as i32).to_le_bytes());
+                out.extend_from_slice(&e.to_le_bytes());
+            }
+            let n = c.writable.write_at(0, &out);
+            q.add_used(c.head, n as u32);
+        }
+        Ok(Wait::Kick)
+    }
+}
+
+impl VirtioDevice for Nosy {
+    fn name(&self) -> &str {
+        "nosy0"
+    }
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![16]
+    }
+    fn features(&self) -> u64 {
+        kickvm_virtio::device::COMMON_FEATURES
+    }
+    fn activate(&mut self, _features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
+        Ok(vec![Box::new(NosyWorker)])
+    }
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}
+
+/// Threads of this process named `name`, by tid.
+fn tids_named(name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Every queue thread runs under its filter (seccomp on by default): what
+/// its job does not need — a socket, opening a file, starting a program —
+/// fails with EPERM, in every threading mode.
+#[test]
+fn a_queue_thread_is_refused_what_it_does_not_need() {
+    for (mode, thread) in [
+        (ThreadingMode::PerQueue, "nosy0-q0"),
+        (ThreadingMode::PerDevice, "nosy0"),
+        (ThreadingMode::Single, "kickvm-io"),
+    ] {
+        let dev = Nosy { counters: DeviceCounters::new(1) };
+        let mut h = Harness::start(Box::new(dev), HarnessOpts { mode, ..Default::default() }).unwrap();
+        let b = h.guest.alloc(24, 16);
+        h.queues[0].post(&[Buf::inb(b, 24)]).unwrap();
+        h.queues[0].kick();
+        assert_eq!(h.queues[0].wait_used(T).map(|u| u.1), Some(24), "{mode}");
+        let got = h.guest.read(b, 24);
+        let word = |i: usize| i32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]);
+        for (k, what) in ["socket", "open", "execve"].iter().enumerate() {
+            assert_eq!((word(2 * k), word(2 * k + 1)), (-1, libc::EPERM), "{mode}: {what} refused");
+        }
+        let tids = tids_named(thread);
+        assert!(!tids.is_empty(), "{mode}: thread {thread} exists");
+        assert!(tids.iter().all(|&t| kickvm_virtio::seccomp::thread_filtered(t)), "{mode}: {thread} filtered");
+    }
+}

@@ -30,6 +30,12 @@ use requestq::RequestQueue;
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 const QUEUE_SIZE: u16 = 256;
 
+/// System calls the request queues make beyond a queue thread's own
+/// (`seccomp::QUEUE_THREAD`): positional I/O, flush, discard and
+/// write-zeroes (with its zero-writing fallback).
+pub const SYSCALLS: &[i64] =
+    &[libc::SYS_preadv, libc::SYS_pwritev, libc::SYS_fdatasync, libc::SYS_fallocate, libc::SYS_pwrite64];
+
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
@@ -136,6 +142,9 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
+    fn syscalls(&self) -> &'static [i64] {
+        SYSCALLS
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -22,6 +22,11 @@ use tx::Transmit;
 
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 const QUEUE_SIZE: u16 = 256;
+
+/// System calls the queues make beyond a queue thread's own
+/// (`seccomp::QUEUE_THREAD`): input and output, and taking the next client
+/// of a socket console.
+pub const SYSCALLS: &[i64] = &[libc::SYS_readv, libc::SYS_writev, libc::SYS_preadv2, libc::SYS_accept4, libc::SYS_accept];
 /// The receive queue's index (port 0's receiveq).
 pub(crate) const RX: usize = 0;
 
@@ -50,6 +55,9 @@ impl Console {
 }
 
 impl VirtioDevice for Console {
+    fn syscalls(&self) -> &'static [i64] {
+        SYSCALLS
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -77,6 +77,11 @@ pub(crate) fn has(features: u64, bit: u32) -> bool {
 
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 
+/// System calls the queues make beyond a queue thread's own
+/// (`seccomp::QUEUE_THREAD`): packets in and out of the TAP (`RWF_NOWAIT`
+/// reads are `preadv2`), and the control queue's TUNSETQUEUE.
+pub const SYSCALLS: &[i64] = &[libc::SYS_readv, libc::SYS_writev, libc::SYS_preadv2, libc::SYS_ioctl];
+
 /// Largest queue the device offers. Linux sizes its rings to what the
 /// device offers; 256 entries hold far more than one 64 KiB GSO packet in
 /// mergeable buffers.
@@ -176,6 +181,9 @@ impl NetDevice {
 }
 
 impl VirtioDevice for NetDevice {
+    fn syscalls(&self) -> &'static [i64] {
+        SYSCALLS
+    }
     fn name(&self) -> &str {
         &self.config.name
     }

@@ -17,6 +17,10 @@ use requestq::RequestQueue;
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 const QUEUE_SIZE: u16 = 256;
 
+/// System calls the request queue makes beyond a queue thread's own
+/// (`seccomp::QUEUE_THREAD`): reading the entropy source.
+pub const SYSCALLS: &[i64] = &[libc::SYS_readv];
+
 /// Bytes served per request at most. A chain's writable length is
 /// guest-controlled (overlapping descriptors can claim far more than the
 /// guest has); Linux asks for at most a page-sized buffer anyway.
@@ -54,6 +58,9 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
+    fn syscalls(&self) -> &'static [i64] {
+        SYSCALLS
+    }
     fn name(&self) -> &str {
         &self.name
     }

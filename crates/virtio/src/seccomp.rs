@@ -1,0 +1,231 @@
+//! Seccomp filters, one per kind of thread, installed by each thread on
+//! itself once its set-up is done: a thread serving the guest can make
+//! only the system calls its job needs. The lists live next to the code
+//! that spawns each kind of thread (queue threads: [`QUEUE_THREAD`] here and
+//! each worker's [`crate::QueueWorker::syscalls`]; vCPUs, stdin and main in
+//! the launcher); this module holds what they share.
+//!
+//! A refused call fails with `EPERM` (`--seccomp on`), so a thread that
+//! needed it reports an error rather than killing the VM; `log` allows it
+//! and has the kernel log it (audit), to find what a list lacks; `off`
+//! installs nothing.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// What `--seccomp` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    /// Calls outside the list fail with `EPERM`.
+    #[default]
+    On,
+    /// Calls outside the list are allowed and logged by the kernel.
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl std::str::FromStr for SeccompMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" | "true" => Ok(Self::On),
+            "log" => Ok(Self::Log),
+            "off" | "false" => Ok(Self::Off),
+            _ => Err(format!("unknown seccomp mode `{s}`: use on, log or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::On => "on",
+            Self::Log => "log",
+            Self::Off => "off",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the {kind} seccomp filter: {source}")]
+    Build { kind: String, source: seccompiler::BackendError },
+    #[error("cannot install the {kind} seccomp filter: {source} (run with --seccomp off where the kernel has no seccomp)")]
+    Install { kind: String, source: seccompiler::Error },
+}
+
+/// What every kickvm thread does whatever its job: allocate and free
+/// memory, wait on locks, take signals (the wake signal), log, read the
+/// clock (a real system call in some VMs), sleep, exit.
+pub const RUNTIME: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_write,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettimeofday,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getrandom,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // A panic's abort path.
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigaction,
+];
+
+/// A queue thread's own calls, beyond [`RUNTIME`] and its workers' lists:
+/// read its kick eventfd, write its call eventfd, poll (shared-thread
+/// modes), close what a worker drops.
+pub const QUEUE_THREAD: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll, libc::SYS_close];
+
+/// Every call any device worker of this crate may make: what a thread that
+/// starts queue threads (a vCPU setting DRIVER_OK) must be allowed, since
+/// a new thread inherits its creator's filter before adding its own.
+pub const ALL_WORKERS: &[&[i64]] = &[
+    crate::block::SYSCALLS,
+    crate::net::SYSCALLS,
+    crate::console::SYSCALLS,
+    crate::rng::SYSCALLS,
+];
+
+/// Installs on the calling thread a filter allowing [`RUNTIME`] and the
+/// calls in `lists`. `kind` names the thread kind in errors.
+pub fn apply(kind: &str, lists: &[&[i64]], mode: SeccompMode) -> Result<(), SeccompError> {
+    let action = match mode {
+        SeccompMode::Off => return Ok(()),
+        SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = BTreeMap::new();
+    for &nr in RUNTIME.iter().chain(lists.iter().flat_map(|l| l.iter())) {
+        rules.insert(nr, Vec::new());
+    }
+    let build = |source| SeccompError::Build { kind: kind.to_string(), source };
+    let filter = SeccompFilter::new(rules, action, SeccompAction::Allow, target_arch()).map_err(build)?;
+    let bpf: BpfProgram = filter.try_into().map_err(build)?;
+    seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind: kind.to_string(), source })
+}
+
+/// Installs on the calling thread a filter refusing only `denied` (for
+/// the thread that builds the VM, whose needs are the widest: it refuses
+/// what no part of kickvm ever does, such as starting programs).
+pub fn deny(kind: &str, denied: &[i64], mode: SeccompMode) -> Result<(), SeccompError> {
+    let action = match mode {
+        SeccompMode::Off => return Ok(()),
+        SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let rules = denied.iter().map(|&nr| (nr, Vec::new())).collect();
+    let build = |source| SeccompError::Build { kind: kind.to_string(), source };
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, target_arch()).map_err(build)?;
+    let bpf: BpfProgram = filter.try_into().map_err(build)?;
+    seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind: kind.to_string(), source })
+}
+
+fn target_arch() -> TargetArch {
+    #[cfg(target_arch = "aarch64")]
+    return TargetArch::aarch64;
+    #[cfg(not(target_arch = "aarch64"))]
+    TargetArch::x86_64
+}
+
+/// True if thread `tid` of this process runs under a seccomp filter (read
+/// from `/proc`, so by a thread allowed to open files).
+pub fn thread_filtered(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim() == "2")))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on a new thread under `lists` (mode on); returns its result
+    /// and whether /proc showed the thread filtered while it ran.
+    fn under<T: Send + 'static>(lists: &'static [&'static [i64]], f: impl FnOnce() -> T + Send + 'static) -> (T, bool) {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            apply("test", lists, SeccompMode::On).unwrap();
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            go_rx.recv().unwrap();
+            f()
+        });
+        let filtered = thread_filtered(tid_rx.recv().unwrap());
+        go_tx.send(()).unwrap();
+        (t.join().unwrap(), filtered)
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_queue_thread_cannot_open_files_make_sockets_or_start_programs() {
+        let ((socket, open, exec), filtered) = under(&[QUEUE_THREAD, crate::block::SYSCALLS], || {
+            // SAFETY: plain system calls with valid (or null) arguments.
+            unsafe {
+                let s = (libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0), errno());
+                let o = (libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY), errno());
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                (s, o, e)
+            }
+        });
+        assert_eq!(socket, (-1, libc::EPERM));
+        assert_eq!(open, (-1, libc::EPERM));
+        assert_eq!(exec, (-1, libc::EPERM));
+        assert!(filtered);
+    }
+
+    #[test]
+    fn what_a_list_allows_still_works() {
+        let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let (r, filtered) = under(&[QUEUE_THREAD], move || {
+            fd.write(3).unwrap();
+            crate::sys::eventfd_read(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap()
+        });
+        assert_eq!((r, filtered), (3, true));
+    }
+
+    #[test]
+    fn the_deny_list_refuses_only_what_it_names() {
+        let (exec, pid) = std::thread::spawn(|| {
+            deny("test", &[libc::SYS_execve], SeccompMode::On).unwrap();
+            // SAFETY: as above.
+            unsafe {
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                (e, libc::getppid())
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(exec, (-1, libc::EPERM));
+        assert!(pid > 0);
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("on".parse(), Ok(SeccompMode::On));
+        assert_eq!("false".parse(), Ok(SeccompMode::Off));
+        assert!("maybe".parse::<SeccompMode>().is_err());
+    }
+}
