@@ -343,7 +343,7 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
 }
 
 /// The boot table: per VMM, launch → `/init` and launch → exit, with the
-/// ratios the issue sets goals for. `how` says how the runs were made.
+/// ratios against their goals. `how` says how the runs were made.
 fn boot_table(vmms: &[Vmm], res: &[(Vec<f64>, Vec<f64>)], how: &str) -> String {
     let mut md = String::new();
     let runs = res.iter().map(|r| r.0.len()).max().unwrap_or(0);
@@ -406,92 +406,138 @@ fn orchestrate(o: &Opts) {
     let me = std::env::current_exe().unwrap_or_else(|e| die(&format!("cannot find my own binary: {e}")));
     let rig = me.with_file_name("kickvm-rig");
     let out = fs::canonicalize(&o.out).unwrap_or_else(|_| o.out.clone());
+    let l1 = InL1 { o, me, rig, out };
     let started = Instant::now();
-    let mut md = String::new();
-    let mut header: Option<String> = None;
-    let in_l1 = |args: &[String], out_dir: &Path| -> (String, String) {
-        let mut c = Command::new(&rig);
-        c.args(["run", "--timeout", "1500", "--share"]).arg(&out).arg("--").arg(&me);
+    let mut doc = Doc { md: String::new(), header: None };
+    if o.boot {
+        orchestrate_boot(o, &l1, &mut doc);
+    }
+    if o.ping {
+        orchestrate_ping(o, &l1, &mut doc);
+    }
+    let tail = format!(
+        "\nWhole benchmark: {:.0} s, L1 boots included. Raw consoles and perf outputs: `{}`.",
+        started.elapsed().as_secs_f64(),
+        l1.out.display()
+    );
+    println!("{tail}");
+    doc.md.push_str(&tail);
+    md_flush(o, &doc.md);
+}
+
+/// Runs this binary again inside a freshly booted L1, through `kickvm-rig run`.
+struct InL1<'a> {
+    o: &'a Opts,
+    /// This binary.
+    me: PathBuf,
+    /// `kickvm-rig`, next to it.
+    rig: PathBuf,
+    /// The output directory, canonical (shared read-write into L1).
+    out: PathBuf,
+}
+
+impl InL1<'_> {
+    /// Runs this binary with `args` (and `--out out_dir`) in a fresh L1,
+    /// passes its progress and failure lines through to stderr, and
+    /// returns its (stdout, stderr).
+    fn run(&self, args: &[String], out_dir: &Path) -> (String, String) {
+        let o = self.o;
+        let mut c = Command::new(&self.rig);
+        c.args(["run", "--timeout", "1500", "--share"]).arg(&self.out).arg("--").arg(&self.me);
         c.args(args).arg("--out").arg(out_dir).arg("--kickvm").arg(&o.kickvm).arg("--qemu").arg(&o.qemu);
         let r = c.stderr(Stdio::piped()).stdout(Stdio::piped()).output();
-        let r = r.unwrap_or_else(|e| die(&format!("cannot run {}: {e}", rig.display())));
+        let r = r.unwrap_or_else(|e| die(&format!("cannot run {}: {e}", self.rig.display())));
         let (so, se) = (String::from_utf8_lossy(&r.stdout).into_owned(), String::from_utf8_lossy(&r.stderr).into_owned());
         for l in se.lines().filter(|l| l.starts_with("bench:") || l.contains("FAILED") || l.starts_with("kickvm-rig:")) {
             eprintln!("{l}");
         }
         (so, se)
-    };
-    let take_header = |header: &mut Option<String>, md: &mut String, so: &str| {
-        if header.is_none() {
-            *header = so.lines().find(|l| l.starts_with("Host of the VMMs")).map(str::to_string);
-            if let Some(h) = header {
-                let _ = writeln!(md, "{h}\n");
+    }
+}
+
+/// The results document of an orchestrated benchmark.
+struct Doc {
+    md: String,
+    /// The "Host of the VMMs" line, once an L1 has printed it.
+    header: Option<String>,
+}
+
+impl Doc {
+    /// Adds the "Host of the VMMs" line from an L1's stdout `so`, from the
+    /// first L1 that printed one.
+    fn take_header(&mut self, so: &str) {
+        if self.header.is_none() {
+            self.header = so.lines().find(|l| l.starts_with("Host of the VMMs")).map(str::to_string);
+            if let Some(h) = &self.header {
+                let _ = writeln!(self.md, "{h}\n");
             }
         }
-    };
-    if o.boot {
-        let vmms = o.boot_vmms.clone();
-        let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
-        for run in 0..o.boot_runs {
-            for (i, v) in vmms.iter().enumerate() {
-                let dir = out.join(format!("boot-{}-{run}", v.short()));
-                let _ = fs::create_dir_all(&dir);
-                let args = ["--only", "boot", "--boot-runs", "1", "--boot-vmm", v.arg()].map(String::from);
-                let (so, se) = in_l1(&args, &dir);
-                take_header(&mut header, &mut md, &so);
-                let parsed = se.lines().find(|l| l.starts_with("bench: boot") && l.contains("/init")).and_then(|l| {
-                    let num = |key: &str| -> Option<f64> { l.split(key).nth(1)?.split_whitespace().next()?.parse().ok() };
-                    Some((num("/init ")?, num("exit ")?))
-                });
-                match parsed {
-                    Some((init, exit)) => {
-                        res[i].0.push(init);
-                        res[i].1.push(exit);
-                    }
-                    None => eprintln!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display()),
+    }
+}
+
+/// The boot benchmark, one L1 per run: the runs, then the table (printed
+/// and added to the document).
+fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
+    let vmms = o.boot_vmms.clone();
+    let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
+    for run in 0..o.boot_runs {
+        for (i, v) in vmms.iter().enumerate() {
+            let dir = l1.out.join(format!("boot-{}-{run}", v.short()));
+            let _ = fs::create_dir_all(&dir);
+            let args = ["--only", "boot", "--boot-runs", "1", "--boot-vmm", v.arg()].map(String::from);
+            let (so, se) = l1.run(&args, &dir);
+            doc.take_header(&so);
+            match boot_result(&se) {
+                Some((init, exit)) => {
+                    res[i].0.push(init);
+                    res[i].1.push(exit);
                 }
+                None => eprintln!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display()),
             }
         }
-        let table = boot_table(
-            &vmms,
-            &res,
-            "interleaved, each boot in a freshly booted L1 after one untimed `--version` of its VMM",
-        );
-        print!("{}{table}", header.as_deref().map(|h| format!("{h}\n\n")).unwrap_or_default());
-        md.push_str(&table);
-        md_flush(o, &md);
     }
-    if o.ping {
-        let args = vec![
-            "--only".to_string(),
-            "ping".into(),
-            "--ping-runs".into(),
-            o.ping_runs.to_string(),
-            "--pings".into(),
-            o.pings.to_string(),
-            "--interval".into(),
-            o.interval.clone(),
-            "--idle".into(),
-            o.idle_secs.to_string(),
-        ];
-        let (so, _) = in_l1(&args, &out);
-        take_header(&mut header, &mut md, &so);
-        let body: String = so
-            .lines()
-            .filter(|l| !l.starts_with("Host of the VMMs") && !l.starts_with("Whole benchmark"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        print!("{body}");
-        md.push_str(&body);
-    }
-    let tail = format!(
-        "\nWhole benchmark: {:.0} s, L1 boots included. Raw consoles and perf outputs: `{}`.",
-        started.elapsed().as_secs_f64(),
-        out.display()
+    let table = boot_table(
+        &vmms,
+        &res,
+        "interleaved, each boot in a freshly booted L1 after one untimed `--version` of its VMM",
     );
-    println!("{tail}");
-    md.push_str(&tail);
-    md_flush(o, &md);
+    print!("{}{table}", doc.header.as_deref().map(|h| format!("{h}\n\n")).unwrap_or_default());
+    doc.md.push_str(&table);
+    md_flush(o, &doc.md);
+}
+
+/// The seconds to `/init` and to exit from an L1's `bench: boot ...` line.
+fn boot_result(se: &str) -> Option<(f64, f64)> {
+    se.lines().find(|l| l.starts_with("bench: boot") && l.contains("/init")).and_then(|l| {
+        let num = |key: &str| -> Option<f64> { l.split(key).nth(1)?.split_whitespace().next()?.parse().ok() };
+        Some((num("/init ")?, num("exit ")?))
+    })
+}
+
+/// The ping benchmark, all runs in one more L1: its tables go to stdout
+/// and the document as the L1 printed them.
+fn orchestrate_ping(o: &Opts, l1: &InL1, doc: &mut Doc) {
+    let args = vec![
+        "--only".to_string(),
+        "ping".into(),
+        "--ping-runs".into(),
+        o.ping_runs.to_string(),
+        "--pings".into(),
+        o.pings.to_string(),
+        "--interval".into(),
+        o.interval.clone(),
+        "--idle".into(),
+        o.idle_secs.to_string(),
+    ];
+    let (so, _) = l1.run(&args, &l1.out);
+    doc.take_header(&so);
+    let body: String = so
+        .lines()
+        .filter(|l| !l.starts_with("Host of the VMMs") && !l.starts_with("Whole benchmark"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    print!("{body}");
+    doc.md.push_str(&body);
 }
 
 // ---------------------------------------------------------------- perf
@@ -746,18 +792,43 @@ fn host_ping(o: &Opts) -> Option<(f64, f64)> {
     (received > 0 && rtt.len() >= 3).then(|| (rtt[1], rtt[0]))
 }
 
-fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRun, String> {
-    // The serial console costs the VMM a few exits and a write per
-    // character, so nothing is printed inside the counted window but the
-    // one-character end marker `D`: terminal echo is off, ping's output and
-    // the guest's clock readings go to files, printed after the window.
-    let script = format!(
+/// The guest's side of a ping run.
+///
+/// The serial console costs the VMM a few exits and a write per
+/// character, so nothing is printed inside the counted window but the
+/// one-character end marker `D`: terminal echo is off, ping's output and
+/// the guest's clock readings go to files, printed after the window.
+fn ping_script(o: &Opts) -> String {
+    format!(
         "stty -echo 2>/dev/null; echo BENCH-READY; read x; cat /proc/uptime > /tmp/t0; \
          ping -q -c {} -i {} 10.0.2.2 > /tmp/ping 2>&1; cat /proc/uptime > /tmp/t1; echo D; \
          read x; echo \"BENCH-T0 $(cat /tmp/t0)\"; cat /tmp/ping; echo \"BENCH-T1 $(cat /tmp/t1)\"; \
          echo BENCH-REPORTED; read x",
         o.pings, o.interval
-    );
+    )
+}
+
+/// What one ping run measured, before any arithmetic.
+struct PingMeasured {
+    mem: Mem,
+    /// perf counts over the idle window, and its length in seconds.
+    idle: Counts,
+    idle_secs: f64,
+    /// perf counts over the ping window, and its length in seconds.
+    busy: Counts,
+    busy_secs: f64,
+    /// What the guest printed after the window: clock readings and ping's
+    /// summary.
+    summary: String,
+    guest_clock: f64,
+    host_rtt: Option<(f64, f64)>,
+}
+
+/// Boots `vmm` with [`ping_script`] and drives it: memory, an idle window
+/// and the ping window (both counted by perf), the guest's report, then a
+/// ping from L1.
+fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingMeasured, String> {
+    let script = ping_script(o);
     let name = format!("ping-{}-{run}", vmm.short());
     let mut r = spawn(o, vmm, &script, true, &format!("{name}.log"));
     r.wait_for("BENCH-READY", Duration::from_secs(120))?;
@@ -788,25 +859,31 @@ fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRu
     let host_rtt = host_ping(o);
     r.type_line("bye");
     r.wait_exit(Duration::from_secs(60))?;
+    Ok(PingMeasured { mem, idle, idle_secs, busy, busy_secs, summary, guest_clock, host_rtt })
+}
 
-    let (received, rtt) = parse_ping(&summary).ok_or_else(|| format!("no ping summary in:\n{summary}"))?;
-    if received == 0 || rtt.len() < 3 {
-        return Err(format!("no replies:\n{summary}"));
-    }
-    let pings = o.pings as f64;
+/// A filter on thread names.
+type ThreadFilter<'a> = &'a dyn Fn(&str) -> bool;
 
-    let sum = |c: &Counts, f: &dyn Fn(&str) -> bool, ev: &str| -> f64 {
-        c.iter().filter(|(t, _)| f(t)).map(|(_, e)| e.get(ev).copied().unwrap_or(0.0)).sum()
-    };
+/// Counts of event `ev` over the threads `f` accepts.
+fn event_total(c: &Counts, f: ThreadFilter, ev: &str) -> f64 {
+    c.iter().filter(|(t, _)| f(t)).map(|(_, e)| e.get(ev).copied().unwrap_or(0.0)).sum()
+}
+
+/// `clock_gettime` + `gettimeofday` over the threads `f` accepts.
+fn clock_total(c: &Counts, f: ThreadFilter) -> f64 {
+    CLOCK_SYSCALLS.iter().map(|s| event_total(c, f, s)).sum()
+}
+
+/// Device-path syscalls (all but the clock ones) over the threads `f` accepts.
+fn device_total(c: &Counts, f: ThreadFilter) -> f64 {
+    event_total(c, f, "ALL") - clock_total(c, f)
+}
+
+/// Per syscall name (plus `ALL`, and `(other)` for what no named one
+/// covers): per ping, idle-subtracted, all threads.
+fn per_syscall(m: &PingMeasured, events: &[String], pings: f64) -> BTreeMap<String, f64> {
     let all = |_: &str| true;
-    let vcpu = |t: &str| is_vcpu_thread(t);
-    let clocks = |c: &Counts, f: &dyn Fn(&str) -> bool| -> f64 { CLOCK_SYSCALLS.iter().map(|s| sum(c, f, s)).sum() };
-    let device = |c: &Counts, f: &dyn Fn(&str) -> bool| sum(c, f, "ALL") - clocks(c, f);
-    let idle_rate = device(&idle, &all) / idle_secs;
-    let per_ping = (device(&busy, &all) - idle_rate * busy_secs) / pings;
-    let idle_rate_vcpu = device(&idle, &vcpu) / idle_secs;
-    let per_ping_vcpu = (device(&busy, &vcpu) - idle_rate_vcpu * busy_secs) / pings;
-
     let mut by_syscall = BTreeMap::new();
     let mut names: Vec<String> = events
         .iter()
@@ -815,30 +892,53 @@ fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRu
         .collect();
     names.push("ALL".into());
     for n in &names {
-        let v = (sum(&busy, &all, n) - sum(&idle, &all, n) / idle_secs * busy_secs) / pings;
+        let v = (event_total(&m.busy, &all, n) - event_total(&m.idle, &all, n) / m.idle_secs * m.busy_secs) / pings;
         by_syscall.insert(n.clone(), v);
     }
     let named: f64 = names.iter().filter(|n| *n != "ALL").map(|n| by_syscall[n]).sum();
     by_syscall.insert("(other)".into(), by_syscall["ALL"] - named);
+    by_syscall
+}
+
+/// Per thread name: device-path syscalls per ping, idle-subtracted.
+fn per_thread(m: &PingMeasured, pings: f64) -> BTreeMap<String, f64> {
     let mut by_thread = BTreeMap::new();
-    for t in busy.keys().chain(idle.keys()) {
+    for t in m.busy.keys().chain(m.idle.keys()) {
         let only = |x: &str| x == t;
-        let v = (device(&busy, &only) - device(&idle, &only) / idle_secs * busy_secs) / pings;
+        let v = (device_total(&m.busy, &only) - device_total(&m.idle, &only) / m.idle_secs * m.busy_secs) / pings;
         by_thread.insert(t.clone(), v);
     }
+    by_thread
+}
+
+/// One ping run of `vmm`: measured, then reduced to RTT and per-ping syscalls.
+fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRun, String> {
+    let m = measure_ping(o, vmm, run, events)?;
+    let (received, rtt) = parse_ping(&m.summary).ok_or_else(|| format!("no ping summary in:\n{}", m.summary))?;
+    if received == 0 || rtt.len() < 3 {
+        return Err(format!("no replies:\n{}", m.summary));
+    }
+    let pings = o.pings as f64;
+
+    let all = |_: &str| true;
+    let vcpu = |t: &str| is_vcpu_thread(t);
+    let idle_rate = device_total(&m.idle, &all) / m.idle_secs;
+    let per_ping = (device_total(&m.busy, &all) - idle_rate * m.busy_secs) / pings;
+    let idle_rate_vcpu = device_total(&m.idle, &vcpu) / m.idle_secs;
+    let per_ping_vcpu = (device_total(&m.busy, &vcpu) - idle_rate_vcpu * m.busy_secs) / pings;
     Ok(PingRun {
-        guest_clock,
-        host_rtt,
+        guest_clock: m.guest_clock,
+        host_rtt: m.host_rtt,
         rtt_avg: rtt[1],
         received,
         per_ping,
         per_ping_vcpu,
-        raw_per_ping: sum(&busy, &all, "ALL") / pings,
-        clock_per_ping: clocks(&busy, &all) / pings,
+        raw_per_ping: event_total(&m.busy, &all, "ALL") / pings,
+        clock_per_ping: clock_total(&m.busy, &all) / pings,
         idle_rate,
-        by_syscall,
-        by_thread,
-        mem,
+        by_syscall: per_syscall(&m, events, pings),
+        by_thread: per_thread(&m, pings),
+        mem: m.mem,
     })
 }
 
@@ -883,6 +983,21 @@ fn main() {
     }
     let mut md = String::new();
     let started = Instant::now();
+    md.push_str(&host_header(&o));
+    if o.boot {
+        boot_bench(&o, &mut md);
+    }
+    if o.ping {
+        ping_bench(&o, &mut md);
+    }
+    let _ = writeln!(md, "\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
+    println!("\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
+    md_flush(&o, &md);
+}
+
+/// The "Host of the VMMs" paragraph: kernel, CPUs, QEMU version, guest.
+fn host_header(o: &Opts) -> String {
+    let mut md = String::new();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let qemu_version = Command::new(&o.qemu)
         .arg("--version")
@@ -900,183 +1015,220 @@ fn main() {
         if std::env::var_os("KICKVM_IN_RIG").is_some() { ", L1 of the nested rig" } else { "" },
         qemu_version
     );
+    md
+}
 
-    if o.boot {
-        let vmms = o.boot_vmms.clone();
-        let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
-        for run in 0..o.boot_runs {
-            for (i, v) in vmms.iter().enumerate() {
-                match boot_once(&o, *v, run) {
-                    Ok(b) => {
-                        eprintln!("bench: boot {} run {run}: /init {:.2} s, exit {:.2} s", v.label(), b.to_init, b.to_exit);
-                        res[i].0.push(b.to_init);
-                        res[i].1.push(b.to_exit);
-                    }
-                    Err(e) => eprintln!("bench: boot {} run {run}: FAILED: {e}", v.label()),
-                }
-            }
-        }
-        md.push_str(&boot_table(&vmms, &res, "interleaved"));
-        print!("{md}");
-        md_flush(&o, &md);
-    }
-
-    if o.ping {
-        let events = perf_events();
-        if let Err(e) = setup_tap() {
-            die(&e);
-        }
-        let vmms = [Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc];
-        let mut res: Vec<Vec<PingRun>> = (0..vmms.len()).map(|_| Vec::new()).collect();
-        for run in 0..o.ping_runs {
-            for (i, v) in vmms.iter().enumerate() {
-                match ping_once(&o, *v, run, &events) {
-                    Ok(p) => {
-                        eprintln!(
-                            "bench: ping {} run {run}: rtt avg {:.3} ms (L1→guest {:?}, guest clock ×{:.2}), {:.2} syscalls/ping ({:.2} vCPU), raw {:.2}, clock {:.2}, idle {:.1}/s",
-                            v.label(),
-                            p.rtt_avg,
-                            p.host_rtt,
-                            p.guest_clock,
-                            p.per_ping,
-                            p.per_ping_vcpu,
-                            p.raw_per_ping,
-                            p.clock_per_ping,
-                            p.idle_rate
-                        );
-                        res[i].push(p);
-                    }
-                    Err(e) => eprintln!("bench: ping {} run {run}: FAILED: {e}", v.label()),
-                }
-            }
-        }
-        let _ = Command::new("ip").args(["link", "del", TAP]).status();
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "### Guest→host ping over a TAP: RTT and device-path syscalls per ping\n\n\
-             Guest: `ping -q -c {} -i {} 10.0.2.2` (busybox); host end: TAP `{TAP}` {HOST_ADDR} in L1. \
-             {} runs each, interleaved. Syscalls: `perf stat --per-thread -p PID -e raw_syscalls:sys_enter,syscalls:sys_enter_...` \
-             over exactly the ping (switched on/off through perf's control FIFO; the guest prints nothing in that \
-             window but a one-letter end marker, since every console character costs the VMM exits and a `write`), \
-             every thread of the VMM (vCPU threads included), minus `clock_gettime`/`gettimeofday`, minus the rate of a {:.0} s idle \
-             window of the same boot (guest blocked in `read` on its console), divided by {} pings. \
-             RTT twice: busybox's in the guest (timed by the guest's clock), and busybox `ping -c N -i I 10.0.2.15` run in L1 \
-             right after (host→guest, timed by L1's clock, not syscall-counted); \"guest clock / L1 clock\" compares the guest's \
-             `/proc/uptime` with L1's clock over the ping.\n",
-            o.pings,
-            o.interval,
-            o.ping_runs,
-            o.idle_secs,
-            o.pings
-        );
-        let _ = writeln!(s, "| VMM | guest→host RTT avg, ms (guest clock): median | range | L1→guest RTT avg, ms (L1 clock): median | range | guest clock / L1 clock | syscalls/ping: median | range | of which vCPU threads | raw syscalls/ping (no subtraction) | clock_gettime+gettimeofday/ping | idle syscalls/s | lost |");
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+/// The boot benchmark here: interleaved runs, then the table, added to
+/// `md`; prints the document so far.
+fn boot_bench(o: &Opts, md: &mut String) {
+    let vmms = o.boot_vmms.clone();
+    let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
+    for run in 0..o.boot_runs {
         for (i, v) in vmms.iter().enumerate() {
-            let r = &res[i];
-            let col = |f: &dyn Fn(&PingRun) -> f64| r.iter().map(f).collect::<Vec<f64>>();
-            let lost: u32 = r.iter().map(|p| o.pings - p.received).sum();
-            let _ = writeln!(
-                s,
-                "| {} | {:.2} | {} | **{:.2}** | {} | {:.2} | **{:.1}** | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
-                v.label(),
-                median(&col(&|p| p.rtt_avg)),
-                range(&col(&|p| p.rtt_avg), 2),
-                median(&col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0))),
-                range(&col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0)), 2),
-                median(&col(&|p| p.guest_clock)),
-                median(&col(&|p| p.per_ping)),
-                range(&col(&|p| p.per_ping), 1),
-                median(&col(&|p| p.per_ping_vcpu)),
-                median(&col(&|p| p.raw_per_ping)),
-                median(&col(&|p| p.clock_per_ping)),
-                median(&col(&|p| p.idle_rate)),
-                lost
-            );
-        }
-        // Per-syscall breakdown.
-        let mut names: Vec<String> = Vec::new();
-        for r in res.iter().flatten() {
-            for (n, v) in &r.by_syscall {
-                if n != "ALL" && !names.contains(n) && (v.abs() >= 0.05) {
-                    names.push(n.clone());
+            match boot_once(o, *v, run) {
+                Ok(b) => {
+                    eprintln!("bench: boot {} run {run}: /init {:.2} s, exit {:.2} s", v.label(), b.to_init, b.to_exit);
+                    res[i].0.push(b.to_init);
+                    res[i].1.push(b.to_exit);
                 }
+                Err(e) => eprintln!("bench: boot {} run {run}: FAILED: {e}", v.label()),
             }
         }
-        names.sort_by_key(|n| n == "(other)");
+    }
+    md.push_str(&boot_table(&vmms, &res, "interleaved"));
+    print!("{md}");
+    md_flush(o, md);
+}
+
+/// The ping benchmark here: the TAP, interleaved runs, then the RTT and
+/// syscall table, the breakdowns and the memory table, printed and added
+/// to `md`.
+fn ping_bench(o: &Opts, md: &mut String) {
+    let events = perf_events();
+    if let Err(e) = setup_tap() {
+        die(&e);
+    }
+    let vmms = [Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc];
+    let res = ping_runs(o, &vmms, &events);
+    let _ = Command::new("ip").args(["link", "del", TAP]).status();
+    let mut s = ping_table(o, &vmms, &res);
+    s.push_str(&syscall_breakdown(&vmms, &res));
+    s.push_str(&thread_breakdown(&vmms, &res));
+    s.push_str(&memory_table(&vmms, &res));
+    print!("{s}");
+    md.push_str(&s);
+    md_flush(o, md);
+}
+
+/// `o.ping_runs` rounds of one ping run per VMM; per VMM, the runs that
+/// worked.
+fn ping_runs(o: &Opts, vmms: &[Vmm], events: &[String]) -> Vec<Vec<PingRun>> {
+    let mut res: Vec<Vec<PingRun>> = (0..vmms.len()).map(|_| Vec::new()).collect();
+    for run in 0..o.ping_runs {
+        for (i, v) in vmms.iter().enumerate() {
+            match ping_once(o, *v, run, events) {
+                Ok(p) => {
+                    eprintln!(
+                        "bench: ping {} run {run}: rtt avg {:.3} ms (L1→guest {:?}, guest clock ×{:.2}), {:.2} syscalls/ping ({:.2} vCPU), raw {:.2}, clock {:.2}, idle {:.1}/s",
+                        v.label(),
+                        p.rtt_avg,
+                        p.host_rtt,
+                        p.guest_clock,
+                        p.per_ping,
+                        p.per_ping_vcpu,
+                        p.raw_per_ping,
+                        p.clock_per_ping,
+                        p.idle_rate
+                    );
+                    res[i].push(p);
+                }
+                Err(e) => eprintln!("bench: ping {} run {run}: FAILED: {e}", v.label()),
+            }
+        }
+    }
+    res
+}
+
+/// The ping table: how it was measured, then per VMM the RTTs, syscalls
+/// per ping, idle rate and lost pings.
+fn ping_table(o: &Opts, vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### Guest→host ping over a TAP: RTT and device-path syscalls per ping\n\n\
+         Guest: `ping -q -c {} -i {} 10.0.2.2` (busybox); host end: TAP `{TAP}` {HOST_ADDR} in L1. \
+         {} runs each, interleaved. Syscalls: `perf stat --per-thread -p PID -e raw_syscalls:sys_enter,syscalls:sys_enter_...` \
+         over exactly the ping (switched on/off through perf's control FIFO; the guest prints nothing in that \
+         window but a one-letter end marker, since every console character costs the VMM exits and a `write`), \
+         every thread of the VMM (vCPU threads included), minus `clock_gettime`/`gettimeofday`, minus the rate of a {:.0} s idle \
+         window of the same boot (guest blocked in `read` on its console), divided by {} pings. \
+         RTT twice: busybox's in the guest (timed by the guest's clock), and busybox `ping -c N -i I 10.0.2.15` run in L1 \
+         right after (host→guest, timed by L1's clock, not syscall-counted); \"guest clock / L1 clock\" compares the guest's \
+         `/proc/uptime` with L1's clock over the ping.\n",
+        o.pings,
+        o.interval,
+        o.ping_runs,
+        o.idle_secs,
+        o.pings
+    );
+    let _ = writeln!(s, "| VMM | guest→host RTT avg, ms (guest clock): median | range | L1→guest RTT avg, ms (L1 clock): median | range | guest clock / L1 clock | syscalls/ping: median | range | of which vCPU threads | raw syscalls/ping (no subtraction) | clock_gettime+gettimeofday/ping | idle syscalls/s | lost |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (i, v) in vmms.iter().enumerate() {
+        let r = &res[i];
+        let col = |f: &dyn Fn(&PingRun) -> f64| r.iter().map(f).collect::<Vec<f64>>();
+        let lost: u32 = r.iter().map(|p| o.pings - p.received).sum();
         let _ = writeln!(
             s,
-            "\nWhere the syscalls go — per ping, by syscall (median over runs, idle-subtracted, all threads; \
-             `clock_gettime` included here):\n"
+            "| {} | {:.2} | {} | **{:.2}** | {} | {:.2} | **{:.1}** | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+            v.label(),
+            median(&col(&|p| p.rtt_avg)),
+            range(&col(&|p| p.rtt_avg), 2),
+            median(&col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0))),
+            range(&col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0)), 2),
+            median(&col(&|p| p.guest_clock)),
+            median(&col(&|p| p.per_ping)),
+            range(&col(&|p| p.per_ping), 1),
+            median(&col(&|p| p.per_ping_vcpu)),
+            median(&col(&|p| p.raw_per_ping)),
+            median(&col(&|p| p.clock_per_ping)),
+            median(&col(&|p| p.idle_rate)),
+            lost
         );
-        let _ = write!(s, "| syscall |");
-        for v in &vmms {
-            let _ = write!(s, " {} |", v.label());
+    }
+    s
+}
+
+/// Where the syscalls go: per ping, by syscall, one column per VMM.
+fn syscall_breakdown(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
+    let mut s = String::new();
+    let mut names: Vec<String> = Vec::new();
+    for r in res.iter().flatten() {
+        for (n, v) in &r.by_syscall {
+            if n != "ALL" && !names.contains(n) && (v.abs() >= 0.05) {
+                names.push(n.clone());
+            }
+        }
+    }
+    names.sort_by_key(|n| n == "(other)");
+    let _ = writeln!(
+        s,
+        "\nWhere the syscalls go — per ping, by syscall (median over runs, idle-subtracted, all threads; \
+         `clock_gettime` included here):\n"
+    );
+    let _ = write!(s, "| syscall |");
+    for v in vmms {
+        let _ = write!(s, " {} |", v.label());
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(vmms.len()));
+    for n in &names {
+        let _ = write!(s, "| {n} |");
+        for r in res {
+            let v: Vec<f64> = r.iter().map(|p| p.by_syscall.get(n).copied().unwrap_or(0.0)).collect();
+            let _ = write!(s, " {:.2} |", median(&v));
         }
         let _ = writeln!(s);
-        let _ = writeln!(s, "|---|{}", "---|".repeat(vmms.len()));
-        for n in &names {
-            let _ = write!(s, "| {n} |");
-            for r in &res {
-                let v: Vec<f64> = r.iter().map(|p| p.by_syscall.get(n).copied().unwrap_or(0.0)).collect();
-                let _ = write!(s, " {:.2} |", median(&v));
-            }
-            let _ = writeln!(s);
-        }
-        let _ = writeln!(s, "\nBy thread (per ping, median, idle-subtracted, clocks excluded; threads with the same name added up):\n");
-        for (i, v) in vmms.iter().enumerate() {
-            let mut threads: Vec<String> = Vec::new();
-            for p in &res[i] {
-                for t in p.by_thread.keys() {
-                    if !threads.contains(t) {
-                        threads.push(t.clone());
-                    }
+    }
+    s
+}
+
+/// Per VMM, one line: device-path syscalls per ping by thread name.
+fn thread_breakdown(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\nBy thread (per ping, median, idle-subtracted, clocks excluded; threads with the same name added up):\n");
+    for (i, v) in vmms.iter().enumerate() {
+        let mut threads: Vec<String> = Vec::new();
+        for p in &res[i] {
+            for t in p.by_thread.keys() {
+                if !threads.contains(t) {
+                    threads.push(t.clone());
                 }
             }
-            let parts: Vec<String> = threads
-                .iter()
-                .map(|t| {
-                    let vals: Vec<f64> = res[i].iter().map(|p| p.by_thread.get(t).copied().unwrap_or(0.0)).collect();
-                    format!("`{t}` {:.2}", median(&vals))
-                })
-                .collect();
-            let _ = writeln!(s, "- {}: {}", v.label(), parts.join(", "));
         }
-        // Memory.
+        let parts: Vec<String> = threads
+            .iter()
+            .map(|t| {
+                let vals: Vec<f64> = res[i].iter().map(|p| p.by_thread.get(t).copied().unwrap_or(0.0)).collect();
+                format!("`{t}` {:.2}", median(&vals))
+            })
+            .collect();
+        let _ = writeln!(s, "- {}: {}", v.label(), parts.join(", "));
+    }
+    s
+}
+
+/// The memory table: per VMM, RSS minus guest RAM, from the ping runs'
+/// idle windows.
+fn memory_table(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### VMM memory overhead (RSS minus guest RAM), guest idle after boot\n\n\
+         From `/proc/PID/smaps` one second after the guest's script started (virtio-net attached, guest idle): \
+         the Rss of every mapping, minus the Rss of the guest-RAM mapping (kickvm: the memfd \
+         `kickvm-guest-ram`; QEMU: its anonymous RAM block of ≥ ¾ of {MEMORY_MIB} MiB). \
+         \"anon\" = the rest not backed by a file (heap, stacks, other anonymous maps), \"file\" = binaries and libraries. \
+         MiB, median over runs.\n"
+    );
+    let _ = writeln!(s, "| VMM | total RSS | guest RAM touched | **overhead** | of which anon | of which file | threads |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for (i, v) in vmms.iter().enumerate() {
+        let r = &res[i];
+        let mib = |f: &dyn Fn(&Mem) -> u64| median(&r.iter().map(|p| f(&p.mem) as f64 / 1024.0).collect::<Vec<_>>());
+        let threads = r.first().map(|p| summarize_threads(&p.mem.threads)).unwrap_or_default();
         let _ = writeln!(
             s,
-            "\n### VMM memory overhead (RSS minus guest RAM), guest idle after boot\n\n\
-             From `/proc/PID/smaps` one second after the guest's script started (virtio-net attached, guest idle): \
-             the Rss of every mapping, minus the Rss of the guest-RAM mapping (kickvm: the memfd \
-             `kickvm-guest-ram`; QEMU: its anonymous RAM block of ≥ ¾ of {MEMORY_MIB} MiB). \
-             \"anon\" = the rest not backed by a file (heap, stacks, other anonymous maps), \"file\" = binaries and libraries. \
-             MiB, median over runs.\n"
+            "| {} | {:.1} | {:.1} | **{:.2}** | {:.2} | {:.2} | {} |",
+            v.label(),
+            mib(&|m| m.total_kib),
+            mib(&|m| m.guest_kib),
+            mib(&|m| m.total_kib - m.guest_kib),
+            mib(&|m| m.other_anon_kib),
+            mib(&|m| m.other_file_kib),
+            threads
         );
-        let _ = writeln!(s, "| VMM | total RSS | guest RAM touched | **overhead** | of which anon | of which file | threads |");
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
-        for (i, v) in vmms.iter().enumerate() {
-            let r = &res[i];
-            let mib = |f: &dyn Fn(&Mem) -> u64| median(&r.iter().map(|p| f(&p.mem) as f64 / 1024.0).collect::<Vec<_>>());
-            let threads = r.first().map(|p| summarize_threads(&p.mem.threads)).unwrap_or_default();
-            let _ = writeln!(
-                s,
-                "| {} | {:.1} | {:.1} | **{:.2}** | {:.2} | {:.2} | {} |",
-                v.label(),
-                mib(&|m| m.total_kib),
-                mib(&|m| m.guest_kib),
-                mib(&|m| m.total_kib - m.guest_kib),
-                mib(&|m| m.other_anon_kib),
-                mib(&|m| m.other_file_kib),
-                threads
-            );
-        }
-        print!("{s}");
-        md.push_str(&s);
-        md_flush(&o, &md);
     }
-    let _ = writeln!(md, "\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
-    println!("\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
-    md_flush(&o, &md);
+    s
 }
 
 fn summarize_threads(names: &[String]) -> String {
