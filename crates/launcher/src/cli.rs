@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// queue), per-device, or single (one I/O thread for all).
     #[arg(long, value_name = "MODE", default_value = "per-queue")]
     pub threads: ThreadingMode,
+    /// Seccomp filters: each kind of thread (vCPU, queue threads, stdin,
+    /// main) may make only the system calls it needs; `log` allows the
+    /// others and has the kernel log them, `off` installs none.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: kickvm_virtio::seccomp::SeccompMode,
     /// When the guest reboots, exit (status 0) instead of booting again.
     #[arg(long)]
     pub no_reboot: bool,
@@ -134,6 +139,7 @@ impl RunArgs {
             threads: self.threads,
             kvm_device: self.kvm_device.clone(),
             allow_slow_kvm: self.allow_slow_kvm,
+            seccomp: self.seccomp,
         })
     }
 }

@@ -42,6 +42,46 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
+/// What no part of kickvm ever does: start programs, trace or write other
+/// processes, load kernel code, change mounts, identities or the clock.
+const MAIN_DENIED: &[i64] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_bpf,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setreuid,
+    libc::SYS_setregid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_adjtimex,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_add_key,
+    libc::SYS_keyctl,
+    libc::SYS_request_key,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+];
+
 fn fail(msg: impl std::fmt::Display) -> u8 {
     eprintln!("kickvm: {msg}");
     1
@@ -71,13 +111,19 @@ fn run(args: &RunArgs) -> u8 {
         return fail(e);
     }
     platform::install_stop_signals();
+    // The thread that builds the VM (again at each reboot) needs almost
+    // everything; it is refused what kickvm never does. Threads it starts
+    // inherit this and add their own lists.
+    if let Err(e) = kickvm_virtio::seccomp::deny("main", MAIN_DENIED, cfg.seccomp) {
+        return fail(e);
+    }
 
     // Stdin feeds the serial port unless virtio-console has it.
     let serial_has_stdin = cfg.console != ConsoleSpec::Stdio;
     let _raw = RawTerminal::enter(libc::STDIN_FILENO, Mode::KeepSignals).ok().flatten();
     let mut io = vm::ConsoleIo::default();
     if serial_has_stdin {
-        match StdinPump::start() {
+        match StdinPump::start(cfg.seccomp) {
             Ok(p) => io.stdin = Some(p),
             Err(e) => return fail(format!("cannot start the stdin thread: {e}")),
         }

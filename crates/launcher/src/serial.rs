@@ -5,6 +5,7 @@
 //! to the launcher's stdout; input comes from the launcher's stdin through
 //! [`StdinPump`] when the serial port is the interactive console.
 
+use kickvm_virtio::seccomp::{self, SeccompMode};
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
@@ -97,10 +98,18 @@ pub struct StdinPump {
 
 impl StdinPump {
     /// Starts the `stdin` thread.
-    pub fn start() -> std::io::Result<StdinPump> {
+    pub fn start(mode: SeccompMode) -> std::io::Result<StdinPump> {
         let target: Target = Arc::default();
         let t = target.clone();
-        std::thread::Builder::new().name("stdin".into()).spawn(move || pump(t))?;
+        std::thread::Builder::new().name("stdin".into()).spawn(move || {
+            // Reads stdin, hands bytes to the serial port (its interrupt is
+            // an eventfd write), waits for the guest to drain its FIFO.
+            if let Err(e) = seccomp::apply("stdin", &[&[libc::SYS_read]], mode) {
+                log::error!("{e}; the guest gets no keyboard input");
+                return;
+            }
+            pump(t)
+        })?;
         Ok(StdinPump { target })
     }
 

@@ -13,6 +13,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, CpuId, Msrs, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use kickvm_virtio::ratelimit::Throttle;
+use kickvm_virtio::seccomp::{self, SeccompMode};
 
 use crate::boot::gdt;
 use crate::bus::Bus;
@@ -167,10 +168,17 @@ impl VcpuThread {
         mmio: Bus,
         control: Arc<Control>,
         stop: Arc<AtomicBool>,
+        seccomp: SeccompMode,
     ) -> Result<VcpuThread, VcpuError> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || contained(id, &control, || run(id, vcpu, &pio, &mmio, &control, &stop)))
+            .spawn(move || {
+                if let Err(e) = sandbox(seccomp) {
+                    control.request(Exit::Error(format!("vcpu{id}: {e}")));
+                    return;
+                }
+                contained(id, &control, || run(id, vcpu, &pio, &mmio, &control, &stop))
+            })
             .map_err(|err| VcpuError::Spawn { id, err })?;
         Ok(VcpuThread { handle })
     }
@@ -181,6 +189,35 @@ impl VcpuThread {
     pub fn stop_and_join(self) {
         let _ = kickvm_virtio::sys::wake_until_finished(self.handle);
     }
+}
+
+/// A vCPU thread's system calls beyond every thread's
+/// (`seccomp::RUNTIME`): `KVM_RUN` and the KVM and TAP ioctls a driver's
+/// accesses lead to (irqfds, ioeventfds, GSI routes, offloads at
+/// DRIVER_OK), eventfds for interrupts, and starting and stopping queue
+/// threads. A new thread inherits its creator's filter before it adds its
+/// own, so this list includes what queue threads need.
+pub const SYSCALLS: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_eventfd2,
+    libc::SYS_dup,
+    libc::SYS_fcntl,
+    libc::SYS_close,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_seccomp,
+];
+
+/// Installs the vCPU filter on the calling thread.
+pub fn sandbox(mode: SeccompMode) -> Result<(), kickvm_virtio::seccomp::SeccompError> {
+    let mut lists: Vec<&[i64]> = vec![SYSCALLS, seccomp::QUEUE_THREAD];
+    lists.extend_from_slice(seccomp::ALL_WORKERS);
+    seccomp::apply("vcpu", &lists, mode)
 }
 
 /// Runs the vCPU loop `f` so that a panic in it — a device that failed on
@@ -279,5 +316,42 @@ mod tests {
         idx.sort();
         idx.dedup();
         assert_eq!(idx.len(), m.len());
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    /// A vCPU thread is refused what it never needs, and the queue threads
+    /// it starts at DRIVER_OK can still install their own filter on top.
+    #[test]
+    fn a_vcpu_is_refused_sockets_files_and_programs_but_starts_queue_threads() {
+        let (socket, open, exec, queue_thread) = std::thread::spawn(|| {
+            sandbox(SeccompMode::On).unwrap();
+            // SAFETY: plain system calls with valid (or null) arguments.
+            let (s, o, e) = unsafe {
+                let s = (libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0), errno());
+                let o = (libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY), errno());
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                (s, o, e)
+            };
+            let q = std::thread::Builder::new()
+                .name("blk0-q0".into())
+                .spawn(|| {
+                    let lists: [&[i64]; 2] = [seccomp::QUEUE_THREAD, kickvm_virtio::block::SYSCALLS];
+                    seccomp::apply("queue", &lists, SeccompMode::On).is_ok()
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            (s, o, e, q)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(socket, (-1, libc::EPERM));
+        assert_eq!(open, (-1, libc::EPERM));
+        assert_eq!(exec, (-1, libc::EPERM));
+        assert!(queue_thread);
     }
 }

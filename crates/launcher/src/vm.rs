@@ -173,7 +173,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     let msi = Arc::new(GsiRouter::new(vm.clone()));
     msi.install()?;
     let mut pci = PciHost::new(&pio, &mmio, vm.clone(), msi)?;
-    let runtime = Runtime::new(cfg.threads);
+    let runtime = Runtime::with_seccomp(cfg.threads, cfg.seccomp);
     let devs = devices::build(cfg)?;
     let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime)?;
 
@@ -189,7 +189,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     if chatty {
         log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     }
-    let vcpus = start_vcpus(kvm, &vm, cfg.cpus, kernel.entry, &pio, &mmio, &control)?;
+    let vcpus = start_vcpus(kvm, &vm, cfg.cpus, kernel.entry, &pio, &mmio, &control, cfg.seccomp)?;
     if chatty {
         log::info!("VM set up in {:.1} ms", ms());
     }
@@ -303,6 +303,7 @@ fn start_vcpus(
     pio: &Bus,
     mmio: &Bus,
     control: &Arc<Control>,
+    seccomp: kickvm_virtio::seccomp::SeccompMode,
 ) -> Result<Vcpus, VmError> {
     kickvm_virtio::sys::install_wake_handler();
     let mut base = kvm
@@ -325,7 +326,7 @@ fn start_vcpus(
     }
     let mut vcpus = Vcpus { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
     for (id, fd) in fds.into_iter().enumerate() {
-        let t = VcpuThread::spawn(id as u32, fd, pio.clone(), mmio.clone(), control.clone(), vcpus.stop.clone())?;
+        let t = VcpuThread::spawn(id as u32, fd, pio.clone(), mmio.clone(), control.clone(), vcpus.stop.clone(), seccomp)?;
         vcpus.threads.push(t);
     }
     Ok(vcpus)

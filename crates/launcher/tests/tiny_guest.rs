@@ -78,3 +78,69 @@ fn sigterm_stops_a_spinning_guest_cleanly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "spinning\n");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// (name, seccomp mode, number of filters) of every thread of `pid`.
+fn thread_filters(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        };
+        out.push((comm, field("Seccomp:"), field("Seccomp_filters:")));
+    }
+    out
+}
+
+/// Every thread of a running launcher is under a seccomp filter by default
+/// (main: its deny list; vCPUs and stdin: their own lists on top), and
+/// none with `--seccomp off`.
+#[test]
+fn every_thread_runs_under_its_seccomp_filter() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("seccomp");
+    let mut code = serial_then_out(b"spinning\n", 0x80, 0);
+    let spin = code.len() - b"spinning\n".len() - 3;
+    code[spin..spin + 3].copy_from_slice(&[0xfa, 0xeb, 0xfe]); // cli; 1: jmp 1b
+    let k = write(&dir, "bzImage", &fake_bzimage(&code));
+    for (mode, filtered) in [("on", true), ("off", false)] {
+        let mut child = kickvm()
+            .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--cpus", "2", "--allow-slow-kvm"])
+            .args(["--seccomp", mode])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until both vCPUs run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut threads = thread_filters(child.id());
+        while threads.iter().filter(|t| t.0.starts_with("vcpu")).count() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            threads = thread_filters(child.id());
+        }
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
+        let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+        for want in ["kickvm", "vcpu0", "vcpu1", "stdin"] {
+            assert!(names.contains(&want), "{mode}: thread {want} in {names:?}");
+        }
+        for (name, seccomp, filters) in &threads {
+            if filtered {
+                assert_eq!(*seccomp, 2, "{name} is filtered");
+                let own = if name == "kickvm" { 1 } else { 2 };
+                assert!(*filters >= own, "{name}: {filters} filters, want main's and its own");
+            } else {
+                assert_eq!((*seccomp, *filters), (0, 0), "{name}: --seccomp off installs nothing");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -88,6 +88,8 @@ pub struct VmConfig {
     /// `/dev/kvm` unless a test points elsewhere.
     pub kvm_device: PathBuf,
     pub allow_slow_kvm: bool,
+    /// Seccomp filters for every thread kind.
+    pub seccomp: kickvm_virtio::seccomp::SeccompMode,
 }
 
 /// A mistake in the user's options.
