@@ -102,6 +102,8 @@ pub struct Front {
     pub size: usize,
     pub queues: Vec<DriverQueue>,
     pub features: u64,
+    /// Receive buffers posted (net tests).
+    pub rx_bufs: Vec<GuestAddress>,
 }
 
 impl Front {
@@ -127,7 +129,7 @@ impl Front {
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let memfd = memfd(mem_size);
         let guest = guest_in(&memfd, mem_size);
-        let front = Front { fe, guest, memfd, size: mem_size, queues: Vec::new(), features };
+        let front = Front { fe, guest, memfd, size: mem_size, queues: Vec::new(), features, rx_bufs: Vec::new() };
         front.fe.set_mem_table(&[front.region(0, mem_size)]).unwrap();
         front
     }
@@ -146,9 +148,16 @@ impl Front {
     /// Lays out queue `index` with `size` entries and starts it: num,
     /// addresses (user addresses), base, call, kick, enable.
     pub fn add_queue(&mut self, index: u16, size: u16) {
+        let qi = self.layout_queue(index, size);
+        self.start_queue(qi, 0);
+    }
+
+    /// Lays out queue `index` in guest memory without telling the
+    /// back-end; returns its driver queue's position.
+    pub fn layout_queue(&mut self, index: u16, size: u16) -> usize {
         let q = DriverQueue::new(&mut self.guest, index, size);
         self.queues.push(q);
-        self.start_queue(self.queues.len() - 1, 0);
+        self.queues.len() - 1
     }
 
     /// (Re)starts driver queue `qi` at ring index `base`.
