@@ -189,7 +189,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     if chatty {
         log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     }
-    let vcpus = start_vcpus(kvm, &vm, cfg.cpus, kernel.entry, &pio, &mmio, &control, cfg.seccomp)?;
+    let vcpus = start_vcpus(kvm, &vm, cfg, kernel.entry, &pio, &mmio, &control)?;
     if chatty {
         log::info!("VM set up in {:.1} ms", ms());
     }
@@ -298,13 +298,13 @@ fn write_acpi(mem: &kickvm_virtio::GuestMemory, cfg: &AcpiConfig) -> Result<(), 
 fn start_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
-    count: u8,
+    cfg: &VmConfig,
     entry: u64,
     pio: &Bus,
     mmio: &Bus,
     control: &Arc<Control>,
-    seccomp: kickvm_virtio::seccomp::SeccompMode,
 ) -> Result<Vcpus, VmError> {
+    let (count, seccomp) = (cfg.cpus, cfg.seccomp);
     kickvm_virtio::sys::install_wake_handler();
     let mut base = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -108,7 +108,7 @@ fn every_thread_runs_under_its_seccomp_filter() {
     code[spin..spin + 3].copy_from_slice(&[0xfa, 0xeb, 0xfe]); // cli; 1: jmp 1b
     let k = write(&dir, "bzImage", &fake_bzimage(&code));
     for (mode, filtered) in [("on", true), ("off", false)] {
-        let mut child = kickvm()
+        let child = kickvm()
             .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--cpus", "2", "--allow-slow-kvm"])
             .args(["--seccomp", mode])
             .stdin(std::process::Stdio::piped())

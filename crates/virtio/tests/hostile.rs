@@ -534,7 +534,7 @@ impl QueueWorker for NosyWorker {
             };
             let mut out = Vec::new();
             for (r, e) in tried {
-                out.extend_from_slice(&(r as i32).to_le_bytes());
+                out.extend_from_slice(&r.to_le_bytes());
                 out.extend_from_slice(&e.to_le_bytes());
             }
             let n = c.writable.write_at(0, &out);
