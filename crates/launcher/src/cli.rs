@@ -51,6 +51,9 @@ pub enum Command {
     /// Boot a Linux guest and run it until it powers off.
     #[command(after_long_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Serve one device to a vhost-user frontend (QEMU, ...) on a unix socket.
+    #[command(after_long_help = kickvm_vhost::cli::BACKEND_EXAMPLES)]
+    Backend(kickvm_vhost::cli::BackendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -154,6 +157,7 @@ mod tests {
         v.extend_from_slice(args);
         Cli::try_parse_from(v).map(|c| match c.command {
             Command::Run(r) => r,
+            Command::Backend(_) => unreachable!("parsed as `run`"),
         })
     }
 
