@@ -111,7 +111,15 @@ impl Front {
     /// PROTOCOL_FEATURES), protocol features (all the back-end offers),
     /// every request asking for an ack, and the memory table.
     pub fn connect(socket: &std::path::Path, mem_size: usize, want: u64) -> Front {
-        let stream = UnixStream::connect(socket).unwrap();
+        // (A back-end that just bound its socket may not listen yet.)
+        let end = std::time::Instant::now() + T;
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > end => panic!("cannot connect to {}: {e}", socket.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
         let mut fe = Frontend::from_stream(stream, 64);
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
