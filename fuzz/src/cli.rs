@@ -704,7 +704,12 @@ pub fn run(input: &CliInput) {
             return;
         }
     };
-    let Command::Run(args) = cli.command;
+    // Other subcommands (`backend`) are parsed only: running them serves a socket.
+    #[allow(irrefutable_let_patterns)]
+    let Command::Run(args) = cli.command else {
+        checks::log_end();
+        return;
+    };
     let image_ok = input.image_ok;
     let default_image = move || {
         if image_ok {

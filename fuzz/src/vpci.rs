@@ -188,7 +188,8 @@ pub enum Op {
     /// Puts a chain at table entry `head` of queue `queue` and makes it
     /// available.
     Offer { dev: u8, queue: u16, head: u16, descs: Vec<DescOp> },
-    /// A notify write for queue `queue` (`width` bytes of its index).
+    /// A notify write for queue `queue` (`width` bytes of its index);
+    /// then up to 2 ms for the device to use what is available.
     Kick { dev: u8, queue: u16, width: Width },
     /// Lets the queue threads run for `micros * 4` µs.
     Settle { micros: u8 },
@@ -776,6 +777,17 @@ impl Vm {
         *self.ring_mut(i, q) = Some(ring);
     }
 
+    /// After a kick: gives the queue thread up to 2 ms to return what the
+    /// driver made available, so that what the device does with an input
+    /// happens before the run ends (and coverage does not depend on luck).
+    fn wait_used(&self, i: usize, q: u16) {
+        let Some(Some(ring)) = self.devs[i].rings.get(usize::from(q)) else { return };
+        let deadline = std::time::Instant::now() + Duration::from_millis(2);
+        while ring.used_idx(&self.mem).is_some_and(|u| u != ring.avail_idx) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+
     /// Runs one op; false when the run's budget is spent.
     fn op(&mut self, op: &Op) -> bool {
         let cost = match op {
@@ -783,6 +795,7 @@ impl Vm {
             Op::Negotiate { .. } | Op::Status { .. } => 100,
             Op::Settle { micros } => 10 + u32::from(*micros),
             Op::Offer { descs, .. } => 4 + descs.len() as u32,
+            Op::Kick { .. } => 20,
             Op::Repeat { .. } => 1,
             _ => 2,
         };
@@ -957,6 +970,7 @@ impl Vm {
                 let caps = self.devs[i].caps;
                 let off = caps.notify.wrapping_add(caps.notify_mult.wrapping_mul(u64::from(*queue)));
                 self.bar_write(i, off, width.len(), (*queue).into());
+                self.wait_used(i, *queue);
             }
             Op::Settle { micros } => std::thread::sleep(Duration::from_micros(4 * u64::from(*micros))),
             Op::Repeat { times, op } => {
