@@ -144,7 +144,7 @@ fn map(d: &RegionDesc, file: File) -> Result<GuestRegionMmap<()>, MemoryError> {
         let what = format!("fd {} is a {:?}", file.as_raw_fd(), meta.file_type());
         return Err(MemoryError::NotAFile(d.guest_addr, what));
     }
-    if d.mmap_offset + d.size > meta.len() {
+    if d.mmap_offset.checked_add(d.size).is_none_or(|end| end > meta.len()) {
         return Err(MemoryError::PastEndOfFile {
             guest: d.guest_addr,
             offset: d.mmap_offset,
@@ -164,7 +164,8 @@ fn check_layout(regions: &[Mapped]) -> Result<(), MemoryError> {
     let mut r: Vec<&RegionDesc> = regions.iter().map(|m| &m.desc).collect();
     r.sort_by_key(|d| d.guest_addr);
     for w in r.windows(2) {
-        if w[0].guest_addr + w[0].size > w[1].guest_addr {
+        // `map` made sure `guest_addr + size - 1` does not wrap.
+        if w[0].guest_addr + (w[0].size - 1) >= w[1].guest_addr {
             return Err(MemoryError::Layout(format!(
                 "guest {:#x}+{:#x} overlaps guest {:#x}",
                 w[0].guest_addr, w[0].size, w[1].guest_addr
