@@ -52,11 +52,15 @@ impl QueueCounters {
     }
 }
 
-/// Counters of a device: one [`QueueCounters`] per queue, plus whether the
-/// device has marked itself as needing a reset.
+/// What a device reports about itself, readable at any time: one
+/// [`QueueCounters`] per queue, its transport's error count, and its
+/// DEVICE_NEEDS_RESET status bit.
 #[derive(Debug)]
-pub struct DeviceCounters {
+pub struct DeviceState {
     pub queues: Vec<Arc<QueueCounters>>,
+    /// DEVICE_NEEDS_RESET: the device has stopped serving (a corrupt ring,
+    /// a worker's panic, a failed start) until the driver resets it. A
+    /// status bit, set by the device, cleared by a reset.
     pub needs_reset: AtomicBool,
     /// Guest mistakes seen by the transport rather than a queue (a refused
     /// FEATURES_OK, DRIVER_OK with rings outside memory, a BAR placed
@@ -64,9 +68,9 @@ pub struct DeviceCounters {
     pub transport_errors: crate::ratelimit::Throttle,
 }
 
-impl DeviceCounters {
+impl DeviceState {
     pub fn new(num_queues: usize) -> Arc<Self> {
-        Arc::new(DeviceCounters {
+        Arc::new(DeviceState {
             queues: (0..num_queues).map(|_| Arc::default()).collect(),
             needs_reset: AtomicBool::new(false),
             transport_errors: crate::ratelimit::Throttle::new(),

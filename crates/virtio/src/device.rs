@@ -5,7 +5,7 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::counters::DeviceCounters;
+use crate::counters::DeviceState;
 use crate::memory::GuestMemory;
 use crate::queue::{DeviceEvents, QueueCtx, QueueSetup, QueueState};
 use crate::threads::{Job, QueueWorker, Runtime, ThreadSet};
@@ -74,8 +74,8 @@ pub trait VirtioDevice: Send {
     fn syscalls(&self) -> &'static [i64] {
         &[]
     }
-    /// Per-queue counters, shared with the queue threads.
-    fn counters(&self) -> Arc<DeviceCounters>;
+    /// The device's counters and status bit, shared with its queue threads.
+    fn state(&self) -> Arc<DeviceState>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +140,7 @@ pub(crate) fn jobs(
     config_call: Option<EventFd>,
     blocking: bool,
 ) -> Result<Vec<Job>, ActivateError> {
-    let counters = device.counters();
+    let counters = device.state();
     counters.needs_reset.store(false, std::sync::atomic::Ordering::SeqCst);
     let events = Arc::new(DeviceEvents { counters: counters.clone(), config_call });
     let max = device.queue_max_sizes();

@@ -499,7 +499,7 @@ impl Harness {
 
     /// True once the device has marked itself DEVICE_NEEDS_RESET.
     pub fn needs_reset(&self) -> bool {
-        self.device.counters().needs_reset.load(Ordering::SeqCst)
+        self.device.state().needs_reset.load(Ordering::SeqCst)
     }
 }
 

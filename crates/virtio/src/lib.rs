@@ -39,7 +39,7 @@ pub mod sys;
 pub mod terminal;
 pub mod threads;
 
-pub use counters::{DeviceCounters, QueueCounters, QueueCountersSnapshot};
+pub use counters::{DeviceState, QueueCounters, QueueCountersSnapshot};
 pub use device::{activate, ActivateError, ActiveDevice, VirtioDevice};
 pub use memory::GuestMemory;
 pub use queue::{DeviceEvents, QueueCtx, QueueSetup, QueueState, Stopped};

@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{self, Chain};
-use crate::counters::{DeviceCounters, QueueCounters};
+use crate::counters::{DeviceState, QueueCounters};
 use crate::memory::{GuestIovecs, GuestMemory};
 
 /// Under sustained load, a queue thread that never runs out of work still
@@ -38,7 +38,7 @@ pub struct QueueSetup {
 
 /// Where a device reports that it needs a reset.
 pub struct DeviceEvents {
-    pub counters: Arc<DeviceCounters>,
+    pub counters: Arc<DeviceState>,
     /// Written when the device wants a configuration-change interrupt.
     pub config_call: Option<EventFd>,
 }

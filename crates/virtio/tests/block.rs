@@ -94,7 +94,7 @@ fn data_written_through_the_device_is_in_the_file_and_reads_back() {
         let (st, buf) = request(&mut h, 0, VIRTIO_BLK_T_IN, 10, &[], 8192);
         assert_eq!(complete(&mut h, 0, st), (VIRTIO_BLK_S_OK, 8193), "{mode}");
         assert_eq!(h.guest.read(buf, 8192), data, "{mode}");
-        let c = h.device.counters().queue(0);
+        let c = h.device.state().queue(0);
         assert_eq!((c.chains, c.bytes, c.errors), (2, 16384, 0), "{mode}");
     }
 }
@@ -110,7 +110,7 @@ fn read_only_disk_refuses_writes() {
     assert_eq!(disk.read(0, 4096), before);
     let (st, _) = request(&mut h, 0, VIRTIO_BLK_T_IN, 0, &[], 512);
     assert_eq!(complete(&mut h, 0, st).0, VIRTIO_BLK_S_OK, "reads still work");
-    assert_eq!(h.device.counters().queue(0).errors, 1);
+    assert_eq!(h.device.state().queue(0).errors, 1);
 }
 
 #[test]
@@ -131,7 +131,7 @@ fn out_of_range_and_malformed_requests_fail_without_touching_data() {
     }
     assert_eq!(std::fs::metadata(&disk.path).unwrap().len(), 64 * 1024, "file did not grow");
     assert!(!disk.read(0, 64 * 1024).contains(&0xee), "nothing written");
-    assert_eq!(h.device.counters().queue(0).errors, 5);
+    assert_eq!(h.device.state().queue(0).errors, 5);
 }
 
 #[test]
@@ -178,7 +178,7 @@ fn several_queues_serve_in_parallel_threads() {
     for (qi, st) in sts.into_iter().enumerate() {
         assert_eq!(complete(&mut h, qi, st).0, VIRTIO_BLK_S_OK);
         assert_eq!(disk.read(qi as u64 * 4096, 4096), vec![qi as u8 + 1; 4096]);
-        assert_eq!(h.device.counters().queue(qi).chains, 1);
+        assert_eq!(h.device.state().queue(qi).chains, 1);
     }
     let names = thread_names();
     for qi in 0..4 {

@@ -56,7 +56,7 @@ fn pty_carries_input_and_output_in_every_mode() {
         assert_eq!(h.guest.read(rx, len as usize), b"hello", "{mode}");
         send_tx(&mut h, b"world\r\n");
         assert_eq!(read_exactly(&mut term, 7), b"world\r\n", "{mode}");
-        let c = h.device.counters();
+        let c = h.device.state();
         assert_eq!((c.queue(RX).bytes, c.queue(TX).bytes), (5, 7), "{mode}");
     }
 }

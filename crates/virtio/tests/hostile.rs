@@ -23,7 +23,7 @@ use kickvm_virtio::console::{Backend, Console};
 use kickvm_virtio::driver::{Buf, DriverQueue, Harness, HarnessOpts, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
 use kickvm_virtio::rng::{Rng, RngConfig};
 use kickvm_virtio::{
-    ActivateError, DeviceCounters, QueueCtx, QueueWorker, Runtime, Stopped, ThreadingMode, VirtioDevice, Wait,
+    ActivateError, DeviceState, QueueCtx, QueueWorker, Runtime, Stopped, ThreadingMode, VirtioDevice, Wait,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -78,11 +78,11 @@ fn read_ok(h: &mut Harness, qi: usize) {
 /// Publishes `head` on queue 0 and expects it back unused with one more
 /// error counted, the device still serving.
 fn expect_refused(h: &mut Harness, head: u16) {
-    let before = h.device.counters().queue(0).errors;
+    let before = h.device.state().queue(0).errors;
     h.queues[0].publish(head);
     h.queues[0].kick();
     assert_eq!(h.queues[0].wait_used(T), Some((head, 0)), "the bad chain is returned unused");
-    assert_eq!(h.device.counters().queue(0).errors, before + 1);
+    assert_eq!(h.device.state().queue(0).errors, before + 1);
     assert!(!h.needs_reset());
     read_ok(h, 0);
 }
@@ -322,7 +322,7 @@ fn cycles(mut h: Harness, mut io: impl FnMut(&mut Harness), what: &str) {
         io(&mut h);
         assert!(!h.needs_reset(), "{what}: cycle {cycle}");
     }
-    assert_eq!(h.device.counters().total().errors, 0, "{what}");
+    assert_eq!(h.device.state().total().errors, 0, "{what}");
 }
 
 #[test]
@@ -391,7 +391,7 @@ fn console_survives_reset_cycles() {
 /// for a device bug), anything else is filled with 0x5a.
 struct Fragile {
     name: &'static str,
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
 }
 
 struct FragileWorker;
@@ -426,13 +426,13 @@ impl VirtioDevice for Fragile {
     fn activate(&mut self, _features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
         Ok(vec![Box::new(FragileWorker)])
     }
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }
 
 fn fragile(name: &'static str, rt: &Arc<Runtime>) -> Harness {
-    let dev = Fragile { name, counters: DeviceCounters::new(1) };
+    let dev = Fragile { name, counters: DeviceState::new(1) };
     Harness::start_with_runtime(Box::new(dev), HarnessOpts { mode: rt.mode(), ..Default::default() }, rt.clone())
         .unwrap()
 }
@@ -458,7 +458,7 @@ fn a_panicking_worker_is_contained_to_its_device() {
         }
         assert!(a.needs_reset(), "{mode}: the device is marked NEEDS_RESET");
         assert_eq!(a.config_call.read().unwrap_or(0), 1, "{mode}: the driver gets a configuration interrupt");
-        assert_eq!(a.device.counters().queue(0).errors, 1);
+        assert_eq!(a.device.state().queue(0).errors, 1);
         // The other device, on the same thread in `single` mode, goes on.
         assert!(!b.needs_reset());
         for _ in 0..3 {
@@ -512,7 +512,7 @@ fn write_zeroes_without_zero_range_still_zeroes() {
 /// A worker that tries what no queue thread needs — a socket, a file, a
 /// program — and reports the errno of each in the buffer it fills.
 struct Nosy {
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
 }
 
 struct NosyWorker;
@@ -560,7 +560,7 @@ impl VirtioDevice for Nosy {
     fn activate(&mut self, _features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
         Ok(vec![Box::new(NosyWorker)])
     }
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }
@@ -585,7 +585,7 @@ fn a_queue_thread_is_refused_what_it_does_not_need() {
         (ThreadingMode::PerDevice, "nosy0"),
         (ThreadingMode::Single, "kickvm-io"),
     ] {
-        let dev = Nosy { counters: DeviceCounters::new(1) };
+        let dev = Nosy { counters: DeviceState::new(1) };
         let mut h = Harness::start(Box::new(dev), HarnessOpts { mode, ..Default::default() }).unwrap();
         let b = h.guest.alloc(24, 16);
         h.queues[0].post(&[Buf::inb(b, 24)]).unwrap();

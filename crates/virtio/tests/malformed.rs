@@ -62,7 +62,7 @@ fn expect_refused(s: &mut Setup, head: u16) {
     h.queues[0].kick();
     let used = h.queues[0].wait_used(T).expect("the bad chain is returned");
     assert_eq!(used, (head, 0), "returned with nothing written");
-    assert_eq!(h.device.counters().queue(0).errors, 1);
+    assert_eq!(h.device.state().queue(0).errors, 1);
     assert!(!h.needs_reset());
     assert_still_works(h);
 }
@@ -139,7 +139,7 @@ fn chain_longer_than_the_queue() {
     s.h.queues[0].publish(head);
     s.h.queues[0].kick();
     assert_eq!(s.h.queues[0].wait_used(T), Some((head, 0)));
-    assert_eq!(s.h.device.counters().queue(0).errors, 1);
+    assert_eq!(s.h.device.state().queue(0).errors, 1);
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn head_index_outside_the_table() {
     // The device cannot return a head it does not have: the avail ring is
     // corrupt, so the device needs a reset; its other queue goes on.
     wait_needs_reset(&s.h);
-    assert_eq!(s.h.device.counters().queue(0).errors, 1);
+    assert_eq!(s.h.device.state().queue(0).errors, 1);
     let st = good_read(&mut s.h, 1);
     assert!(s.h.queues[1].wait_used(T).is_some());
     assert_eq!(s.h.guest.read(st, 1)[0], VIRTIO_BLK_S_OK);
@@ -236,7 +236,7 @@ fn avail_index_jumping_more_than_the_queue_size_needs_reset() {
     h.queues[0].kick();
     wait_needs_reset(h);
     assert_eq!(h.config_call.read().unwrap_or(0), 1, "configuration-change interrupt raised");
-    assert_eq!(h.device.counters().queue(0).errors, 1);
+    assert_eq!(h.device.state().queue(0).errors, 1);
     // The broken queue serves nothing more, the other one goes on.
     let st = good_read(h, 1);
     assert!(h.queues[1].wait_used(T).is_some());

@@ -436,7 +436,7 @@ impl Guest {
     }
 
     fn errors(&self, q: u16) -> u64 {
-        self.h.device.counters().queue(usize::from(q)).errors
+        self.h.device.state().queue(usize::from(q)).errors
     }
 }
 

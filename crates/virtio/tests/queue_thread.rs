@@ -34,7 +34,7 @@ fn a_burst_gets_one_interrupt_per_batch_not_per_descriptor() {
     let mut h = rng(HarnessOpts::default());
     h.queues[0].enable_interrupts();
     burst(&mut h, 200);
-    let c = h.device.counters().queue(0);
+    let c = h.device.state().queue(0);
     assert_eq!(c.chains, 200);
     assert!(c.interrupts >= 1, "the guest asked and got an interrupt");
     assert!(
@@ -52,7 +52,7 @@ fn no_interrupt_when_the_guest_did_not_ask_with_event_idx() {
     // the next 65535 entries.
     h.queues[0].set_used_event(u16::MAX);
     burst(&mut h, 10);
-    let c = h.device.counters().queue(0);
+    let c = h.device.state().queue(0);
     assert_eq!(c.chains, 10);
     assert_eq!(c.interrupts, 0);
     assert!(c.suppressed >= 1);
@@ -65,10 +65,10 @@ fn no_interrupt_when_the_guest_set_no_interrupt_without_event_idx() {
     assert_eq!(h.features & EVENT_IDX, 0);
     h.queues[0].set_no_interrupt(true);
     burst(&mut h, 10);
-    assert_eq!(h.device.counters().queue(0).interrupts, 0);
+    assert_eq!(h.device.state().queue(0).interrupts, 0);
     h.queues[0].set_no_interrupt(false);
     burst(&mut h, 1);
-    assert_eq!(h.device.counters().queue(0).interrupts, 1);
+    assert_eq!(h.device.state().queue(0).interrupts, 1);
 }
 
 #[test]

@@ -27,7 +27,7 @@ fn fills_guest_buffers_with_random_bytes_in_every_mode() {
         assert!(data.iter().filter(|&&b| b == 0).count() < 100, "{mode}: bytes look random");
         assert_eq!(h.queues[0].wait_calls(1, T), 1, "{mode}: one interrupt for one request");
         std::thread::sleep(Duration::from_millis(20));
-        let c = h.device.counters().queue(0);
+        let c = h.device.state().queue(0);
         assert_eq!(c.chains, 1, "{mode}");
         assert_eq!(c.bytes, 4096, "{mode}");
         assert!(c.kicks >= 1, "{mode}");
@@ -73,7 +73,7 @@ fn a_request_without_writable_buffer_is_counted_and_returned() {
     h.queues[0].kick();
     assert_eq!(h.queues[0].wait_used(T), Some((bad, 0)));
     assert_eq!(h.queues[0].wait_used(T), Some((ok, 64)));
-    assert_eq!(h.device.counters().queue(0).errors, 1);
+    assert_eq!(h.device.state().queue(0).errors, 1);
 }
 
 #[test]

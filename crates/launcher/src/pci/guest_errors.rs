@@ -5,13 +5,13 @@
 //! FEATURES_OK writes take well under a second — so none may cost a log
 //! line each. Each kind has its own throttle, so that a flood of one kind
 //! does not hide the first occurrences of another; every occurrence also
-//! counts in the device's [`DeviceCounters::transport_errors`], the total
+//! counts in the device's [`DeviceState::transport_errors`], the total
 //! the device's other users (queue threads, statistics) see.
 
 use std::fmt;
 
 use kickvm_virtio::ratelimit::Throttle;
-use kickvm_virtio::DeviceCounters;
+use kickvm_virtio::DeviceState;
 
 /// One device's throttles, one per kind of transport-level guest mistake.
 #[derive(Debug, Default)]
@@ -33,7 +33,7 @@ pub struct GuestErrorCounts {
     pub bar_misplaced: u64,
     pub notify_unbound: u64,
     pub start_failed: u64,
-    /// All transport-level mistakes (`DeviceCounters::transport_errors`).
+    /// All transport-level mistakes (`DeviceState::transport_errors`).
     pub transport_errors: u64,
     /// Bad chains and requests seen by the queue threads, all queues.
     pub queue_errors: u64,
@@ -42,7 +42,7 @@ pub struct GuestErrorCounts {
 }
 
 impl GuestErrorCounts {
-    pub fn of(errors: &TransportErrors, counters: &DeviceCounters) -> Self {
+    pub fn of(errors: &TransportErrors, counters: &DeviceState) -> Self {
         GuestErrorCounts {
             features_refused: errors.features_refused.count(),
             bar_misplaced: errors.bar_misplaced.count(),
@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn only_non_zero_counts_are_shown() {
         let e = TransportErrors::default();
-        let c = DeviceCounters::new(1);
+        let c = DeviceState::new(1);
         assert!(GuestErrorCounts::of(&e, &c).is_clean());
         assert_eq!(GuestErrorCounts::of(&e, &c).to_string(), "none");
         e.features_refused.hit();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kickvm_virtio::{
-    ActivateError, DeviceCounters, GuestMemory, QueueCtx, QueueWorker, Runtime, Stopped, ThreadingMode,
+    ActivateError, DeviceState, GuestMemory, QueueCtx, QueueWorker, Runtime, Stopped, ThreadingMode,
     VirtioDevice, Wait,
 };
 use vm_memory::{Bytes, GuestAddress};
@@ -26,13 +26,13 @@ const QUEUE_MAX: u16 = 16;
 
 /// One queue; every writable buffer is filled with [`FILL`].
 pub(crate) struct FillDevice {
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
     pub resets: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl FillDevice {
     pub(crate) fn new() -> Self {
-        FillDevice { counters: DeviceCounters::new(1), resets: Arc::default() }
+        FillDevice { counters: DeviceState::new(1), resets: Arc::default() }
     }
 }
 
@@ -73,7 +73,7 @@ impl VirtioDevice for FillDevice {
     fn reset(&mut self) {
         self.resets.fetch_add(1, Ordering::SeqCst);
     }
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }
@@ -359,7 +359,7 @@ fn device_config_and_isr() {
     d.cfg_write(0x04, 2, 0x6);
     assert_eq!(d.bar_read(0x2000 + 5, 1), 5);
     assert_eq!(d.bar_read(0x1000, 1), 0);
-    r.dev.lock().unwrap().counters().needs_reset.store(true, Ordering::SeqCst);
+    r.dev.lock().unwrap().state().needs_reset.store(true, Ordering::SeqCst);
     assert_eq!(d.bar_read(0x1000, 1), 2, "config change reported once");
     assert_eq!(d.bar_read(0x1000, 1), 0, "read clears");
     assert_ne!(d.status() & cc::NEEDS_RESET, 0);
@@ -401,7 +401,7 @@ fn driver_ok_starts_the_queue_and_reset_stops_it() {
     offer_buffer(&r.mem, ring, 1, 0x9000);
     r.dev.lock().unwrap().kick(0).unwrap().write(1).unwrap();
     assert!(wait_used(&r.mem, ring, 2));
-    let c = r.dev.lock().unwrap().counters().queue(0);
+    let c = r.dev.lock().unwrap().state().queue(0);
     assert_eq!(c.chains, 2);
     assert!(c.interrupts >= 1);
     assert_eq!(c.errors, 0);
@@ -435,7 +435,7 @@ fn dropping_the_host_stops_threads_and_frees_the_device() {
     d.setup_queue0(0x1_0000);
     d.set_status(1 | 2 | 8 | 4);
     assert!(r.dev.lock().unwrap().is_active());
-    let counters = r.dev.lock().unwrap().counters();
+    let counters = r.dev.lock().unwrap().state();
     drop(r.host);
     assert!(!r.dev.lock().unwrap().is_active());
     assert!(r.ioev.0.lock().unwrap().is_empty(), "ioeventfds detached");

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
 use kickvm_virtio::ratelimit::Throttle;
-use kickvm_virtio::{ActiveDevice, DeviceCounters, GuestMemory, QueueSetup, Runtime, VirtioDevice};
+use kickvm_virtio::{ActiveDevice, DeviceState, GuestMemory, QueueSetup, Runtime, VirtioDevice};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
 };
@@ -130,7 +130,7 @@ pub struct VirtioPciDevice {
     common: CommonConfig,
     msix: Msix,
     device: Box<dyn VirtioDevice>,
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
     /// Guest mistakes seen here, by kind, each with its log throttle.
     errors: TransportErrors,
     active: Option<ActiveDevice>,
@@ -195,7 +195,7 @@ impl VirtioPciDevice {
         let caps = add_capabilities(&mut config, &msix, num_queues).ok_or(PciError::ConfigSpaceFull)?;
 
         let features = (device.features()) & !TRANSPORT_UNSUPPORTED;
-        let counters = device.counters();
+        let counters = device.state();
         let dev = VirtioPciDevice {
             config,
             msix_cap: caps.0,
@@ -229,7 +229,7 @@ impl VirtioPciDevice {
     }
 
     /// The device's per-queue counters.
-    pub fn counters(&self) -> Arc<DeviceCounters> {
+    pub fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 

@@ -20,7 +20,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::counters::DeviceCounters;
+use crate::counters::DeviceState;
 use crate::device::{ActivateError, ConfigSpace, VirtioDevice, COMMON_FEATURES};
 use virtio_bindings::virtio_blk::virtio_blk_config;
 use crate::threads::QueueWorker;
@@ -82,7 +82,7 @@ pub struct Block {
     readonly: bool,
     id: [u8; ID_LEN],
     num_queues: u16,
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
 }
 
 impl Block {
@@ -114,7 +114,7 @@ impl Block {
             readonly: cfg.readonly,
             id,
             num_queues: cfg.num_queues,
-            counters: DeviceCounters::new(cfg.num_queues.into()),
+            counters: DeviceState::new(cfg.num_queues.into()),
         })
     }
 
@@ -181,7 +181,7 @@ impl VirtioDevice for Block {
             })
             .collect())
     }
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }

@@ -14,7 +14,7 @@ pub use backend::{Backend, ConsoleBackend};
 
 use std::sync::Arc;
 
-use crate::counters::DeviceCounters;
+use crate::counters::DeviceState;
 use crate::device::{ActivateError, VirtioDevice, COMMON_FEATURES};
 use crate::threads::QueueWorker;
 use rx::Receive;
@@ -36,7 +36,7 @@ pub(crate) const MAX_TX_BYTES: u64 = 1 << 20;
 pub struct Console {
     name: String,
     backend: Arc<ConsoleBackend>,
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
 }
 
 impl Console {
@@ -44,7 +44,7 @@ impl Console {
         Ok(Console {
             name: name.to_string(),
             backend: Arc::new(ConsoleBackend::open(backend)?),
-            counters: DeviceCounters::new(2),
+            counters: DeviceState::new(2),
         })
     }
 
@@ -76,7 +76,7 @@ impl VirtioDevice for Console {
             Box::new(Transmit { backend: self.backend.clone() }),
         ])
     }
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }

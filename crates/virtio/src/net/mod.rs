@@ -28,7 +28,7 @@ pub use backend::{Tap, TapError};
 
 use std::sync::Arc;
 
-use crate::counters::DeviceCounters;
+use crate::counters::DeviceState;
 use crate::device::{ActivateError, ConfigSpace, VirtioDevice, COMMON_FEATURES};
 use virtio_bindings::virtio_net::virtio_net_config;
 use crate::queue::{QueueCtx, Stopped};
@@ -134,7 +134,7 @@ pub struct NetDevice {
     /// one activation): after a reset the TAP queues are as the last
     /// activation left them, and re-activating must start from that.
     pairs: Arc<QueuePairs>,
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
 }
 
 impl NetDevice {
@@ -146,7 +146,7 @@ impl NetDevice {
         config.tap = taps[0].name().to_string();
         let queues = 2 * usize::from(config.queue_pairs) + 1;
         let taps = Arc::new(taps.into_iter().map(Arc::new).collect::<Vec<_>>());
-        Ok(NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, counters: DeviceCounters::new(queues) })
+        Ok(NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, counters: DeviceState::new(queues) })
     }
 
     /// The TAP interface's name.
@@ -252,7 +252,7 @@ impl VirtioDevice for NetDevice {
         Ok(workers)
     }
 
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }

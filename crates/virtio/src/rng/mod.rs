@@ -9,7 +9,7 @@ pub use backend::TokenBucket;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use crate::counters::DeviceCounters;
+use crate::counters::DeviceState;
 use crate::device::{ActivateError, VirtioDevice, COMMON_FEATURES};
 use crate::threads::QueueWorker;
 use requestq::RequestQueue;
@@ -39,7 +39,7 @@ pub struct Rng {
     name: String,
     source: Arc<File>,
     limiter: Option<Arc<Mutex<TokenBucket>>>,
-    counters: Arc<DeviceCounters>,
+    counters: Arc<DeviceState>,
 }
 
 impl Rng {
@@ -52,7 +52,7 @@ impl Rng {
             name: name.to_string(),
             source: Arc::new(source),
             limiter: cfg.rate_limit.map(|r| Arc::new(Mutex::new(TokenBucket::new(r)))),
-            counters: DeviceCounters::new(1),
+            counters: DeviceState::new(1),
         })
     }
 }
@@ -76,7 +76,7 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, _features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
         Ok(vec![Box::new(RequestQueue { source: self.source.clone(), limiter: self.limiter.clone() })])
     }
-    fn counters(&self) -> Arc<DeviceCounters> {
+    fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
     }
 }

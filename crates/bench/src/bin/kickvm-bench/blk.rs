@@ -92,7 +92,7 @@ pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration
     } else {
         None
     };
-    let before = h.device.counters().queue(0);
+    let before = h.device.state().queue(0);
     let start = Instant::now();
     let mut done = 0u64;
     while start.elapsed() < dur {
@@ -137,7 +137,7 @@ pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration
     }
     let secs = start.elapsed().as_secs_f64();
     let syscalls = counter.and_then(|c| c.stop());
-    let after = h.device.counters().queue(0);
+    let after = h.device.state().queue(0);
     Row {
         what: format!("kickvm {mode}, QD{qd}"),
         iops: done as f64 / secs,

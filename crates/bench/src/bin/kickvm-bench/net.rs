@@ -180,7 +180,7 @@ impl Bench {
     }
 
     fn interrupts(&self) -> u64 {
-        self.h.device.counters().total().interrupts
+        self.h.device.state().total().interrupts
     }
 
     /// Takes every used receive buffer, passes its frame to `f`, and posts

@@ -78,7 +78,7 @@ fn a_real_device_survives_reset_cycles_in_every_mode() {
             let took = reset(&r);
             assert!(took < Duration::from_millis(500), "{mode}: reset took {took:?}");
         }
-        assert_eq!(r.dev.lock().unwrap().counters().total().errors, 0, "{mode}");
+        assert_eq!(r.dev.lock().unwrap().state().total().errors, 0, "{mode}");
     }
 }
 
@@ -109,7 +109,7 @@ fn looping_indirect_tables_then_reset_in_every_mode() {
         r.mem.write_obj(8u16, GuestAddress(RING + 0x102)).unwrap();
         r.drv.bar_write(0x3000, 2, 0);
         assert!(wait_used(&r.mem, RING, 8), "{mode}: every bad chain is returned");
-        assert_eq!(r.dev.lock().unwrap().counters().queue(0).errors, 8);
+        assert_eq!(r.dev.lock().unwrap().state().queue(0).errors, 8);
         let took = reset(&r);
         assert!(took < Duration::from_millis(500), "{mode}: reset took {took:?}");
         // And the device works after the reset.

@@ -165,7 +165,7 @@ fn kick_is_an_ioeventfd_and_call_an_irqfd_on_real_kvm() {
     assert!(!fell_back, "the notify store must not exit to user space");
     assert!(wait_used(&mem, ring, 1), "queue thread served the guest's kick");
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8000)).unwrap(), FILL);
-    let c = dev.lock().unwrap().counters().queue(0);
+    let c = dev.lock().unwrap().state().queue(0);
     assert_eq!((c.kicks, c.chains), (1, 1));
     assert_eq!(c.interrupts, 1);
     assert_eq!(c.errors, 0, "the queue thread sleeps in a blocking read on its kick");
