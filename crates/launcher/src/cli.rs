@@ -79,6 +79,12 @@ pub struct RunArgs {
     /// /proc/sys/vm/nr_hugepages first).
     #[arg(long)]
     pub hugepages: bool,
+    /// Put guest RAM in shared memory (a memfd another process can map, as
+    /// a vhost-user back-end does) instead of private memory. It gets
+    /// transparent huge pages only where
+    /// /sys/kernel/mm/transparent_hugepage/shmem_enabled allows them.
+    #[arg(long)]
+    pub memory_shared: bool,
     /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N]
     /// (N queue pairs; use one per vCPU for multi-queue).
     #[arg(long, value_name = "OPTS", value_parser = config::parse_net)]
@@ -135,6 +141,7 @@ impl RunArgs {
             memory: self.memory,
             cpus: self.cpus,
             hugepages: self.hugepages,
+            memory_shared: self.memory_shared,
             nets: self.net.clone(),
             disks: self.disk.clone(),
             console: self.console.clone(),

@@ -3,7 +3,7 @@
 //!
 //! What happens on `kickvm run`, in order: [`cli`] parses the options into
 //! a [`config::VmConfig`]; [`vm::open_kvm`] checks the host; [`vm::run`]
-//! creates the VM — [`memory`] (a memfd), the in-kernel irqchip, the
+//! creates the VM — [`memory`] (private, or a memfd when shared), the in-kernel irqchip, the
 //! kernel and initramfs ([`boot`]), the [`acpi`] tables, the [`serial`]
 //! port and [`platform`] devices on the port I/O [`bus`], [`pci`] with the
 //! virtio [`devices`] behind it, and one [`vcpu`] thread per vCPU — and

@@ -1,15 +1,29 @@
-//! Guest RAM: one memfd, mapped at the RAM ranges of [`crate::layout`].
+//! Guest RAM, mapped at the RAM ranges of [`crate::layout`].
 //!
-//! A memfd (rather than anonymous memory) so that a vhost-user back-end can
-//! map the very same pages later: the launcher passes the fd and each
-//! region's offset over the socket.
+//! Three kinds, by what the VM asks for:
+//!
+//! - **private** (the default, as in QEMU, Cloud Hypervisor and
+//!   Firecracker): anonymous private memory with `MADV_HUGEPAGE`, mapped at
+//!   a 2 MiB-aligned address (as QEMU maps its RAM). It gets transparent huge pages wherever
+//!   `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`
+//!   (what distributions ship), so the guest's first touch of its RAM costs
+//!   one host fault per 2 MiB, not per 4 KiB;
+//! - **shared** ([`Backing::Shared`]: for a device served by another
+//!   process, e.g. a vhost-user back-end, which maps the very same pages
+//!   from the fd and each region's offset): a memfd. Shared memory gets
+//!   huge pages only where `.../transparent_hugepage/shmem_enabled` allows
+//!   them, which most distributions do not (`never`): a one-line warning
+//!   then says what to set;
+//! - **hugetlbfs** (`--hugepages`): a memfd of reserved 2 MiB huge pages,
+//!   which can be shared as well.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use kickvm_virtio::GuestMemory;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
 use crate::layout;
 
@@ -22,6 +36,12 @@ pub const RAM_GRANULE: u64 = 4 << 10;
 const HUGE_PAGE: u64 = 2 << 20;
 /// Boots at which the host refused huge-page advice for guest RAM.
 static MADVISE_REFUSED: kickvm_virtio::ratelimit::Throttle = kickvm_virtio::ratelimit::Throttle::new();
+/// Boots whose shared guest RAM could not get transparent huge pages.
+static SHMEM_NO_THP: kickvm_virtio::ratelimit::Throttle = kickvm_virtio::ratelimit::Throttle::new();
+/// Boots whose private guest RAM outlived its VM (not unmapped, see [`PrivateMappings`]).
+static RAM_KEPT: kickvm_virtio::ratelimit::Throttle = kickvm_virtio::ratelimit::Throttle::new();
+/// Where the host says which shared memory may use transparent huge pages.
+pub const SHMEM_THP_SETTING: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -56,14 +76,39 @@ pub enum MemoryError {
     Map(String),
 }
 
-/// Guest RAM and the memfd behind it.
+/// What guest RAM is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous private memory with transparent huge pages (the default).
+    Private,
+    /// A memfd, for devices served by another process.
+    Shared,
+    /// A memfd of 2 MiB hugetlbfs pages (`--hugepages`).
+    HugeTlb,
+}
+
+impl Backing {
+    /// The backing for `--hugepages` and shared memory as asked.
+    pub fn of(hugepages: bool, shared: bool) -> Backing {
+        match (hugepages, shared) {
+            (true, _) => Backing::HugeTlb,
+            (false, true) => Backing::Shared,
+            (false, false) => Backing::Private,
+        }
+    }
+}
+
+/// Guest RAM, and the memfd behind it when it is shared.
 pub struct GuestRam {
     /// The mappings every thread reads and writes guest memory through.
     pub mem: GuestMemory,
-    /// The memfd. Regions follow each other in it: the RAM above 4 GiB
-    /// starts at file offset [`GuestRam::low_end`].
-    pub file: Arc<File>,
+    /// The memfd of shared or hugetlbfs RAM (`None` for private RAM).
+    /// Regions follow each other in it: the RAM above 4 GiB starts at file
+    /// offset [`GuestRam::low_end`].
+    pub file: Option<Arc<File>>,
     pub size: u64,
+    /// Unmaps private RAM; declared after `mem`, so dropped after it.
+    _private: Option<PrivateMappings>,
 }
 
 /// The guest-physical RAM ranges `(start, len)` for `size` bytes of RAM:
@@ -127,10 +172,134 @@ fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// Allocates `size` bytes of guest RAM in a memfd (of 2 MiB huge pages with
-/// `hugepages`) and maps it at [`ram_ranges`].
-pub fn create(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
-    check_size(size, hugepages)?;
+/// Allocates `size` bytes of guest RAM of the kind `backing` says and maps
+/// it at [`ram_ranges`].
+pub fn create(size: u64, backing: Backing) -> Result<GuestRam, MemoryError> {
+    check_size(size, backing == Backing::HugeTlb)?;
+    match backing {
+        Backing::Private => create_private(size),
+        Backing::Shared | Backing::HugeTlb => {
+            let ram = create_memfd(size, backing == Backing::HugeTlb)?;
+            if backing == Backing::Shared {
+                advise_huge_pages(&ram.mem);
+                let setting = std::fs::read_to_string(SHMEM_THP_SETTING).unwrap_or_default();
+                if let Some(current) = shmem_thp_refused(&setting) {
+                    if SHMEM_NO_THP.hit().is_some() {
+                        log::warn!(
+                            "shared guest RAM gets no transparent huge pages ({SHMEM_THP_SETTING} is `{current}`): \
+                             boots are slower; `echo advise > {SHMEM_THP_SETTING}` as root allows them"
+                        );
+                    }
+                }
+            }
+            Ok(ram)
+        }
+    }
+}
+
+/// The current value of `shmem_enabled` (the bracketed word of
+/// [`SHMEM_THP_SETTING`]'s contents `setting`) when it keeps shared memory
+/// that asks for huge pages (`MADV_HUGEPAGE`) from getting them: `never`
+/// (what Debian ships) or `deny`. `None` when it allows them (`always`,
+/// `within_size`, `advise`, `force`) or the setting is unknown (no THP in
+/// this kernel: nothing to set).
+pub fn shmem_thp_refused(setting: &str) -> Option<&str> {
+    let current = setting.split_whitespace().find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?;
+    matches!(current, "never" | "deny").then_some(current)
+}
+
+/// Private RAM: one anonymous private mapping per range, each at a 2 MiB
+/// aligned address so that a transparent huge page of the host backs a
+/// whole 2 MiB page of the guest (KVM maps a guest page huge only when host
+/// and guest addresses agree modulo 2 MiB; the host kernel aligns large
+/// anonymous mappings itself only since Linux 6.7).
+fn create_private(size: u64) -> Result<GuestRam, MemoryError> {
+    // Declared before `regions`, so dropped after them on an early return.
+    let mut private = PrivateMappings(Vec::new());
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(size) {
+        let len = len as usize;
+        let addr = map_aligned(len)?;
+        let builder = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(PRIVATE_FLAGS);
+        // SAFETY: `addr` is a live, page-aligned mapping of `len` bytes made
+        // just above; `PrivateMappings` unmaps it only once no region uses it.
+        let built = unsafe { builder.with_raw_mmap_pointer(addr) }.build();
+        let mapping = match built {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                // SAFETY: nothing refers to the mapping made above.
+                unsafe { libc::munmap(addr.cast(), len) };
+                return Err(MemoryError::Map(e.to_string()));
+            }
+        };
+        private.0.push(mapping.clone());
+        let region = GuestRegionMmap::with_arc(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::Map(format!("region at {start:#x} overflows")))?;
+        regions.push(Arc::new(region));
+    }
+    let mem = GuestMemory::from_arc_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+    advise_huge_pages(&mem);
+    Ok(GuestRam { mem, file: None, size, _private: Some(private) })
+}
+
+const PRIVATE_FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Maps `len` bytes of anonymous private memory at a 2 MiB-aligned address:
+/// 2 MiB more than needed, then the ends are given back.
+fn map_aligned(len: usize) -> Result<*mut u8, MemoryError> {
+    let huge = HUGE_PAGE as usize;
+    let over = len + huge;
+    // SAFETY: a new anonymous mapping at an address the kernel picks; no
+    // existing memory is affected.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), over, libc::PROT_READ | libc::PROT_WRITE, PRIVATE_FLAGS, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(MemoryError::Map(std::io::Error::last_os_error().to_string()));
+    }
+    let p = p as usize;
+    let a = p.next_multiple_of(huge);
+    // SAFETY: both ranges lie inside the mapping just made, outside [a, a + len).
+    unsafe {
+        if a > p {
+            libc::munmap(p as *mut libc::c_void, a - p);
+        }
+        if p + over > a + len {
+            libc::munmap((a + len) as *mut libc::c_void, p + over - (a + len));
+        }
+    }
+    Ok(a as *mut u8)
+}
+
+/// The anonymous mappings of private RAM. vm-memory does not unmap memory
+/// it did not map itself, so this does: when dropped (after
+/// [`GuestRam::mem`]) it unmaps each mapping that no copy of the guest
+/// memory refers to any more. One still in use somewhere is left mapped
+/// (kept, not freed under a thread that may still touch it).
+struct PrivateMappings(Vec<Arc<MmapRegion>>);
+
+impl Drop for PrivateMappings {
+    fn drop(&mut self) {
+        for m in self.0.drain(..) {
+            match Arc::into_inner(m) {
+                // SAFETY: the last reference to the mapping is gone: nothing
+                // can read or write it any more.
+                Some(m) => unsafe {
+                    libc::munmap(m.as_ptr().cast(), m.size());
+                },
+                None => {
+                    if RAM_KEPT.hit().is_some() {
+                        log::debug!("guest RAM still in use after its VM stopped: left mapped");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Shared or hugetlbfs RAM: a memfd (of 2 MiB huge pages with `hugepages`),
+/// mapped shared.
+fn create_memfd(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
     let mut flags = libc::MFD_CLOEXEC;
     if hugepages {
         flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
@@ -152,18 +321,14 @@ pub fn create(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
         offset += len;
     }
     let mem = GuestMemory::from_ranges_with_files(&regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-    if !hugepages {
-        advise_huge_pages(&mem);
-    }
-    Ok(GuestRam { mem, file, size })
+    Ok(GuestRam { mem, file: Some(file), size, _private: None })
 }
 
 /// Asks for transparent huge pages on guest RAM. Each guest page the guest
 /// touches first costs a fault in the host (an EPT violation); 2 MiB pages
-/// make 512 times fewer. Effective where the host allows huge pages in
-/// shared memory (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` set
-/// to `advise` or `always`; the nested rig sets `advise`), harmless
-/// elsewhere.
+/// make 512 times fewer. For private RAM, effective wherever THP is
+/// `always` or `madvise`; for shared RAM, only where `shmem_enabled`
+/// allows it ([`shmem_thp_refused`]); harmless elsewhere.
 fn advise_huge_pages(mem: &GuestMemory) {
     for region in mem.iter() {
         // SAFETY: advice on a mapping owned by `mem`; it changes no contents.
@@ -234,13 +399,87 @@ mod tests {
         assert_eq!(meminfo_kib(m, "Nope"), None);
     }
 
+    /// The `/proc/self/maps` line of the mapping that holds `addr`.
+    fn maps_line(addr: *const u8) -> String {
+        let addr = addr as usize;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .find(|l| {
+                let range = l.split_whitespace().next().unwrap();
+                let (a, b) = range.split_once('-').unwrap();
+                let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+                (a..b).contains(&addr)
+            })
+            .unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+            .to_string()
+    }
+
+    /// The path column of a maps line (empty for anonymous memory).
+    fn maps_path(line: &str) -> String {
+        line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ")
+    }
+
     #[test]
-    fn memfd_backs_guest_memory() {
-        let ram = create(16 << 20, false).unwrap();
+    fn guest_ram_is_anonymous_private_memory_by_default() {
+        let ram = create(36 << 20, Backing::of(false, false)).unwrap();
+        assert!(ram.file.is_none());
+        ram.mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(ram.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234_5678);
+        let region = ram.mem.iter().next().unwrap();
+        let addr = region.as_ptr();
+        assert_eq!(addr as usize % HUGE_PAGE as usize, 0, "not 2 MiB aligned");
+        let line = maps_line(addr);
+        let path = maps_path(&line);
+        assert!(path.is_empty() || path.starts_with("[anon:"), "not anonymous: {line}");
+        assert!(line.split_whitespace().nth(1).unwrap().ends_with('p'), "not private: {line}");
+
+        // A copy of the memory still in use keeps it mapped...
+        let copy = ram.mem.clone();
+        drop(ram);
+        assert_eq!(copy.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234_5678);
+        drop(copy);
+        // ...and once the VM's own is dropped last, it is unmapped.
+        let ram = create(36 << 20, Backing::Private).unwrap();
+        let region = ram.mem.iter().next().unwrap();
+        let (addr, len) = (region.as_ptr(), region.len() as usize);
+        drop(ram);
+        let mut vec = vec![0u8; len / 4096];
+        // SAFETY: mincore only reads the page tables of the range.
+        let r = unsafe { libc::mincore(addr.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(r, -1, "guest RAM still mapped after the VM was dropped");
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOMEM));
+    }
+
+    #[test]
+    fn shared_guest_ram_is_a_memfd() {
+        let ram = create(16 << 20, Backing::of(false, true)).unwrap();
         ram.mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
         let mut buf = [0u8; 4];
         use std::os::unix::fs::FileExt;
-        ram.file.read_exact_at(&mut buf, 0x1000).unwrap();
+        ram.file.as_ref().unwrap().read_exact_at(&mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0x1234_5678);
+        let line = maps_line(ram.mem.iter().next().unwrap().as_ptr());
+        assert!(maps_path(&line).starts_with("/memfd:kickvm-guest-ram"), "not the memfd: {line}");
+        assert!(line.split_whitespace().nth(1).unwrap().ends_with('s'), "not shared: {line}");
+    }
+
+    #[test]
+    fn hugepages_win_over_shared() {
+        assert_eq!(Backing::of(true, false), Backing::HugeTlb);
+        assert_eq!(Backing::of(true, true), Backing::HugeTlb);
+    }
+
+    #[test]
+    fn warning_when_shmem_setting_refuses_huge_pages() {
+        // Debian's (and the kernel's) default: no huge pages in shared memory.
+        assert_eq!(shmem_thp_refused("always within_size advise [never] deny force\n"), Some("never"));
+        assert_eq!(shmem_thp_refused("always within_size advise never [deny] force\n"), Some("deny"));
+        // What the warning asks for, and the other settings that allow them.
+        assert_eq!(shmem_thp_refused("always within_size [advise] never deny force\n"), None);
+        assert_eq!(shmem_thp_refused("[always] within_size advise never deny force\n"), None);
+        assert_eq!(shmem_thp_refused("always [within_size] advise never deny force\n"), None);
+        assert_eq!(shmem_thp_refused("always within_size advise never deny [force]\n"), None);
+        // A kernel without THP has no such file: nothing to set.
+        assert_eq!(shmem_thp_refused(""), None);
     }
 }

@@ -15,18 +15,23 @@ for m in $(cat /etc/kickvm/modules); do
     insmod /lib/modules/$m.ko 2>/dev/null || echo "kickvm-rig: insmod $m failed"
 done
 
-# Let guest RAM in shared memory (a VMM's memfd) use transparent huge
-# pages when the VMM asks (madvise), as anonymous memory already may: an L2
-# guest's first touch of each page is an expensive nested fault.
-echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
-
-scratch= shares=
+scratch= shares= shmem_thp=
 for arg in $(cat /proc/cmdline); do
     case $arg in
     kickvm.scratch=*) scratch=${arg#kickvm.scratch=} ;;
     kickvm.shares=*) shares=${arg#kickvm.shares=} ;;
+    kickvm.shmem_thp=*) shmem_thp=${arg#kickvm.shmem_thp=} ;;
     esac
 done
+
+# Transparent huge pages stay as Debian ships them (enabled=always,
+# shmem_enabled=never), unless the rig was asked otherwise
+# (KICKVM_RIG_SHMEM_THP=advise on the host, for a benchmark that reports both).
+thp=/sys/kernel/mm/transparent_hugepage
+if [ -n "$shmem_thp" ]; then
+    echo "$shmem_thp" > $thp/shmem_enabled || echo "kickvm-rig: cannot set $thp/shmem_enabled to $shmem_thp"
+fi
+echo "KICKVM-RIG-THP enabled: $(cat $thp/enabled 2>/dev/null); shmem_enabled: $(cat $thp/shmem_enabled 2>/dev/null)"
 
 p9="trans=virtio,version=9p2000.L,msize=262144"
 h=/mnt/host

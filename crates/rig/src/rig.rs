@@ -236,9 +236,29 @@ fn shares_for(cmd: &[String], cwd: &Path, extra: &[PathBuf]) -> Result<Vec<PathB
     Ok(shares)
 }
 
-/// L1's kernel command line: where the scratch share goes and which other
-/// shares to mount (read by `rig-init.sh`).
-fn l1_append(scratch: &Path, shares: &[PathBuf]) -> String {
+/// The host variable that sets L1's `shmem_enabled` (transparent huge
+/// pages in shared memory). Unset, L1 keeps the transparent-huge-page
+/// settings Debian ships (`enabled` = `always`, `shmem_enabled` = `never`),
+/// as a user's host has them; a benchmark that sets it reports both.
+pub const SHMEM_THP_ENV: &str = "KICKVM_RIG_SHMEM_THP";
+/// The values `shmem_enabled` takes.
+const SHMEM_THP_VALUES: &[&str] = &["always", "within_size", "advise", "never", "deny", "force"];
+
+/// L1's `shmem_enabled` as asked by [`SHMEM_THP_ENV`] (`None`: Debian's).
+fn shmem_thp_opt_in(value: Option<&str>) -> Result<Option<String>> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) if SHMEM_THP_VALUES.contains(&v) => Ok(Some(v.to_string())),
+        Some(v) => Err(Error::with_hint(
+            format!("{SHMEM_THP_ENV}={v} is not a shmem_enabled setting"),
+            format!("use one of {}, or unset it for Debian's default", SHMEM_THP_VALUES.join(", ")),
+        )),
+    }
+}
+
+/// L1's kernel command line: where the scratch share goes, which other
+/// shares to mount, and `shmem_thp` (read by `rig-init.sh`).
+fn l1_append(scratch: &Path, shares: &[PathBuf], shmem_thp: Option<&str>) -> String {
     let mut append = format!(
         "console=ttyS0 loglevel=4 panic=-1 mitigations=off kickvm.scratch={}",
         scratch.display()
@@ -246,6 +266,9 @@ fn l1_append(scratch: &Path, shares: &[PathBuf]) -> String {
     if !shares.is_empty() {
         let list: Vec<String> = shares.iter().map(|s| s.display().to_string()).collect();
         append.push_str(&format!(" kickvm.shares={}", list.join(",")));
+    }
+    if let Some(v) = shmem_thp {
+        append.push_str(&format!(" kickvm.shmem_thp={v}"));
     }
     append
 }
@@ -258,6 +281,7 @@ fn l1_command(
     opts: &RigOptions,
     files: &RunFiles,
     shares: &[PathBuf],
+    shmem_thp: Option<&str>,
 ) -> Command {
     let mut q = Command::new(qemu_bin);
     q.args([
@@ -286,7 +310,7 @@ fn l1_command(
     .arg("-initrd")
     .arg(&l1.initrd)
     .arg("-append")
-    .arg(l1_append(&files.scratch, shares))
+    .arg(l1_append(&files.scratch, shares, shmem_thp))
     .args([
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -439,7 +463,8 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         .map_err(|e| Error::io("cannot write", &files.scratch, e))?;
     let shares = shares_for(cmd, &cwd, &opts.shares)?;
     let qemu_bin = qemu::qemu_binary();
-    let mut q = l1_command(&qemu_bin, &l1, opts, &files, &shares);
+    let shmem_thp = shmem_thp_opt_in(std::env::var(SHMEM_THP_ENV).ok().as_deref())?;
+    let mut q = l1_command(&qemu_bin, &l1, opts, &files, &shares, shmem_thp.as_deref());
     let log = fs::File::create(&files.qemu_log)
         .map_err(|e| Error::io("cannot create", &files.qemu_log, e))?;
     q.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
@@ -545,5 +570,19 @@ mod tests {
         assert!(s.contains("KICKVM_IN_RIG=1"));
         assert!(s.contains("'KICKVM_RIG_SCRATCH=/s'"));
         assert!(s.ends_with("'sh' '-c' 'echo $X'\n"));
+    }
+
+    #[test]
+    fn l1_keeps_debians_thp_settings_unless_asked() {
+        assert_eq!(shmem_thp_opt_in(None).unwrap(), None);
+        assert_eq!(shmem_thp_opt_in(Some("")).unwrap(), None);
+        let plain = l1_append(Path::new("/s"), &[], None);
+        assert!(!plain.contains("shmem_thp"), "{plain}");
+        let v = shmem_thp_opt_in(Some("advise")).unwrap();
+        assert_eq!(v.as_deref(), Some("advise"));
+        let asked = l1_append(Path::new("/s"), &[], v.as_deref());
+        assert!(asked.ends_with(" kickvm.shmem_thp=advise"), "{asked}");
+        let e = shmem_thp_opt_in(Some("yes please")).unwrap_err().to_string();
+        assert!(e.contains("KICKVM_RIG_SHMEM_THP=yes please") && e.contains("advise"), "{e}");
     }
 }

@@ -671,11 +671,13 @@ fn memory(pid: i32, vmm: Vmm) -> Result<Mem, String> {
             let size = u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
             let path: Vec<&str> = w.skip(4).collect();
             let path = path.join(" ");
+            // Guest RAM: one anonymous mapping of (about) the guest size
+            // (QEMU's RAM block; kickvm's private RAM), or kickvm's shared
+            // RAM, the memfd "kickvm-guest-ram" (crates/launcher/src/memory.rs).
+            let big_anon = path.is_empty() && size >= (MEMORY_MIB << 20) * 3 / 4;
             is_guest = match vmm {
-                // crates/launcher/src/memory.rs: memfd_create("kickvm-guest-ram")
-                Vmm::Kickvm(_) => path.contains("kickvm-guest-ram"),
-                // QEMU's RAM block: one anonymous mapping of (about) the guest size.
-                _ => path.is_empty() && size >= (MEMORY_MIB << 20) * 3 / 4,
+                Vmm::Kickvm(_) => big_anon || path.contains("kickvm-guest-ram"),
+                _ => big_anon,
             };
             is_file = path.starts_with('/') && !path.contains("kickvm-guest-ram");
             continue;
@@ -1006,13 +1008,25 @@ fn host_header(o: &Opts) -> String {
         .map(|out| String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string())
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    // Transparent huge pages decide much of a boot's time (first touch of
+    // guest RAM): the settings in force, `[the bracketed word]` of each file.
+    let thp = |f: &str| {
+        let s = fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{f}")).unwrap_or_default();
+        s.split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+            .unwrap_or("?")
+            .to_string()
+    };
     let _ = writeln!(
         md,
-        "Host of the VMMs: Linux {} ({} CPUs{}); {}; guest: default image (`kickvm-rig image --print-paths`), \
+        "Host of the VMMs: Linux {} ({} CPUs{}); transparent huge pages: enabled `{}`, shmem_enabled `{}`; {}; \
+         guest: default image (`kickvm-rig image --print-paths`), \
          1 vCPU, {MEMORY_MIB} MiB, command line `{KICKVM_DEFAULT_CMDLINE} {EXTRA_CMDLINE} kickvm.cmd=...`.\n",
         kernel.trim(),
         cpus,
         if std::env::var_os("KICKVM_IN_RIG").is_some() { ", L1 of the nested rig" } else { "" },
+        thp("enabled"),
+        thp("shmem_enabled"),
         qemu_version
     );
     md
@@ -1205,8 +1219,8 @@ fn memory_table(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
         s,
         "\n### VMM memory overhead (RSS minus guest RAM), guest idle after boot\n\n\
          From `/proc/PID/smaps` one second after the guest's script started (virtio-net attached, guest idle): \
-         the Rss of every mapping, minus the Rss of the guest-RAM mapping (kickvm: the memfd \
-         `kickvm-guest-ram`; QEMU: its anonymous RAM block of ≥ ¾ of {MEMORY_MIB} MiB). \
+         the Rss of every mapping, minus the Rss of the guest-RAM mapping (the anonymous RAM block \
+         of ≥ ¾ of {MEMORY_MIB} MiB; kickvm with shared RAM: the memfd `kickvm-guest-ram`). \
          \"anon\" = the rest not backed by a file (heap, stacks, other anonymous maps), \"file\" = binaries and libraries. \
          MiB, median over runs.\n"
     );

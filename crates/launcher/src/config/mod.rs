@@ -80,6 +80,9 @@ pub struct VmConfig {
     pub memory: u64,
     pub cpus: u8,
     pub hugepages: bool,
+    /// Guest RAM in a memfd that another process can map (a vhost-user
+    /// back-end), instead of anonymous private memory; see [`crate::memory`].
+    pub memory_shared: bool,
     pub nets: Vec<NetSpec>,
     pub disks: Vec<DiskSpec>,
     pub console: ConsoleSpec,
