@@ -96,6 +96,9 @@ pub struct Connection {
     /// A request we could not answer: the frontend is waiting for a reply
     /// that will not come, so the connection must end.
     close: bool,
+    /// A SET_VRING_ENABLE came before PROTOCOL_FEATURES was negotiated
+    /// (see [`Connection::enable_came_early`]).
+    early_enable: bool,
 }
 
 /// Refuses the current request with one log line.
@@ -117,6 +120,7 @@ impl Connection {
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             active: None,
             close: false,
+            early_enable: false,
         }
     }
 
@@ -126,6 +130,17 @@ impl Connection {
         self.stop_threads();
         self.device.reset();
         self.device
+    }
+
+    /// The vhost crate refused a SET_VRING_ENABLE sent before
+    /// PROTOCOL_FEATURES was negotiated. QEMU 7.2 does that for net: it
+    /// enables the rings when the device is created, before SET_FEATURES,
+    /// and never again, so a back-end that drops those requests never
+    /// serves a packet. The request's index and value are not known here;
+    /// every ring is taken as enabled once the features are set (an
+    /// explicit SET_VRING_ENABLE(0) afterwards still disables one).
+    pub fn enable_came_early(&mut self) {
+        self.early_enable = true;
     }
 
     /// True after a request whose reply could not be given.
@@ -299,6 +314,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
+        log::debug!("vhost-user SET_FEATURES {features:#x}");
         let unknown = features & !self.offered_features();
         if unknown != 0 {
             return refuse("SET_FEATURES", format!("features {unknown:#x} were not offered"));
@@ -307,7 +323,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
             c.acked = features;
             // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE:
             // rings are enabled from the start.
-            if !c.protocol_negotiated() {
+            // Neither is there when it came too early (see
+            // `enable_came_early`).
+            if !c.protocol_negotiated() || std::mem::take(&mut c.early_enable) {
                 for v in &mut c.vrings {
                     v.enabled = true;
                 }
@@ -322,6 +340,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        log::debug!("vhost-user SET_MEM_TABLE with {} regions", regions.len());
         let descs: Vec<RegionDesc> = regions
             .iter()
             .map(|r| RegionDesc {
@@ -393,6 +412,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
+        log::debug!("vhost-user GET_VRING_BASE {index}");
         if self.vring("GET_VRING_BASE", index).is_err() {
             // The frontend waits for a reply we cannot give.
             self.close = true;
@@ -408,6 +428,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        log::debug!("vhost-user SET_VRING_KICK {index}");
         self.vring("SET_VRING_KICK", index.into())?;
         let Some(file) = fd else {
             return refuse("SET_VRING_KICK", format!("queue {index}: polling without a kick eventfd is not supported"));
@@ -466,6 +487,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        log::debug!("vhost-user SET_VRING_ENABLE {index} {enable}");
         self.vring("SET_VRING_ENABLE", index)?;
         if self.vrings[index as usize].enabled == enable {
             return Ok(());

@@ -44,7 +44,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use kickvm_virtio::{Runtime, ThreadingMode, VirtioDevice};
-use vhost::vhost_user::{BackendReqHandler, Error};
+use vhost::vhost_user::{BackendReqHandler, Error, VhostUserVirtioFeatures};
 
 pub use connection::Connection;
 pub use options::{DeviceKind, DeviceSpec};
@@ -65,6 +65,18 @@ pub fn serve(stream: UnixStream, device: Box<dyn VirtioDevice>) -> Option<Box<dy
             // Refused by the connection, already logged; the frontend got
             // its answer (a failed ack) and may go on.
             Err(Error::ReqHandlerError(_)) => {}
+            // SET_VRING_ENABLE before PROTOCOL_FEATURES, read whole and
+            // refused by the crate: QEMU's net does that on purpose.
+            Err(Error::InactiveFeature(f)) if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES => {
+                log::debug!("{name}: SET_VRING_ENABLE before PROTOCOL_FEATURES; rings enabled once features are set");
+                if let Ok(mut c) = conn.lock() {
+                    c.enable_came_early();
+                }
+            }
+            // Another request needing a feature not negotiated, read whole.
+            Err(e @ (Error::InactiveFeature(_) | Error::InactiveOperation(_))) => {
+                log::warn!("{name}: vhost-user request refused: {e} (not negotiated)");
+            }
             Err(Error::Disconnected) => {
                 log::info!("{name}: the vhost-user frontend disconnected");
                 break;

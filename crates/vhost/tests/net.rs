@@ -8,9 +8,6 @@
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -28,56 +25,6 @@ const MEM: usize = 4 << 20;
 const HDR: usize = 12;
 const RX: usize = 0;
 const TX: usize = 1;
-
-/// A network namespace for the test; the test thread (and the back-end
-/// thread it starts) live in it until the guard drops.
-struct NetNs {
-    name: String,
-    home: File,
-}
-
-impl NetNs {
-    fn new() -> Option<NetNs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root (network namespaces and TAP)");
-            return None;
-        }
-        if !std::path::Path::new("/dev/net/tun").exists() {
-            eprintln!("skipped: no /dev/net/tun");
-            return None;
-        }
-        let name = format!("kvvhost-{}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let home = File::open("/proc/thread-self/ns/net").expect("own netns");
-        let ns = NetNs { name, home };
-        let target = File::open(format!("/var/run/netns/{}", ns.name)).expect("netns file");
-        // SAFETY: setns on this thread with a valid namespace fd.
-        let r = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
-        Some(ns)
-    }
-
-    fn ip(&self, args: &str) {
-        let mut a = vec!["-n", &self.name];
-        a.extend(args.split_whitespace());
-        run("ip", &a);
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // SAFETY: back to the namespace the thread started in.
-        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 fn csum(data: &[u8]) -> u16 {
     let mut s: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
@@ -144,7 +91,7 @@ fn ping(f: &mut Front, seq: u16) {
 #[test]
 fn ping_held_buffers_and_a_second_frontend() {
     init_log();
-    let Some(ns) = NetNs::new() else { return };
+    let Some(ns) = NetNs::new("net") else { return };
     let cfg = NetConfig { name: "net0".into(), tap: TAP.into(), mac: GUEST_MAC, queue_pairs: 1, mtu: None };
     let dev = NetDevice::new(cfg).expect("TAP");
     ns.ip(&format!("link set {TAP} address 02:00:00:00:00:01"));

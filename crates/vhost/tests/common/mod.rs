@@ -199,3 +199,54 @@ impl Front {
         self.fe.get_vring_base(i).unwrap()
     }
 }
+
+/// A network namespace for the test; the test thread (and the back-end
+/// thread it starts) live in it until the guard drops.
+pub struct NetNs {
+    name: String,
+    home: std::fs::File,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Option<NetNs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (network namespaces and TAP)");
+            return None;
+        }
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("skipped: no /dev/net/tun");
+            return None;
+        }
+        let name = format!("kvvhost-{}-{tag}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let home = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        let ns = NetNs { name, home };
+        let target = std::fs::File::open(format!("/var/run/netns/{}", ns.name)).expect("netns file");
+        // SAFETY: setns on this thread with a valid namespace fd.
+        let r = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        Some(ns)
+    }
+
+    pub fn ip(&self, args: &str) {
+        let mut a = vec!["-n", &self.name];
+        a.extend(args.split_whitespace());
+        run("ip", &a);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // SAFETY: back to the namespace the thread started in.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
