@@ -5,6 +5,9 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
+use kickvm_virtio::seccomp::SeccompMode;
+use kickvm_virtio::{Runtime, ThreadingMode};
+
 use crate::options::{DeviceKind, DeviceSpec};
 
 pub const BACKEND_EXAMPLES: &str = "\
@@ -39,6 +42,10 @@ pub struct BackendArgs {
     /// Serve one frontend, then exit.
     #[arg(long)]
     pub once: bool,
+    /// Seccomp filters on the queue threads: on (refused calls fail with
+    /// EPERM), log (allowed, logged by the kernel) or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: SeccompMode,
 }
 
 /// Runs the back-end; returns the process exit status. Set-up mistakes are
@@ -76,7 +83,9 @@ pub fn run(args: &BackendArgs) -> u8 {
                 Err(e) => return fail(e.to_string()),
             },
         };
-        device = crate::serve(stream, dev);
+        // Fresh per connection, like everything but the device.
+        let runtime = Runtime::with_seccomp(ThreadingMode::PerQueue, args.seccomp);
+        device = crate::serve_with(stream, dev, runtime);
         if args.once {
             return 0;
         }

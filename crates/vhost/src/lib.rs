@@ -32,8 +32,9 @@
 //!   requests, maps guest memory (`mmap`/`munmap`), starts and stops
 //!   queue threads;
 //! - the queue threads `<device>-q<N>`, spawned by `kickvm-virtio`'s
-//!   runtime (`threads.rs`, `Thread::spawn`): only the device's I/O calls,
-//!   eventfd reads/writes and the wake signal.
+//!   runtime (`threads.rs`, `Thread::spawn`), which already installs each
+//!   one's filter (the queue thread's calls plus its device's; `--seccomp`).
+//!   The main and protocol threads are not filtered yet.
 
 pub mod cli;
 pub mod connection;
@@ -56,8 +57,14 @@ pub use options::{DeviceKind, DeviceSpec};
 /// Each connection starts from nothing: no features, no memory, no rings;
 /// the device keeps only its backend (file, TAP, console endpoint).
 pub fn serve(stream: UnixStream, device: Box<dyn VirtioDevice>) -> Option<Box<dyn VirtioDevice>> {
+    serve_with(stream, device, Runtime::new(ThreadingMode::PerQueue))
+}
+
+/// [`serve`], with the queue threads started by `runtime` (its threading
+/// and seccomp modes).
+pub fn serve_with(stream: UnixStream, device: Box<dyn VirtioDevice>, runtime: Arc<Runtime>) -> Option<Box<dyn VirtioDevice>> {
     let name = device.name().to_string();
-    let conn = Arc::new(Mutex::new(Connection::new(device, Runtime::new(ThreadingMode::PerQueue))));
+    let conn = Arc::new(Mutex::new(Connection::new(device, runtime)));
     let mut handler = BackendReqHandler::from_stream(stream, conn.clone());
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
         match handler.handle_request() {
