@@ -633,6 +633,25 @@ impl Vm {
 
     fn set_status(&self, i: usize, s: u8) {
         self.common_write(i, cc::DEVICE_STATUS, 1, s.into());
+        if s == 0 {
+            self.check_reset(i);
+        }
+    }
+
+    /// A reset has completed by the time the write returns (virtio 1.x
+    /// 4.1.4.3.2: the driver then reads 0 back): no queue thread runs and
+    /// device_status reads 0.
+    fn check_reset(&self, i: usize) {
+        let (placed, active) = {
+            let d = self.devs[i].pci.lock().unwrap();
+            (d.placed_at().is_some(), d.is_active())
+        };
+        if !placed || self.devs[i].caps.common != 0 {
+            return; // the write went nowhere, or somewhere this run cannot tell
+        }
+        assert!(!active, "device {i}: queue threads still run after the driver reset it");
+        let status = self.status(i);
+        assert_eq!(status, 0, "device {i}: device_status reads {status:#x} right after a reset");
     }
 
     fn status(&self, i: usize) -> u8 {
