@@ -207,3 +207,41 @@ fn features_and_protocol_features_not_offered_are_refused() {
     }
     assert!(fe.get_queue_num().is_err(), "MQ not acked yet: refused by the frontend side");
 }
+
+/// A raw SET_VRING_ENABLE, as QEMU's net sends it before SET_FEATURES.
+fn early_enable(stream: &mut UnixStream, index: u32) {
+    const SET_VRING_ENABLE: u32 = 18;
+    let mut m = header(SET_VRING_ENABLE, 1, 8);
+    m.extend_from_slice(&index.to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes());
+    stream.write_all(&m).unwrap();
+}
+
+#[test]
+fn rings_start_disabled_with_protocol_features() {
+    init_log();
+    let dir = Scratch::new("disabled");
+    let be = start_backend(&dir, rng(), 1);
+    let mut f = Front::connect(&be.socket, MEM, u64::MAX);
+    let qi = f.layout_queue(0, 64);
+    f.kick_queue(qi, 0);
+    let buf = f.guest.alloc(64, 16);
+    f.queues[0].post(&[Buf::inb(buf, 64)]).unwrap();
+    f.queues[0].kick();
+    assert!(f.queues[0].wait_used(Duration::from_millis(300)).is_none(), "a ring is not served before SET_VRING_ENABLE(1)");
+    f.fe.set_vring_enable(0, true).unwrap();
+    f.queues[0].wait_used(T).expect("served once enabled");
+}
+
+#[test]
+fn an_enable_before_the_features_counts_once_they_are_set() {
+    init_log();
+    let dir = Scratch::new("early-enable");
+    let be = start_backend(&dir, rng(), 1);
+    let mut stream = Front::stream(&be.socket);
+    early_enable(&mut stream, 0);
+    let mut f = Front::connect_stream(stream, MEM, u64::MAX);
+    let qi = f.layout_queue(0, 64);
+    f.kick_queue(qi, 0);
+    entropy_arrives(&mut f);
+}

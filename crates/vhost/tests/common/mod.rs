@@ -111,6 +111,11 @@ impl Front {
     /// PROTOCOL_FEATURES), protocol features (all the back-end offers),
     /// every request asking for an ack, and the memory table.
     pub fn connect(socket: &std::path::Path, mem_size: usize, want: u64) -> Front {
+        Front::connect_stream(Front::stream(socket), mem_size, want)
+    }
+
+    /// A connection to the back-end at `socket`.
+    pub fn stream(socket: &std::path::Path) -> UnixStream {
         // (A back-end that just bound its socket may not listen yet.)
         let end = std::time::Instant::now() + T;
         let stream = loop {
@@ -120,6 +125,11 @@ impl Front {
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         };
+        stream
+    }
+
+    /// [`Front::connect`] on a connected `stream`.
+    pub fn connect_stream(stream: UnixStream, mem_size: usize, want: u64) -> Front {
         let mut fe = Frontend::from_stream(stream, 64);
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -168,8 +178,9 @@ impl Front {
         self.queues.len() - 1
     }
 
-    /// (Re)starts driver queue `qi` at ring index `base`.
-    pub fn start_queue(&mut self, qi: usize, base: u16) {
+    /// Gives the back-end queue `qi` (num, addresses, base, call, kick)
+    /// without enabling it.
+    pub fn kick_queue(&mut self, qi: usize, base: u16) {
         let q = &self.queues[qi];
         let i = usize::from(q.index);
         self.fe.set_vring_num(i, q.size).unwrap();
@@ -189,6 +200,12 @@ impl Front {
         kickvm_virtio::sys::set_nonblocking(s.kick.as_raw_fd(), true).unwrap();
         self.fe.set_vring_call(i, &s.call).unwrap();
         self.fe.set_vring_kick(i, &s.kick).unwrap();
+    }
+
+    /// (Re)starts driver queue `qi` at ring index `base` and enables it.
+    pub fn start_queue(&mut self, qi: usize, base: u16) {
+        self.kick_queue(qi, base);
+        let i = usize::from(self.queues[qi].index);
         self.fe.set_vring_enable(i, true).unwrap();
     }
 
