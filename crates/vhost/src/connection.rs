@@ -89,7 +89,6 @@ pub struct Connection {
     owner: bool,
     /// Virtio features the frontend acked (PROTOCOL_FEATURES included).
     acked: u64,
-    protocol: VhostUserProtocolFeatures,
     memory: RegionTable,
     vrings: Vec<Vring>,
     active: Option<ActiveDevice>,
@@ -115,7 +114,6 @@ impl Connection {
             runtime,
             owner: false,
             acked: 0,
-            protocol: VhostUserProtocolFeatures::empty(),
             memory: RegionTable::default(),
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             active: None,
@@ -471,10 +469,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         match VhostUserProtocolFeatures::from_bits(features) {
-            Some(f) if protocol_features().contains(f) => {
-                self.protocol = f;
-                Ok(())
-            }
+            Some(f) if protocol_features().contains(f) => Ok(()),
             _ => refuse(
                 "SET_PROTOCOL_FEATURES",
                 format!("{:#x} were not offered", features & !protocol_features().bits()),

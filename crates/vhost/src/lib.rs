@@ -9,7 +9,9 @@
 //! eventfd the frontend passed only when the guest wants an interrupt and
 //! the thread is about to sleep. A kick goes: frontend (a KVM ioeventfd in
 //! QEMU) → that queue's thread → the device. No thread of this process
-//! other than the one serving the queue is on that path.
+//! other than the one serving the queue is on that path. (QEMU's eventfds
+//! are non-blocking, a flag shared with us: there the thread sleeps in
+//! `poll` on the kick, one system call more per sleep.)
 //!
 //! Why the `vhost` crate's request handler and not the `vhost-user-backend`
 //! daemon: the daemon runs its own worker threads, each an epoll loop
