@@ -88,6 +88,9 @@ pub struct QueueCtx {
     unsignalled: u32,
     /// The rings are corrupt: serve nothing until the device is reset.
     broken: bool,
+    /// The kick eventfd is non-blocking: [`QueueCtx::wait_kick`] sleeps in
+    /// `poll` first.
+    kick_polls: bool,
 }
 
 impl QueueCtx {
@@ -116,6 +119,7 @@ impl QueueCtx {
             blocking,
             unsignalled: 0,
             broken: false,
+            kick_polls: false,
         }
     }
 
@@ -384,6 +388,14 @@ impl QueueCtx {
                 return Ok(());
             }
             self.notify();
+            if self.kick_polls {
+                let mut p = libc::pollfd { fd: self.kick_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd, for the duration of the call.
+                if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+                    self.retry_after(&io::Error::last_os_error())?;
+                    continue;
+                }
+            }
             match crate::sys::eventfd_read(self.kick_fd()) {
                 Ok(n) => {
                     QueueCounters::add(&self.counters.kicks, n);
@@ -392,14 +404,9 @@ impl QueueCtx {
                 }
                 // A kick eventfd from a vhost-user frontend may be
                 // non-blocking (QEMU makes them so, and the flag belongs to
-                // the file it shares with us): sleep in poll instead.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut p = libc::pollfd { fd: self.kick_fd(), events: libc::POLLIN, revents: 0 };
-                    // SAFETY: one valid pollfd, for the duration of the call.
-                    if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
-                        self.retry_after(&io::Error::last_os_error())?;
-                    }
-                }
+                // the file it shares with us): from now on sleep in poll
+                // before the read.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.kick_polls = true,
                 Err(e) => {
                     if !self.retry_after(&e)? {
                         self.count_error(&format!("cannot read the kick eventfd: {e}"));
