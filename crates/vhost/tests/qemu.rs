@@ -92,7 +92,7 @@ fn qemu_boots_reads_writes_and_reconnects_on_our_blk_backend() {
     });
 
     let cmdline = format!("console=ttyS0 panic=-1 quiet {}", kickvm_rig::image::script_cmdline(&script()));
-    let mut child = Command::new(&qemu)
+    let child = Command::new(&qemu)
         .args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
         .arg("-kernel")
@@ -108,6 +108,7 @@ fn qemu_boots_reads_writes_and_reconnects_on_our_blk_backend() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let (line_tx, line_rx) = mpsc::channel::<String>();
     let out = child.stdout.take().unwrap();
     std::thread::spawn(move || {

@@ -57,7 +57,7 @@ fn qemu_guest_pings_over_our_net_backend() {
         kickvm_rig::image::script_cmdline(script)
     );
     let start = Instant::now();
-    let mut child = Command::new(&qemu)
+    let child = Command::new(&qemu)
         .args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
         .arg("-kernel")
@@ -77,6 +77,7 @@ fn qemu_guest_pings_over_our_net_backend() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let mut out = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
