@@ -3,7 +3,9 @@
 //! `vhost-user-blk-pci` (two queues) on guest RAM in a shared memfd, reads
 //! what the host wrote on the disk and writes to it; then the back-end
 //! drops the connection, QEMU reconnects (`reconnect=1`), and the guest's
-//! I/O goes on. One boot, ~10–30 s under TCG.
+//! I/O goes on; a file system made on the disk survives write, `sync`,
+//! reboot (QEMU stops and restarts the rings on the same connection) and
+//! read-back. Two boots in one QEMU, ~20 s under TCG.
 //!
 //! Skipped (with the reason printed) without `qemu-system-x86_64` or the
 //! guest image (`target/debug/kickvm-rig image` builds it).
@@ -25,35 +27,61 @@ const GUEST_WROTE: &[u8; 24] = b"KICKVM-VHOST-GUEST-WROTE";
 const AFTER_RECONNECT: &[u8; 24] = b"KICKVM-VHOST-AFTER-RECON";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// The guest's side: read sector 0, write sector 8; after the back-end
-/// came back, read sector 8 from the device (not the page cache) and
-/// write sector 16. `fsync` makes each write reach the back-end.
+/// Where the raw reads and writes go: past the file system the guest makes
+/// on the first 8 MiB.
+const RAW: u64 = 20480;
+
+/// The guest's side. First boot: read the sector the host wrote, write
+/// the next; after the back-end came back, read that from the device (not
+/// the page cache) and write a third; then make a file system, write a
+/// file, `sync`, reboot. Second boot (same command line, same vhost-user
+/// connection): the file is there. `fsync`/`sync` make each write reach
+/// the back-end.
 fn script() -> String {
     let host = std::str::from_utf8(HOST_WROTE).unwrap();
     let guest = std::str::from_utf8(GUEST_WROTE).unwrap();
     let after = std::str::from_utf8(AFTER_RECONNECT).unwrap();
+    let (s0, s1, s2) = (RAW, RAW + 8, RAW + 16);
     format!(
         "set -e
 [ -b /dev/vda ] || {{ echo NO-DISK; ls /dev; exit 2; }}
+mkdir -p /mnt
+if mount -t ext4 /dev/vda /mnt 2>/dev/null; then
+    got=$(cat /mnt/kickvm.txt)
+    echo \"READ4:$got\"
+    umount /mnt
+    [ \"$got\" = {FS_TEXT} ] || exit 5
+    echo PHASE4-DONE
+    exit 0
+fi
 echo 3 > /proc/sys/vm/drop_caches
-got=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 24)
+got=$(dd if=/dev/vda bs=512 skip={s0} count=1 2>/dev/null | head -c 24)
 echo \"READ1:$got\"
 [ \"$got\" = {host} ] || exit 3
-printf {guest} | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null
+printf {guest} | dd of=/dev/vda bs=512 seek={s1} conv=notrunc,fsync 2>/dev/null
 echo PHASE1-DONE
 sleep 5
 echo 3 > /proc/sys/vm/drop_caches
-got=$(dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 24)
+got=$(dd if=/dev/vda bs=512 skip={s1} count=1 2>/dev/null | head -c 24)
 echo \"READ2:$got\"
 [ \"$got\" = {guest} ] || exit 4
-printf {after} | dd of=/dev/vda bs=512 seek=16 conv=notrunc,fsync 2>/dev/null
+printf {after} | dd of=/dev/vda bs=512 seek={s2} conv=notrunc,fsync 2>/dev/null
 echo PHASE2-DONE
+mke2fs -q /dev/vda 8192
+mount -t ext4 /dev/vda /mnt
+echo {FS_TEXT} > /mnt/kickvm.txt
+sync
+umount /mnt
+echo PHASE3-DONE
+reboot -f
 "
     )
 }
 
+const FS_TEXT: &str = "FS-SURVIVED-REBOOT";
+
 #[test]
-fn qemu_boots_reads_writes_and_reconnects_on_our_blk_backend() {
+fn qemu_boots_reads_writes_reconnects_and_reboots_on_our_blk_backend() {
     init_log();
     let qemu = kickvm_rig::qemu::qemu_binary();
     if Command::new(&qemu).arg("--version").output().is_err() {
@@ -71,7 +99,7 @@ fn qemu_boots_reads_writes_and_reconnects_on_our_blk_backend() {
     let dir = Scratch::new("qemu");
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-    std::fs::File::options().write(true).open(&disk).unwrap().write_all_at(HOST_WROTE, 0).unwrap();
+    std::fs::File::options().write(true).open(&disk).unwrap().write_all_at(HOST_WROTE, RAW * 512).unwrap();
     let mut cfg = BlockConfig::new(&disk);
     cfg.num_queues = 2;
     let dev: Box<dyn kickvm_virtio::VirtioDevice> = Box::new(Block::new("blk0", cfg).unwrap());
@@ -94,7 +122,8 @@ fn qemu_boots_reads_writes_and_reconnects_on_our_blk_backend() {
     let cmdline = format!("console=ttyS0 panic=-1 quiet {}", kickvm_rig::image::script_cmdline(&script()));
     let child = Command::new(&qemu)
         .args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
-        .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        // No -no-reboot: the guest's `reboot` boots it again.
+        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .arg("-kernel")
         .arg(&image.kernel)
         .arg("-initrd")
@@ -158,14 +187,15 @@ fn qemu_boots_reads_writes_and_reconnects_on_our_blk_backend() {
         "the guest's script failed or never finished.\nconsole tail:\n{tail}\nQEMU stderr:\n{err}"
     );
     assert!(cut, "the connection was cut after phase 1");
-    assert!(console.contains("PHASE2-DONE"));
+    assert!(console.contains("PHASE2-DONE") && console.contains("PHASE3-DONE"));
+    assert!(console.contains(&format!("READ4:{FS_TEXT}")), "the file survived the reboot");
 
     // What the guest wrote is in the file, before and after the reconnect.
     let f = std::fs::File::open(&disk).unwrap();
     let mut buf = [0u8; 24];
-    f.read_exact_at(&mut buf, 8 * 512).unwrap();
+    f.read_exact_at(&mut buf, (RAW + 8) * 512).unwrap();
     assert_eq!(&buf, GUEST_WROTE);
-    f.read_exact_at(&mut buf, 16 * 512).unwrap();
+    f.read_exact_at(&mut buf, (RAW + 16) * 512).unwrap();
     assert_eq!(&buf, AFTER_RECONNECT);
     assert!(backend.join().unwrap().is_some(), "the back-end served both connections");
 }
