@@ -167,6 +167,16 @@ impl Connection {
         }
     }
 
+    /// A ring already kicked and enabled whose size, addresses or base
+    /// came later (messages out of the usual order) may now have all it
+    /// needs: start it. Other rings' threads are left alone otherwise.
+    fn start_if_ready(&mut self, index: u32) -> Result<()> {
+        match self.vrings.get(index as usize) {
+            Some(v) if v.started && v.enabled && !v.running => self.change(|_| Ok(())),
+            _ => Ok(()),
+        }
+    }
+
     /// Makes a change with every queue thread stopped, then starts the
     /// rings that should run. See the module doc.
     fn change<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
@@ -364,9 +374,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return refuse("SET_VRING_NUM", format!("queue {index} is running"));
         }
         v.size = num as u16;
-        // A ring already kicked and enabled (messages out of the usual
-        // order) may now have all it needs.
-        self.change(|_| Ok(()))
+        self.start_if_ready(index)
     }
 
     fn set_vring_addr(
@@ -394,7 +402,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 return refuse("SET_VRING_ADDR", format!("queue {index}: a ring is outside guest memory"));
             }
         }
-        self.change(|_| Ok(()))
+        self.start_if_ready(index)
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
@@ -406,7 +414,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             return refuse("SET_VRING_BASE", format!("queue {index}: base {base} does not fit a split ring"));
         };
         v.base = base;
-        self.change(|_| Ok(()))
+        self.start_if_ready(index)
     }
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {

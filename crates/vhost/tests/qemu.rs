@@ -12,12 +12,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use kickvm_virtio::block::{Block, BlockConfig};
@@ -104,24 +101,12 @@ fn qemu_boots_reads_writes_reconnects_and_reboots_on_our_blk_backend() {
     cfg.num_queues = 2;
     let dev: Box<dyn kickvm_virtio::VirtioDevice> = Box::new(Block::new("blk0", cfg).unwrap());
 
-    // The back-end: serve QEMU, hand the test a clone of each connection
-    // so it can cut the first one.
     let socket = dir.path("blk.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let (conn_tx, conn_rx) = mpsc::channel::<UnixStream>();
-    let backend = std::thread::spawn(move || {
-        let mut dev = Some(dev);
-        for _ in 0..2 {
-            let (s, _) = listener.accept().ok()?;
-            conn_tx.send(s.try_clone().unwrap()).ok()?;
-            dev = kickvm_vhost::serve(s, dev?);
-        }
-        dev
-    });
+    let (backend, conns) = backend_with_cut(&socket, dev, 2);
 
     let cmdline = format!("console=ttyS0 panic=-1 quiet {}", kickvm_rig::image::script_cmdline(&script()));
-    let child = Command::new(&qemu)
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
+    let mut cmd = Command::new(&qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
         // No -no-reboot: the guest's `reboot` boots it again.
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .arg("-kernel")
@@ -131,64 +116,26 @@ fn qemu_boots_reads_writes_reconnects_and_reboots_on_our_blk_backend() {
         .args(["-append", &cmdline])
         .args(["-object", "memory-backend-memfd,id=m,size=256M,share=on", "-numa", "node,memdev=m"])
         .args(["-chardev", &format!("socket,id=c,path={},reconnect=1", socket.display())])
-        .args(["-device", "vhost-user-blk-pci,chardev=c,num-queues=2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let (line_tx, line_rx) = mpsc::channel::<String>();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if line_tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-
-    let start = Instant::now();
-    let mut console = String::new();
-    let mut first: Option<UnixStream> = None;
+        .args(["-device", "vhost-user-blk-pci,chardev=c,num-queues=2"]);
     let mut cut = false;
-    while let Some(left) = BOOT_TIMEOUT.checked_sub(start.elapsed()) {
-        if first.is_none() {
-            first = conn_rx.try_recv().ok();
-        }
-        let l = match line_rx.recv_timeout(left.min(Duration::from_millis(200))) {
-            Ok(l) => l,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        console.push_str(&l);
-        console.push('\n');
+    let run = run_qemu(cmd, BOOT_TIMEOUT, |l| {
         if l.contains("PHASE1-DONE") && !cut {
             // The back-end "dies": its end of the connection goes away.
-            let s = first.take().expect("QEMU connected to the back-end");
+            let s = conns.try_recv().expect("QEMU connected to the back-end");
             s.shutdown(std::net::Shutdown::Both).unwrap();
             cut = true;
         }
-    }
-    // The guest powered off (QEMU exits, -no-reboot) or time is up.
-    let end = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-    let tail: String = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    eprintln!("guest ran {:.1} s; QEMU {status}; console tail:\n{tail}", start.elapsed().as_secs_f64());
+    });
+    eprintln!("guest ran {:.1} s; QEMU {}; console tail:\n{}", run.secs, run.status, run.tail());
     assert_eq!(
-        kickvm_rig::image::parse_exit_status(&console),
+        kickvm_rig::image::parse_exit_status(&run.console),
         Some(0),
-        "the guest's script failed or never finished.\nconsole tail:\n{tail}\nQEMU stderr:\n{err}"
+        "the guest's script failed or never finished.\nQEMU stderr:\n{}",
+        run.stderr
     );
     assert!(cut, "the connection was cut after phase 1");
-    assert!(console.contains("PHASE2-DONE") && console.contains("PHASE3-DONE"));
-    assert!(console.contains(&format!("READ4:{FS_TEXT}")), "the file survived the reboot");
+    assert!(run.console.contains("PHASE2-DONE") && run.console.contains("PHASE3-DONE"));
+    assert!(run.console.contains(&format!("READ4:{FS_TEXT}")), "the file survived the reboot");
 
     // What the guest wrote is in the file, before and after the reconnect.
     let f = std::fs::File::open(&disk).unwrap();

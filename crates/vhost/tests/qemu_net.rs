@@ -1,19 +1,20 @@
 //! QEMU's `virtio-net-pci` on a `-netdev vhost-user` served by our net
 //! back-end, whose TAP lives in a network namespace of the test's own: the
-//! default guest image boots under TCG and pings the TAP's address. One
-//! boot, ~10–20 s. QEMU enables the rings before it sets the features
-//! (see `Connection::enable_came_early`): this test is what shows that is
-//! handled.
+//! default guest image boots under TCG and pings the TAP's address; the
+//! back-end drops the connection, QEMU reconnects (`reconnect=1`) and the
+//! pings go on. One boot, ~15 s.
+//!
+//! QEMU enables the rings before it sets the features, and not again
+//! after a reconnect (see `Connection::enable_came_early`): this test is
+//! what shows both are handled.
 //!
 //! Skipped (with the reason printed) without root, /dev/net/tun,
 //! `qemu-system-x86_64` or the guest image.
 
 mod common;
 
-use std::io::Read;
-use std::os::unix::net::UnixListener;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use kickvm_virtio::net::{NetConfig, NetDevice};
@@ -22,7 +23,7 @@ const TAP: &str = "kvvqtap0";
 const GUEST_MAC: &str = "52:54:00:12:34:57";
 
 #[test]
-fn qemu_guest_pings_over_our_net_backend() {
+fn qemu_guest_pings_over_our_net_backend_across_a_reconnect() {
     init_log();
     let qemu = kickvm_rig::qemu::qemu_binary();
     if Command::new(&qemu).arg("--version").output().is_err() {
@@ -44,21 +45,21 @@ fn qemu_guest_pings_over_our_net_backend() {
 
     let dir = Scratch::new("qemu-net");
     let socket = dir.path("net.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    // Spawned from this thread: the back-end's threads are in the namespace.
-    let backend = std::thread::spawn(move || {
-        let (s, _) = listener.accept().ok()?;
-        kickvm_vhost::serve(s, dev)
-    });
+    // Started from this thread: the back-end's threads are in the namespace.
+    let (backend, conns) = backend_with_cut(&socket, dev, 2);
 
-    let script = "ping -c 3 -W 5 10.0.2.1";
+    let script = "set -e
+ping -c 3 -W 5 10.0.2.1
+echo PING1-DONE
+sleep 6
+ping -c 3 -W 5 10.0.2.1
+echo PING2-DONE";
     let cmdline = format!(
         "console=ttyS0 panic=-1 quiet kickvm.ip=10.0.2.15/24 {}",
         kickvm_rig::image::script_cmdline(script)
     );
-    let start = Instant::now();
-    let child = Command::new(&qemu)
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
+    let mut cmd = Command::new(&qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&image.kernel)
@@ -66,41 +67,30 @@ fn qemu_guest_pings_over_our_net_backend() {
         .arg(&image.initrd)
         .args(["-append", &cmdline])
         .args(["-object", "memory-backend-memfd,id=m,size=256M,share=on", "-numa", "node,memdev=m"])
-        .args(["-chardev", &format!("socket,id=c,path={}", socket.display())])
+        .args(["-chardev", &format!("socket,id=c,path={},reconnect=1", socket.display())])
         .args(["-netdev", "vhost-user,id=n,chardev=c"])
         // vectors=0: QEMU 7.2 under TCG segfaults in vhost_net_start
         // (msix_set_vector_notifiers) with MSI-X on, before it sends the
         // back-end anything about rings; INTx avoids that path.
-        .args(["-device", &format!("virtio-net-pci,netdev=n,mac={GUEST_MAC},vectors=0")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let mut out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
+        .args(["-device", &format!("virtio-net-pci,netdev=n,mac={GUEST_MAC},vectors=0")]);
+    let mut cut = false;
+    let run = run_qemu(cmd, Duration::from_secs(240), |l| {
+        if l.contains("PING1-DONE") && !cut {
+            // The back-end "dies": its end of the connection goes away.
+            let s = conns.try_recv().expect("QEMU connected to the back-end");
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+            cut = true;
+        }
     });
-    let end = start + Duration::from_secs(240);
-    while child.try_wait().unwrap().is_none() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let status = child.wait().unwrap();
-    let console = reader.join().unwrap();
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    let tail: String = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    eprintln!("guest ran {:.1} s; QEMU {status}; console tail:\n{tail}", start.elapsed().as_secs_f64());
+    eprintln!("guest ran {:.1} s; QEMU {}; console tail:\n{}", run.secs, run.status, run.tail());
     assert_eq!(
-        kickvm_rig::image::parse_exit_status(&console),
+        kickvm_rig::image::parse_exit_status(&run.console),
         Some(0),
-        "the guest's ping failed.\nQEMU stderr:\n{err}"
+        "the guest's pings failed.\nQEMU stderr:\n{}",
+        run.stderr
     );
-    assert!(console.contains("3 packets received"), "three replies");
+    assert!(cut, "the connection was cut after the first pings");
+    assert_eq!(run.console.matches("3 packets received").count(), 2, "three replies before and after");
     assert!(backend.join().unwrap().is_some());
     drop(ns);
 }

@@ -290,3 +290,82 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// What a QEMU run printed and how it ended.
+pub struct QemuRun {
+    pub console: String,
+    pub stderr: String,
+    pub status: std::process::ExitStatus,
+    pub secs: f64,
+}
+
+impl QemuRun {
+    /// The console's last lines, for messages.
+    pub fn tail(&self) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Runs QEMU (`cmd`, stdout being the guest's serial console) until it
+/// exits or `timeout`; `on_line` sees each console line as it comes.
+pub fn run_qemu(mut cmd: std::process::Command, timeout: Duration, mut on_line: impl FnMut(&str)) -> QemuRun {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let start = std::time::Instant::now();
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut console = String::new();
+    while let Some(left) = timeout.checked_sub(start.elapsed()) {
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(l) => {
+                on_line(&l);
+                console.push_str(&l);
+                console.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    // The guest powered off (QEMU exits) or time is up.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    QemuRun { console, stderr, status, secs: start.elapsed().as_secs_f64() }
+}
+
+/// A back-end thread serving `connections` frontends in turn on `socket`,
+/// handing the test a clone of each connection (to cut it, as a back-end
+/// that dies would).
+pub fn backend_with_cut(
+    socket: &std::path::Path,
+    device: Box<dyn VirtioDevice>,
+    connections: usize,
+) -> (JoinHandle<Option<Box<dyn VirtioDevice>>>, std::sync::mpsc::Receiver<UnixStream>) {
+    let listener = UnixListener::bind(socket).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<UnixStream>();
+    let handle = std::thread::spawn(move || {
+        let mut dev = Some(device);
+        for _ in 0..connections {
+            let (s, _) = listener.accept().ok()?;
+            tx.send(s.try_clone().ok()?).ok()?;
+            dev = kickvm_vhost::serve(s, dev?);
+        }
+        dev
+    });
+    (handle, rx)
+}
