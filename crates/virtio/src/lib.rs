@@ -31,6 +31,7 @@ pub mod driver;
 pub mod inline;
 pub mod memory;
 pub mod net;
+pub mod options;
 pub mod queue;
 pub mod ratelimit;
 pub mod rng;

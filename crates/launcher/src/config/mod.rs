@@ -13,62 +13,20 @@ use std::path::PathBuf;
 use kickvm_virtio::ThreadingMode;
 
 pub use crate::hostfile::io_reason;
+pub use kickvm_virtio::options::{
+    parse_console, parse_disk, parse_mac, parse_net, ConsoleSpec, DiskSpec, NetSpec, OptionError, DEFAULT_MAC,
+    MAX_QUEUES, MAX_SERIAL,
+};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// vCPUs a VM may have (APIC IDs fit in 8 bits; the MADT uses one byte).
 pub const MAX_CPUS: u8 = 254;
-/// Queue pairs / queues a device may ask for.
-pub const MAX_QUEUES: u16 = 64;
-/// virtio-blk's serial number field holds 20 bytes.
-pub const MAX_SERIAL: usize = 20;
-/// The MAC of the first network card without `mac=`; the next cards count
-/// up from it.
-pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-
 /// The command line every kickvm guest gets before the user's `--cmdline`:
 /// the serial console, reset through the keyboard controller (the only
 /// reset path that needs no firmware), reboot on panic, and no slow
 /// probing of a keyboard controller that is only there to reset the VM.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetSpec {
-    pub tap: String,
-    pub mac: Option<[u8; 6]>,
-    pub queues: u16,
-}
-
-impl NetSpec {
-    /// The card's MAC: `mac=`, or for card `index` (0-based) without one,
-    /// [`DEFAULT_MAC`] + `index` (carrying into the higher bytes).
-    pub fn mac_or_default(&self, index: usize) -> [u8; 6] {
-        self.mac.unwrap_or_else(|| {
-            let base = DEFAULT_MAC.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
-            let n = base.wrapping_add(index as u64).to_be_bytes();
-            [n[2], n[3], n[4], n[5], n[6], n[7]]
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    pub path: PathBuf,
-    pub readonly: bool,
-    pub serial: Option<String>,
-    pub queues: u16,
-}
-
-/// Where virtio-console (`hvc0`) is connected.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum ConsoleSpec {
-    Stdio,
-    Pty,
-    Socket(PathBuf),
-    File(PathBuf),
-    #[default]
-    None,
-}
 
 /// Everything needed to build (and, on reboot, rebuild) one VM.
 #[derive(Debug, Clone)]
@@ -100,6 +58,12 @@ pub struct VmConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+impl From<OptionError> for ConfigError {
+    fn from(e: OptionError) -> Self {
+        ConfigError(e.0)
+    }
+}
+
 pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
@@ -122,137 +86,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1 << shift).ok_or_else(|| ConfigError(format!("size `{s}` is too large")))
 }
 
-/// Splits `a=1,b=2` into pairs; a bare word becomes `(word, "")`. A key
-/// given twice is refused (`option` names the option in the message):
-/// which one should win would be a guess.
-fn pairs<'a>(option: &str, s: &'a str) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
-    let v: Vec<(&str, &str)> =
-        s.split(',').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))).collect();
-    for (i, (k, _)) in v.iter().enumerate() {
-        if v[..i].iter().any(|(earlier, _)| earlier == k) {
-            return err(format!("{option} {s}: `{k}` is given twice"));
-        }
-    }
-    Ok(v)
-}
-
 /// `--cpus N`.
 pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
     match s.trim().parse::<u8>() {
         Ok(n) if (1..=MAX_CPUS).contains(&n) => Ok(n),
         _ => err(format!("--cpus {s}: use a number from 1 to {MAX_CPUS}")),
     }
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
-    match v {
-        "on" | "true" | "yes" | "1" | "" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => err(format!("{key}={v}: use on or off")),
-    }
-}
-
-fn parse_queues(v: &str) -> Result<u16, ConfigError> {
-    match v.parse::<u16>() {
-        Ok(n) if (1..=MAX_QUEUES).contains(&n) => Ok(n),
-        _ => err(format!("queues={v}: use a number from 1 to {MAX_QUEUES}")),
-    }
-}
-
-/// Parses a MAC address `52:54:00:12:34:56`: six bytes of two hex digits,
-/// unicast, not all zero (what Linux accepts as a device address).
-pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return err(format!("mac={s}: use six hex bytes like 52:54:00:12:34:56"));
-    }
-    for (m, p) in mac.iter_mut().zip(parts) {
-        let two_hex = p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit());
-        *m = match u8::from_str_radix(p, 16) {
-            Ok(v) if two_hex => v,
-            _ => return err(format!("mac={s}: `{p}` is not a byte of two hex digits")),
-        };
-    }
-    if mac[0] & 1 != 0 {
-        return err(format!("mac={s} is a multicast address; the first byte must be even"));
-    }
-    if mac == [0; 6] {
-        return err(format!("mac={s} is the all-zero address, which no card may have"));
-    }
-    Ok(mac)
-}
-
-/// A network interface name the kernel takes as it is (`dev_valid_name`),
-/// and without `%`, which TUNSETIFF would replace with a number.
-fn check_ifname(name: &str) -> Result<(), ConfigError> {
-    if name.len() >= libc::IFNAMSIZ {
-        return err(format!("--net tap={name}: interface names are at most {} bytes", libc::IFNAMSIZ - 1));
-    }
-    let bad = name.chars().find(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace() || c.is_control());
-    if name == "." || name == ".." || bad.is_some() {
-        return err(format!(
-            "--net tap={name}: not a usable interface name (no `/`, `:`, `%`, spaces, and not . or ..)"
-        ));
-    }
-    Ok(())
-}
-
-/// `--net tap=NAME[,mac=MAC][,queues=N]`
-pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
-    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1 };
-    for (k, v) in pairs("--net", s)? {
-        match k {
-            "tap" => spec.tap = v.to_string(),
-            "mac" => spec.mac = Some(parse_mac(v)?),
-            "queues" => spec.queues = parse_queues(v)?,
-            _ => return err(format!("--net: unknown option `{k}` (use tap=NAME,mac=MAC,queues=N)")),
-        }
-    }
-    if spec.tap.is_empty() {
-        return err("--net needs tap=NAME (the host TAP interface)");
-    }
-    check_ifname(&spec.tap)?;
-    Ok(spec)
-}
-
-/// `--disk path=FILE[,readonly=on][,serial=ID][,queues=N]`
-pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
-    let mut spec = DiskSpec { path: PathBuf::new(), readonly: false, serial: None, queues: 1 };
-    let pairs = pairs("--disk", s)?;
-    if pairs.iter().any(|(k, _)| *k == "ro") && pairs.iter().any(|(k, _)| *k == "readonly") {
-        return err(format!("--disk {s}: give readonly= once"));
-    }
-    for (k, v) in pairs {
-        match k {
-            "path" => spec.path = PathBuf::from(v),
-            "readonly" | "ro" => spec.readonly = parse_bool(k, v)?,
-            "serial" => {
-                if v.len() > MAX_SERIAL {
-                    return err(format!("--disk serial={v}: at most {MAX_SERIAL} bytes"));
-                }
-                spec.serial = Some(v.to_string());
-            }
-            "queues" => spec.queues = parse_queues(v)?,
-            _ => return err(format!("--disk: unknown option `{k}` (use path=FILE,readonly=on,serial=ID,queues=N)")),
-        }
-    }
-    if spec.path.as_os_str().is_empty() {
-        return err("--disk needs path=FILE");
-    }
-    Ok(spec)
-}
-
-/// `--console stdio|pty|socket=PATH|file=PATH|none`
-pub fn parse_console(s: &str) -> Result<ConsoleSpec, ConfigError> {
-    Ok(match s.split_once('=') {
-        None if s == "stdio" => ConsoleSpec::Stdio,
-        None if s == "pty" => ConsoleSpec::Pty,
-        None if s == "none" => ConsoleSpec::None,
-        Some(("socket", p)) if !p.is_empty() => ConsoleSpec::Socket(p.into()),
-        Some(("file", p)) if !p.is_empty() => ConsoleSpec::File(p.into()),
-        _ => return err(format!("--console {s}: use stdio, pty, socket=PATH, file=PATH or none")),
-    })
 }
 
 /// Joins the default command line and the user's additions.

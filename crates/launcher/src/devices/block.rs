@@ -6,7 +6,7 @@ use std::path::Path;
 use super::{DeviceError, DeviceKind};
 use crate::config::{err, ConfigError, DiskSpec, VmConfig};
 use crate::hostfile::{self, io_reason, Accept};
-use kickvm_virtio::block::{Block, BlockConfig};
+use kickvm_virtio::block::Block;
 use kickvm_virtio::VirtioDevice;
 
 /// virtio-blk's sector.
@@ -25,14 +25,7 @@ impl DeviceKind for Disks {
     }
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         for (i, d) in cfg.disks.iter().enumerate() {
-            let bc = BlockConfig {
-                path: d.path.clone(),
-                readonly: d.readonly,
-                serial: d.serial.clone(),
-                num_queues: d.queues,
-                direct: false,
-            };
-            out.push(Box::new(Block::new(&format!("blk{i}"), bc)?));
+            out.push(Box::new(Block::new(&format!("blk{i}"), d.block_config())?));
         }
         Ok(())
     }

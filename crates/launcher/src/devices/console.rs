@@ -9,7 +9,7 @@ use super::{DeviceError, DeviceKind};
 use crate::config::validate::{access, check_char_device, check_new_file_dir, MAX_SOCKET_PATH};
 use crate::config::{err, ConfigError, ConsoleSpec, VmConfig};
 use crate::hostfile::{describe, io_reason};
-use kickvm_virtio::console::{Backend, Console};
+use kickvm_virtio::console::Console;
 use kickvm_virtio::VirtioDevice;
 
 pub struct Consoles;
@@ -22,13 +22,7 @@ impl DeviceKind for Consoles {
         check_console(&cfg.console)
     }
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
-        let backend = match &cfg.console {
-            ConsoleSpec::None => return Ok(()),
-            ConsoleSpec::Stdio => Backend::Stdio,
-            ConsoleSpec::Pty => Backend::Pty,
-            ConsoleSpec::Socket(p) => Backend::Socket(p.clone()),
-            ConsoleSpec::File(p) => Backend::File(p.clone()),
-        };
+        let Some(backend) = cfg.console.backend() else { return Ok(()) };
         let c = Console::new("console0", backend).map_err(|source| DeviceError::Open { what: "virtio-console", source })?;
         if let Some(p) = c.pty_path() {
             announce_pty(p);

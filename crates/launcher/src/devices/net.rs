@@ -5,7 +5,7 @@ use std::path::Path;
 use super::{DeviceError, DeviceKind};
 use crate::config::validate::check_char_device;
 use crate::config::{err, ConfigError, NetSpec, VmConfig};
-use kickvm_virtio::net::{NetConfig, NetDevice};
+use kickvm_virtio::net::NetDevice;
 use kickvm_virtio::VirtioDevice;
 
 /// Where Linux lists network interfaces, and the TUN/TAP flag bits it
@@ -27,13 +27,7 @@ impl DeviceKind for Nets {
     /// Without `mac=`, cards get 52:54:00:12:34:56, :57, ... in order.
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         for (i, spec) in cfg.nets.iter().enumerate() {
-            let nc = NetConfig {
-                name: format!("net{i}"),
-                tap: spec.tap.clone(),
-                mac: spec.mac_or_default(i),
-                queue_pairs: spec.queues,
-                mtu: None,
-            };
+            let nc = spec.net_config(&format!("net{i}"), i);
             let dev = NetDevice::new(nc).map_err(|source| DeviceError::Tap { tap: spec.tap.clone(), source })?;
             out.push(Box::new(dev));
         }
