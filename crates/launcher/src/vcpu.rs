@@ -216,7 +216,7 @@ pub const SYSCALLS: &[i64] = &[
 /// Installs the vCPU filter on the calling thread.
 pub fn sandbox(mode: SeccompMode) -> Result<(), kickvm_virtio::seccomp::SeccompError> {
     let mut lists: Vec<&[i64]> = vec![SYSCALLS, seccomp::QUEUE_THREAD];
-    lists.extend_from_slice(seccomp::ALL_WORKERS);
+    lists.extend(crate::devices::KINDS.iter().map(|k| k.syscalls()));
     seccomp::apply("vcpu", &lists, mode)
 }
 

@@ -2,8 +2,8 @@
 //! itself once its set-up is done: a thread serving the guest can make
 //! only the system calls its job needs. The lists live next to the code
 //! that spawns each kind of thread (queue threads: [`QUEUE_THREAD`] here and
-//! each worker's [`crate::QueueWorker::syscalls`]; vCPUs, stdin and main in
-//! the launcher); this module holds what they share.
+//! each device's `SYSCALLS` in its `mod.rs`; vCPUs, stdin and main in the
+//! launcher); this module holds what they share.
 //!
 //! A refused call fails with `EPERM` (`--seccomp on`), so a thread that
 //! needed it reports an error rather than killing the VM; `log` allows it
@@ -91,16 +91,6 @@ pub const RUNTIME: &[i64] = &[
 /// read its kick eventfd, write its call eventfd, poll (shared-thread
 /// modes), close what a worker drops.
 pub const QUEUE_THREAD: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll, libc::SYS_close];
-
-/// Every call any device worker of this crate may make: what a thread that
-/// starts queue threads (a vCPU setting DRIVER_OK) must be allowed, since
-/// a new thread inherits its creator's filter before adding its own.
-pub const ALL_WORKERS: &[&[i64]] = &[
-    crate::block::SYSCALLS,
-    crate::net::SYSCALLS,
-    crate::console::SYSCALLS,
-    crate::rng::SYSCALLS,
-];
 
 /// Installs on the calling thread a filter allowing [`RUNTIME`] and the
 /// calls in `lists`. `kind` names the thread kind in errors.

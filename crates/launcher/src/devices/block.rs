@@ -17,6 +17,9 @@ const BLKROGET: libc::c_ulong = 0x125e;
 pub struct Disks;
 
 impl DeviceKind for Disks {
+    fn syscalls(&self) -> &'static [i64] {
+        kickvm_virtio::block::SYSCALLS
+    }
     fn count(&self, cfg: &VmConfig) -> usize {
         cfg.disks.len()
     }

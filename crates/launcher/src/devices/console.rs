@@ -15,6 +15,9 @@ use kickvm_virtio::VirtioDevice;
 pub struct Consoles;
 
 impl DeviceKind for Consoles {
+    fn syscalls(&self) -> &'static [i64] {
+        kickvm_virtio::console::SYSCALLS
+    }
     fn count(&self, cfg: &VmConfig) -> usize {
         usize::from(cfg.console != ConsoleSpec::None)
     }

@@ -40,6 +40,10 @@ pub trait DeviceKind: Sync {
     /// Checks this kind's options against the host: one clear line per
     /// mistake, nothing created.
     fn check(&self, cfg: &VmConfig) -> Result<(), ConfigError>;
+    /// System calls this kind's queue threads make beyond a queue thread's
+    /// own: the device's `SYSCALLS` (a vCPU, which starts queue threads,
+    /// must be allowed them too).
+    fn syscalls(&self) -> &'static [i64];
     /// Builds this kind's devices (opening their backends), in order.
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError>;
 }

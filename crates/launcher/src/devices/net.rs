@@ -18,6 +18,9 @@ const TUN_DEVICE: &str = "/dev/net/tun";
 pub struct Nets;
 
 impl DeviceKind for Nets {
+    fn syscalls(&self) -> &'static [i64] {
+        kickvm_virtio::net::SYSCALLS
+    }
     fn count(&self, cfg: &VmConfig) -> usize {
         cfg.nets.len()
     }

@@ -13,6 +13,9 @@ const ENTROPY_SOURCE: &str = "/dev/urandom";
 pub struct Rngs;
 
 impl DeviceKind for Rngs {
+    fn syscalls(&self) -> &'static [i64] {
+        kickvm_virtio::rng::SYSCALLS
+    }
     fn count(&self, cfg: &VmConfig) -> usize {
         usize::from(cfg.rng)
     }
