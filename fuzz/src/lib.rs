@@ -7,6 +7,8 @@
 //! | `bzimage` | [`bz`] | kernel loader: setup header, initrd placement, boot structures |
 //! | `cli` | [`cli`] | `kickvm run` argv → clap → `VmConfig` → `validate`; each option parser |
 //! | `virtio_pci` | [`vpci`] | PCI config space, ECAM, BAR0, MSI-X, queues, resets, with real devices |
+//! | `chain` | [`chain`] | the descriptor chain walker over arbitrary memory, tables and indirect tables |
+//! | `devices` | [`devices`] | blk, net, console, rng request handling, served inline, with resets |
 //!
 //! Shared pieces for targets to come (the chain walker, per-device
 //! request handling): [`guest`] (guest memory layouts, split rings,
@@ -19,8 +21,10 @@
 //! `fuzz/seeds/`.
 
 pub mod bz;
+pub mod chain;
 pub mod checks;
 pub mod cli;
+pub mod devices;
 pub mod enc;
 pub mod fake_kvm;
 pub mod guest;
@@ -28,7 +32,7 @@ pub mod seeds;
 pub mod vpci;
 
 /// Every target name, in `scripts/fuzz.sh` order.
-pub const TARGETS: [&str; 3] = ["bzimage", "cli", "virtio_pci"];
+pub const TARGETS: [&str; 5] = ["bzimage", "cli", "virtio_pci", "chain", "devices"];
 
 #[cfg(test)]
 mod tests {
@@ -61,6 +65,12 @@ mod tests {
         for (name, v) in seeds::virtio_pci() {
             round_trip(name, &v, &v.to_bytes());
         }
+        for (name, v) in seeds::chain() {
+            round_trip(name, &v, &v.to_bytes());
+        }
+        for (name, v) in seeds::device_requests() {
+            round_trip(name, &v, &v.to_bytes());
+        }
     }
 
     #[test]
@@ -74,6 +84,12 @@ mod tests {
         }
         for (_, v) in seeds::virtio_pci() {
             vpci::run(&v);
+        }
+        for (_, v) in seeds::chain() {
+            chain::run(&v);
+        }
+        for (_, v) in seeds::device_requests() {
+            devices::run(&v);
         }
     }
 
@@ -111,6 +127,8 @@ mod tests {
             ("bzimage", seeds::bzimage().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("cli", seeds::cli().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("virtio_pci", seeds::virtio_pci().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
+            ("chain", seeds::chain().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
+            ("devices", seeds::device_requests().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
         ];
         for (target, files) in all {
             let dir = root.join(target);

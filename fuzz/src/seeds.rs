@@ -285,3 +285,297 @@ pub fn virtio_pci() -> Vec<(&'static str, PciInput)> {
         ])),
     ]
 }
+
+// ---- chain -----------------------------------------------------------
+
+mod chain_seeds {
+    use crate::chain::{Body, CDesc, ChainInput, DLen, Head, ITable, Link, MaxD, Place, Poke, Probe};
+    use crate::enc::Bytes;
+    use crate::guest::MemLayout;
+
+    const NEXT: u8 = 1;
+    const WRITE: u8 = 2;
+    const INDIRECT: u8 = 4;
+
+    fn d(addr: Place, len: u16, flags: u8) -> CDesc {
+        CDesc { addr, len: DLen::Small(len), flags, next: Link::Follow }
+    }
+
+    /// Header, data, status: what a block request looks like.
+    fn request(writable_data: bool) -> Vec<CDesc> {
+        let data = if writable_data { WRITE } else { 0 };
+        vec![
+            d(Place::Ram(0x2000), 16, NEXT),
+            d(Place::Ram(0x3000), 512, NEXT | data),
+            d(Place::Ram(0x4000), 1, WRITE),
+        ]
+    }
+
+    fn probes() -> Vec<Probe> {
+        vec![
+            Probe::Read { writable: false, offset: 0, len: 16 },
+            Probe::Read { writable: true, offset: 500, len: 64 },
+            Probe::Write { writable: true, offset: 510, data: Bytes::new([1u8, 2, 3, 4]) },
+            Probe::LastByte { writable: true },
+            Probe::Skip { writable: true, at: 512 },
+            Probe::Read { writable: true, offset: 0, len: 4 },
+            Probe::Truncate { writable: false, len: 8 },
+            Probe::Write { writable: false, offset: 4, data: Bytes::new([9u8; 8]) },
+            Probe::LastByte { writable: false },
+        ]
+    }
+
+    fn input(layout: MemLayout, size_log2: u8, max: MaxD, indirect: bool, table: Place, descs: Vec<CDesc>) -> ChainInput {
+        ChainInput {
+            layout,
+            size_log2,
+            max,
+            indirect,
+            table,
+            head: Head::In(0),
+            descs,
+            tables: Vec::new(),
+            pokes: Vec::new(),
+            probes: probes(),
+        }
+    }
+
+    /// One indirect descriptor to table 0 (placed at `at`, holding `body`).
+    fn indirect(layout: MemLayout, max: MaxD, negotiated: bool, table: Place, at: Place, body: Body) -> ChainInput {
+        let mut i = input(layout, 0, max, negotiated, table, vec![CDesc {
+            addr: Place::Table(0, 0),
+            len: DLen::Table(0, 0),
+            flags: INDIRECT,
+            next: Link::Follow,
+        }]);
+        i.tables = vec![ITable { at, body }];
+        i
+    }
+
+    fn loop_65535() -> Body {
+        Body::Loop { n: 65535, addr: Place::Ram(0x10), len: 1, write: false }
+    }
+
+    pub fn all() -> Vec<(&'static str, ChainInput)> {
+        let mut looped = request(true);
+        looped[2] = CDesc { flags: WRITE | NEXT, next: Link::Raw(0), ..looped[2] };
+        let mut high = input(MemLayout::High, 8, MaxD::QueueSize, false, Place::Region(1, 0), request(false));
+        high.descs[1].addr = Place::Region(1, 0x1000);
+        high.head = Head::Raw(0);
+        let mut top = input(MemLayout::Top, 2, MaxD::Max256, false, Place::Ram(0x1000), request(true));
+        top.descs[1] = CDesc { addr: Place::End(1, -512), ..top.descs[1] };
+        let mut past_end = input(MemLayout::Holey, 2, MaxD::Max256, false, Place::Ram(0x1000), request(true));
+        past_end.descs[1] = CDesc { addr: Place::End(0, -256), ..past_end.descs[1] };
+        let mut poked = input(MemLayout::Flat1M, 4, MaxD::Max256, true, Place::Ram(0x1000), request(false));
+        poked.pokes = vec![Poke { at: Place::Ram(0x1000 + 16 + 14), data: Bytes::new([0x40u8, 0]) }];
+        vec![
+            ("read-request", input(MemLayout::Flat1M, 3, MaxD::Max256, false, Place::Ram(0x1000), request(true))),
+            ("write-request-high-region", high),
+            ("top-region", top),
+            ("buffer-past-ram-end", past_end),
+            ("next-poked-out-of-table", poked),
+            ("loop-in-descriptor-table", input(MemLayout::Flat1M, 8, MaxD::Max256, false, Place::Ram(0x1000), looped)),
+            ("indirect", indirect(MemLayout::Flat1M, MaxD::Max256, true, Place::Ram(0x1000), Place::Ram(0x2_0000), Body::List(request(true)))),
+            ("indirect-not-negotiated", indirect(MemLayout::Flat1M, MaxD::Max256, false, Place::Ram(0x1000), Place::Ram(0x2_0000), Body::List(request(true)))),
+            ("indirect-loop-65535", indirect(MemLayout::Holey, MaxD::Raw(65535), true, Place::Region(1, 0), Place::Ram(0), loop_65535())),
+            ("indirect-loop-65535-max-256", indirect(MemLayout::Holey, MaxD::Max256, true, Place::Region(1, 0), Place::Ram(0), loop_65535())),
+            ("indirect-fill-256-loops", indirect(MemLayout::Flat1M, MaxD::Max256, true, Place::Ram(0x1000), Place::Ram(0x2_0000), Body::Fill { n: 256, desc: d(Place::Ram(0x9_0000), 4096, NEXT | WRITE) })),
+        ]
+    }
+}
+
+pub fn chain() -> Vec<(&'static str, crate::chain::ChainInput)> {
+    chain_seeds::all()
+}
+
+// ---- devices ---------------------------------------------------------
+
+mod device_seeds {
+    use crate::chain::{DLen, Link, Place};
+    use crate::devices::{DescOp, DevInput, DevKind, Leaf, Step};
+    use crate::enc::Bytes;
+    use crate::guest::MemLayout;
+
+    const ALL: u64 = u64::MAX;
+    const WRITE: u8 = 2;
+    const F_MQ: u64 = 1 << 22;
+
+    fn leaf(addr: u32, len: u16, flags: u8, data: &[u8]) -> DescOp {
+        DescOp::Leaf(Leaf { addr: Place::Ram(addr), len: DLen::Small(len), flags, next: Link::Follow, data: Bytes::new(data) })
+    }
+
+    fn activate(features: u64) -> Step {
+        Step::Activate { features, queues: 0xff, size_log2: 4, rings: Place::Ram(0x8_0000) }
+    }
+
+    fn blk_header(kind: u32, sector: u64) -> Vec<u8> {
+        let mut h = kind.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    /// Header, data (writable for reads and GET_ID), status, at `base`.
+    fn blk(queue: u8, head: u16, kind: u32, sector: u64, data: &[u8], data_len: u16, base: u32) -> Step {
+        let flags = if kind == 1 || kind == 11 || kind == 13 { 0 } else { WRITE };
+        let mut descs = vec![leaf(base, 16, 0, &blk_header(kind, sector))];
+        if data_len > 0 {
+            descs.push(leaf(base + 0x100, data_len, flags, data));
+        }
+        descs.push(leaf(base + 0x80, 1, WRITE, &[0xff]));
+        Step::Offer { queue, head, descs, publish: true }
+    }
+
+    fn one(queue: u8, head: u16, addr: u32, len: u16, flags: u8, data: &[u8]) -> Step {
+        Step::Offer { queue, head, descs: vec![leaf(addr, len, flags, data)], publish: true }
+    }
+
+    fn dev(layout: MemLayout, device: DevKind, steps: Vec<Step>) -> DevInput {
+        DevInput { layout, device, steps }
+    }
+
+    fn blk_dev(readonly: bool, queues: u8) -> DevKind {
+        DevKind::Blk { readonly, queues, sectors: 16 }
+    }
+
+    fn net_packet() -> Vec<u8> {
+        let mut p = vec![0u8; 12];
+        p.extend_from_slice(&[0xff; 6]);
+        p.extend_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x88, 0xb5]);
+        p.extend_from_slice(&[0x61; 46]);
+        p
+    }
+
+    pub fn all() -> Vec<(&'static str, DevInput)> {
+        // Discard sectors 2..4, then write-zeroes 0..16 (unmap).
+        let mut segs = Vec::new();
+        segs.extend_from_slice(&2u64.to_le_bytes());
+        segs.extend_from_slice(&2u32.to_le_bytes());
+        segs.extend_from_slice(&0u32.to_le_bytes());
+        let mut zero = Vec::new();
+        zero.extend_from_slice(&0u64.to_le_bytes());
+        zero.extend_from_slice(&16u32.to_le_bytes());
+        zero.extend_from_slice(&1u32.to_le_bytes());
+        let pkt = net_packet();
+        let rx_bufs = |queue: u8| Step::Offer {
+            queue,
+            head: 0,
+            descs: vec![leaf(0x3_0000 + 0x1000 * u32::from(queue), 2048, WRITE, &[])],
+            publish: true,
+        };
+        let ctrl = |queue: u8, head: u16, cmd: &[u8]| Step::Offer {
+            queue,
+            head,
+            descs: vec![leaf(0x2_0000 + 0x100 * u32::from(head), cmd.len() as u16, 0, cmd), leaf(0x2_0080 + 0x100 * u32::from(head), 1, WRITE, &[0xff])],
+            publish: true,
+        };
+        vec![
+            ("blk-write-read-flush-id-discard-zeroes", dev(MemLayout::Flat1M, blk_dev(false, 0), vec![
+                activate(ALL),
+                blk(0, 0, 1, 1, &[0xa5; 64], 512, 0x1_0000),
+                blk(0, 3, 0, 1, &[], 512, 0x1_1000),
+                blk(0, 6, 4, 0, &[], 0, 0x1_2000),
+                blk(0, 8, 8, 0, &[], 20, 0x1_3000),
+                Step::Serve,
+                blk(0, 11, 11, 0, &segs, 16, 0x1_4000),
+                blk(0, 14, 13, 0, &zero, 16, 0x1_5000),
+                Step::Serve,
+            ])),
+            ("blk-readonly-two-queues-reset-between", dev(MemLayout::Holey, blk_dev(true, 1), vec![
+                activate(ALL),
+                blk(0, 0, 0, 0, &[], 512, 0x1_0000),
+                blk(1, 0, 1, 0, &[1; 8], 512, 0x1_1000),
+                Step::Serve,
+                Step::Reset,
+                activate(ALL),
+                blk(1, 0, 8, 0, &[], 20, 0x1_2000),
+                Step::Serve,
+                activate(ALL),
+                activate(0),
+                blk(0, 0, 0, 15, &[], 512, 0x1_3000),
+                Step::Serve,
+            ])),
+            ("blk-indirect", dev(MemLayout::Flat1M, blk_dev(false, 0), vec![
+                activate(ALL),
+                Step::Offer { queue: 0, head: 0, publish: true, descs: vec![DescOp::Indirect {
+                    entries: vec![
+                        Leaf { addr: Place::Ram(0x1_0000), len: DLen::Small(16), flags: 0, next: Link::Follow, data: Bytes::new(blk_header(0, 0)) },
+                        Leaf { addr: Place::Ram(0x1_0100), len: DLen::Small(512), flags: WRITE, next: Link::Follow, data: Bytes::default() },
+                        Leaf { addr: Place::Ram(0x1_0080), len: DLen::Small(1), flags: WRITE, next: Link::Follow, data: Bytes::default() },
+                    ],
+                    flags: 0,
+                    len_delta: 0,
+                }] },
+                Step::Serve,
+            ])),
+            ("blk-indirect-loop-65535", dev(MemLayout::High, blk_dev(false, 0), vec![
+                Step::Activate { features: ALL, queues: 1, size_log2: 3, rings: Place::Region(1, 0) },
+                Step::Offer { queue: 0, head: 0, publish: true, descs: vec![DescOp::Loop {
+                    n: 65535, at: Place::Ram(0), addr: Place::Ram(0x10), len: 1, write: false,
+                }] },
+                Step::Serve,
+            ])),
+            ("net-tx-packet-rx-from-host", dev(MemLayout::Flat1M, DevKind::Net, vec![
+                activate(ALL),
+                one(1, 0, 0x1_0000, pkt.len() as u16, 0, &pkt),
+                rx_bufs(0),
+                Step::HostPacket { len: 100, fill: 0x42 },
+                Step::Serve,
+                Step::Serve,
+            ])),
+            ("net-ctrl-vq-pairs-set-reset-cycles", dev(MemLayout::Flat1M, DevKind::Net, vec![
+                activate(ALL),
+                ctrl(4, 0, &[4, 0, 2, 0]),
+                ctrl(4, 2, &[0, 0, 1]),
+                Step::Serve,
+                activate(ALL),
+                ctrl(4, 0, &[4, 0, 1, 0]),
+                Step::Serve,
+                Step::Reset,
+                activate(ALL & !F_MQ),
+                ctrl(2, 0, &[4, 0, 2, 0]),
+                one(3, 0, 0x1_0000, pkt.len() as u16, 0, &pkt),
+                Step::Serve,
+                activate(ALL),
+                ctrl(4, 0, &[4, 0, 2, 0]),
+                rx_bufs(2),
+                Step::HostPacket { len: 60, fill: 1 },
+                Step::Serve,
+            ])),
+            ("console-tx-rx", dev(MemLayout::Flat1M, DevKind::Console, vec![
+                activate(ALL),
+                one(1, 0, 0x2_0000, 6, 0, b"hello\n"),
+                one(0, 0, 0x2_1000, 64, WRITE, &[]),
+                Step::Serve,
+                Step::Reset,
+                activate(ALL),
+                one(1, 0, 0x2_0000, 6, 0, b"again\n"),
+                Step::Serve,
+            ])),
+            ("rng-reset-cycles-bad-rings", dev(MemLayout::Top, DevKind::Rng, vec![
+                activate(ALL),
+                one(0, 0, 0x1_0000, 64, WRITE, &[]),
+                Step::Serve,
+                Step::Reset,
+                activate(ALL),
+                activate(0),
+                Step::Activate { features: ALL, queues: 1, size_log2: 8, rings: Place::End(1, -0x100) },
+                activate(ALL),
+                one(0, 0, 0x1_0000, 4096, WRITE, &[]),
+                Step::Serve,
+            ])),
+            ("rng-avail-idx-lies", dev(MemLayout::Flat1M, DevKind::Rng, vec![
+                activate(ALL),
+                one(0, 0, 0x1_0000, 16, WRITE, &[]),
+                Step::AvailIdx { queue: 0, idx: 1000 },
+                Step::Serve,
+                Step::Poke { at: Place::Ram(0x8_1000), data: Bytes::new([0u8; 4]) },
+                Step::Serve,
+            ])),
+        ]
+    }
+}
+
+pub fn device_requests() -> Vec<(&'static str, crate::devices::DevInput)> {
+    device_seeds::all()
+}
