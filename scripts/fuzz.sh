@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FUZZ=$ROOT/fuzz
-ALL_TARGETS=(bzimage cli virtio_pci)
+ALL_TARGETS=(bzimage cli virtio_pci chain devices)
 
 usage() {
     cat <<'EOF'
@@ -30,6 +30,14 @@ Targets (all when none is named; code in fuzz/src/, one per module):
               and their queue threads behind; every access width 1..8, any
               offset, resets and DRIVER_OK in any order; checks that
               teardown stops every thread and closes every fd     (vpci.rs)
+  chain       the descriptor chain walker (chain::walk) over arbitrary
+              memory layouts, descriptor and indirect tables, queue sizes
+              1..256, INDIRECT_DESC on/off; checked against a reference
+              walk, with GuestIovecs operations on the result    (chain.rs)
+  devices     virtio-blk, -net (TAP kvfuzz0, when root), -console and
+              -rng request handling, served inline (no threads), with
+              resets and re-activations between requests; each run ends
+              with a valid request served after a reset        (devices.rs)
 
 Options:
   --smoke       A few seconds per target from the seeds (CI: scripts/test.sh),
@@ -120,6 +128,7 @@ max_len() {
     case "$1" in
         virtio_pci) echo 16384 ;;
         bzimage) echo 8192 ;;
+        devices) echo 8192 ;;
         *) echo 4096 ;;
     esac
 }

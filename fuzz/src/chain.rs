@@ -348,7 +348,7 @@ const MAX_TABLES: usize = 8;
 const MAX_LIST: usize = 1024;
 /// A walk of at most 65 535 descriptors takes milliseconds; this is a
 /// hang by any measure (libFuzzer's own limit is 1 s).
-const WALK_LIMIT: Duration = Duration::from_millis(300);
+const WALK_LIMIT: Duration = Duration::from_millis(500);
 
 /// Entries of a generated table: `n % 1024`, except the top 16 values
 /// (65 520..=65 535), taken as they are: huge tables stay possible (the
