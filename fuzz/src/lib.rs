@@ -107,6 +107,7 @@ mod tests {
             ("single-thread-mode", 2, 2),
             ("msix-mask-pba", 1, 1),
             ("notify-odd-widths", 1, 1),
+            ("console-socket-no-client", 2, 0),
         ];
         let seeds = seeds::virtio_pci();
         for (name, active, used) in want {

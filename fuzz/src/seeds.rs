@@ -5,7 +5,7 @@ use crate::bz::{BzInput, Code32, Header, Magic, Patch, Payload, Pref, Size, Syss
 use crate::cli::{Arg, CliInput, ConsoleV, Direct, Flag, Key, Kv, KvVal, MacV, PathV, SizeV, Sub, Unit, Value};
 use crate::enc::{text, Bytes};
 use crate::guest::MemLayout;
-use crate::vpci::{Addr, BlkOpts, DescOp, DeviceSet, Leaf, Len, Mode, Next, Op, PciInput, Width};
+use crate::vpci::{Addr, BlkOpts, ConsoleKind, DescOp, DeviceSet, Leaf, Len, Mode, NetOpts, Next, Op, PciInput, Rings, Width};
 
 // ---- bzimage ---------------------------------------------------------
 
@@ -173,7 +173,7 @@ fn blk_request(dev: u8, head: u16, kind: u32, sector: u64, data_len: u16, base: 
 }
 
 fn start(dev: u8, size: u16) -> Op {
-    Op::Start { dev, accept: ALL, size, msix: true }
+    Op::Start { dev, accept: ALL, size, msix: true, rings: Rings::InRam }
 }
 
 fn kick(dev: u8, queue: u16) -> Op {
@@ -185,7 +185,37 @@ fn settle() -> Op {
 }
 
 fn devices(blk: bool, console: bool, rng: bool) -> DeviceSet {
-    DeviceSet { blk: blk.then_some(BlkOpts { readonly: false, queues: 0, sectors: 16 }), console, rng }
+    DeviceSet {
+        blk: blk.then_some(BlkOpts { readonly: false, queues: 0, sectors: 16 }),
+        net: None,
+        console: console.then_some(ConsoleKind::Null),
+        rng,
+    }
+}
+
+fn net_devices(pairs: u8) -> DeviceSet {
+    DeviceSet { blk: None, net: Some(NetOpts { pairs: pairs - 1, mtu: None }), console: None, rng: false }
+}
+
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+
+/// A virtio-net tx chain: the 12-byte header, then a frame.
+fn net_tx(head: u16, base: u32) -> Op {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x88, 0xb5]);
+    frame.extend_from_slice(b"kickvm-fuzz");
+    Op::Offer { dev: 0, queue: 1, head, descs: vec![leaf(base, 12, 0, &[0; 12]), leaf(base + 0x100, frame.len() as u16, 0, &frame)] }
+}
+
+/// VIRTIO_NET_CTRL_MQ / VQ_PAIRS_SET `pairs` on the control queue `ctrl`.
+fn net_ctrl_pairs(ctrl: u16, pairs: u16, base: u32) -> Op {
+    Op::Offer {
+        dev: 0,
+        queue: ctrl,
+        head: 0,
+        descs: vec![leaf(base, 2, 0, &[4, 0]), leaf(base + 0x10, 2, 0, &pairs.to_le_bytes()), leaf(base + 0x20, 1, 2, &[0xff])],
+    }
 }
 
 fn pci(mode: Mode, devices: DeviceSet, ops: Vec<Op>) -> PciInput {
@@ -227,7 +257,7 @@ pub fn virtio_pci() -> Vec<(&'static str, PciInput)> {
         ("all-devices-reset-cycles", pci(Mode::PerDevice, devices(true, true, true), vec![
             start(0, 8), start(1, 8), start(2, 8),
             Op::Status { dev: 1, value: 0 }, start(1, 4),
-            Op::Repeat { times: 3, op: Box::new(start(2, 8)) },
+            Op::Repeat { times: 3, ops: vec![start(2, 8)] },
             Op::Status { dev: 0, value: 0 },
         ])),
         ("single-thread-mode", pci(Mode::Single, devices(true, true, true), vec![
@@ -273,6 +303,26 @@ pub fn virtio_pci() -> Vec<(&'static str, PciInput)> {
             Op::Status { dev: 0, value: 1 | 2 | 8 | 4 },
             Op::Bar { dev: 0, write: false, offset: 0x1000, width: Width::B1, value: 0 },
             Op::Status { dev: 0, value: 0 },
+        ])),
+        ("net-mq-tx-ctrl-reset-cycles", pci(Mode::PerQueue, net_devices(4), vec![
+            Op::Start { dev: 0, accept: VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ, size: 16, msix: true, rings: Rings::InRam },
+            net_ctrl_pairs(8, 4, 0x4_0000), kick(0, 8),
+            net_tx(0, 0x1_0000), kick(0, 1),
+            Op::Offer { dev: 0, queue: 0, head: 0, descs: vec![leaf(0x2_0000, 1526, 2, &[])] }, kick(0, 0),
+            Op::Repeat { times: 3, ops: vec![
+                Op::Status { dev: 0, value: 0 },
+                Op::Start { dev: 0, accept: VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ, size: 16, msix: true, rings: Rings::InRam },
+                net_ctrl_pairs(8, 2, 0x4_0000), kick(0, 8),
+            ] },
+        ])),
+        ("net-single-pair-per-device", pci(Mode::PerDevice, net_devices(1), vec![
+            start(0, 8), net_tx(0, 0x1_0000), kick(0, 1), Op::Status { dev: 0, value: 0 }, start(0, 8),
+        ])),
+        ("console-socket-no-client", pci(Mode::PerQueue, DeviceSet { blk: None, net: None, console: Some(ConsoleKind::Socket), rng: true }, vec![
+            start(0, 8),
+            Op::Offer { dev: 0, queue: 0, head: 0, descs: vec![leaf(0x2_1000, 64, 2, &[])] }, kick(0, 0),
+            Op::Offer { dev: 0, queue: 1, head: 0, descs: vec![leaf(0x2_0000, 6, 0, b"hello\n")] }, kick(0, 1),
+            Op::Status { dev: 0, value: 0 }, start(0, 8), start(1, 8),
         ])),
         ("notify-odd-widths", pci(Mode::PerQueue, devices(true, false, false), vec![
             start(0, 8),

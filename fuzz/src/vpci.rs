@@ -5,10 +5,17 @@
 //!
 //! What a run does: builds the I/O and MMIO buses, a [`kickvm::pci::PciHost`]
 //! with the fake KVM of [`crate::fake_kvm`], small anonymous guest memory
-//! and the chosen devices; finds each device's capabilities through ECAM
-//! as a driver would; runs the input's [`Op`]s; then tears everything down
-//! and checks that every queue thread stopped, every fd was closed and
-//! every irqfd/ioeventfd was detached.
+//! and the chosen devices (virtio-blk on a memfd, virtio-net on a TAP in the
+//! process's own network namespace when it may make one, virtio-console on
+//! /dev/null or on a unix socket nobody connects to, virtio-rng); finds each
+//! device's capabilities through ECAM as a driver would; runs the input's
+//! [`Op`]s; then tears everything down and checks that every queue thread
+//! stopped, every fd was closed and every irqfd/ioeventfd was detached.
+//!
+//! Checked on the way: a reset has completed when the status write returns
+//! (no queue thread runs, device_status reads 0); a device brought up the
+//! way Linux does it, with rings in RAM, is live after DRIVER_OK (not
+//! NEEDS_RESET) however often it was reset and started before.
 //!
 //! Accesses go where a vCPU exit would deliver them: port I/O to the
 //! 0xCF8/0xCFC ports on the I/O bus, memory to the MMIO bus (ECAM, BAR0 —
@@ -50,12 +57,28 @@ pub enum Mode {
 }
 
 /// Devices on the bus, in this order (slots 1, 2, ...). None at all means
-/// one rng.
+/// one rng. Net is left out where the process cannot make TAPs.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSet {
     pub blk: Option<BlkOpts>,
-    pub console: bool,
+    pub net: Option<NetOpts>,
+    pub console: Option<ConsoleKind>,
     pub rng: bool,
+}
+
+#[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
+pub struct NetOpts {
+    /// 1 + pairs % 4 queue pairs.
+    pub pairs: u8,
+    pub mtu: Option<u16>,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleKind {
+    /// Output to /dev/null, no input.
+    Null,
+    /// A unix socket no client connects to (the receive side waits in accept).
+    Socket,
 }
 
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -182,7 +205,7 @@ pub enum Op {
     /// What Linux does up to DRIVER_OK: decode on, MSI-X on with every
     /// vector programmed (or not), reset, negotiate `device & accept |
     /// VERSION_1`, every queue at `size` in guest RAM, DRIVER_OK.
-    Start { dev: u8, accept: u64, size: u16, msix: bool },
+    Start { dev: u8, accept: u64, size: u16, msix: bool, rings: Rings },
     /// Writes guest memory.
     GuestWrite { addr: Addr, data: Bytes<256> },
     /// Puts a chain at table entry `head` of queue `queue` and makes it
@@ -193,8 +216,17 @@ pub enum Op {
     Kick { dev: u8, queue: u16, width: Width },
     /// Lets the queue threads run for `micros * 4` µs.
     Settle { micros: u8 },
-    /// `op`, `times` times.
-    Repeat { times: u8, op: Box<Op> },
+    /// `ops`, `times` times.
+    Repeat { times: u8, ops: Vec<Op> },
+}
+
+/// Where [`Op::Start`] puts queue n's rings.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rings {
+    /// In RAM, each queue in its own 8 KiB.
+    InRam,
+    /// At `addr + n * 0x2000`.
+    At(Addr),
 }
 
 // ---- encoders (for the committed seeds) --------------------------------
@@ -209,9 +241,27 @@ impl Encode for BlkOpts {
         e.bool(self.readonly).u8(self.queues).u8(self.sectors);
     }
 }
+impl Encode for NetOpts {
+    fn encode(&self, e: &mut Enc) {
+        e.u8(self.pairs).option(&self.mtu);
+    }
+}
+impl Encode for ConsoleKind {
+    fn encode(&self, e: &mut Enc) {
+        e.tag(*self as u32, 2);
+    }
+}
 impl Encode for DeviceSet {
     fn encode(&self, e: &mut Enc) {
-        e.option(&self.blk).bool(self.console).bool(self.rng);
+        e.option(&self.blk).option(&self.net).option(&self.console).bool(self.rng);
+    }
+}
+impl Encode for Rings {
+    fn encode(&self, e: &mut Enc) {
+        match self {
+            Rings::InRam => e.tag(0, 2),
+            Rings::At(a) => e.tag(1, 2).put(a),
+        };
     }
 }
 impl Encode for Width {
@@ -315,12 +365,14 @@ impl Encode for Op {
                 .put(device)
                 .u16(*vector)
                 .bool(*enable),
-            Op::Start { dev, accept, size, msix } => e.tag(16, N).u8(*dev).u64(*accept).u16(*size).bool(*msix),
+            Op::Start { dev, accept, size, msix, rings } => {
+                e.tag(16, N).u8(*dev).u64(*accept).u16(*size).bool(*msix).put(rings)
+            }
             Op::GuestWrite { addr, data } => e.tag(17, N).put(addr).put(data),
             Op::Offer { dev, queue, head, descs } => e.tag(18, N).u8(*dev).u16(*queue).u16(*head).vec(descs),
             Op::Kick { dev, queue, width } => e.tag(19, N).u8(*dev).u16(*queue).put(width),
             Op::Settle { micros } => e.tag(20, N).u8(*micros),
-            Op::Repeat { times, op } => e.tag(21, N).u8(*times).put(op),
+            Op::Repeat { times, ops } => e.tag(21, N).u8(*times).vec(ops),
         };
     }
 }
@@ -336,7 +388,7 @@ impl Encode for PciInput {
 /// well under libFuzzer's 1 s timeout, so a timeout is kickvm's.
 const BUDGET: u32 = 20_000;
 /// Queues a driver here sets up per device at most.
-const MAX_QUEUES: u16 = 8;
+const MAX_QUEUES: u16 = 9;
 /// Where [`Op::Start`] puts the rings: queue n at RINGS + n * 0x2000.
 const RINGS: u64 = 0x8_0000;
 /// Scratch pages for indirect tables.
@@ -379,6 +431,7 @@ struct Dev {
 }
 
 struct Vm {
+    faults: Faults,
     pio: Bus,
     mmio: Bus,
     mem: GuestMemory,
@@ -400,6 +453,62 @@ fn disk_path() -> &'static str {
     })
 }
 
+/// The console socket's path (one per process).
+fn console_socket() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        std::env::temp_dir().join(format!("kickvm-fuzz-pci-{}.sock", std::process::id())).display().to_string()
+    })
+}
+
+/// A persistent TAP for `pairs` queue pairs (`kvpci1`: single queue,
+/// `kvpcim`: multi-queue), made once in a network namespace of the
+/// process's own, so that nothing outside sees them and they go when the
+/// process does. None where that is not allowed (not root, no
+/// /dev/net/tun): the runs then leave net out.
+fn net_tap(pairs: u16) -> Option<&'static str> {
+    static TAPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *TAPS.get_or_init(|| {
+        // The namespace is the calling thread's (libFuzzer runs inputs on
+        // the main thread), and the queue threads it spawns inherit it.
+        // SAFETY: unshare takes flags only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return false;
+        }
+        let make = |name: &str, queues: usize| {
+            kickvm_virtio::net::Tap::open(name, queues).is_ok_and(|t| t[0].set_persist(true).is_ok()) && link_up(name)
+        };
+        make("kvpci1", 1) && make("kvpcim", 4)
+    });
+    ok.then_some(if pairs > 1 { "kvpcim" } else { "kvpci1" })
+}
+
+/// Sets IFF_UP on interface `name` (a TAP that is down refuses writes).
+fn link_up(name: &str) -> bool {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _rest: [u8; 22],
+    }
+    // SAFETY: a plain socket; closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return false;
+    }
+    let mut req = IfReq { name: [0; 16], flags: 0, _rest: [0; 22] };
+    req.name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS read and write one ifreq; `s` is ours.
+    unsafe {
+        let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(s, libc::SIOCSIFFLAGS, &req) == 0
+        };
+        libc::close(s);
+        ok
+    }
+}
+
 fn build_devices(set: &DeviceSet) -> Vec<Box<dyn VirtioDevice>> {
     let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(b) = &set.blk {
@@ -417,12 +526,25 @@ fn build_devices(set: &DeviceSet) -> Vec<Box<dyn VirtioDevice>> {
         };
         out.push(Box::new(kickvm_virtio::block::Block::new("blk0", cfg).expect("virtio-blk on the fuzz disk")));
     }
-    if set.console {
-        let c = kickvm_virtio::console::Console::new(
-            "console0",
-            kickvm_virtio::console::Backend::File("/dev/null".into()),
-        )
-        .expect("virtio-console on /dev/null");
+    if let Some(n) = &set.net {
+        let pairs = 1 + u16::from(n.pairs % 4);
+        if let Some(tap) = net_tap(pairs) {
+            let cfg = kickvm_virtio::net::NetConfig {
+                name: "net0".into(),
+                tap: tap.into(),
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                queue_pairs: pairs,
+                mtu: n.mtu,
+            };
+            out.push(Box::new(kickvm_virtio::net::NetDevice::new(cfg).expect("virtio-net on the fuzz TAP")));
+        }
+    }
+    if let Some(kind) = set.console {
+        let backend = match kind {
+            ConsoleKind::Null => kickvm_virtio::console::Backend::File("/dev/null".into()),
+            ConsoleKind::Socket => kickvm_virtio::console::Backend::Socket(console_socket().into()),
+        };
+        let c = kickvm_virtio::console::Console::new("console0", backend).expect("virtio-console");
         out.push(Box::new(c));
     }
     if set.rng || out.is_empty() {
@@ -454,8 +576,9 @@ pub fn run_outcome(input: &PciInput) -> Outcome {
 fn run_inner(input: &PciInput, wait_idle: bool) -> Outcome {
     let mut outcome = Outcome::default();
     checks::log_begin();
-    // Process-lifetime fds first, so they are in the census.
+    // Process-lifetime fds and set-up first, so they are in the census.
     disk_path();
+    net_tap(1);
     let before = Census::take();
     let faults = Faults(input.faults);
     {
@@ -478,7 +601,7 @@ fn run_inner(input: &PciInput, wait_idle: bool) -> Outcome {
                 Err(e) => assert!(faults.0 & Faults::ALLOCATE_GSI != 0, "cannot add a device: {e}"),
             }
         }
-        let mut vm = Vm { pio, mmio, mem, devs, budget: BUDGET, indirect_next: 0 };
+        let mut vm = Vm { faults, pio, mmio, mem, devs, budget: BUDGET, indirect_next: 0 };
         for i in 0..vm.devs.len() {
             vm.devs[i].caps = vm.find_caps(vm.devs[i].slot);
         }
@@ -689,7 +812,11 @@ impl Vm {
     }
 
     /// Linux's bring-up of a modern virtio-pci device, to DRIVER_OK.
-    fn start(&mut self, i: usize, accept: u64, size: u16, msix: bool) {
+    fn start(&mut self, i: usize, accept: u64, size: u16, msix: bool, rings: Rings) {
+        let base = match rings {
+            Rings::InRam => RINGS,
+            Rings::At(a) => resolve(self, a),
+        };
         let (slot, caps) = (self.devs[i].slot, self.devs[i].caps);
         self.cfg_write(slot, 0x04, 2, 0x6);
         let ctrl = self.cfg_read(slot, caps.msix_cap + 2, 2);
@@ -724,7 +851,7 @@ impl Vm {
             let want = if size == 0 { max } else { size };
             let qsize = want.min(max).min(256).checked_next_power_of_two().unwrap_or(1).min(max);
             self.common_write(i, cc::QUEUE_SIZE, 2, qsize.into());
-            let ring = SplitRing::canonical(RINGS, q, qsize);
+            let ring = SplitRing::canonical(base, q, qsize);
             self.write_addr64(i, cc::QUEUE_DESC, ring.desc);
             self.write_addr64(i, cc::QUEUE_DRIVER, ring.avail);
             self.write_addr64(i, cc::QUEUE_DEVICE, ring.used);
@@ -738,6 +865,29 @@ impl Vm {
         }
         self.common_write(i, cc::MSIX_CONFIG, 2, if msix { 0 } else { 0xffff });
         self.set_status(i, 1 | 2 | 8 | 4);
+        if rings == Rings::InRam {
+            self.check_live(i);
+        }
+    }
+
+    /// After a by-the-book bring-up with rings in RAM: the device is live.
+    /// Whatever came before (resets, failed starts, garbage), a device must
+    /// survive any number of reset / re-activate cycles (issue 8, class 3).
+    fn check_live(&self, i: usize) {
+        let (placed, active) = {
+            let d = self.devs[i].pci.lock().unwrap();
+            (d.placed_at(), d.is_active())
+        };
+        // Only where the driver's writes reached this device's registers
+        // and no KVM call was made to fail.
+        if self.faults.0 != 0 || placed != Some(self.bar(i)) || self.devs[i].caps.common != 0 {
+            return;
+        }
+        let status = self.status(i);
+        assert!(
+            active && status & 0x4f == 0x0f,
+            "device {i} is not live after a by-the-book start (status {status:#x}, threads running: {active})"
+        );
     }
 
     fn leaf_desc(&self, l: &Leaf) -> Desc {
@@ -767,7 +917,7 @@ impl Vm {
             let mut d = match op {
                 DescOp::Leaf(l) => {
                     let mut d = self.leaf_desc(l);
-                    Self::chain_next(&mut d, l.next, head.wrapping_add(k as u16) % ring.size.max(1), k, n);
+                    Self::chain_next(&mut d, l.next, head % ring.size.max(1), k, n);
                     d
                 }
                 DescOp::Indirect { entries, flags, next, len_delta } => {
@@ -780,7 +930,7 @@ impl Vm {
                     }
                     let len = (16 * entries.len().min(256) as u32).wrapping_add_signed((*len_delta).into());
                     let mut d = Desc { addr: table, len, flags: *flags | guest::VIRTQ_DESC_F_INDIRECT, next: 0 };
-                    Self::chain_next(&mut d, *next, head.wrapping_add(k as u16) % ring.size.max(1), k, n);
+                    Self::chain_next(&mut d, *next, head % ring.size.max(1), k, n);
                     d
                 }
             };
@@ -972,9 +1122,9 @@ impl Vm {
                 *self.ring_mut(i, *queue) =
                     Some(SplitRing { size, desc: d, avail: a, used: u, avail_idx: 0 });
             }
-            Op::Start { dev, accept, size, msix } => {
+            Op::Start { dev, accept, size, msix, rings } => {
                 let Some(i) = self.dev(*dev) else { return true };
-                self.start(i, *accept, *size, *msix);
+                self.start(i, *accept, *size, *msix, *rings);
             }
             Op::GuestWrite { addr, data } => {
                 let a = resolve(self, *addr);
@@ -992,10 +1142,12 @@ impl Vm {
                 self.wait_used(i, *queue);
             }
             Op::Settle { micros } => std::thread::sleep(Duration::from_micros(4 * u64::from(*micros))),
-            Op::Repeat { times, op } => {
+            Op::Repeat { times, ops } => {
                 for _ in 0..*times {
-                    if !self.op(op) {
-                        return false;
+                    for op in ops {
+                        if !self.op(op) {
+                            return false;
+                        }
                     }
                 }
             }
