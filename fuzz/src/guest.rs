@@ -74,8 +74,9 @@ impl SplitRing {
     /// own 8 KiB slot at `base + n * 0x2000` (desc, avail at +0x1000,
     /// used at +0x1800; fits any size up to 256).
     pub fn canonical(base: u64, n: u16, size: u16) -> SplitRing {
-        let at = base + u64::from(n) * 0x2000;
-        SplitRing { size, desc: at, avail: at + 0x1000, used: at + 0x1800, avail_idx: 0 }
+        // Wrapping: a hostile driver may put rings at the top of the address space.
+        let at = base.wrapping_add(u64::from(n) * 0x2000);
+        SplitRing { size, desc: at, avail: at.wrapping_add(0x1000), used: at.wrapping_add(0x1800), avail_idx: 0 }
     }
 
     /// Writes descriptor `i` (the table entry, modulo the queue size).
