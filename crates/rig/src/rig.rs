@@ -354,6 +354,16 @@ struct L1End {
     exited: bool,
     /// When the command started in L1, if it did.
     started: Option<Instant>,
+    /// L1's kernel reported a soft lockup and the rig killed it.
+    lockup: bool,
+}
+
+/// True once L1's console shows its kernel stuck in one task for a minute
+/// (the watchdog's second report). Seen, rarely, with KVM in L1 running a
+/// guest under QEMU's emulated SVM: the L1 kernel never recovers, and the
+/// run would only end at the timeout.
+fn l1_kernel_locked_up(console: &str) -> bool {
+    console.matches("watchdog: BUG: soft lockup").count() >= 2
 }
 
 /// Waits for L1 to power off, killing it at `t_boot + opts.timeout`;
@@ -361,6 +371,7 @@ struct L1End {
 /// command's output as it grows.
 fn wait_for_l1(
     child: &mut std::process::Child,
+    console: &Path,
     t_boot: Instant,
     opts: &RigOptions,
     scratch: &Path,
@@ -369,7 +380,18 @@ fn wait_for_l1(
 ) -> Result<L1End> {
     let deadline = t_boot + opts.timeout;
     let mut started: Option<Instant> = None;
+    let mut lockup = false;
+    let mut next_look = Instant::now();
     let exited = loop {
+        if Instant::now() >= next_look {
+            next_look = Instant::now() + Duration::from_secs(2);
+            if l1_kernel_locked_up(&fs::read_to_string(console).unwrap_or_default()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                lockup = true;
+                break false;
+            }
+        }
         if started.is_none() && scratch.join("started").exists() {
             let now = Instant::now();
             timings.boot = now - t_boot;
@@ -388,7 +410,7 @@ fn wait_for_l1(
             Err(e) => return Err(Error::new(format!("cannot wait for QEMU: {e}"))),
         }
     };
-    Ok(L1End { exited, started })
+    Ok(L1End { exited, started, lockup })
 }
 
 /// The command's exit status as L1 left it in the scratch share, or the
@@ -455,6 +477,22 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         format!("L1 image ready in {:.1} s", timings.image.as_secs_f64()),
     );
 
+    // One retry, in a fresh L1, when L1's own kernel locks up: that is the
+    // emulation stack failing, not the command.
+    for attempt in 1..=2 {
+        if let Some(out) = attempt_in_l1(cmd, opts, &l1, &mut timings)? {
+            return Ok(out);
+        }
+        report(
+            opts,
+            format!("L1's kernel locked up (soft lockup in its console, attempt {attempt} of 2); L1 was killed"),
+        );
+    }
+    Err(Error::new("L1's kernel locked up twice running the command (soft lockups in its console); see the rig's console log"))
+}
+
+/// Boots one L1 and runs `cmd` in it; `None` if L1's kernel locked up.
+fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timings: &mut Timings) -> Result<Option<RigOutput>> {
     let files = RunFiles::create()?;
     let cwd = std::env::current_dir()
         .map_err(|e| Error::new(format!("cannot read the current directory: {e}")))?;
@@ -464,7 +502,7 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
     let shares = shares_for(cmd, &cwd, &opts.shares)?;
     let qemu_bin = qemu::qemu_binary();
     let shmem_thp = shmem_thp_opt_in(std::env::var(SHMEM_THP_ENV).ok().as_deref())?;
-    let mut q = l1_command(&qemu_bin, &l1, opts, &files, &shares, shmem_thp.as_deref());
+    let mut q = l1_command(&qemu_bin, l1, opts, &files, &shares, shmem_thp.as_deref());
     let log = fs::File::create(&files.qemu_log)
         .map_err(|e| Error::io("cannot create", &files.qemu_log, e))?;
     q.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
@@ -477,7 +515,10 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         out_pos: 0,
         err_pos: 0,
     };
-    let end = wait_for_l1(&mut child, t_boot, opts, &files.scratch, &mut output, &mut timings)?;
+    let end = wait_for_l1(&mut child, &files.console, t_boot, opts, &files.scratch, &mut output, timings)?;
+    if end.lockup {
+        return Ok(None);
+    }
     // Last bytes written just before L1 powered off.
     output.drain(&files.scratch, opts.stream);
     if let Some(s) = end.started {
@@ -492,12 +533,12 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         ),
     );
     let _ = fs::remove_dir_all(&files.dir);
-    Ok(RigOutput {
+    Ok(Some(RigOutput {
         status,
         stdout: output.stdout,
         stderr: output.stderr,
-        timings,
-    })
+        timings: timings.clone(),
+    }))
 }
 
 /// For a Rust test that needs a usable `/dev/kvm`: on a host where it is
@@ -584,5 +625,18 @@ mod tests {
         assert!(asked.ends_with(" kickvm.shmem_thp=advise"), "{asked}");
         let e = shmem_thp_opt_in(Some("yes please")).unwrap_err().to_string();
         assert!(e.contains("KICKVM_RIG_SHMEM_THP=yes please") && e.contains("advise"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod lockup_tests {
+    use super::l1_kernel_locked_up;
+
+    #[test]
+    fn a_lockup_is_the_watchdogs_second_report() {
+        let one = "[   36.35] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kickvm:146]\n";
+        assert!(!l1_kernel_locked_up("KICKVM-RIG-L1-START\n"));
+        assert!(!l1_kernel_locked_up(one), "one report may be a slow moment");
+        assert!(l1_kernel_locked_up(&format!("{one}{one}")));
     }
 }
