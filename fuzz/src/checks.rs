@@ -80,6 +80,11 @@ pub fn log_begin() {
 pub fn log_end() {
     let mut sites = SITES.lock().unwrap_or_else(|e| e.into_inner());
     let Some(map) = sites.as_mut() else { return };
+    if PRINT.load(Ordering::Relaxed) {
+        for (site, s) in map.iter() {
+            eprintln!("[log] {site}: {} lines this run", s.lines);
+        }
+    }
     if let Some((site, s)) = map.iter().find(|(_, s)| s.lines > log_limit()) {
         let (site, lines, first) = (site.clone(), s.lines, s.first.clone());
         map.clear();

@@ -389,6 +389,12 @@ impl Encode for PciInput {
 const BUDGET: u32 = 20_000;
 /// Queues a driver here sets up per device at most.
 const MAX_QUEUES: u16 = 9;
+/// A driver's reset (device_status = 0) returns within this, whatever the
+/// guest did before (docs/security.md measures well under 1 ms).
+const RESET_BOUND: Duration = Duration::from_millis(100);
+/// Wall-clock cap on the ops of one run (besides [`BUDGET`]), so that a
+/// timeout is kickvm's, not the input's length.
+const TIME_CAP: Duration = Duration::from_millis(300);
 /// Where [`Op::Start`] puts the rings: queue n at RINGS + n * 0x2000.
 const RINGS: u64 = 0x8_0000;
 /// Scratch pages for indirect tables.
@@ -431,6 +437,7 @@ struct Dev {
 }
 
 struct Vm {
+    started: std::time::Instant,
     faults: Faults,
     pio: Bus,
     mmio: Bus,
@@ -601,7 +608,7 @@ fn run_inner(input: &PciInput, wait_idle: bool) -> Outcome {
                 Err(e) => assert!(faults.0 & Faults::ALLOCATE_GSI != 0, "cannot add a device: {e}"),
             }
         }
-        let mut vm = Vm { faults, pio, mmio, mem, devs, budget: BUDGET, indirect_next: 0 };
+        let mut vm = Vm { started: std::time::Instant::now(), faults, pio, mmio, mem, devs, budget: BUDGET, indirect_next: 0 };
         for i in 0..vm.devs.len() {
             vm.devs[i].caps = vm.find_caps(vm.devs[i].slot);
         }
@@ -629,7 +636,15 @@ fn run_inner(input: &PciInput, wait_idle: bool) -> Outcome {
             outcome.used = used(&vm);
         }
         // Teardown: what the launcher does at poweroff.
+        let t = std::time::Instant::now();
+        let timing = std::env::var_os("KICKVM_FUZZ_TIMING").is_some();
+        if timing {
+            eprintln!("[timing] ops took {:.3} ms", vm.started.elapsed().as_secs_f64() * 1e3);
+        }
         drop(host);
+        if timing {
+            eprintln!("[timing] PciHost drop took {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
+        }
         for d in &vm.devs {
             assert!(!d.pci.lock().unwrap().is_active(), "queue threads still running after PciHost drop");
         }
@@ -638,7 +653,11 @@ fn run_inner(input: &PciInput, wait_idle: bool) -> Outcome {
         assert_eq!(ioev.attached(), 0, "ioeventfds left registered after teardown");
         assert_eq!(routing.attached(), 0, "irqfds left attached after teardown");
     }
+    let t = std::time::Instant::now();
     before.expect_back("a virtio-pci run");
+    if std::env::var_os("KICKVM_FUZZ_TIMING").is_some() {
+        eprintln!("[timing] census took {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
     checks::log_end();
     outcome
 }
@@ -672,7 +691,7 @@ impl Vm {
 
     fn charge(&mut self, cost: u32) -> bool {
         self.budget = self.budget.saturating_sub(cost);
-        self.budget > 0
+        self.budget > 0 && self.started.elapsed() < TIME_CAP
     }
 
     // -- raw accesses, as exits deliver them --
@@ -755,8 +774,14 @@ impl Vm {
     }
 
     fn set_status(&self, i: usize, s: u8) {
+        let t = std::time::Instant::now();
         self.common_write(i, cc::DEVICE_STATUS, 1, s.into());
         if s == 0 {
+            let took = t.elapsed();
+            if std::env::var_os("KICKVM_FUZZ_TIMING").is_some() {
+                eprintln!("[timing] reset of device {i} took {:.3} ms", took.as_secs_f64() * 1e3);
+            }
+            assert!(took < RESET_BOUND, "device {i}: a reset took {took:?} (bound {RESET_BOUND:?})");
             self.check_reset(i);
         }
     }
@@ -960,8 +985,8 @@ impl Vm {
     /// Runs one op; false when the run's budget is spent.
     fn op(&mut self, op: &Op) -> bool {
         let cost = match op {
-            Op::Start { .. } => 400,
-            Op::Negotiate { .. } | Op::Status { .. } => 100,
+            Op::Start { .. } => 100,
+            Op::Negotiate { .. } | Op::Status { .. } => 40,
             Op::Settle { micros } => 10 + u32::from(*micros),
             Op::Offer { descs, .. } => 4 + descs.len() as u32,
             Op::Kick { .. } => 20,
