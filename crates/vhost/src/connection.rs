@@ -269,14 +269,17 @@ impl Connection {
         let avail = translate("avail", addr.avail, 6 + 2 * size)?;
         let used = translate("used", addr.used, 6 + 8 * size)?;
         let mut queue = Queue::new(max).map_err(|e| format!("bad maximum size {max}: {e}"))?;
-        queue.set_size(v.size);
-        queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        // The `try_` setters: the plain ones log an `error!` per refusal,
+        // which a frontend could repeat without end.
+        let bad = |what: &str, e: virtio_queue::Error| format!("{what}: {e}");
+        queue.try_set_size(v.size).map_err(|e| bad("ring size", e))?;
+        queue.try_set_desc_table_address(vm_memory::GuestAddress(desc)).map_err(|e| bad("descriptor table", e))?;
+        queue.try_set_avail_ring_address(vm_memory::GuestAddress(avail)).map_err(|e| bad("avail ring", e))?;
+        queue.try_set_used_ring_address(vm_memory::GuestAddress(used)).map_err(|e| bad("used ring", e))?;
         queue.set_next_avail(v.base);
         queue.set_next_used(v.base);
         queue.set_ready(true);
-        if !queue.is_valid(mem) {
+        if !kickvm_virtio::queue::rings_fit(&queue, mem) {
             return Err(format!("size {} or ring addresses are not valid in guest memory", v.size));
         }
         Ok(QueueSetup { index: i as u16, queue, kick, call })

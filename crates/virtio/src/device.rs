@@ -148,7 +148,7 @@ pub(crate) fn jobs(
         if usize::from(s.index) >= max.len() {
             return Err(ActivateError::NoSuchQueue(s.index));
         }
-        if !s.queue.is_valid(mem) {
+        if !crate::queue::rings_fit(&s.queue, mem) {
             return Err(ActivateError::InvalidQueue(s.index));
         }
     }

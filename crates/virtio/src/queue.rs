@@ -53,6 +53,24 @@ impl DeviceEvents {
     }
 }
 
+/// True if `queue`'s three rings lie in guest memory, aligned as the spec
+/// asks, and the queue is ready: what virtio-queue's `is_valid` checks,
+/// without the `error!` line it logs for every failure (a guest may set
+/// DRIVER_OK with bad rings as often as it likes; the caller counts it and
+/// logs through a throttle).
+pub fn rings_fit(queue: &Queue, mem: &GuestMemory) -> bool {
+    use vm_memory::GuestMemoryBackend;
+    let size = u64::from(queue.size());
+    let fits = |addr: u64, len: u64, align: u64| {
+        addr % align == 0 && usize::try_from(len).is_ok_and(|len| mem.check_range(vm_memory::GuestAddress(addr), len))
+    };
+    queue.ready()
+        && size > 0
+        && fits(queue.desc_table(), 16 * size, 16)
+        && fits(queue.avail_ring(), 6 + 2 * size, 2)
+        && fits(queue.used_ring(), 6 + 8 * size, 4)
+}
+
 /// Where a stopped queue is in its rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueState {
