@@ -68,7 +68,10 @@ By hand, with the same build (release, debug assertions, ASan):
   cargo +nightly fuzz fmt virtio_pci artifacts/virtio_pci/crash-...      # decode
 Environment: KICKVM_FUZZ_LOG=1 prints the log lines a run causes;
 KICKVM_FUZZ_LOG_LIMIT=N (default 64) is how many lines one call site may
-log in one run before it counts as a log flood.
+log in one run before it counts as a log flood; KICKVM_FUZZ_LOG_IGNORE=a,b
+leaves call sites whose file:line contains a or b out of that check (to
+fuzz on past a known flood); KICKVM_FUZZ_TIMING=1 (virtio_pci) prints how
+long each reset and teardown took.
 
 Needs the nightly toolchain (rustup toolchain install nightly) and
 cargo-fuzz (installed here with `cargo install cargo-fuzz --locked` if
@@ -137,6 +140,21 @@ is_open() { # regression file (relative to fuzz/regressions) listed in OPEN?
     [ -f "$FUZZ/regressions/OPEN" ] && grep -qxF "$1" <(sed 's/[[:space:]]*#.*//; /^$/d' "$FUZZ/regressions/OPEN")
 }
 
+# What an input does, in one line: the panic or sanitizer report of a
+# replay (up to 3 tries: some findings depend on timing).
+cause() {
+    local out
+    for _ in 1 2 3; do
+        out=$("$1" -timeout=1 -rss_limit_mb=1024 "$2" 2>&1 || true)
+        if grep -qaE "panicked at|ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer)" <<<"$out"; then
+            { grep -aE -A1 "panicked at" <<<"$out" | sed -n 2p; grep -aoE "ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer): .*" <<<"$out" | head -1; } \
+                | head -1 | cut -c1-240
+            return
+        fi
+    done
+    echo "did not reproduce in 3 replays (timing-dependent; see the fuzzer log)"
+}
+
 FAILED=()
 SUMMARY=()
 for t in "${TARGETS[@]}"; do
@@ -198,8 +216,9 @@ for t in "${TARGETS[@]}"; do
         say "$t: $kind (exit $rc)"
         grep -aE "panicked at|^thread '.*' .*panicked" -A2 "$log" | head -6 >&2 || true
         for a in $found; do
-            say "$t: found fuzz/artifacts/$t/$a"
-            FAILED+=("$t: fuzz/artifacts/$t/$a")
+            why=$(cause "$bin" "$artifacts/$a")
+            say "$t: found fuzz/artifacts/$t/$a: $why"
+            FAILED+=("$t: fuzz/artifacts/$t/$a: $why")
         done
         [ -n "$found" ] || FAILED+=("$t: exit $rc, see $log")
     fi

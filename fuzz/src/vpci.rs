@@ -390,8 +390,10 @@ const BUDGET: u32 = 20_000;
 /// Queues a driver here sets up per device at most.
 const MAX_QUEUES: u16 = 9;
 /// A driver's reset (device_status = 0) returns within this, whatever the
-/// guest did before (docs/security.md measures well under 1 ms).
-const RESET_BOUND: Duration = Duration::from_millis(100);
+/// guest did before (the bound the virtio tests use; docs/security.md
+/// measures under 1 ms for blk and console, this target ~4 ms for a
+/// 4-pair net device and up to ~30 ms under load).
+const RESET_BOUND: Duration = Duration::from_millis(500);
 /// Wall-clock cap on the ops of one run (besides [`BUDGET`]), so that a
 /// timeout is kickvm's, not the input's length.
 const TIME_CAP: Duration = Duration::from_millis(300);
