@@ -207,7 +207,9 @@ for t in "${TARGETS[@]}"; do
     [ -n "$rss" ] || rss=$(sed -nE 's/.*rss: ([0-9]+)Mb.*/\1/p' <<<"$last")
     cov=$(sed -nE 's/.*cov: ([0-9]+).*/\1/p' <<<"$last")
     ft=$(sed -nE 's/.*ft: ([0-9]+).*/\1/p' <<<"$last")
-    corp=$(sed -nE 's/.*corp: ([0-9]+)\/.*/\1/p' <<<"$last")
+    corp=$(sed -nE 's/.*corp: ([0-9]+).*/\1/p' <<<"$last")
+    # -fork=1 prints no final stats: the average from the last line's count.
+    [ -n "$eps" ] || { [ -n "$execs" ] && eps=$((execs / SECS)); }
 
     result=ok
     if [ $rc -ne 0 ] || [ -n "$found" ]; then
