@@ -476,20 +476,24 @@ fn console_socket() -> &'static str {
 /// process does. None where that is not allowed (not root, no
 /// /dev/net/tun): the runs then leave net out.
 fn net_tap(pairs: u16) -> Option<&'static str> {
-    static TAPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *TAPS.get_or_init(|| {
+    use std::os::unix::fs::MetadataExt;
+    let netns = || std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).ok();
+    static TAPS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let ns = *TAPS.get_or_init(|| {
         // The namespace is the calling thread's (libFuzzer runs inputs on
         // the main thread), and the queue threads it spawns inherit it.
         // SAFETY: unshare takes flags only.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return false;
+            return None;
         }
         let make = |name: &str, queues: usize| {
             kickvm_virtio::net::Tap::open(name, queues).is_ok_and(|t| t[0].set_persist(true).is_ok()) && link_up(name)
         };
-        make("kvpci1", 1) && make("kvpcim", 4)
+        (make("kvpci1", 1) && make("kvpcim", 4)).then(netns).flatten()
     });
-    ok.then_some(if pairs > 1 { "kvpcim" } else { "kvpci1" })
+    // Only from the thread that made them (a test harness runs each test
+    // on a new thread, outside that namespace: no TAPs made there).
+    (ns.is_some() && ns == netns()).then_some(if pairs > 1 { "kvpcim" } else { "kvpci1" })
 }
 
 /// Sets IFF_UP on interface `name` (a TAP that is down refuses writes).
