@@ -62,7 +62,7 @@ pub fn rings_fit(queue: &Queue, mem: &GuestMemory) -> bool {
     use vm_memory::GuestMemoryBackend;
     let size = u64::from(queue.size());
     let fits = |addr: u64, len: u64, align: u64| {
-        addr % align == 0 && usize::try_from(len).is_ok_and(|len| mem.check_range(vm_memory::GuestAddress(addr), len))
+        addr.is_multiple_of(align) && usize::try_from(len).is_ok_and(|len| mem.check_range(vm_memory::GuestAddress(addr), len))
     };
     queue.ready()
         && size > 0
