@@ -26,6 +26,10 @@ Examples:
              --disk path=root.img,serial=root --disk path=data.img,readonly=on \\
              --net tap=tap0,mac=52:54:00:12:34:56,queues=2 --rng
 
+  # An uncompressed kernel, entered at its PVH entry point (no decompression;
+  # `kickvm-rig image --print-vmlinux` gives the test guest's):
+  kickvm run --kernel vmlinux --initrd initramfs
+
   # virtio-console (hvc0) on this terminal instead of the serial port:
   kickvm run --kernel bzImage --initrd initramfs --console stdio --cmdline console=hvc0
 
@@ -58,9 +62,12 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Kernel to boot (a bzImage, e.g. /boot/vmlinuz-*). Default: the
-    /// project's test guest image (built from Debian packages on first use).
-    #[arg(long, value_name = "BZIMAGE")]
+    /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*), or an
+    /// uncompressed ELF vmlinux with a PVH entry point (CONFIG_PVH=y), which
+    /// starts faster since nothing is decompressed in the guest; told apart
+    /// by the file's first bytes. Default: the project's test guest image
+    /// (built from Debian packages on first use).
+    #[arg(long, value_name = "BZIMAGE|VMLINUX")]
     pub kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) for the kernel.
     #[arg(long, value_name = "FILE")]

@@ -13,6 +13,11 @@
 /// Boot structures in low memory.
 pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH boot (an ELF vmlinux): the `hvm_start_info` (`%ebx` at entry), its
+/// memory map and its module list, in the page below the zero page's.
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+pub const PVH_MODLIST_START: u64 = 0x6400;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
@@ -24,7 +29,8 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const RSDP_START: u64 = 0xe0000;
 pub const ACPI_TABLES_START: u64 = 0xe0100;
 pub const EBDA_START: u64 = 0x9fc00;
-/// Where the kernel is loaded (bzImage protected-mode part).
+/// Where the kernel is loaded (bzImage protected-mode part); an ELF
+/// vmlinux's segments may not start below it.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 
 /// RAM ends here at the latest below 4 GiB.

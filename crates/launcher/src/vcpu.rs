@@ -1,7 +1,8 @@
 //! vCPUs: their initial state, and the thread (`vcpu<N>`) that runs each
 //! one and answers its port I/O and MMIO exits from the shared buses.
 //!
-//! vCPU 0 starts in 64-bit long mode at the kernel's 64-bit entry point.
+//! vCPU 0 starts in 64-bit long mode at a bzImage's 64-bit entry point, or
+//! in 32-bit protected mode at a vmlinux's PVH entry point.
 //! The others wait for INIT/SIPI, which KVM's in-kernel local APIC handles
 //! (their MP state starts as "uninitialized"); their threads block in
 //! `KVM_RUN` until the guest wakes them.
@@ -15,7 +16,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use kickvm_virtio::ratelimit::Throttle;
 use kickvm_virtio::seccomp::{self, SeccompMode};
 
-use crate::boot::gdt;
+use crate::boot::{gdt, Entry};
 use crate::bus::Bus;
 use crate::layout;
 use crate::platform::{Control, Exit};
@@ -118,14 +119,19 @@ fn set_lvt_mode(regs: &mut [libc::c_char], reg: usize, mode: u32) {
     }
 }
 
-/// Puts the boot vCPU in 64-bit mode at `entry` with the boot GDT, the
-/// identity page tables and `rsi` pointing at the zero page.
-pub fn set_boot_state(vcpu: &VcpuFd, entry: u64) -> Result<(), VcpuError> {
+/// Puts the boot vCPU where `entry` says the kernel starts: in 64-bit mode
+/// with the boot GDT, the identity page tables and `rsi` pointing at the
+/// zero page, or (PVH) in flat 32-bit protected mode, paging off, with
+/// `rbx` pointing at the `hvm_start_info`.
+pub fn set_boot_state(vcpu: &VcpuFd, entry: Entry) -> Result<(), VcpuError> {
     let err = |what, err| VcpuError::Setup { id: 0, what, err };
     let mut sregs = vcpu.get_sregs().map_err(|e| err("segment registers", e))?;
-    let code = gdt::segment(gdt::CODE_INDEX);
+    let code = match entry {
+        Entry::Linux64(_) => gdt::CODE_INDEX,
+        Entry::Pvh32(_) => gdt::CODE32_INDEX,
+    };
     let data = gdt::segment(gdt::DATA_INDEX);
-    sregs.cs = code;
+    sregs.cs = gdt::segment(code);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -136,20 +142,28 @@ pub fn set_boot_state(vcpu: &VcpuFd, entry: u64) -> Result<(), VcpuError> {
     sregs.gdt.limit = (gdt::GDT.len() * 8 - 1) as u16;
     sregs.idt.base = layout::BOOT_IDT_START;
     sregs.idt.limit = 7;
-    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-    sregs.cr3 = layout::PML4_START;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
+    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
+    match entry {
+        Entry::Linux64(rip) => {
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+            sregs.cr3 = layout::PML4_START;
+            sregs.cr4 = CR4_PAE;
+            sregs.efer = EFER_LME | EFER_LMA;
+            regs.rip = rip;
+            regs.rsp = layout::BOOT_STACK_POINTER;
+            regs.rbp = layout::BOOT_STACK_POINTER;
+            regs.rsi = layout::ZERO_PAGE_START;
+        }
+        Entry::Pvh32(eip) => {
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_NE;
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rip = eip;
+            regs.rbx = layout::PVH_INFO_START;
+        }
+    }
     vcpu.set_sregs(&sregs).map_err(|e| err("segment registers", e))?;
-
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: layout::BOOT_STACK_POINTER,
-        rbp: layout::BOOT_STACK_POINTER,
-        rsi: layout::ZERO_PAGE_START,
-        ..Default::default()
-    };
     vcpu.set_regs(&regs).map_err(|e| err("registers", e))?;
     Ok(())
 }

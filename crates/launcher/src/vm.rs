@@ -16,7 +16,7 @@ use kickvm_virtio::Runtime;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig};
-use crate::boot::{self, BootError};
+use crate::boot::{self, BootError, BootImage};
 use crate::bus::Bus;
 use crate::config::{io_reason, VmConfig};
 use crate::cpuid;
@@ -189,7 +189,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     if chatty {
         log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     }
-    let vcpus = start_vcpus(kvm, &vm, cfg, kernel.entry, &pio, &mmio, &control)?;
+    let vcpus = start_vcpus(kvm, &vm, cfg, kernel.entry(), &pio, &mmio, &control)?;
     if chatty {
         log::info!("VM set up in {:.1} ms", ms());
     }
@@ -229,7 +229,7 @@ pub(crate) fn report_guest_errors(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) 
     throttles::report();
 }
 
-type Loaded = (boot::KernelImage, Option<(u64, u64)>);
+type Loaded = (boot::Kernel, Option<(u64, u64)>);
 
 /// Starts loading the kernel and initramfs into `ram` on a thread of its own.
 fn spawn_loader(
@@ -243,7 +243,7 @@ fn spawn_loader(
     std::thread::Builder::new()
         .name("kickvm-load".into())
         .spawn(move || {
-            let kernel = boot::load_kernel(&mem, &kernel, low_end)?;
+            let kernel = boot::load(&mem, &kernel, low_end)?;
             let initrd = match &initrd {
                 Some(p) => Some(boot::load_initrd(&mem, p, low_end, &kernel)?),
                 None => None,
@@ -299,7 +299,7 @@ fn start_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
     cfg: &VmConfig,
-    entry: u64,
+    entry: boot::Entry,
     pio: &Bus,
     mmio: &Bus,
     control: &Arc<Control>,

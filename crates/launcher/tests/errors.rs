@@ -98,8 +98,10 @@ fn kernel_that_is_not_a_bzimage() {
         return;
     }
     let dir = scratch("notbz");
-    let k = write(&dir, "vmlinux", b"\x7fELF this is not a bzImage, it is not anything");
+    let k = write(&dir, "zImage", b"MZ this is not a bzImage, it is not anything");
     fails_with(&["--kernel", k.to_str().unwrap(), "--allow-slow-kvm", "--memory", "16M"], &["is not a bzImage"]);
+    let k = write(&dir, "vmlinux", b"\x7fELF this is not a vmlinux, it is not anything");
+    fails_with(&["--kernel", k.to_str().unwrap(), "--allow-slow-kvm", "--memory", "16M"], &["too short for an ELF header"]);
 }
 
 #[test]
@@ -169,8 +171,8 @@ fn kernel_that_is_not_a_file() {
     refused_early(&["--kernel", s(&e)], &["is empty"]);
     let t = write(&dir, "tiny", b"tiny");
     refused_early(&["--kernel", s(&t)], &["is not a bzImage (only 4 bytes"]);
-    let elf = write(&dir, "vmlinux", &[0x7f; 4096]);
-    refused_early(&["--kernel", s(&elf)], &["is not a bzImage (no \"HdrS\""]);
+    let junk = write(&dir, "junk", &[0x7f; 4096]);
+    refused_early(&["--kernel", s(&junk)], &["is not a bzImage (no \"HdrS\"", "or an ELF vmlinux"]);
 }
 
 #[test]
@@ -440,4 +442,48 @@ fn a_tap_created_by_kickvm_is_gone_after_a_failed_start() {
     ]);
     assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!interface_exists(&name), "TAP {name} left behind");
+}
+
+/// A hostile or broken vmlinux is refused with one line before anything is
+/// loaded: every check of the ELF/PVH path, through the command line.
+#[test]
+fn vmlinux_headers_that_do_not_add_up() {
+    let dir = scratch("vmlinux");
+    let good = fake_vmlinux(&[0xf4; 16]);
+    // Program header `i`'s field at `off` set to `v`.
+    let edit = |i: usize, off: usize, v: u64| {
+        let mut f = good.clone();
+        let at = 64 + i * 56 + off;
+        f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        f
+    };
+    let (offset, paddr, filesz, memsz) = (8, 24, 32, 40);
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        ("truncated", good[..0x1008].to_vec(), &["is truncated: segment 0 needs the file's bytes up to 0x1010"]),
+        ("offset", edit(0, offset, u64::MAX - 4), &["is truncated: segment 0"]),
+        ("low", edit(0, paddr, 0x7000), &["segment 0 at 0x7000, below 1 MiB"]),
+        ("memsz", edit(0, memsz, u64::MAX), &["does not end below 0xc0000000"]),
+        ("above", edit(0, paddr, 0xffff_f000), &["does not end below 0xc0000000"]),
+        ("filesz", edit(0, filesz, 0x2000), &["is truncated: segment 0"]),
+        ("note-load", {
+            let mut f = edit(1, paddr, u64::from(VMLINUX_LOAD) + 8);
+            f[120] = 1; // the note segment made a PT_LOAD inside the first
+            f[120 + memsz..120 + memsz + 8].copy_from_slice(&0x20u64.to_le_bytes());
+            f
+        }, &["segments 0 and 1 overlapping"]),
+        ("no-note", { let mut f = good.clone(); f[120] = 6; f }, &["has no PVH entry point", "CONFIG_PVH=y"]),
+        ("phnum", { let mut f = good.clone(); f[56] = 0xff; f }, &["program headers, more than the 64"]),
+        ("arm64", { let mut f = good.clone(); f[18] = 183; f }, &["not a 64-bit little-endian x86-64"]),
+    ];
+    for (name, bytes, needles) in cases {
+        let k = write(&dir, name, &bytes);
+        let prefix = format!("kernel {} ", k.display());
+        let mut all = vec![prefix.as_str()];
+        all.extend_from_slice(needles);
+        refused_early(&["--kernel", s(&k), "--memory", "64M"], &all);
+    }
+    // A vmlinux larger than the guest: more memory helps, and it says so.
+    let k = write(&dir, "big", &edit(0, memsz, 200 << 20));
+    refused_early(&["--kernel", s(&k), "--memory", "64M"], &["needs at least 216 MiB of guest memory", "--memory"]);
+    let _ = std::fs::remove_dir_all(dir);
 }

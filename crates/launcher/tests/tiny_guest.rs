@@ -30,6 +30,25 @@ fn tiny_guest_prints_on_serial_and_powers_off() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The same through an ELF vmlinux's PVH entry: 32-bit protected mode,
+/// `%ebx` at the start info (the guest prints only if its magic is there).
+#[test]
+fn tiny_vmlinux_boots_through_its_pvh_entry_and_powers_off() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("pvh");
+    let code = pvh_serial_then_out(b"hello from a PVH entry\n", 0x3c0, (5 << 2) | (1 << 5));
+    let k = write(&dir, "vmlinux", &fake_vmlinux(&code));
+    let rd = write(&dir, "initrd", b"070701");
+    let out = run(&["run", "--kernel", k.to_str().unwrap(), "--initrd", rd.to_str().unwrap(), "--memory", "32M", "--allow-slow-kvm"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status {:?}, stderr: {stderr}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from a PVH entry\n");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn tiny_guest_reset_ends_the_launcher_with_no_reboot() {
     if !have_kvm() {

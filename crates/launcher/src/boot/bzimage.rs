@@ -41,11 +41,11 @@ const DEFAULT_SETUP_SECTS: u64 = 4;
 /// Why a file is not a bzImage kickvm can boot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageError {
-    #[error("is empty; kickvm boots bzImage kernels such as /boot/vmlinuz-*")]
+    #[error("is empty; kickvm boots a bzImage such as /boot/vmlinuz-* or an ELF vmlinux with a PVH entry point")]
     Empty,
-    #[error("is not a bzImage (only {0} bytes, too short for a setup header); kickvm boots bzImage kernels such as /boot/vmlinuz-*")]
+    #[error("is not a bzImage (only {0} bytes, too short for a setup header); kickvm boots a bzImage such as /boot/vmlinuz-* or an ELF vmlinux with a PVH entry point")]
     TooShort(u64),
-    #[error("is not a bzImage (no \"HdrS\" setup header); kickvm boots bzImage kernels such as /boot/vmlinuz-*")]
+    #[error("is not a bzImage (no \"HdrS\" setup header); kickvm boots a bzImage such as /boot/vmlinuz-* or an ELF vmlinux with a PVH entry point")]
     NoHeader,
     #[error("has no 64-bit entry point (boot protocol {major}.{minor:02} found; 2.12+ with XLF_KERNEL_64 needed)", major = .0 >> 8, minor = .0 & 0xff)]
     No64BitEntry(u16),

@@ -5,14 +5,15 @@
 
 use kvm_bindings::kvm_segment;
 
-/// Index → descriptor: null, unused, 64-bit code, data, TSS.
+/// Index → descriptor: null, 32-bit code, 64-bit code, data, TSS.
 pub const GDT: [u64; 5] = [
     0,
-    0,
+    descriptor(0xc09b, 0, 0xfffff), // code: present, DPL0, exec/read, D=1, G=1
     descriptor(0xa09b, 0, 0xfffff), // code: present, DPL0, exec/read, L=1, G=1
     descriptor(0xc093, 0, 0xfffff), // data: present, DPL0, read/write, D/B=1, G=1
     descriptor(0x808b, 0, 0xfffff), // TSS (busy); only so TR is valid
 ];
+pub const CODE32_INDEX: u16 = 1;
 pub const CODE_INDEX: u16 = 2;
 pub const DATA_INDEX: u16 = 3;
 pub const TSS_INDEX: u16 = 4;
@@ -80,5 +81,7 @@ mod tests {
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (0x18, 0, 1, 3));
         let tr = segment(TSS_INDEX);
         assert_eq!((tr.s, tr.type_), (0, 0xb));
+        let cs32 = segment(CODE32_INDEX);
+        assert_eq!((cs32.selector, cs32.l, cs32.db, cs32.type_, cs32.limit), (0x8, 0, 1, 0xb, 0xffff_ffff));
     }
 }

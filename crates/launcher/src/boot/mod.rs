@@ -1,12 +1,22 @@
-//! Linux direct boot (x86 64-bit boot protocol): load the bzImage and the
-//! initramfs into guest memory, write the command line, the zero page, the
-//! GDT and identity page tables, so the boot vCPU can start at the kernel's
-//! 64-bit entry point.
+//! Linux direct boot: load the kernel and the initramfs into guest memory
+//! and write what the kernel expects to find at its entry point. Two kinds
+//! of kernel file, told apart by their first bytes:
+//!
+//! - a bzImage ([`bzimage`]): its protected-mode part is loaded at 1 MiB and
+//!   entered at its 64-bit entry point (x86 64-bit boot protocol) with the
+//!   command line, the zero page ([`params`]), the GDT ([`gdt`]) and
+//!   identity page tables ([`paging`]); it decompresses itself in the guest;
+//! - an ELF `vmlinux` ([`elf`]): its segments are read straight into guest
+//!   memory where they run, and it is entered at its PVH entry point in
+//!   32-bit protected mode with an `hvm_start_info` ([`pvh`]): nothing to
+//!   decompress.
 
 pub mod bzimage;
+pub mod elf;
 pub mod gdt;
 pub mod paging;
 pub mod params;
+pub mod pvh;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -14,11 +24,13 @@ use std::path::Path;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::setup_header;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::hostfile::{self, FileError};
 use crate::layout;
 pub use bzimage::{ImageError, KernelImage};
+pub use elf::{ElfError, ElfKernel};
 use kickvm_virtio::GuestMemory;
 
 const PAGE: u64 = 0x1000;
@@ -34,6 +46,8 @@ pub enum BootError {
     ReadKernel { path: String, err: std::io::Error },
     #[error("kernel {path} {err}")]
     Image { path: String, err: ImageError },
+    #[error("kernel {path} {err}")]
+    Elf { path: String, err: ElfError },
     #[error("kernel {path} needs at least {need} MiB of guest memory to start; give the guest more --memory", need = .need.div_ceil(1 << 20))]
     KernelTooLarge { path: String, need: u64 },
     #[error("cannot read initrd {path}: {err}")]
@@ -54,8 +68,152 @@ pub enum BootError {
     Write(String),
 }
 
-/// Opens the kernel at `path` and checks its header; returns the open file
-/// and what the header says. Nothing is loaded.
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// 64-bit long mode at `rip`, paging on, `%rsi` at the zero page.
+    Linux64(u64),
+    /// 32-bit protected mode at `eip`, paging off, `%ebx` at the
+    /// `hvm_start_info`.
+    Pvh32(u64),
+}
+
+/// What the boot structures of a kernel depend on: where it may let an
+/// initramfs and a command line go, and which boot protocol it speaks.
+pub trait BootImage {
+    /// Nothing else may be placed between 1 MiB and here.
+    fn reserved_end(&self) -> u64;
+    /// One past the highest address the kernel takes an initramfs at.
+    fn initrd_top(&self) -> u64;
+    /// The longest command line the kernel takes (without the NUL).
+    fn cmdline_max(&self) -> usize;
+    /// The bzImage setup header for the zero page, or `None` for PVH.
+    fn setup_header(&self) -> Option<&setup_header>;
+    fn entry(&self) -> Entry;
+}
+
+impl BootImage for KernelImage {
+    fn reserved_end(&self) -> u64 {
+        self.reserved_end
+    }
+    fn initrd_top(&self) -> u64 {
+        let max = match self.header.initrd_addr_max {
+            0 => DEFAULT_INITRD_ADDR_MAX,
+            m => m,
+        };
+        u64::from(max) + 1
+    }
+    fn cmdline_max(&self) -> usize {
+        KernelImage::cmdline_max(self)
+    }
+    fn setup_header(&self) -> Option<&setup_header> {
+        Some(&self.header)
+    }
+    fn entry(&self) -> Entry {
+        Entry::Linux64(self.entry)
+    }
+}
+
+impl BootImage for ElfKernel {
+    fn reserved_end(&self) -> u64 {
+        self.reserved_end
+    }
+    fn initrd_top(&self) -> u64 {
+        // A module may be anywhere in the RAM the memory map lists; below
+        // the PCI hole here, so that `initrd_placement` stays below 4 GiB.
+        layout::MEM_32BIT_GAP_START
+    }
+    fn cmdline_max(&self) -> usize {
+        ElfKernel::cmdline_max(self)
+    }
+    fn setup_header(&self) -> Option<&setup_header> {
+        None
+    }
+    fn entry(&self) -> Entry {
+        Entry::Pvh32(self.entry)
+    }
+}
+
+/// A kernel file of either kind, checked.
+#[derive(Debug, Clone)]
+pub enum Kernel {
+    BzImage(KernelImage),
+    Elf(ElfKernel),
+}
+
+impl Kernel {
+    fn image(&self) -> &dyn BootImage {
+        match self {
+            Kernel::BzImage(k) => k,
+            Kernel::Elf(k) => k,
+        }
+    }
+}
+
+impl BootImage for Kernel {
+    fn reserved_end(&self) -> u64 {
+        self.image().reserved_end()
+    }
+    fn initrd_top(&self) -> u64 {
+        self.image().initrd_top()
+    }
+    fn cmdline_max(&self) -> usize {
+        self.image().cmdline_max()
+    }
+    fn setup_header(&self) -> Option<&setup_header> {
+        self.image().setup_header()
+    }
+    fn entry(&self) -> Entry {
+        self.image().entry()
+    }
+}
+
+/// Opens the kernel at `path`, tells a vmlinux (ELF) from a bzImage by its
+/// first bytes and checks its headers; returns the open file and what the
+/// headers say. Nothing is loaded.
+pub fn inspect(path: &Path) -> Result<(std::fs::File, Kernel), BootError> {
+    let name = || path.display().to_string();
+    let (file, len) = hostfile::open("kernel", path, hostfile::Accept::Regular, false)?;
+    let mut magic = [0u8; 4];
+    if len >= 4 {
+        elf::ReadAt::read_exact_at(&file, &mut magic, 0).map_err(|err| BootError::ReadKernel { path: name(), err })?;
+    }
+    if &magic == elf::ELF_MAGIC {
+        let k = ElfKernel::parse(&file, len).map_err(|err| BootError::Elf { path: name(), err })?;
+        return Ok((file, Kernel::Elf(k)));
+    }
+    drop(file);
+    let (file, k) = inspect_kernel(path)?;
+    Ok((file, Kernel::BzImage(k)))
+}
+
+/// Loads the kernel at `path`, of either kind, into a guest whose RAM
+/// below 4 GiB ends at `low_end`. The headers are checked again here: the
+/// file may have changed since the options were validated (every reboot
+/// loads it anew).
+pub fn load(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<Kernel, BootError> {
+    let (mut file, kernel) = inspect(path)?;
+    check_kernel_fits(path, &kernel, low_end)?;
+    let Kernel::Elf(k) = &kernel else {
+        drop(file);
+        return load_kernel(mem, path, low_end).map(Kernel::BzImage);
+    };
+    let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
+    // Each segment's file bytes are read straight into the guest memory it
+    // runs from. The rest of a segment (its .bss) is left as it is: guest
+    // RAM is fresh (zero) at every boot, and the kernel clears its .bss
+    // itself; writing zeroes would only make the host back those pages.
+    for s in &k.segments {
+        file.seek(SeekFrom::Start(s.offset)).map_err(read_err)?;
+        // Below 3 GiB (checked by the parser), so in usize.
+        let len = usize::try_from(s.file_len).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
+        read_into(mem, GuestAddress(s.addr), &mut file, len).map_err(read_err)?;
+    }
+    Ok(kernel)
+}
+
+/// Opens the bzImage at `path` and checks its header; returns the open
+/// file and what the header says. Nothing is loaded.
 pub fn inspect_kernel(path: &Path) -> Result<(std::fs::File, KernelImage), BootError> {
     let name = || path.display().to_string();
     let (mut file, len) = hostfile::open("kernel", path, hostfile::Accept::Regular, false)?;
@@ -70,9 +228,9 @@ pub fn inspect_kernel(path: &Path) -> Result<(std::fs::File, KernelImage), BootE
 
 /// Checks that `kernel` can start in a guest whose RAM below 4 GiB ends at
 /// `low_end`.
-pub fn check_kernel_fits(path: &Path, kernel: &KernelImage, low_end: u64) -> Result<(), BootError> {
-    if kernel.reserved_end > low_end {
-        return Err(BootError::KernelTooLarge { path: path.display().to_string(), need: kernel.reserved_end });
+pub fn check_kernel_fits(path: &Path, kernel: &impl BootImage, low_end: u64) -> Result<(), BootError> {
+    if kernel.reserved_end() > low_end {
+        return Err(BootError::KernelTooLarge { path: path.display().to_string(), need: kernel.reserved_end() });
     }
     Ok(())
 }
@@ -94,32 +252,23 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<Kerne
 /// Where an initramfs of `size` bytes goes: as high as possible below
 /// `low_end` (and below what the kernel can address), page-aligned, and
 /// above the kernel's reserved area.
-pub fn initrd_placement(size: u64, low_end: u64, kernel: &KernelImage) -> Option<u64> {
-    let top = low_end.min(initrd_top(kernel));
+pub fn initrd_placement(size: u64, low_end: u64, kernel: &impl BootImage) -> Option<u64> {
+    let top = low_end.min(kernel.initrd_top());
     let addr = top.checked_sub(size)? & !(PAGE - 1);
-    (size > 0 && addr >= kernel.reserved_end).then_some(addr)
-}
-
-/// One past the highest address the kernel takes an initramfs at.
-fn initrd_top(kernel: &KernelImage) -> u64 {
-    let max = match kernel.header.initrd_addr_max {
-        0 => DEFAULT_INITRD_ADDR_MAX,
-        m => m,
-    };
-    u64::from(max) + 1
+    (size > 0 && addr >= kernel.reserved_end()).then_some(addr)
 }
 
 /// Checks that an initramfs of `size` bytes fits; says why not.
-pub fn check_initrd_fits(path: &Path, size: u64, low_end: u64, kernel: &KernelImage) -> Result<u64, BootError> {
+pub fn check_initrd_fits(path: &Path, size: u64, low_end: u64, kernel: &impl BootImage) -> Result<u64, BootError> {
     if let Some(addr) = initrd_placement(size, low_end, kernel) {
         return Ok(addr);
     }
     let path = path.display().to_string();
-    let top = initrd_top(kernel);
+    let top = kernel.initrd_top();
     // More memory helps only when RAM, not the kernel's limit, is short.
     if top < low_end || low_end >= layout::MEM_32BIT_GAP_START {
         let addr_max = top.min(low_end) - 1;
-        return Err(BootError::InitrdAboveAddrMax { path, size, kernel_end: kernel.reserved_end, addr_max });
+        return Err(BootError::InitrdAboveAddrMax { path, size, kernel_end: kernel.reserved_end(), addr_max });
     }
     Err(BootError::InitrdTooLarge { path, size })
 }
@@ -129,7 +278,7 @@ pub fn load_initrd(
     mem: &GuestMemory,
     path: &Path,
     low_end: u64,
-    kernel: &KernelImage,
+    kernel: &impl BootImage,
 ) -> Result<(u64, u64), BootError> {
     let (mut file, size) = hostfile::open_nonempty("initrd", path)?;
     let addr = check_initrd_fits(path, size, low_end, kernel)?;
@@ -159,7 +308,7 @@ fn read_into(mem: &GuestMemory, addr: GuestAddress, file: &mut std::fs::File, le
 }
 
 /// Checks `cmdline` against what the kernel and the zero page take.
-pub fn check_cmdline(cmdline: &str, kernel: &KernelImage) -> Result<(), BootError> {
+pub fn check_cmdline(cmdline: &str, kernel: &impl BootImage) -> Result<(), BootError> {
     if let Some(c) = cmdline.chars().find(|c| !matches!(c, ' '..='~')) {
         return Err(BootError::CmdlineChar(c));
     }
@@ -170,10 +319,11 @@ pub fn check_cmdline(cmdline: &str, kernel: &KernelImage) -> Result<(), BootErro
     Ok(())
 }
 
-/// Writes the command line, zero page, GDT, IDT and page tables.
+/// Writes the command line, the zero page (bzImage) or the
+/// `hvm_start_info` (PVH), the GDT, IDT and page tables.
 pub fn write_boot_structures(
     mem: &GuestMemory,
-    kernel: &KernelImage,
+    kernel: &impl BootImage,
     cmdline: &str,
     initrd: Option<(u64, u64)>,
     ram: u64,
@@ -184,20 +334,30 @@ pub fn write_boot_structures(
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cl)
         .map_err(|e| BootError::Write(e.to_string()))?;
 
-    let zero_page = params::boot_params_for(&params::BootInfo {
-        header: kernel.header,
-        ram,
-        cmdline_addr: layout::CMDLINE_START,
-        cmdline_len: cmdline.len() + 1,
-        initrd,
-        rsdp_addr: layout::RSDP_START,
-    })?;
-    LinuxBootConfigurator::write_bootparams(
-        &BootParams::new(&zero_page, GuestAddress(layout::ZERO_PAGE_START)),
-        mem,
-    )
-    .map_err(|e| BootError::Write(e.to_string()))?;
+    match kernel.setup_header() {
+        Some(header) => {
+            let zero_page = params::boot_params_for(&params::BootInfo {
+                header: *header,
+                ram,
+                cmdline_addr: layout::CMDLINE_START,
+                cmdline_len: cmdline.len() + 1,
+                initrd,
+                rsdp_addr: layout::RSDP_START,
+            })?;
+            LinuxBootConfigurator::write_bootparams(
+                &BootParams::new(&zero_page, GuestAddress(layout::ZERO_PAGE_START)),
+                mem,
+            )
+            .map_err(|e| BootError::Write(e.to_string()))?;
+        }
+        None => pvh::write_start_info(
+            mem,
+            &pvh::StartInfo { ram, cmdline_addr: layout::CMDLINE_START, initrd, rsdp_addr: layout::RSDP_START },
+        )?,
+    }
 
+    // The PVH entry does not use the page tables; its GDT's 32-bit code
+    // descriptor is the one CS holds at entry.
     mem.write_slice(&gdt::gdt_bytes(), GuestAddress(layout::BOOT_GDT_START))
         .map_err(|e| BootError::Write(e.to_string()))?;
     mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START))
@@ -267,7 +427,7 @@ mod tests {
         assert!(matches!(e, BootError::Image { err: ImageError::TooShort(4), .. }), "{e}");
         let f = file(b"");
         let e = load_kernel(&mem, f.as_path(), 16 << 20).err().unwrap();
-        assert!(e.to_string().ends_with("is empty; kickvm boots bzImage kernels such as /boot/vmlinuz-*"), "{e}");
+        assert!(e.to_string().ends_with("is empty; kickvm boots a bzImage such as /boot/vmlinuz-* or an ELF vmlinux with a PVH entry point"), "{e}");
         let e = load_kernel(&mem, Path::new("/tmp"), 16 << 20).err().unwrap();
         assert_eq!(e.to_string(), "kernel /tmp is a directory, not a regular file");
     }
@@ -295,6 +455,48 @@ mod tests {
         assert_eq!(k.entry, 0x10_0200);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(layout::HIGH_RAM_START + 0xfff)).unwrap(), 0xcc);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(layout::HIGH_RAM_START + 0x1000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_vmlinux_is_loaded_where_its_segments_say_and_boots_through_pvh() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let img = elf::tests::vmlinux(&[0xf4, 0xcc], 0x10_0000);
+        let f = file(&img);
+        let k = load(&mem, f.as_path(), 64 << 20).unwrap();
+        assert_eq!(k.entry(), Entry::Pvh32(elf::tests::ENTRY));
+        assert_eq!(k.reserved_end(), 0x100_0042 + 0x10_0000);
+        let mut got = [0u8; 3];
+        mem.read_slice(&mut got, GuestAddress(elf::tests::ENTRY)).unwrap();
+        assert_eq!(got, [0xf4, 0xcc, 0], "the code, then its untouched .bss");
+        // The initramfs goes above the segments, the start info says where.
+        let (addr, size) = load_initrd(&mem, file(b"0707").as_path(), 64 << 20, &k).unwrap();
+        assert!(addr >= k.reserved_end());
+        write_boot_structures(&mem, &k, "console=ttyS0", Some((addr, size)), 64 << 20).unwrap();
+        let info: linux_loader::loader::elf::start_info::hvm_start_info =
+            mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
+        assert_eq!((info.cmdline_paddr, info.nr_modules), (layout::CMDLINE_START, 1));
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(layout::ZERO_PAGE_START)).unwrap(), 0, "no zero page");
+        // A guest too small for the segments, or a command line too long.
+        let small = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let e = load(&small, f.as_path(), 16 << 20).unwrap_err();
+        assert!(matches!(e, BootError::KernelTooLarge { .. }), "{e}");
+        assert!(matches!(
+            write_boot_structures(&mem, &k, &"x".repeat(2048), None, 64 << 20),
+            Err(BootError::CmdlineTooLong { max: 2047, .. })
+        ));
+    }
+
+    #[test]
+    fn a_broken_vmlinux_loads_nothing() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mut img = elf::tests::vmlinux(&[0xf4], 0);
+        // A second load segment that overlaps the first, listed after it.
+        elf::tests::edit_phdr(&mut img, 1, |p| (p.p_type, p.p_paddr, p.p_memsz) = (linux_loader::elf::PT_LOAD, 0x100_0010, 0x40));
+        let e = load(&mem, file(&img).as_path(), 64 << 20).unwrap_err();
+        assert!(e.to_string().contains("overlapping"), "{e}");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(elf::tests::ENTRY)).unwrap(), 0, "nothing loaded");
+        let e = inspect(file(b"\x7fELF").as_path()).unwrap_err();
+        assert!(e.to_string().ends_with("is an ELF file of 4 bytes, too short for an ELF header"), "{e}");
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl VmConfig {
     /// initramfs fits next to it.
     fn check_boot(&self) -> Result<(), ConfigError> {
         let low_end = memory::low_end(self.memory);
-        let (_, kernel) = boot::inspect_kernel(&self.kernel).map_err(cfg_err)?;
+        let (_, kernel) = boot::inspect(&self.kernel).map_err(cfg_err)?;
         boot::check_kernel_fits(&self.kernel, &kernel, low_end).map_err(cfg_err)?;
         boot::check_cmdline(&self.cmdline, &kernel).map_err(cfg_err)?;
         if let Some(initrd) = &self.initrd {

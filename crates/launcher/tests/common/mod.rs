@@ -58,18 +58,25 @@ pub fn serial_then_out(msg: &[u8], port: u16, value: u8) -> Vec<u8> {
     let lea_end = c.len() + 4;
     let disp_at = c.len();
     c.extend_from_slice(&[0; 4]);
+    print_out_halt(&mut c, msg.len(), port, value);
+    let disp = (c.len() - lea_end) as u32;
+    c[disp_at..disp_at + 4].copy_from_slice(&disp.to_le_bytes());
+    c.extend_from_slice(msg);
+    c
+}
+
+/// The tail both 32- and 64-bit test guests share (the same encoding in
+/// either mode, `dx`/`si` set up before): print `len` bytes from `[rsi]`
+/// on COM1, write `value` to `port`, halt forever.
+fn print_out_halt(c: &mut Vec<u8>, len: usize, port: u16, value: u8) {
     c.push(0xb9); // mov ecx, imm32
-    c.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    c.extend_from_slice(&(len as u32).to_le_bytes());
     c.extend_from_slice(&[0xf3, 0x6e]); // rep outsb
     c.extend_from_slice(&[0x66, 0xba]); // mov dx, port
     c.extend_from_slice(&port.to_le_bytes());
     c.extend_from_slice(&[0xb0, value]); // mov al, value
     c.push(0xee); // out dx, al
     c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b
-    let disp = (c.len() - lea_end) as u32;
-    c[disp_at..disp_at + 4].copy_from_slice(&disp.to_le_bytes());
-    c.extend_from_slice(msg);
-    c
 }
 
 /// Writes a file and returns its path.
@@ -77,4 +84,71 @@ pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     p
+}
+
+/// Where [`fake_vmlinux`] loads its code, and its PVH entry point.
+pub const VMLINUX_LOAD: u32 = 0x100_0000;
+
+/// Wraps 32-bit `code` in a minimal ELF vmlinux: one loadable segment at
+/// [`VMLINUX_LOAD`] that starts with `code`, and a note segment whose
+/// `XEN_ELFNOTE_PHYS32_ENTRY` note points at it. The launcher loads it like
+/// any vmlinux, so this exercises the PVH path: segments, start info, GDT,
+/// 32-bit protected-mode entry.
+pub fn fake_vmlinux(code: &[u8]) -> Vec<u8> {
+    let u16le = |v: u16| v.to_le_bytes();
+    let u32le = |v: u32| v.to_le_bytes();
+    let u64le = |v: u64| v.to_le_bytes();
+    let mut note = Vec::new();
+    note.extend_from_slice(&u32le(4)); // n_namesz
+    note.extend_from_slice(&u32le(4)); // n_descsz
+    note.extend_from_slice(&u32le(18)); // n_type: XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&u32le(VMLINUX_LOAD));
+    let (code_at, note_at) = (0x1000u64, 0x1000 + code.len() as u64);
+
+    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]; // 64-bit, LE
+    f.extend_from_slice(&u16le(2)); // e_type: ET_EXEC
+    f.extend_from_slice(&u16le(62)); // e_machine: x86-64
+    f.extend_from_slice(&u32le(1));
+    f.extend_from_slice(&u64le(u64::from(VMLINUX_LOAD))); // e_entry
+    f.extend_from_slice(&u64le(64)); // e_phoff
+    f.extend_from_slice(&u64le(0)); // e_shoff
+    f.extend_from_slice(&u32le(0));
+    for v in [64u16, 56, 2, 64, 0, 0] {
+        f.extend_from_slice(&u16le(v)); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    // (type, offset, paddr, filesz, memsz)
+    for (kind, offset, paddr, filesz, memsz) in [
+        (1u32, code_at, u64::from(VMLINUX_LOAD), code.len() as u64, code.len() as u64 + 0x1000),
+        (4, note_at, 0, note.len() as u64, 0),
+    ] {
+        f.extend_from_slice(&u32le(kind));
+        f.extend_from_slice(&u32le(5)); // p_flags: R+X
+        for v in [offset, paddr, paddr, filesz, memsz, 4] {
+            f.extend_from_slice(&u64le(v));
+        }
+    }
+    f.resize(code_at as usize, 0);
+    f.extend_from_slice(code);
+    f.extend_from_slice(&note);
+    f
+}
+
+/// 32-bit code for [`fake_vmlinux`]: if `%ebx` points at an
+/// `hvm_start_info` (its magic), writes `msg` to COM1 with `rep outsb`;
+/// then writes `value` to `port` and halts forever.
+pub fn pvh_serial_then_out(msg: &[u8], port: u16, value: u8) -> Vec<u8> {
+    let mut c = Vec::new();
+    c.extend_from_slice(&[0x81, 0x3b]); // cmp dword [ebx], imm32
+    c.extend_from_slice(&0x336e_c578u32.to_le_bytes());
+    c.extend_from_slice(&[0x75, 12]); // jne over the print (12 bytes)
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    c.push(0xbe); // mov esi, imm32 (the message's address)
+    let msg_at = c.len();
+    c.extend_from_slice(&[0; 4]);
+    print_out_halt(&mut c, msg.len(), port, value);
+    let addr = VMLINUX_LOAD + c.len() as u32;
+    c[msg_at..msg_at + 4].copy_from_slice(&addr.to_le_bytes());
+    c.extend_from_slice(msg);
+    c
 }
