@@ -14,11 +14,14 @@ const HELP: &str = "\
 kickvm-rig: real Linux guests for kickvm's tests
 
 USAGE
-  kickvm-rig image [--with-tools | --rig] [--print-paths]
+  kickvm-rig image [--with-tools | --rig] [--print-paths | --print-vmlinux]
       Build the guest image (Debian cloud kernel + busybox initramfs with the
       virtio modules and kickvm's /init) from Debian packages, or find it in the
       cache. --with-tools adds iperf3, fio and ethtool; --rig builds the rig's
-      L1 image. --print-paths prints `KERNEL INITRD` on stdout.
+      L1 image. --print-paths prints `KERNEL INITRD` on stdout. --print-vmlinux
+      prints the path of the uncompressed kernel (an ELF vmlinux with a PVH
+      entry point, for `kickvm run --kernel`), taken out of the bzImage's LZ4
+      payload into the image's directory on first use.
 
   kickvm-rig run [--timeout SECS] [--memory MiB] [--cpus N] [--share DIR]... -- CMD ARGS...
       Run a host command inside L1, a Linux under QEMU TCG (-cpu max, nested
@@ -63,17 +66,23 @@ fn number<I: Iterator<Item = String>>(args: &mut I, opt: &str) -> Result<u64> {
 }
 
 fn cmd_image(args: Vec<String>) -> Result<i32> {
-    let (mut variant, mut print) = (Variant::Guest, false);
+    let (mut variant, mut print, mut vmlinux) = (Variant::Guest, false, false);
     for a in args {
         match a.as_str() {
             "--with-tools" => variant = Variant::Tools,
             "--rig" => variant = Variant::Rig,
             "--print-paths" => print = true,
+            "--print-vmlinux" => vmlinux = true,
             other => return Err(usage(&format!("unknown option '{other}' for `image`"))),
         }
     }
+    if print && vmlinux {
+        return Err(usage("--print-paths and --print-vmlinux print different things: use one"));
+    }
     let img = image::image(variant)?;
-    if print {
+    if vmlinux {
+        println!("{}", img.vmlinux()?.display());
+    } else if print {
         println!("{} {}", img.kernel.display(), img.initrd.display());
     } else {
         eprintln!(

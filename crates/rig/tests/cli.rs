@@ -105,3 +105,27 @@ fn missing_qemu_says_how_to_install_it() {
         "{err}"
     );
 }
+
+#[test]
+fn print_vmlinux_is_one_path_and_does_not_mix_with_print_paths() {
+    let (code, _, err) = run(rig().args(["image", "--print-paths", "--print-vmlinux"]));
+    assert_eq!(code, 2);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("use one"), "{err}");
+    // Inside the rig the cache is read-only: a vmlinux not extracted on the
+    // host is a one-line error saying so.
+    let cache = std::env::temp_dir().join(format!("kickvm-novmlinux-cache-{}", std::process::id()));
+    let dir = cache.join("images/guest-0");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(cache.join("images/guest.current"), "guest-0").unwrap();
+    std::fs::write(dir.join("vmlinuz"), b"not extracted").unwrap();
+    let (code, out, err) = run(rig()
+        .args(["image", "--print-vmlinux"])
+        .env("KICKVM_IN_RIG", "1")
+        .env("KICKVM_CACHE", &cache));
+    let _ = std::fs::remove_dir_all(&cache);
+    assert_ne!(code, 0);
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no vmlinux") && err.contains("kickvm-rig image --print-vmlinux"), "{err}");
+}

@@ -121,3 +121,29 @@ fn tools_image_runs_iperf3_fio_ethtool() {
         t.elapsed().as_secs_f64()
     );
 }
+
+/// `kickvm-rig image --print-vmlinux`: the default image's vmlinux, an
+/// x86-64 ELF file next to the bzImage, extracted once; `--print-paths`
+/// still prints the two paths it always did.
+#[test]
+fn default_image_has_its_vmlinux() {
+    let rig = || std::process::Command::new(env!("CARGO_BIN_EXE_kickvm-rig"));
+    let out = rig().args(["image", "--print-vmlinux"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = String::from_utf8(out.stdout).unwrap();
+    let path = std::path::Path::new(path.trim());
+    let img = kickvm_rig::default_image().unwrap();
+    assert_eq!(path, img.dir.join("vmlinux"));
+    assert_eq!(kickvm_rig::default_vmlinux().unwrap(), path);
+    let elf = std::fs::read(path).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 62, "x86-64");
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    let again = rig().args(["image", "--print-vmlinux"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&again.stderr).is_empty(), "a second call extracts nothing");
+    assert_eq!(std::fs::metadata(path).unwrap().modified().unwrap(), modified);
+    let paths = rig().args(["image", "--print-paths"]).output().unwrap();
+    let paths = String::from_utf8(paths.stdout).unwrap();
+    assert_eq!(paths.split_whitespace().count(), 2, "{paths}");
+    assert!(paths.starts_with(img.kernel.to_str().unwrap()), "{paths}");
+}
