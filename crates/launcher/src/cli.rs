@@ -92,11 +92,17 @@ pub struct RunArgs {
     /// /sys/kernel/mm/transparent_hugepage/shmem_enabled allows them.
     #[arg(long)]
     pub memory_shared: bool,
-    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N]
-    /// (N queue pairs; use one per vCPU for multi-queue).
+    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N][,poll=MODE]
+    /// (N queue pairs; use one per vCPU for multi-queue). poll= as for --disk
+    /// (transmit queues).
     #[arg(long, value_name = "OPTS", value_parser = config::parse_net)]
     pub net: Vec<NetSpec>,
-    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,queues=N]
+    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,queues=N][,poll=MODE].
+    /// poll=: how long a queue thread watches its ring for the next request
+    /// before it sleeps (saves a wake-up per request at low queue depth,
+    /// costs CPU while it watches): off (default), adaptive (a window of
+    /// 0-32 µs that follows the guest, as QEMU's poll-max-ns), adaptive:<µs>
+    /// (another maximum), or <µs> (always that long).
     #[arg(long, value_name = "OPTS", value_parser = config::parse_disk)]
     pub disk: Vec<DiskSpec>,
     /// Where virtio-console (hvc0) is connected: stdio, pty, socket=PATH,

@@ -32,8 +32,8 @@ pub struct BackendArgs {
     /// The device to serve.
     #[arg(value_enum)]
     pub device: DeviceKind,
-    /// Its options, as kickvm run takes them: blk path=FILE[,readonly=on][,serial=ID][,queues=N];
-    /// net tap=NAME[,mac=MAC][,queues=N]; console stdio|pty|socket=PATH|file=PATH; rng [source=FILE].
+    /// Its options, as kickvm run takes them: blk path=FILE[,readonly=on][,serial=ID][,queues=N][,poll=MODE];
+    /// net tap=NAME[,mac=MAC][,queues=N][,poll=MODE]; console stdio|pty|socket=PATH|file=PATH; rng [source=FILE].
     #[arg(value_name = "OPTS", default_value = "")]
     pub options: String,
     /// The unix socket to listen on for the vhost-user frontend.

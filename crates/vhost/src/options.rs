@@ -56,11 +56,16 @@ impl DeviceSpec {
         use kickvm_virtio::{block, console, net, rng};
         Ok(match self {
             DeviceSpec::Blk(d) => {
-                Box::new(block::Block::new("blk0", d.block_config()).map_err(|e| OptionError(e.to_string()))?)
+                let dev = block::Block::new("blk0", d.block_config()).map_err(|e| OptionError(e.to_string()))?;
+                dev.state().set_poll(d.poll);
+                Box::new(dev)
             }
-            DeviceSpec::Net(n) => Box::new(
-                net::NetDevice::new(n.net_config("net0", 0)).map_err(|e| OptionError(format!("tap={}: {e}", n.tap)))?,
-            ),
+            DeviceSpec::Net(n) => {
+                let dev = net::NetDevice::new(n.net_config("net0", 0))
+                    .map_err(|e| OptionError(format!("tap={}: {e}", n.tap)))?;
+                dev.state().set_poll(n.poll);
+                Box::new(dev)
+            }
             DeviceSpec::Console(c) => {
                 let Some(b) = c.backend() else { return Err(OptionError("no console".into())) };
                 let c = console::Console::new("console0", b).map_err(|e| OptionError(format!("virtio-console: {e}")))?;
@@ -84,9 +89,9 @@ mod tests {
     #[test]
     fn options_as_kickvm_run_takes_them() {
         let b = DeviceSpec::parse(DeviceKind::Blk, "path=/x,readonly=on,queues=4").unwrap();
-        assert_eq!(b, DeviceSpec::Blk(DiskSpec { path: "/x".into(), readonly: true, serial: None, queues: 4 }));
+        assert_eq!(b, DeviceSpec::Blk(DiskSpec { path: "/x".into(), readonly: true, serial: None, queues: 4, poll: Default::default() }));
         let n = DeviceSpec::parse(DeviceKind::Net, "tap=t0,mac=52:54:00:00:00:01,queues=2").unwrap();
-        assert_eq!(n, DeviceSpec::Net(NetSpec { tap: "t0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]), queues: 2 }));
+        assert_eq!(n, DeviceSpec::Net(NetSpec { tap: "t0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]), queues: 2, poll: Default::default() }));
         assert_eq!(DeviceSpec::parse(DeviceKind::Console, "file=/o").unwrap(), DeviceSpec::Console(ConsoleSpec::File("/o".into())));
         assert_eq!(DeviceSpec::parse(DeviceKind::Rng, "").unwrap(), DeviceSpec::Rng { source: None });
     }

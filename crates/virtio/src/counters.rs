@@ -22,6 +22,9 @@ pub struct QueueCounters {
     pub suppressed: AtomicU64,
     /// Malformed chains, bad rings and backend I/O errors.
     pub errors: AtomicU64,
+    /// Times polling the avail ring before sleeping found a request: a
+    /// thread wake-up (and the guest's kick) saved.
+    pub polled: AtomicU64,
 }
 
 /// A copy of [`QueueCounters`] at one moment.
@@ -33,6 +36,7 @@ pub struct QueueCountersSnapshot {
     pub interrupts: u64,
     pub suppressed: u64,
     pub errors: u64,
+    pub polled: u64,
 }
 
 impl QueueCounters {
@@ -48,6 +52,7 @@ impl QueueCounters {
             interrupts: self.interrupts.load(Relaxed),
             suppressed: self.suppressed.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            polled: self.polled.load(Relaxed),
         }
     }
 }
@@ -66,6 +71,9 @@ pub struct DeviceState {
     /// FEATURES_OK, DRIVER_OK with rings outside memory, a BAR placed
     /// where it cannot go): counted, and logged through this throttle.
     pub transport_errors: crate::ratelimit::Throttle,
+    /// How the device's queue threads poll before they sleep (`poll=`):
+    /// set before the device is activated, read at each activation.
+    pub poll: std::sync::Mutex<crate::poll::Poll>,
 }
 
 impl DeviceState {
@@ -74,7 +82,18 @@ impl DeviceState {
             queues: (0..num_queues).map(|_| Arc::default()).collect(),
             needs_reset: AtomicBool::new(false),
             transport_errors: crate::ratelimit::Throttle::new(),
+            poll: std::sync::Mutex::default(),
         })
+    }
+
+    /// Sets how the device's queue threads poll from its next activation.
+    pub fn set_poll(&self, poll: crate::poll::Poll) {
+        *self.poll.lock().unwrap_or_else(|e| e.into_inner()) = poll;
+    }
+
+    /// How the device's queue threads poll.
+    pub fn poll(&self) -> crate::poll::Poll {
+        *self.poll.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn queue(&self, index: usize) -> QueueCountersSnapshot {
@@ -92,6 +111,7 @@ impl DeviceState {
             t.interrupts += s.interrupts;
             t.suppressed += s.suppressed;
             t.errors += s.errors;
+            t.polled += s.polled;
         }
         t
     }

@@ -168,7 +168,8 @@ pub(crate) fn jobs(
             return Err(ActivateError::NoSuchQueue(s.index));
         };
         let name = format!("{}-q{}", device.name(), s.index);
-        let ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone(), blocking);
+        let mut ctx = QueueCtx::new(s, name, mem.clone(), features, qc, events.clone(), blocking);
+        ctx.set_poll(counters.poll());
         jobs.push(Job::new(device.name(), ctx, worker, device.syscalls()));
     }
     Ok(jobs)

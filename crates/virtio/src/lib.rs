@@ -32,6 +32,7 @@ pub mod inline;
 pub mod memory;
 pub mod net;
 pub mod options;
+pub mod poll;
 pub mod queue;
 pub mod ratelimit;
 pub mod rng;

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use crate::block::BlockConfig;
 use crate::console::Backend;
 use crate::net::NetConfig;
+use crate::poll::Poll;
 
 /// A mistake in a device's options: one line for the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +37,8 @@ pub struct NetSpec {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
     pub queues: u16,
+    /// How its queue threads poll before sleeping (`poll=`).
+    pub poll: Poll,
 }
 
 impl NetSpec {
@@ -56,6 +59,8 @@ pub struct DiskSpec {
     pub readonly: bool,
     pub serial: Option<String>,
     pub queues: u16,
+    /// How its queue threads poll before sleeping (`poll=`).
+    pub poll: Poll,
 }
 
 /// Where virtio-console (`hvc0`) is connected.
@@ -138,6 +143,12 @@ fn parse_queues(v: &str) -> Result<u16, OptionError> {
     }
 }
 
+/// `poll=`: how long queue threads watch their ring before sleeping
+/// ([`crate::poll`]).
+fn parse_poll(v: &str) -> Result<Poll, OptionError> {
+    Poll::parse(v).map_err(OptionError)
+}
+
 /// Parses a MAC address `52:54:00:12:34:56`: six bytes of two hex digits,
 /// unicast, not all zero (what Linux accepts as a device address).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], OptionError> {
@@ -177,15 +188,16 @@ fn check_ifname(name: &str) -> Result<(), OptionError> {
     Ok(())
 }
 
-/// `--net tap=NAME[,mac=MAC][,queues=N]`
+/// `--net tap=NAME[,mac=MAC][,queues=N][,poll=off|adaptive[:µs]|µs]`
 pub fn parse_net(s: &str) -> Result<NetSpec, OptionError> {
-    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1 };
+    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1, poll: Poll::default() };
     for (k, v) in pairs("--net", s)? {
         match k {
             "tap" => spec.tap = v.to_string(),
             "mac" => spec.mac = Some(parse_mac(v)?),
             "queues" => spec.queues = parse_queues(v)?,
-            _ => return err(format!("--net: unknown option `{k}` (use tap=NAME,mac=MAC,queues=N)")),
+            "poll" => spec.poll = parse_poll(v)?,
+            _ => return err(format!("--net: unknown option `{k}` (use tap=NAME,mac=MAC,queues=N,poll=MODE)")),
         }
     }
     if spec.tap.is_empty() {
@@ -195,9 +207,9 @@ pub fn parse_net(s: &str) -> Result<NetSpec, OptionError> {
     Ok(spec)
 }
 
-/// `--disk path=FILE[,readonly=on][,serial=ID][,queues=N]`
+/// `--disk path=FILE[,readonly=on][,serial=ID][,queues=N][,poll=off|adaptive[:µs]|µs]`
 pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
-    let mut spec = DiskSpec { path: PathBuf::new(), readonly: false, serial: None, queues: 1 };
+    let mut spec = DiskSpec { path: PathBuf::new(), readonly: false, serial: None, queues: 1, poll: Poll::default() };
     let pairs = pairs("--disk", s)?;
     if pairs.iter().any(|(k, _)| *k == "ro") && pairs.iter().any(|(k, _)| *k == "readonly") {
         return err(format!("--disk {s}: give readonly= once"));
@@ -213,7 +225,8 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
                 spec.serial = Some(v.to_string());
             }
             "queues" => spec.queues = parse_queues(v)?,
-            _ => return err(format!("--disk: unknown option `{k}` (use path=FILE,readonly=on,serial=ID,queues=N)")),
+            "poll" => spec.poll = parse_poll(v)?,
+            _ => return err(format!("--disk: unknown option `{k}` (use path=FILE,readonly=on,serial=ID,queues=N,poll=MODE)")),
         }
     }
     if spec.path.as_os_str().is_empty() {
@@ -232,4 +245,21 @@ pub fn parse_console(s: &str) -> Result<ConsoleSpec, OptionError> {
         Some(("file", p)) if !p.is_empty() => ConsoleSpec::File(p.into()),
         _ => return err(format!("--console {s}: use stdio, pty, socket=PATH, file=PATH or none")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn poll_is_a_disk_and_net_option() {
+        assert_eq!(parse_disk("path=d.img").unwrap().poll, Poll::Off);
+        assert_eq!(parse_disk("path=d.img,poll=adaptive").unwrap().poll, Poll::Adaptive(crate::poll::DEFAULT_MAX));
+        assert_eq!(parse_net("tap=t0,poll=20").unwrap().poll, Poll::Fixed(Duration::from_micros(20)));
+        let e = parse_disk("path=d.img,poll=fast").unwrap_err().to_string();
+        assert!(e.starts_with("poll=fast: use off, adaptive"), "{e}");
+        let e = parse_net("tap=t0,poll=off,poll=5").unwrap_err().to_string();
+        assert!(e.contains("`poll` is given twice"), "{e}");
+    }
 }

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::chain::{self, Chain};
 use crate::counters::{DeviceState, QueueCounters};
 use crate::memory::{GuestIovecs, GuestMemory};
+use crate::poll::{Poll, Window};
 
 /// Under sustained load, a queue thread that never runs out of work still
 /// interrupts the guest after this many used buffers, so the guest's
@@ -109,6 +110,9 @@ pub struct QueueCtx {
     /// The kick eventfd is non-blocking: [`QueueCtx::wait_kick`] sleeps in
     /// `poll` first.
     kick_polls: bool,
+    /// How long [`QueueCtx::wait_kick`] watches the avail ring before it
+    /// sleeps (see [`crate::poll`]).
+    poll: Window,
 }
 
 impl QueueCtx {
@@ -138,7 +142,13 @@ impl QueueCtx {
             unsignalled: 0,
             broken: false,
             kick_polls: false,
+            poll: Window::new(Poll::Off),
         }
+    }
+
+    /// Polls the avail ring as `poll` says before each sleep on the kick.
+    pub(crate) fn set_poll(&mut self, poll: Poll) {
+        self.poll = Window::new(poll);
     }
 
     /// Guest memory, for devices that read or write structures in it.
@@ -398,7 +408,66 @@ impl QueueCtx {
     }
 
     /// Blocks until the guest kicks (or until more work is already there).
+    /// With polling on, first raises the interrupt the finished requests
+    /// are owed (the thread is about to idle, and the guest's next request
+    /// may wait on it) and watches the avail ring for the window; only if
+    /// nothing comes does it re-enable notifications and sleep.
     pub fn wait_kick(&mut self) -> Result<(), Stopped> {
+        let window = self.poll.get();
+        let started = (self.poll.adaptive() || !window.is_zero()).then(std::time::Instant::now);
+        if !window.is_zero() {
+            self.notify();
+            if self.poll_ring(window)? {
+                QueueCounters::add(&self.counters.polled, 1);
+                return Ok(());
+            }
+        }
+        let r = self.sleep_on_kick();
+        if let Some(t) = started {
+            self.poll.waited(t.elapsed());
+        }
+        r
+    }
+
+    /// Spins on the avail ring index for up to `window`; true if a request
+    /// came. Notifications stay off meanwhile (as the thread left them when
+    /// it woke), so a guest that posts now does not kick.
+    fn poll_ring(&mut self, window: std::time::Duration) -> Result<bool, Stopped> {
+        // The clock is read once every few spins: in some VMs it is a
+        // system call.
+        const SPINS_PER_CLOCK: u32 = 32;
+        let deadline = std::time::Instant::now() + window;
+        let mut spins = 0u32;
+        loop {
+            if self.ring_has_work() {
+                return Ok(true);
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(SPINS_PER_CLOCK) {
+                self.check_stop()?;
+                if std::time::Instant::now() >= deadline {
+                    return Ok(false);
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// True if the guest has made buffers available that the thread has
+    /// not taken (or the ring cannot be read: [`QueueCtx::pop`] says why).
+    fn ring_has_work(&self) -> bool {
+        if self.broken {
+            return false;
+        }
+        match self.queue.avail_idx(&*self.mem, Ordering::Acquire) {
+            Ok(idx) => idx.0 != self.queue.next_avail(),
+            Err(_) => true,
+        }
+    }
+
+    /// Re-enables notifications and sleeps on the kick eventfd, unless
+    /// more work is already there.
+    fn sleep_on_kick(&mut self) -> Result<(), Stopped> {
         loop {
             self.check_stop()?;
             if !self.may_sleep() {

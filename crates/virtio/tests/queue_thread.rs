@@ -142,3 +142,100 @@ fn threads_are_named_after_device_and_queue_in_each_mode() {
         assert_eq!(b.queues[1].wait_used(T).map(|u| u.1), Some(21));
     }
 }
+
+/// A harness on an rng device named `name` whose queue threads poll as
+/// `poll` says.
+fn rng_polling(name: &str, poll: kickvm_virtio::poll::Poll) -> Harness {
+    let dev = Rng::new(name, RngConfig::default()).unwrap();
+    kickvm_virtio::VirtioDevice::state(&dev).set_poll(poll);
+    Harness::start(Box::new(dev), HarnessOpts::default()).unwrap()
+}
+
+/// Posts one request without kicking; true if the device serves it
+/// within `within` anyway.
+fn served_without_kick(h: &mut Harness, within: Duration) -> bool {
+    let a = h.guest.alloc(64, 16);
+    h.queues[0].post(&[Buf::inb(a, 64)]).unwrap();
+    h.queues[0].enable_interrupts();
+    if h.queues[0].wait_used(within).is_some() {
+        return true;
+    }
+    // Not served: kick, so the next round starts from a queue at rest.
+    h.queues[0].kick();
+    h.queues[0].wait_used(T).expect("served after the kick");
+    false
+}
+
+/// With polling, a request the guest posts right after a completion is
+/// taken from the ring without a kick (no guest exit, no thread
+/// wake-up); without it, the thread sleeps until kicked.
+#[test]
+fn a_request_posted_within_the_poll_window_is_taken_without_a_kick() {
+    use kickvm_virtio::poll::Poll;
+    for (name, poll, want) in [("rngpoll0", Poll::Fixed(Duration::from_millis(1)), true), ("rngpoll1", Poll::Off, false)] {
+        let mut h = rng_polling(name, poll);
+        let mut taken = 0;
+        for _ in 0..20 {
+            // A kicked request, completed: the thread is now polling.
+            let a = h.guest.alloc(64, 16);
+            h.queues[0].post(&[Buf::inb(a, 64)]).unwrap();
+            h.queues[0].enable_interrupts();
+            h.queues[0].kick();
+            h.queues[0].wait_used(T).expect("request completes");
+            if served_without_kick(&mut h, Duration::from_millis(50)) {
+                taken += 1;
+            }
+        }
+        let s = h.device.state().queue(0);
+        eprintln!("{poll}: {taken} of 20 taken without a kick; polled {}", s.polled);
+        if want {
+            // A loaded machine may deschedule the test for longer than the
+            // window now and then; most rounds must still be caught.
+            assert!(taken >= 10, "{poll}: only {taken} of 20 requests were polled");
+            assert!(s.polled >= taken, "{s:?}");
+        } else {
+            // Only a request that beats the thread's last look at the ring
+            // before it sleeps is taken without a kick.
+            assert_eq!(s.polled, 0, "{poll}: polled");
+            assert!(taken <= 5, "{poll}: {taken} of 20 requests served without a kick");
+        }
+    }
+}
+
+/// The CPU time thread `name` of this process has used (schedstat, ns).
+fn thread_cpu(name: &str) -> Duration {
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim() == name {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap();
+            let ns: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
+            return Duration::from_nanos(ns);
+        }
+    }
+    panic!("no thread {name}");
+}
+
+/// An idle queue costs no CPU however it polls: one window after its last
+/// request, then it sleeps on the kick.
+#[test]
+fn an_idle_polling_queue_sleeps() {
+    use kickvm_virtio::poll::Poll;
+    for (name, poll) in [("rngidle0", Poll::Fixed(Duration::from_millis(1))), ("rngidle1", Poll::Adaptive(Duration::from_millis(1)))] {
+        let mut h = rng_polling(name, poll);
+        // Requests close together (grows an adaptive window), then idle.
+        for _ in 0..50 {
+            let a = h.guest.alloc(64, 16);
+            h.queues[0].post(&[Buf::inb(a, 64)]).unwrap();
+            h.queues[0].kick();
+            h.queues[0].wait_used(T).expect("request completes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let before = thread_cpu(&format!("{name}-q0"));
+        // The clock this reads does see the polling (a window after each
+        // request at least).
+        assert!(before > Duration::from_micros(500), "{poll}: {before:?} of CPU for 50 requests");
+        std::thread::sleep(Duration::from_millis(300));
+        let used = thread_cpu(&format!("{name}-q0")) - before;
+        eprintln!("{poll}: {used:?} of CPU in 300 ms idle");
+        assert!(used < Duration::from_millis(5), "{poll}: an idle queue thread used {used:?} in 300 ms");
+    }
+}

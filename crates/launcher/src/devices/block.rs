@@ -28,7 +28,9 @@ impl DeviceKind for Disks {
     }
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         for (i, d) in cfg.disks.iter().enumerate() {
-            out.push(Box::new(Block::new(&format!("blk{i}"), d.block_config())?));
+            let dev = Block::new(&format!("blk{i}"), d.block_config())?;
+            dev.state().set_poll(d.poll);
+            out.push(Box::new(dev));
         }
         Ok(())
     }
@@ -109,7 +111,7 @@ mod tests {
     }
 
     fn disk(path: &Path, readonly: bool) -> DiskSpec {
-        DiskSpec { path: path.to_path_buf(), readonly, serial: None, queues: 1 }
+        DiskSpec { path: path.to_path_buf(), readonly, serial: None, queues: 1, poll: Default::default() }
     }
 
     #[test]

@@ -32,6 +32,7 @@ impl DeviceKind for Nets {
         for (i, spec) in cfg.nets.iter().enumerate() {
             let nc = spec.net_config(&format!("net{i}"), i);
             let dev = NetDevice::new(nc).map_err(|source| DeviceError::Tap { tap: spec.tap.clone(), source })?;
+            dev.state().set_poll(spec.poll);
             out.push(Box::new(dev));
         }
         Ok(())
@@ -158,7 +159,7 @@ mod tests {
     }
 
     fn net(tap: &str, queues: u16) -> NetSpec {
-        NetSpec { tap: tap.into(), mac: None, queues }
+        NetSpec { tap: tap.into(), mac: None, queues, poll: Default::default() }
     }
 
     fn root() -> Creds {

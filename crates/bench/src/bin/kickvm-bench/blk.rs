@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use kickvm_virtio::block::{Block, BlockConfig, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use kickvm_virtio::driver::{Buf, Harness, HarnessOpts};
-use kickvm_virtio::ThreadingMode;
+use kickvm_virtio::poll::Poll;
+use kickvm_virtio::{ThreadingMode, VirtioDevice};
 use vm_memory::GuestAddress;
 
 use crate::stats::{per, us, Latencies};
@@ -59,6 +60,9 @@ pub struct Row {
     pub p99: Duration,
     pub syscalls_per_req: String,
     pub interrupts_per_req: f64,
+    /// CPU time of the device's threads per request (µs): what polling
+    /// costs shows here.
+    pub cpu_per_req: Option<f64>,
 }
 
 struct Slot {
@@ -67,12 +71,20 @@ struct Slot {
     status: GuestAddress,
 }
 
-/// Runs `qd` outstanding 4 KiB random reads for `dur` in threading `mode`.
-/// Syscalls are counted (with perf attached) only when `count_syscalls`:
-/// perf's tracepoint slows every syscall, so timings come from a run
-/// without it.
-pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration, count_syscalls: bool) -> Row {
+/// Runs `qd` outstanding 4 KiB random reads for `dur` in threading `mode`,
+/// the queue thread polling as `poll` says. Syscalls are counted (with
+/// perf attached) only when `count_syscalls`: perf's tracepoint slows
+/// every syscall, so timings come from a run without it.
+pub fn through_device(
+    disk: &Disk,
+    mode: ThreadingMode,
+    poll: Poll,
+    qd: usize,
+    dur: Duration,
+    count_syscalls: bool,
+) -> Row {
     let dev = Block::new("blk0", BlockConfig::new(&disk.0)).expect("open bench disk");
+    dev.state().set_poll(poll);
     let mut h = Harness::start(Box::new(dev), HarnessOpts { mode, queue_size: 256, ..Default::default() })
         .expect("activate");
     let mut slots: Vec<Slot> = (0..qd)
@@ -93,6 +105,7 @@ pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration
         None
     };
     let before = h.device.state().queue(0);
+    let cpu_before = threads_cpu(&["blk0", "kickvm-io"]);
     let start = Instant::now();
     let mut done = 0u64;
     while start.elapsed() < dur {
@@ -136,16 +149,30 @@ pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = threads_cpu(&["blk0", "kickvm-io"]).zip(cpu_before).map(|(a, b)| a.saturating_sub(b));
     let syscalls = counter.and_then(|c| c.stop());
     let after = h.device.state().queue(0);
+    let polled = if poll == Poll::Off { String::new() } else { format!(", poll={poll}") };
     Row {
-        what: format!("kickvm {mode}, QD{qd}"),
+        what: format!("kickvm {mode}{polled}, QD{qd}"),
         iops: done as f64 / secs,
         p50: lat.percentile(0.5),
         p99: lat.percentile(0.99),
         syscalls_per_req: per(syscalls, done),
         interrupts_per_req: (after.interrupts - before.interrupts) as f64 / done.max(1) as f64,
+        cpu_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1) as f64),
     }
+}
+
+/// CPU time used so far by this process's threads whose names start with
+/// one of `prefixes` (their `schedstat` run time); `None` if unreadable.
+fn threads_cpu(prefixes: &[&str]) -> Option<Duration> {
+    let mut total = 0u64;
+    for (tid, _) in threads_named(prefixes) {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
 }
 
 /// The peer: the same random 4 KiB reads with `pread` on the host.
@@ -170,6 +197,7 @@ pub fn host_pread(disk: &Disk, dur: Duration) -> Row {
         p99: lat.percentile(0.99),
         syscalls_per_req: "1.00".into(),
         interrupts_per_req: 0.0,
+        cpu_per_req: None,
     }
 }
 
@@ -177,26 +205,34 @@ pub fn run(dur: Duration) -> String {
     let disk = Disk::new().expect("create bench disk in /dev/shm");
     let peer = host_pread(&disk, dur);
     let mut rows = vec![];
-    for mode in [ThreadingMode::PerQueue, ThreadingMode::PerDevice, ThreadingMode::Single] {
+    // Polling applies to queue threads that sleep on their kick: the
+    // per-queue mode's.
+    let per_queue_polls = [Poll::Off, Poll::Adaptive(kickvm_virtio::poll::DEFAULT_MAX), Poll::Fixed(Duration::from_micros(50))];
+    let runs = per_queue_polls
+        .iter()
+        .map(|&p| (ThreadingMode::PerQueue, p))
+        .chain([ThreadingMode::PerDevice, ThreadingMode::Single].map(|m| (m, Poll::Off)));
+    for (mode, poll) in runs {
         for qd in [1, 32] {
-            let mut row = through_device(&disk, mode, qd, dur, false);
-            row.syscalls_per_req = through_device(&disk, mode, qd, dur / 2, true).syscalls_per_req;
+            let mut row = through_device(&disk, mode, poll, qd, dur, false);
+            row.syscalls_per_req = through_device(&disk, mode, poll, qd, dur / 2, true).syscalls_per_req;
             rows.push(row);
         }
     }
     let mut out = String::from(
-        "| blk 4 KiB random read | IOPS | ratio to host pread | p50 µs | p99 µs | device syscalls / request | interrupts / request |\n|---|---|---|---|---|---|---|\n",
+        "| blk 4 KiB random read | IOPS | ratio to host pread | p50 µs | p99 µs | device syscalls / request | interrupts / request | device CPU µs / request |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows.iter().chain(std::iter::once(&peer)) {
         out += &format!(
-            "| {} | {:.0} | {:.2} | {} | {} | {} | {:.2} |\n",
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {:.2} | {} |\n",
             r.what,
             r.iops,
             r.iops / peer.iops,
             us(r.p50),
             us(r.p99),
             r.syscalls_per_req,
-            r.interrupts_per_req
+            r.interrupts_per_req,
+            r.cpu_per_req.map_or("n/a".into(), |c| format!("{c:.1}")),
         );
     }
     out
