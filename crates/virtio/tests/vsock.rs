@@ -684,3 +684,22 @@ fn the_socket_file_is_removed_with_the_device_and_never_replaces_a_file() {
     drop(d);
     assert!(!p.exists(), "the socket file goes with the device");
 }
+
+#[test]
+fn activation_works_under_the_devices_own_seccomp_list() {
+    use kickvm_virtio::seccomp::{self, SeccompMode, QUEUE_THREAD};
+    let dir = Dir::new("seccomp");
+    let socket = dir.socket();
+    let mut dev = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: socket.clone() }).unwrap();
+    // The launcher activates a device on the vCPU thread that wrote
+    // DRIVER_OK, under a filter made of the queue thread's and the
+    // devices' lists: activation must need nothing else.
+    let features = dev.features();
+    let workers = std::thread::spawn(move || {
+        seccomp::apply("test", &[QUEUE_THREAD, kickvm_virtio::vsock::SYSCALLS], SeccompMode::On).unwrap();
+        dev.activate(features).map(|w| w.len()).map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(workers, Ok(3));
+}
