@@ -327,8 +327,7 @@ impl Muxer {
             self.queue_rst(q, key(h));
             return;
         }
-        let path = self.listener.port_path(h.dst_port);
-        match backend::connect(&path) {
+        match self.listener.connect_port(h.dst_port) {
             Ok(stream) => {
                 let mut c = Conn::new(stream, h.dst_port, h.src_port, State::Established);
                 c.peer_buf_alloc = h.buf_alloc;
