@@ -487,3 +487,26 @@ fn vmlinux_headers_that_do_not_add_up() {
     refused_early(&["--kernel", s(&k), "--memory", "64M"], &["needs at least 216 MiB of guest memory", "--memory"]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- vsock ----------------------------------------------------------------
+
+#[test]
+fn vsock_options_and_socket_paths() {
+    let dir = scratch("vsock");
+    let k = kernel(&dir);
+    usage_error(&["--kernel", &k, "--vsock", "cid=2,socket=/tmp/v"], &["--vsock cid=2", "from 3 to"]);
+    usage_error(&["--kernel", &k, "--vsock", "socket=/tmp/v"], &["--vsock needs cid=N"]);
+    usage_error(&["--kernel", &k, "--vsock", "cid=3"], &["--vsock needs socket=PATH"]);
+    usage_error(&["--kernel", &k, "--vsock", "cid=3,socket=/tmp/v,port=1"], &["unknown option `port`"]);
+    let f = write(&dir, "precious.txt", b"keep me");
+    let spec = format!("cid=3,socket={}", f.display());
+    refused_early(&["--kernel", &k, "--vsock", &spec], &["vsock socket path", "exists and is not a socket (a regular file)"]);
+    assert_eq!(std::fs::read(&f).unwrap(), b"keep me", "the file is left alone");
+    refused_early(&["--kernel", &k, "--vsock", "cid=3,socket=/nonexistent/dir/v.sock"], &["directory /nonexistent/dir does not exist"]);
+    let long = format!("cid=3,socket={}/{}", dir.display(), "s".repeat(100));
+    refused_early(&["--kernel", &k, "--vsock", &long], &["at most 96 here, so that PATH_<port> fits"]);
+    let busy = dir.join("busy.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let spec = format!("cid=3,socket={}", busy.display());
+    refused_early(&["--kernel", &k, "--vsock", &spec], &["is a socket another program listens on"]);
+}
