@@ -5,7 +5,7 @@ use std::path::Path;
 use super::{DeviceError, DeviceKind};
 use crate::config::validate::check_char_device;
 use crate::config::{err, ConfigError, NetSpec, VmConfig};
-use kickvm_virtio::net::NetDevice;
+use kickvm_virtio::net::{NetDevice, Tap};
 use kickvm_virtio::VirtioDevice;
 
 /// Where Linux lists network interfaces, and the TUN/TAP flag bits it
@@ -31,11 +31,22 @@ impl DeviceKind for Nets {
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         for (i, spec) in cfg.nets.iter().enumerate() {
             let nc = spec.net_config(&format!("net{i}"), i);
-            let dev = NetDevice::new(nc).map_err(|source| DeviceError::Tap { tap: spec.tap.clone(), source })?;
+            let tap_err = |source| DeviceError::Tap { tap: spec.tap.clone(), source };
+            let dev = match cfg.tap_fds.0.get(&spec.tap) {
+                Some(fds) => NetDevice::with_taps(nc, passed_taps(fds).map_err(tap_err)?),
+                None => NetDevice::new(nc).map_err(tap_err)?,
+            };
             out.push(Box::new(dev));
         }
         Ok(())
     }
+}
+
+/// Fresh duplicates of TAP queue fds that were handed over, one per queue
+/// pair (each boot of the VM consumes its own).
+fn passed_taps(fds: &[std::sync::Arc<std::os::fd::OwnedFd>]) -> Result<Vec<Tap>, kickvm_virtio::net::TapError> {
+    let not_tap = |e: std::io::Error| kickvm_virtio::net::TapError::NotTap(format!("cannot duplicate it: {e}"));
+    fds.iter().map(|fd| Tap::from_fd(fd.try_clone().map_err(not_tap)?)).collect()
 }
 
 /// What decides whether this process may create or attach to a TAP.
