@@ -210,3 +210,34 @@ fn add_net_takes_a_tap_fd_over_the_socket() {
     api.exit_within_3s();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn run_prints_a_counter_summary_at_exit_under_rust_log_info() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = common::scratch("api-summary");
+    let code = common::serial_then_out(b"bye\n", 0x3c0, (5 << 2) | (1 << 5));
+    let k = common::write(&dir, "bzImage", &common::fake_bzimage(&code));
+    let out = common::kickvm()
+        .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--rng", "--allow-slow-kvm"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rng0: 1 queues: 0 kicks, 0 chains, 0 bytes, 0 interrupts (0 suppressed), 0 errors"),
+        "{stderr}"
+    );
+    let quiet = common::kickvm()
+        .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--rng", "--allow-slow-kvm"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("kicks"), "no summary without RUST_LOG=info");
+    let _ = std::fs::remove_dir_all(dir);
+}
