@@ -71,6 +71,9 @@ fn bad_requests_get_one_line_and_the_guest_runs_on() {
     };
     let ping = "http://localhost/api/v1/vmm.ping";
     refused(curl_raw(&["-X", "PUT", "-d", "{}", "http://localhost/api/v1/vm.resize"]), 415, "application/json");
+    // No Content-Type at all is JSON (ch-remote sends none).
+    let untyped = exchange(&api.sock, b"PUT /api/v1/vm.resize HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+    assert!(untyped.starts_with("HTTP/1.1 204 "), "{untyped}");
     refused(curl_raw(&["-H", "Transfer-Encoding: chunked", "-H", "Content-Type: application/json", "-X", "PUT", "-d", "{}", ping]), 411, "Content-Length");
     let huge = dir.join("huge.json");
     std::fs::write(&huge, vec![b' '; 2 << 20]).unwrap();

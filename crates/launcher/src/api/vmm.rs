@@ -111,8 +111,11 @@ impl Vmm {
         if req.method != want {
             return Response::error(405, format!("{action} takes {want}, not {}", req.method));
         }
-        if !req.body.is_empty() && !req.content_type.as_deref().is_some_and(|c| c.starts_with("application/json")) {
-            return Response::error(415, format!("{action}: send the body with Content-Type: application/json"));
+        // A body is JSON: said so, or not said at all (ch-remote sends no
+        // Content-Type); any other type is a client's mistake (curl -d
+        // alone says application/x-www-form-urlencoded).
+        if !req.body.is_empty() && req.content_type.as_deref().is_some_and(|c| !c.starts_with("application/json")) {
+            return Response::error(415, format!("{action}: send the body as Content-Type: application/json"));
         }
         match action {
             "vmm.ping" => self.ping(),
