@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kickvm_virtio::ThreadingMode;
 
-use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VmConfig};
+use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VmConfig, VsockSpec};
 
 const ABOUT: &str = "Boot a stock Linux kernel on KVM, with virtio devices whose queues are each served by their own thread";
 
@@ -25,6 +25,10 @@ Examples:
   kickvm run --kernel bzImage --initrd initramfs --cpus 2 \\
              --disk path=root.img,serial=root --disk path=data.img,readonly=on \\
              --net tap=tap0,mac=52:54:00:12:34:56,queues=2 --rng
+
+  # A vsock device (guest CID 3); host programs reach guest port 1024
+  # with `CONNECT 1024` on /tmp/vm.vsock (e.g. socat - UNIX-CONNECT:/tmp/vm.vsock):
+  kickvm run --kernel bzImage --initrd initramfs --vsock cid=3,socket=/tmp/vm.vsock
 
   # virtio-console (hvc0) on this terminal instead of the serial port:
   kickvm run --kernel bzImage --initrd initramfs --console stdio --cmdline console=hvc0
@@ -152,6 +156,13 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from /dev/urandom.
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-vsock device: cid=N,socket=PATH (N: the guest's context ID,
+    /// 3 or more). Cloud Hypervisor's hybrid vsock: a host program connects
+    /// to PATH, writes `CONNECT <port>\n`, reads `OK <hostport>\n`, then
+    /// talks to the guest's listener on that port; a guest connection to
+    /// host port P reaches the Unix socket PATH_P.
+    #[arg(long, value_name = "OPTS", value_parser = config::parse_vsock)]
+    pub vsock: Option<VsockSpec>,
     /// How virtqueues are mapped onto threads: per-queue (one thread per
     /// queue), per-device, or single (one I/O thread for all).
     #[arg(long, value_name = "MODE", default_value = "per-queue")]
@@ -199,6 +210,7 @@ impl RunArgs {
             disks: self.disk.clone(),
             console: self.console.clone(),
             rng: self.rng,
+            vsock: self.vsock.clone(),
             threads: self.threads,
             kvm_device: self.kvm_device.clone(),
             allow_slow_kvm: self.allow_slow_kvm,

@@ -5,7 +5,8 @@
 //! new package version means a new image.
 //!
 //! Three variants:
-//! - [`Variant::Guest`]: the default test guest (Debian cloud kernel).
+//! - [`Variant::Guest`]: the default test guest (Debian cloud kernel),
+//!   with `socat` for vsock tests.
 //! - [`Variant::Tools`]: the guest plus `iperf3`, `fio` and `ethtool`.
 //! - [`Variant::Rig`]: the rig's L1 (Debian generic kernel with 9p and
 //!   kvm-amd; `/init` is `crates/rig/guest/rig-init.sh`).
@@ -50,6 +51,9 @@ const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "virtio_rng",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
 ];
 /// Modules the rig's L1 loads: 9p for the host root, kvm-amd for nested
 /// KVM, tun/veth/bridge/vhost for tests that build networks inside L1.
@@ -69,6 +73,10 @@ const RIG_MODULES: &[&str] = &[
     "vhost_net",
     "vhost_vsock",
 ];
+/// Packages of every test guest and the programs taken from them: `socat`
+/// speaks `AF_VSOCK` (virtio-vsock tests).
+const GUEST_PACKAGES: &[&str] = &["socat"];
+const GUEST_PROGRAMS: &[&str] = &["usr/bin/socat"];
 /// Tool packages of [`Variant::Tools`] and the programs taken from them.
 const TOOL_PACKAGES: &[&str] = &["iperf3", "fio", "ethtool"];
 const TOOL_PROGRAMS: &[&str] = &[
@@ -110,6 +118,19 @@ impl Variant {
         match self {
             Variant::Rig => RIG_MODULES,
             _ => GUEST_MODULES,
+        }
+    }
+
+    /// The packages beyond kernel and busybox, and the programs taken
+    /// from them (with their libraries).
+    fn extras(self) -> (Vec<&'static str>, Vec<&'static str>) {
+        match self {
+            Variant::Rig => (Vec::new(), Vec::new()),
+            Variant::Guest => (GUEST_PACKAGES.to_vec(), GUEST_PROGRAMS.to_vec()),
+            Variant::Tools => (
+                [GUEST_PACKAGES, TOOL_PACKAGES].concat(),
+                [GUEST_PROGRAMS, TOOL_PROGRAMS].concat(),
+            ),
         }
     }
 
@@ -291,8 +312,8 @@ fn last_built_image(images: &Path, variant: Variant, cache: &Cache) -> Result<Gu
 struct ImagePackages {
     /// The kernel package (the meta package resolved).
     kernel: Package,
-    /// Kernel, `busybox-static`, then (tools image) the tools and their
-    /// libraries; unpacked in this order.
+    /// Kernel, `busybox-static`, then the extra packages (socat; tools)
+    /// and their libraries; unpacked in this order.
     all: Vec<Package>,
     /// `all` as `name=version`.
     pinned: Vec<String>,
@@ -306,8 +327,9 @@ fn image_packages(variant: Variant) -> Result<ImagePackages> {
     ])?;
     let kernel = debs::resolve_meta(&found[0], "linux-image-")?;
     let mut all = vec![kernel.clone(), found[1].clone()];
-    if variant == Variant::Tools {
-        let roots: Vec<String> = TOOL_PACKAGES.iter().map(|s| s.to_string()).collect();
+    let (extras, _) = variant.extras();
+    if !extras.is_empty() {
+        let roots: Vec<String> = extras.iter().map(|s| s.to_string()).collect();
         all.extend(debs::library_closure(&roots)?);
     }
     let pinned: Vec<String> = all.iter().map(Package::pinned).collect();
@@ -335,7 +357,7 @@ struct ImageContents {
     kernel_release: String,
     /// The modules, in load order, with their `.ko` paths.
     modules: Vec<(String, PathBuf)>,
-    /// The tool files (tools image only).
+    /// The extra programs and their libraries (not in the rig's image).
     tools: Files,
 }
 
@@ -351,10 +373,11 @@ fn write_kernel_and_initramfs(
     fs::copy(&kernel_src, tmp.join("vmlinuz"))
         .map_err(|e| Error::io("cannot copy kernel", &kernel_src, e))?;
     let modules = tree.resolve(variant.modules())?;
-    let tools = if variant == Variant::Tools {
-        collect_tools(&roots[2..])?
-    } else {
+    let (_, programs) = variant.extras();
+    let tools = if programs.is_empty() {
         Vec::new()
+    } else {
+        collect_tools(&roots[2..], &programs)?
     };
 
     progress(&format!(
@@ -486,14 +509,14 @@ fn library_index(roots: &[PathBuf]) -> BTreeMap<String, PathBuf> {
     index
 }
 
-/// The tool programs and, by a `DT_NEEDED` walk, every shared library they
+/// The `programs` and, by a `DT_NEEDED` walk, every shared library they
 /// load, as (initramfs path, contents). Libraries go flat into
 /// `lib/x86_64-linux-gnu` (the guest sets `LD_LIBRARY_PATH` to it).
-fn collect_tools(roots: &[PathBuf]) -> Result<Files> {
+fn collect_tools(roots: &[PathBuf], programs: &[&str]) -> Result<Files> {
     let index = library_index(roots);
     let mut files: Files = Vec::new();
     let mut queue: Vec<(String, PathBuf)> = Vec::new();
-    for prog in TOOL_PROGRAMS {
+    for prog in programs {
         if let Some(src) = roots.iter().map(|r| r.join(prog)).find(|p| p.is_file()) {
             queue.push((prog.to_string(), src));
         }

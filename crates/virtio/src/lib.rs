@@ -39,6 +39,7 @@ pub mod seccomp;
 pub mod sys;
 pub mod terminal;
 pub mod threads;
+pub mod vsock;
 
 pub use counters::{DeviceState, QueueCounters, QueueCountersSnapshot};
 pub use device::{activate, ActivateError, ActiveDevice, VirtioDevice};

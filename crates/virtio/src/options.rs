@@ -233,3 +233,62 @@ pub fn parse_console(s: &str) -> Result<ConsoleSpec, OptionError> {
         _ => return err(format!("--console {s}: use stdio, pty, socket=PATH, file=PATH or none")),
     })
 }
+
+/// `--vsock cid=N,socket=PATH`: a virtio-vsock device whose host side is
+/// Cloud Hypervisor's hybrid vsock on the Unix socket PATH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+impl VsockSpec {
+    /// The vsock device this spec asks for, named `name`.
+    pub fn vsock_config(&self, name: &str) -> crate::vsock::VsockConfig {
+        crate::vsock::VsockConfig { name: name.to_string(), cid: self.cid, socket: self.socket.clone() }
+    }
+}
+
+/// `--vsock cid=N,socket=PATH`
+pub fn parse_vsock(s: &str) -> Result<VsockSpec, OptionError> {
+    use crate::vsock::{MAX_GUEST_CID, MIN_GUEST_CID};
+    let (mut cid, mut socket) = (None, None);
+    for (k, v) in pairs("--vsock", s)? {
+        match k {
+            "cid" => match v.parse::<u64>() {
+                Ok(n) if (MIN_GUEST_CID..=MAX_GUEST_CID).contains(&n) => cid = Some(n),
+                _ => {
+                    return err(format!(
+                        "--vsock cid={v}: use a number from {MIN_GUEST_CID} to {MAX_GUEST_CID} (0-2 are the hypervisor, loopback and host)"
+                    ))
+                }
+            },
+            "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            "socket" => return err("--vsock socket=: give the path of the Unix socket host programs connect to"),
+            _ => return err(format!("--vsock: unknown option `{k}` (use cid=N,socket=PATH)")),
+        }
+    }
+    match (cid, socket) {
+        (Some(cid), Some(socket)) => Ok(VsockSpec { cid, socket }),
+        (None, _) => err("--vsock needs cid=N (the guest's context ID, 3 or more)"),
+        (_, None) => err("--vsock needs socket=PATH (the Unix socket host programs connect to)"),
+    }
+}
+
+#[cfg(test)]
+mod vsock_tests {
+    use super::*;
+
+    #[test]
+    fn vsock_options() {
+        assert_eq!(parse_vsock("cid=3,socket=/tmp/v.sock"), Ok(VsockSpec { cid: 3, socket: "/tmp/v.sock".into() }));
+        assert!(parse_vsock("cid=2,socket=/tmp/v").unwrap_err().0.contains("from 3 to 4294967294"));
+        assert!(parse_vsock("cid=4294967295,socket=/tmp/v").is_err());
+        assert!(parse_vsock("cid=x,socket=/tmp/v").is_err());
+        assert!(parse_vsock("socket=/tmp/v").unwrap_err().0.contains("needs cid=N"));
+        assert!(parse_vsock("cid=3").unwrap_err().0.contains("needs socket=PATH"));
+        assert!(parse_vsock("cid=3,socket=").is_err());
+        assert!(parse_vsock("cid=3,cid=4,socket=/tmp/v").unwrap_err().0.contains("given twice"));
+        assert!(parse_vsock("cid=3,socket=/tmp/v,port=9").unwrap_err().0.contains("unknown option `port`"));
+    }
+}

@@ -17,6 +17,7 @@ pub use kickvm_virtio::options::{
     parse_console, parse_disk, parse_mac, parse_net, ConsoleSpec, DiskSpec, NetSpec, OptionError, DEFAULT_MAC,
     MAX_QUEUES, MAX_SERIAL,
 };
+pub use kickvm_virtio::options::{parse_vsock, VsockSpec};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -45,6 +46,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskSpec>,
     pub console: ConsoleSpec,
     pub rng: bool,
+    /// A virtio-vsock device with hybrid vsock on a host Unix socket.
+    pub vsock: Option<VsockSpec>,
     pub threads: ThreadingMode,
     /// `/dev/kvm` unless a test points elsewhere.
     pub kvm_device: PathBuf,

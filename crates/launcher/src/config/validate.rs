@@ -67,6 +67,30 @@ pub(crate) fn check_new_file_dir(what: &str, p: &Path) -> Result<(), ConfigError
     }
 }
 
+/// A Unix socket the launcher will listen on can be made at `p`: the path
+/// is at most `max_len` bytes (`why_max` says why, if not the kernel's
+/// limit) and free, or holds a stale socket (which is replaced), in a
+/// directory we can write. `what` names it (`console socket`).
+pub(crate) fn check_listen_socket(what: &str, p: &Path, max_len: usize, why_max: &str) -> Result<(), ConfigError> {
+    let len = p.as_os_str().len();
+    if len > max_len {
+        return err(format!(
+            "{what} path {} is {len} bytes; a Unix socket path is at most {max_len}{why_max}: choose a shorter one",
+            p.display()
+        ));
+    }
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(m) => err(format!(
+            "{what} path {} exists and is not a socket ({}): remove it or choose another path",
+            p.display(),
+            describe(&m.file_type())
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => check_new_file_dir(what, p),
+        Err(e) => err(format!("{what} path {}: {}", p.display(), io_reason(&e))),
+    }
+}
+
 /// `path` is a character device the launcher may open with `mode`
 /// (`R_OK`/`W_OK`); `hint` ends the message if not.
 pub(crate) fn check_char_device(what: &str, path: &Path, mode: libc::c_int, hint: &str) -> Result<(), ConfigError> {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::{DeviceError, DeviceKind};
-use crate::config::validate::{access, check_char_device, check_new_file_dir, MAX_SOCKET_PATH};
+use crate::config::validate::{access, check_char_device, check_listen_socket, check_new_file_dir, MAX_SOCKET_PATH};
 use crate::config::{err, ConfigError, ConsoleSpec, VmConfig};
 use crate::hostfile::{describe, io_reason};
 use kickvm_virtio::console::Console;
@@ -56,25 +56,7 @@ fn check_console(c: &ConsoleSpec) -> Result<(), ConfigError> {
         ConsoleSpec::Pty => {
             check_char_device("pseudo-terminal master", Path::new("/dev/ptmx"), libc::R_OK | libc::W_OK, "; --console pty needs it")
         }
-        ConsoleSpec::Socket(p) => {
-            let len = p.as_os_str().len();
-            if len > MAX_SOCKET_PATH {
-                return err(format!(
-                    "console socket path {} is {len} bytes; a Unix socket path is at most {MAX_SOCKET_PATH}: choose a shorter one",
-                    p.display()
-                ));
-            }
-            match std::fs::symlink_metadata(p) {
-                Ok(m) if m.file_type().is_socket() => Ok(()),
-                Ok(m) => err(format!(
-                    "console socket path {} exists and is not a socket ({}): remove it or choose another path",
-                    p.display(),
-                    describe(&m.file_type())
-                )),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => check_new_file_dir("console socket", p),
-                Err(e) => err(format!("console socket path {}: {}", p.display(), io_reason(&e))),
-            }
-        }
+        ConsoleSpec::Socket(p) => check_listen_socket("console socket", p, MAX_SOCKET_PATH, ""),
         ConsoleSpec::File(p) => match std::fs::metadata(p) {
             Ok(m) if m.is_file() || m.file_type().is_char_device() => {
                 if access(p, libc::W_OK) {

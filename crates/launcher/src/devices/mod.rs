@@ -17,6 +17,7 @@ mod block;
 mod console;
 mod net;
 mod rng;
+mod vsock;
 
 /// Why a device could not be built; its backend's own error is the source.
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +50,8 @@ pub trait DeviceKind: Sync {
 }
 
 /// Every kind of device, in the PCI slot order the guest sees on every
-/// boot: disks, network cards, console, rng. A new kind goes here.
-pub static KINDS: &[&dyn DeviceKind] = &[&block::Disks, &net::Nets, &console::Consoles, &rng::Rngs];
+/// boot: disks, network cards, console, rng, vsock. A new kind goes here.
+pub static KINDS: &[&dyn DeviceKind] = &[&block::Disks, &net::Nets, &console::Consoles, &rng::Rngs, &vsock::Vsocks];
 
 /// Builds every configured device (opening its backend: TAP, disk file,
 /// console endpoint, entropy source).
