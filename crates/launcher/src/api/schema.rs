@@ -246,11 +246,9 @@ impl ChVmConfig {
         if self.rng.src != std::path::Path::new("/dev/urandom") {
             return refuse(format!("rng.src {}: kickvm's virtio-rng reads /dev/urandom only", self.rng.src.display()));
         }
-        if self.vsock.is_some() {
-            return refuse("vsock: kickvm has no virtio-vsock device yet; leave it out");
-        }
         let disks = self.disks.iter().map(Disk::to_spec).collect::<Result<Vec<_>, _>>()?;
         let nets = self.net.iter().map(Net::to_spec).collect::<Result<Vec<_>, _>>()?;
+        let vsock = self.vsock.as_ref().map(Vsock::to_spec).transpose()?;
         let cfg = VmConfig {
             kernel,
             initrd: self.payload.initramfs.clone(),
@@ -263,6 +261,7 @@ impl ChVmConfig {
             disks,
             console: self.console.virtio_console()?,
             rng: true,
+            vsock,
             threads: host.threads,
             kvm_device: host.kvm_device.clone(),
             allow_slow_kvm: host.allow_slow_kvm,
@@ -318,6 +317,22 @@ impl Net {
             return refuse("net: give `tap` (an interface name) or pass the TAP's fds with vm.add-net");
         }
         config::parse_net(&opts.join(",")).map_err(|e| ConfigError(format!("net: {}", e.0)))
+    }
+}
+
+impl Vsock {
+    fn to_spec(&self) -> Result<config::VsockSpec, ConfigError> {
+        use kickvm_virtio::vsock::{MAX_GUEST_CID, MIN_GUEST_CID};
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.cid) {
+            return refuse(format!(
+                "vsock.cid {}: use a number from {MIN_GUEST_CID} to {MAX_GUEST_CID} (0-2 are the hypervisor, loopback and host)",
+                self.cid
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return refuse("vsock.socket: give the path of the Unix socket host programs connect to");
+        }
+        Ok(config::VsockSpec { cid: self.cid, socket: self.socket.clone() })
     }
 }
 
@@ -386,6 +401,8 @@ mod tests {
         assert_eq!(c.disks, vec![DiskSpec { path: "/d".into(), readonly: true, serial: None, queues: 2 }]);
         assert_eq!((c.nets[0].tap.as_str(), c.nets[0].queues, c.nets[0].mac), ("tap7", 2, Some([0x52, 0x54, 0, 0, 0, 7])));
         assert_eq!((c.console, serial), (ConsoleSpec::None, SerialTarget::Stdout));
+        let (c, _) = convert(r#"{"payload":{"kernel":"/k"},"vsock":{"cid":3,"socket":"/tmp/v.sock"}}"#).unwrap();
+        assert_eq!(c.vsock, Some(config::VsockSpec { cid: 3, socket: "/tmp/v.sock".into() }));
     }
 
     #[test]
@@ -410,6 +427,8 @@ mod tests {
             (r#"{"payload":{"kernel":"/k"},"serial":{"mode":"Pty"}}"#, "serial"),
             (r#"{"payload":{"kernel":"/k"},"console":{"mode":"Banana"}}"#, "VmConfig"),
             (r#"{"payload":{"kernel":"/k"},"rng":{"src":"/dev/zero"}}"#, "/dev/urandom"),
+            (r#"{"payload":{"kernel":"/k"},"vsock":{"cid":2,"socket":"/v"}}"#, "vsock.cid 2"),
+            (r#"{"payload":{"kernel":"/k"},"vsock":{"cid":3}}"#, "vsock.socket"),
             (r#"{"payload":"#, "not valid JSON"),
             ("[1,2]", "VmConfig"),
         ] {

@@ -462,6 +462,9 @@ fn device_ids(ch: &ChVmConfig) -> Vec<String> {
         ids.push("console0".into());
     }
     ids.push("rng0".into());
+    if ch.vsock.is_some() {
+        ids.push("vsock0".into());
+    }
     ids
 }
 
