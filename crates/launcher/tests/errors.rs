@@ -441,3 +441,26 @@ fn a_tap_created_by_kickvm_is_gone_after_a_failed_start() {
     assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!interface_exists(&name), "TAP {name} left behind");
 }
+
+// ---- vsock ----------------------------------------------------------------
+
+#[test]
+fn vsock_options_and_socket_paths() {
+    let dir = scratch("vsock");
+    let k = kernel(&dir);
+    usage_error(&["--kernel", &k, "--vsock", "cid=2,socket=/tmp/v"], &["--vsock cid=2", "from 3 to"]);
+    usage_error(&["--kernel", &k, "--vsock", "socket=/tmp/v"], &["--vsock needs cid=N"]);
+    usage_error(&["--kernel", &k, "--vsock", "cid=3"], &["--vsock needs socket=PATH"]);
+    usage_error(&["--kernel", &k, "--vsock", "cid=3,socket=/tmp/v,port=1"], &["unknown option `port`"]);
+    let f = write(&dir, "precious.txt", b"keep me");
+    let spec = format!("cid=3,socket={}", f.display());
+    refused_early(&["--kernel", &k, "--vsock", &spec], &["vsock socket path", "exists and is not a socket (a regular file)"]);
+    assert_eq!(std::fs::read(&f).unwrap(), b"keep me", "the file is left alone");
+    refused_early(&["--kernel", &k, "--vsock", "cid=3,socket=/nonexistent/dir/v.sock"], &["directory /nonexistent/dir does not exist"]);
+    let long = format!("cid=3,socket={}/{}", dir.display(), "s".repeat(100));
+    refused_early(&["--kernel", &k, "--vsock", &long], &["at most 96 here, so that PATH_<port> fits"]);
+    let busy = dir.join("busy.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let spec = format!("cid=3,socket={}", busy.display());
+    refused_early(&["--kernel", &k, "--vsock", &spec], &["is a socket another program listens on"]);
+}

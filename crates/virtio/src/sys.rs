@@ -6,7 +6,8 @@ use std::sync::Once;
 
 use crate::memory::GuestIovecs;
 
-fn check(ret: isize) -> io::Result<usize> {
+/// A system call's return value as a result (`errno` on failure).
+pub(crate) fn check(ret: isize) -> io::Result<usize> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -276,15 +276,18 @@ fn guest_read(g: &mut Guest, st: &mut Stream, len: usize) -> Vec<u8> {
     got
 }
 
-/// The guest writes `data` on one stream within the host's credit,
-/// waiting for credit updates when it runs out.
-fn guest_write(g: &mut Guest, st: &mut Stream, data: &[u8]) {
+/// The guest writes `data` on one stream within the host's credit; when
+/// the credit runs out it waits up to `patience` for an update. Returns
+/// how much it wrote: all of it, unless the credit stayed gone.
+fn guest_write_within_credit(g: &mut Guest, st: &mut Stream, data: &[u8], patience: Duration) -> usize {
     let mut at = 0;
     while at < data.len() {
         let n = (data.len() - at).min(32 * 1024).min(st.credit() as usize);
         if n == 0 {
-            let (h, _) = g.recv(T).expect("a credit update when the host has read");
-            st.heard(&h);
+            match g.recv(patience) {
+                Some((h, _)) => st.heard(&h),
+                None => break,
+            }
             continue;
         }
         let mut h = st.hdr(OP_RW);
@@ -293,6 +296,12 @@ fn guest_write(g: &mut Guest, st: &mut Stream, data: &[u8]) {
         st.tx_cnt = st.tx_cnt.wrapping_add(n as u32);
         at += n;
     }
+    at
+}
+
+/// The guest writes all of `data`, waiting for credit as Linux does.
+fn guest_write(g: &mut Guest, st: &mut Stream, data: &[u8]) {
+    assert_eq!(guest_write_within_credit(g, st, data, T), data.len(), "credit came back as the host read");
 }
 
 #[test]
@@ -415,21 +424,7 @@ fn guest_to_host_data_is_held_for_a_slow_reader_and_bounded_by_credit() {
     let (mut s, mut st) = host_connect(&mut g, &dir.socket(), 9);
     // The host does not read: the guest sends until the credit runs out.
     let data = pattern(4 << 20, 4);
-    let mut at = 0;
-    loop {
-        while let Some((h, _)) = g.recv(Duration::from_millis(100)) {
-            st.heard(&h);
-        }
-        let n = (data.len() - at).min(32 * 1024).min(st.credit() as usize);
-        if n == 0 {
-            break;
-        }
-        let mut h = st.hdr(OP_RW);
-        h.len = n as u32;
-        g.send(h, &data[at..at + n]);
-        st.tx_cnt = st.tx_cnt.wrapping_add(n as u32);
-        at += n;
-    }
+    let at = guest_write_within_credit(&mut g, &mut st, &data, Duration::from_millis(300));
     assert!(at < data.len(), "the guest ran out of credit before 4 MiB");
     assert!(g.quiet(Duration::from_millis(200)), "and nothing more comes while the host does not read");
     // The host reads: everything arrives, in order, and the credit comes back.
@@ -683,4 +678,23 @@ fn the_socket_file_is_removed_with_the_device_and_never_replaces_a_file() {
     assert_eq!(d.config_space(), CID.to_le_bytes());
     drop(d);
     assert!(!p.exists(), "the socket file goes with the device");
+}
+
+#[test]
+fn activation_works_under_the_devices_own_seccomp_list() {
+    use kickvm_virtio::seccomp::{self, SeccompMode, QUEUE_THREAD};
+    let dir = Dir::new("seccomp");
+    let socket = dir.socket();
+    let mut dev = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: socket.clone() }).unwrap();
+    // The launcher activates a device on the vCPU thread that wrote
+    // DRIVER_OK, under a filter made of the queue thread's and the
+    // devices' lists: activation must need nothing else.
+    let features = dev.features();
+    let workers = std::thread::spawn(move || {
+        seccomp::apply("test", &[QUEUE_THREAD, kickvm_virtio::vsock::SYSCALLS], SeccompMode::On).unwrap();
+        dev.activate(features).map(|w| w.len()).map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(workers, Ok(3));
 }

@@ -69,8 +69,8 @@ pub(crate) fn check_new_file_dir(what: &str, p: &Path) -> Result<(), ConfigError
 
 /// A Unix socket the launcher will listen on can be made at `p`: the path
 /// is at most `max_len` bytes (`why_max` says why, if not the kernel's
-/// limit) and free, or holds a stale socket (which is replaced), in a
-/// directory we can write. `what` names it (`console socket`).
+/// limit) and free, or holds a stale socket nobody listens on (which is
+/// replaced), in a directory we can write. `what` names it (`console socket`).
 pub(crate) fn check_listen_socket(what: &str, p: &Path, max_len: usize, why_max: &str) -> Result<(), ConfigError> {
     let len = p.as_os_str().len();
     if len > max_len {
@@ -80,6 +80,10 @@ pub(crate) fn check_listen_socket(what: &str, p: &Path, max_len: usize, why_max:
         ));
     }
     match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() && std::os::unix::net::UnixStream::connect(p).is_ok() => err(format!(
+            "{what} path {} is a socket another program listens on: stop it or choose another path",
+            p.display()
+        )),
         Ok(m) if m.file_type().is_socket() => Ok(()),
         Ok(m) => err(format!(
             "{what} path {} exists and is not a socket ({}): remove it or choose another path",

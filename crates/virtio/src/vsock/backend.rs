@@ -12,6 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use crate::memory::GuestIovecs;
+use crate::sys::check;
 
 /// The listening socket host programs connect to (`socket=PATH`). It
 /// lives as long as the device, across resets; its file is removed when
@@ -128,14 +129,6 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
         return Err(io::Error::last_os_error());
     }
     Ok(UnixStream::from(owned))
-}
-
-fn check(ret: isize) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
 }
 
 /// Sends from guest buffers to a host socket. `MSG_NOSIGNAL`: a host peer

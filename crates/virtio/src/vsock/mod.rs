@@ -63,6 +63,8 @@ pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
 /// (socket, connect), moving data (readv, sendmsg, sendto, recvfrom), and
 /// half-closing a stream (shutdown).
 pub const SYSCALLS: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
