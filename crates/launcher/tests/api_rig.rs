@@ -3,12 +3,11 @@
 //! --api-socket`, poll `vmm.ping`, `vm.create` with the default guest
 //! image, `vm.info` = Created, `vm.add-net` with a TAP fd this test opened
 //! (as Kata's runtime does), `vm.boot`, `vm.info` = Running, the guest
-//! pings the host over that NIC, `vm.counters` shows the traffic,
-//! `vmm.shutdown` → the process is gone within 3 s, with no TAP, socket or
-//! thread left behind. curl is the client.
-//!
-//! Not yet here: the hybrid-vsock leg (`CONNECT 1024`), which needs the
-//! vsock device of another branch.
+//! pings the host over that NIC, a host program reaches the guest's
+//! listener through hybrid vsock (`CONNECT 1024`, as Kata reaches its
+//! agent) and 1 MiB goes each way (an echo, checksummed), `vm.counters`
+//! shows the traffic, `vmm.shutdown` → the process is gone within 3 s,
+//! with no TAP, socket or thread left behind. curl is the client.
 
 mod api_common;
 mod common;
@@ -48,6 +47,40 @@ fn open_tap(name: &str, addr: &str) -> std::fs::File {
     f
 }
 
+/// FNV-1a, 64 bits: a checksum of what went and what came back.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Through Cloud Hypervisor's hybrid vsock: `CONNECT port`, then `len`
+/// bytes to the guest's echo listener while reading them back: whether
+/// what came back has the checksum of what went, or what went wrong.
+fn vsock_echo(sock: &std::path::Path, port: u32, len: usize) -> Result<bool, String> {
+    use std::io::{Read, Write};
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("connect to {}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| format!("CONNECT: {e}"))?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b).map_err(|e| format!("no OK line after CONNECT {port}: {e} (got {line:?})"))?;
+        line.push(b[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(format!("CONNECT answered {:?}", String::from_utf8_lossy(&line)));
+    }
+    let data: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1]).collect();
+    let sent = fnv(&data);
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data).and_then(|_| w.shutdown(std::net::Shutdown::Write))
+    });
+    let mut back = Vec::with_capacity(len);
+    s.read_to_end(&mut back).map_err(|e| format!("reading the echo after {} bytes: {e}", back.len()))?;
+    writer.join().unwrap().map_err(|e| format!("writing: {e}"))?;
+    Ok(back.len() == len && fnv(&back) == sent)
+}
+
 #[test]
 fn kata_like_lifecycle_over_the_api() {
     in_rig!("kata_like_lifecycle_over_the_api");
@@ -61,7 +94,8 @@ fn kata_like_lifecycle_over_the_api() {
     let mut api = Api::start(&dir);
     eprintln!("api-rig: vmm.ping answered {:.0} ms after spawn", t0.elapsed().as_secs_f64() * 1e3);
 
-    let script = "ping -c 3 -W 2 10.0.2.2 && echo PING-OK; sleep 600";
+    let script = "socat VSOCK-LISTEN:1024 EXEC:cat & ping -c 3 -W 2 10.0.2.2 && echo PING-OK; sleep 600";
+    let vsock = dir.join("vsock.sock");
     let cmdline = format!("loglevel=4 {}", kickvm_rig::image::script_cmdline(script));
     let body = serde_json::json!({
         "payload": { "kernel": img.kernel, "initramfs": img.initrd, "cmdline": cmdline },
@@ -69,6 +103,7 @@ fn kata_like_lifecycle_over_the_api() {
         "memory": { "size": 256u64 << 20 },
         "serial": { "mode": "Tty" },
         "console": { "mode": "Off" },
+        "vsock": { "cid": 3, "socket": vsock },
     });
     assert_eq!(api.curl("PUT", "vm.create", Some(&body.to_string())).0, 204);
     assert_eq!(api.state(), "Created");
@@ -113,6 +148,17 @@ fn kata_like_lifecycle_over_the_api() {
         eprintln!("api-rig: vm.boot to /init marker {:.2} s", t.as_secs_f64());
     }
 
+    let t_vsock = Instant::now();
+    match vsock_echo(&vsock, 1024, 1 << 20) {
+        Ok(true) => {}
+        Ok(false) => panic!("the 1 MiB came back different"),
+        Err(e) => {
+            let console: Vec<String> = rx.try_iter().collect();
+            panic!("hybrid vsock: {e}\nconsole since PING-OK:\n{}", console.join("\n"));
+        }
+    }
+    eprintln!("api-rig: 1 MiB each way over hybrid vsock in {:.2} s", t_vsock.elapsed().as_secs_f64());
+
     let (code, counters) = api.curl("GET", "vm.counters", None);
     assert_eq!(code, 200, "{counters}");
     let v: serde_json::Value = serde_json::from_str(&counters).unwrap();
@@ -121,12 +167,17 @@ fn kata_like_lifecycle_over_the_api() {
     assert!(n("q0_bytes") >= 3 * 84 && n("q1_bytes") >= 3 * 84, "3 pings each way: {counters}");
     assert!(n("q0_chains") >= 3 && n("q1_chains") >= 3 && n("q0_interrupts") > 0, "{counters}");
     assert_eq!(n("needs_reset"), 0);
+    let vs = |k: &str| v["vsock0"][k].as_u64().unwrap_or(0);
+    eprintln!("api-rig: vsock0 counters: {}", v["vsock0"]);
+    assert!(vs("q0_bytes") >= 1 << 20 && vs("q1_bytes") >= 1 << 20, "1 MiB each way on vsock0: {counters}");
 
     let pid = api.child.id();
     let t_exit = Instant::now();
     let sock = api.sock.clone();
-    let (code, _) = api.curl("PUT", "vmm.shutdown", None);
+    let s = UnixStream::connect(&sock).unwrap();
+    let (code, _) = raw_request(&s, "PUT", "vmm.shutdown", "", &[]);
     assert_eq!(code, 204);
+    eprintln!("api-rig: vmm.shutdown answered in {:.0} ms", t_exit.elapsed().as_secs_f64() * 1e3);
     while api.child.try_wait().unwrap().is_none() {
         assert!(t_exit.elapsed() < Duration::from_secs(3), "kickvm still runs 3 s after vmm.shutdown");
         std::thread::sleep(Duration::from_millis(10));
@@ -134,7 +185,13 @@ fn kata_like_lifecycle_over_the_api() {
     eprintln!("api-rig: vmm.shutdown to exit {:.0} ms", t_exit.elapsed().as_secs_f64() * 1e3);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "no thread of kickvm is left");
     assert!(!sock.exists(), "the API socket is left behind");
+    assert!(!vsock.exists(), "the vsock socket is left behind");
     assert!(!std::path::Path::new("/sys/class/net/kvapi0").exists(), "the TAP is left behind");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut api.child.stderr.take().unwrap(), &mut log).unwrap();
+    for l in log.lines().filter(|l| l.contains("stopped")) {
+        eprintln!("api-rig: kickvm: {l}");
+    }
     let console = reader.join().unwrap();
     assert!(console.contains("PING-OK"), "{console}");
     let _ = std::fs::remove_dir_all(dir);

@@ -302,7 +302,10 @@ impl Vmm {
     }
 
     fn exit_vmm(&self) -> Response {
-        self.stop();
+        let t0 = Instant::now();
+        if self.stop() {
+            log::info!("vmm.shutdown: the VM stopped in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
         self.exit.store(true, Ordering::SeqCst);
         Response::no_content()
     }
