@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FUZZ=$ROOT/fuzz
-ALL_TARGETS=(bzimage cli virtio_pci chain devices)
+ALL_TARGETS=(bzimage cli virtio_pci chain devices api)
 
 usage() {
     cat <<'EOF'
@@ -38,6 +38,11 @@ Targets (all when none is named; code in fuzz/src/, one per module):
               -rng request handling, served inline (no threads), with
               resets and re-activations between requests; each run ends
               with a valid request served after a reset        (devices.rs)
+  api         bytes a client writes to `kickvm --api-socket`, in reads
+              of any size, through the HTTP framing into the VMM: routes,
+              Cloud Hypervisor's JSON shapes, VmConfig, validate(), the
+              VM's states (boot fails: KVM is /dev/null); every error one
+              line                                                (api.rs)
 
 Options:
   --smoke       A few seconds per target from the seeds (CI: scripts/test.sh),

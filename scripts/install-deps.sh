@@ -7,8 +7,9 @@ set -eu
 
 # qemu-system-x86: the rig's L1 and the reference VMM; iproute2: netns/TAP
 # in tests; strace and linux-perf: syscall counting; gzip, dpkg and apt:
-# the image builder (always present on Debian, listed to be explicit).
-PACKAGES="qemu-system-x86 iproute2 strace linux-perf gzip dpkg apt"
+# the image builder (always present on Debian, listed to be explicit);
+# curl: a client none of us wrote for the API socket's tests.
+PACKAGES="qemu-system-x86 iproute2 strace linux-perf gzip dpkg apt curl"
 
 missing=""
 for p in $PACKAGES; do

@@ -436,7 +436,7 @@ pub fn sandbox() -> &'static Path {
 }
 
 /// Where a path the parser produced points inside the sandbox.
-fn confine(p: &Path) -> PathBuf {
+pub(crate) fn confine(p: &Path) -> PathBuf {
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if ENTRIES.contains(&name.as_str()) {
         return sandbox().join(name);
@@ -706,7 +706,7 @@ pub fn run(input: &CliInput) {
     };
     // Other subcommands (`backend`) are parsed only: running them serves a socket.
     #[allow(irrefutable_let_patterns)]
-    let Command::Run(args) = cli.command else {
+    let Some(Command::Run(args)) = cli.command else {
         checks::log_end();
         return;
     };

@@ -9,6 +9,7 @@
 //! | `virtio_pci` | [`vpci`] | PCI config space, ECAM, BAR0, MSI-X, queues, resets, with real devices |
 //! | `chain` | [`chain`] | the descriptor chain walker over arbitrary memory, tables and indirect tables |
 //! | `devices` | [`devices`] | blk, net, console, rng request handling, served inline, with resets |
+//! | `api` | [`api`] | `kickvm --api-socket` bytes → HTTP framing → routes, JSON shapes, `VmConfig`, `validate` |
 //!
 //! Shared pieces for targets to come (the chain walker, per-device
 //! request handling): [`guest`] (guest memory layouts, split rings,
@@ -20,6 +21,7 @@
 //! code. `KICKVM_FUZZ_WRITE_SEEDS=1 cargo test write_seeds` rewrites
 //! `fuzz/seeds/`.
 
+pub mod api;
 pub mod bz;
 pub mod chain;
 pub mod checks;
@@ -32,7 +34,7 @@ pub mod seeds;
 pub mod vpci;
 
 /// Every target name, in `scripts/fuzz.sh` order.
-pub const TARGETS: [&str; 5] = ["bzimage", "cli", "virtio_pci", "chain", "devices"];
+pub const TARGETS: [&str; 6] = ["bzimage", "cli", "virtio_pci", "chain", "devices", "api"];
 
 #[cfg(test)]
 mod tests {
@@ -91,6 +93,9 @@ mod tests {
         for (_, v) in seeds::device_requests() {
             devices::run(&v);
         }
+        for (_, v) in seeds::api() {
+            api::run(&v);
+        }
     }
 
     /// The transport seeds get real work done: devices started, requests served.
@@ -130,6 +135,7 @@ mod tests {
             ("virtio_pci", seeds::virtio_pci().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("chain", seeds::chain().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("devices", seeds::device_requests().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
+            ("api", seeds::api()),
         ];
         for (target, files) in all {
             let dir = root.join(target);

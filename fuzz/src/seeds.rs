@@ -629,3 +629,55 @@ mod device_seeds {
 pub fn device_requests() -> Vec<(&'static str, crate::devices::DevInput)> {
     device_seeds::all()
 }
+
+// ---- api ---------------------------------------------------------------
+
+/// One request as a client writes it.
+fn http(method: &str, endpoint: &str, body: &str) -> String {
+    let mut r = format!("{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n");
+    if !body.is_empty() {
+        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r
+}
+
+/// Client byte streams for the `api` target: the first byte picks the
+/// read size (n % 64 + 1), the rest is what a client writes.
+pub fn api() -> Vec<(&'static str, Vec<u8>)> {
+    let create = r#"{"payload":{"kernel":"kernel","initramfs":"initrd","cmdline":"quiet"},"cpus":{"boot_vcpus":2,"max_vcpus":4},"memory":{"size":268435456,"shared":true},"disks":[{"path":"disk","readonly":true,"num_queues":2,"serial":"d0"}],"net":[{"tap":"t0","mac":"52:54:00:00:00:07","num_queues":2}],"rng":{"src":"/dev/urandom"},"serial":{"mode":"Tty"},"console":{"mode":"File","file":"dir/console.log"},"platform":{"num_pci_segments":1}}"#;
+    let lifecycle = [
+        http("GET", "vmm.ping", ""),
+        http("PUT", "vm.create", create),
+        http("GET", "vm.info", ""),
+        http("PUT", "vm.add-disk", r#"{"path":"disk"}"#),
+        http("PUT", "vm.add-net", r#"{"tap":"t1","num_queues":4}"#),
+        http("PUT", "vm.resize", r#"{"desired_vcpus":3,"desired_ram":536870912}"#),
+        http("PUT", "vm.boot", ""),
+        http("GET", "vm.counters", ""),
+        http("PUT", "vm.reboot", ""),
+        http("PUT", "vm.power-button", ""),
+        http("PUT", "vm.shutdown", ""),
+        http("PUT", "vm.delete", ""),
+        http("PUT", "vmm.shutdown", ""),
+    ]
+    .concat();
+    let bad = [
+        http("PUT", "vm.create", r#"{"payload":{"kernel":"#),
+        http("GET", "vm.create", ""),
+        http("PUT", "vm.nothing", "{}"),
+        http("PUT", "vm.create", r#"{"payload":{"firmware":"kernel"},"fs":[{"tag":"x"}]}"#),
+        http("PUT", "vm.create", r#"{"payload":{"kernel":"empty"},"memory":{"size":1},"cpus":{"boot_vcpus":0}}"#),
+        "PUT /api/v1/vm.boot HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_string(),
+    ]
+    .concat();
+    let with = |size: u8, s: &str| [&[size][..], s.as_bytes()].concat();
+    vec![
+        ("lifecycle-whole", with(63, &lifecycle)),
+        ("lifecycle-bytewise", with(0, &lifecycle)),
+        ("bad-requests", with(17, &bad)),
+        ("chunked-keepalive-close", with(5, "GET /api/v1/vmm.ping HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")),
+        ("http10-close", with(63, "GET /api/v1/vmm.ping HTTP/1.0\r\n\r\nGET /api/v1/vm.info HTTP/1.1\r\n\r\n")),
+    ]
+}

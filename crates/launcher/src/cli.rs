@@ -47,11 +47,64 @@ unless --console stdio, reads stdin. Guest `poweroff` ends kickvm with
 status 0; guest `reboot` boots the VM again (or ends it with --no-reboot).
 Ctrl-C or SIGTERM stop the VM and restore the terminal.";
 
+const API_EXAMPLES: &str = "\
+Driven over an API socket (Cloud Hypervisor's REST API, as Kata Containers'
+clh driver and ch-remote use it; docs/api.md lists the endpoints):
+  kickvm --api-socket /run/kickvm.sock &
+  curl --unix-socket /run/kickvm.sock http://localhost/api/v1/vmm.ping
+  curl --unix-socket /run/kickvm.sock -X PUT -H 'Content-Type: application/json' \\
+       -d '{\"payload\":{\"kernel\":\"bzImage\",\"initramfs\":\"initrd\"}}' \\
+       http://localhost/api/v1/vm.create
+  curl --unix-socket /run/kickvm.sock -X PUT http://localhost/api/v1/vm.boot
+  curl --unix-socket /run/kickvm.sock -X PUT http://localhost/api/v1/vmm.shutdown";
+
 #[derive(Parser, Debug)]
-#[command(name = "kickvm", version, about = ABOUT, long_about = None)]
+#[command(name = "kickvm", version, about = ABOUT, long_about = None, after_long_help = API_EXAMPLES,
+          args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `kickvm --api-socket PATH`: no subcommand, the VM comes over the socket.
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    /// Serve Cloud Hypervisor's REST API on this Unix socket (PATH or
+    /// path=PATH); the VM is created and booted through it.
+    #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
+    pub api_socket: Option<PathBuf>,
+    /// More log lines on stderr: -v info, -vv debug (RUST_LOG overrides).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Seccomp filters for every thread (on, log, off; true and false
+    /// as Kata passes them).
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: kickvm_virtio::seccomp::SeccompMode,
+    /// How virtqueues are mapped onto threads (see `kickvm run --help`).
+    #[arg(long, value_name = "MODE", default_value = "per-queue")]
+    pub threads: ThreadingMode,
+    /// Run even on kvm_pvm (for tests with tiny guests).
+    #[arg(long, hide = true)]
+    pub allow_slow_kvm: bool,
+    /// The KVM device (for tests).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
+    pub kvm_device: PathBuf,
+}
+
+/// `--api-socket PATH` or `--api-socket path=PATH` (Cloud Hypervisor's form).
+fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
+    let p = match s.split_once('=') {
+        Some(("path", p)) => p,
+        Some(("fd", _)) => return Err("fd=N is not taken: give path=PATH".into()),
+        Some(_) | None if s.contains(',') => return Err(format!("`{s}`: give PATH or path=PATH")),
+        _ => s,
+    };
+    if p.is_empty() {
+        return Err("empty path: give PATH or path=PATH".into());
+    }
+    Ok(PathBuf::from(p))
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +228,7 @@ impl RunArgs {
             kvm_device: self.kvm_device.clone(),
             allow_slow_kvm: self.allow_slow_kvm,
             seccomp: self.seccomp,
+            tap_fds: Default::default(),
         })
     }
 }
@@ -188,8 +242,8 @@ mod tests {
         let mut v = vec!["kickvm", "run"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).map(|c| match c.command {
-            Command::Run(r) => r,
-            Command::Backend(_) => unreachable!("parsed as `run`"),
+            Some(Command::Run(r)) => r,
+            _ => unreachable!("parsed as `run`"),
         })
     }
 
@@ -243,6 +297,19 @@ mod tests {
         assert_eq!(c.initrd, Some(PathBuf::from("initrd.img")));
         let e = r.to_config(&|| Err("apt is not reachable".into())).unwrap_err();
         assert!(e.0.contains("apt is not reachable"));
+    }
+
+    #[test]
+    fn api_socket_as_kata_passes_it() {
+        let c = Cli::try_parse_from(["kickvm", "--api-socket", "/tmp/a.sock", "-vv", "--seccomp", "false"]).unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.api.api_socket, Some(PathBuf::from("/tmp/a.sock")));
+        assert_eq!((c.api.verbose, c.api.seccomp), (2, kickvm_virtio::seccomp::SeccompMode::Off));
+        let c = Cli::try_parse_from(["kickvm", "--api-socket", "path=/tmp/b.sock"]).unwrap();
+        assert_eq!(c.api.api_socket, Some(PathBuf::from("/tmp/b.sock")));
+        assert!(Cli::try_parse_from(["kickvm", "--api-socket", "fd=3"]).is_err());
+        assert!(Cli::try_parse_from(["kickvm", "--api-socket", ""]).is_err());
+        assert!(Cli::try_parse_from(["kickvm", "--api-socket", "/a", "run", "--kernel", "k"]).is_err());
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! kernel and initramfs ([`boot`]), the [`acpi`] tables, the [`serial`]
 //! port and [`platform`] devices on the port I/O [`bus`], [`pci`] with the
 //! virtio [`devices`] behind it, and one [`vcpu`] thread per vCPU — and
-//! waits until the guest powers off or resets.
+//! waits until the guest powers off or resets. [`api`] is the other way
+//! in: `kickvm --api-socket`, Cloud Hypervisor's REST API.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod cli;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kickvm::cli::{Cli, Command, RunArgs};
+use kickvm::cli::{ApiArgs, Cli, Command, RunArgs};
 use kickvm::config::ConsoleSpec;
 use kickvm::platform::{self, Exit};
 use kickvm::serial::StdinPump;
@@ -11,19 +11,65 @@ use kickvm_virtio::terminal::{Mode, RawTerminal};
 use kickvm::vm;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
-    log::debug!("kickvm {} started", env!("CARGO_PKG_VERSION"));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => return usage_error(e),
+        Err(e) => {
+            init_log(0);
+            return usage_error(e);
+        }
     };
+    init_log(cli.api.verbose);
+    log::debug!("kickvm {} started", env!("CARGO_PKG_VERSION"));
     let status = match cli.command {
-        Command::Run(args) => run(&args),
-        Command::Backend(args) => kickvm_vhost::cli::run(&args),
+        Some(Command::Run(args)) => run(&args),
+        Some(Command::Backend(args)) => kickvm_vhost::cli::run(&args),
+        None => match &cli.api.api_socket {
+            Some(path) => api(path, &cli.api),
+            None => {
+                eprintln!("kickvm: say what to do: kickvm run ..., kickvm backend ... or kickvm --api-socket PATH (see kickvm --help)");
+                2
+            }
+        },
     };
     ExitCode::from(status)
+}
+
+/// Logs to stderr; `-v` raises the default level (RUST_LOG overrides).
+fn init_log(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+}
+
+/// `kickvm --api-socket PATH`: the socket exists when this returns from
+/// binding; the VM comes over it.
+fn api(path: &std::path::Path, args: &ApiArgs) -> u8 {
+    let listener = match kickvm::api::bind(path) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    platform::install_stop_signals();
+    if let Err(e) = kickvm_virtio::seccomp::deny("main", MAIN_DENIED, args.seccomp) {
+        return fail(e);
+    }
+    let host = kickvm::api::HostOptions {
+        threads: args.threads,
+        seccomp: args.seccomp,
+        kvm_device: args.kvm_device.clone(),
+        allow_slow_kvm: args.allow_slow_kvm,
+    };
+    match kickvm::api::serve(listener, path, host) {
+        Ok(()) => match platform::pending_signal() {
+            Some(sig) => stopped_by(sig),
+            None => 0,
+        },
+        Err(e) => fail(e),
+    }
 }
 
 /// A command line clap cannot parse: one line, like every other mistake,
@@ -130,35 +176,15 @@ fn run(args: &RunArgs) -> u8 {
         }
     }
 
-    let mut boots = 0u64;
-    loop {
-        if let Some(sig) = platform::pending_signal() {
-            return stopped_by(sig);
+    match vm::run_until_stopped(&kvm, &cfg, &io, args.no_reboot, None) {
+        Ok(Exit::PowerOff) => 0,
+        Ok(Exit::Reset) => {
+            eprintln!("kickvm: the guest rebooted; exiting because of --no-reboot");
+            0
         }
-        boots = boots.saturating_add(1);
-        // A reboot builds the VM anew from the same options: files may
-        // have changed since the first boot (a disk replaced by a fifo
-        // would hang the open), so they are checked again first.
-        if boots > 1 {
-            if let Err(e) = cfg.validate() {
-                return fail(format!("cannot boot again: {e}"));
-            }
-        }
-        match vm::run(&kvm, &cfg, &io) {
-            Ok(Exit::PowerOff) => return 0,
-            Ok(Exit::Reset) if args.no_reboot => {
-                eprintln!("kickvm: the guest rebooted; exiting because of --no-reboot");
-                return 0;
-            }
-            // A guest may reboot in a loop: the first boots are logged, then rarely.
-            Ok(Exit::Reset) if kickvm_virtio::ratelimit::should_log(boots) => {
-                log::info!("the guest rebooted; boot #{}", boots + 1)
-            }
-            Ok(Exit::Reset) => {}
-            Ok(Exit::Signal(sig)) => return stopped_by(sig),
-            Ok(Exit::Error(msg)) => return fail(msg),
-            Err(e) => return fail(e),
-        }
+        Ok(Exit::Signal(sig)) => stopped_by(sig),
+        Ok(Exit::Error(msg)) => fail(msg),
+        Err(e) => fail(e),
     }
 }
 

@@ -145,9 +145,58 @@ impl Drop for Vcpus {
     }
 }
 
+/// What a program embedding the launcher (the API server) learns of a VM
+/// while it runs.
+pub trait Watcher: Sync {
+    /// The VM is set up and its vCPUs run: `control` stops or resets it,
+    /// `devices` are its virtio devices in PCI slot order (slot 1 on).
+    fn started(&self, control: &Arc<Control>, devices: &[Arc<Mutex<pci::VirtioPciDevice>>]);
+    /// The vCPUs have stopped; the devices are about to be torn down.
+    fn stopped(&self, exit: &Exit);
+}
+
+/// Boots the VM of `cfg`, and again after each guest reset unless
+/// `no_reboot`, until the guest powers off, a signal or an error stops it
+/// (or it resets, with `no_reboot`): the exit that ended it.
+pub fn run_until_stopped(
+    kvm: &Kvm,
+    cfg: &VmConfig,
+    io: &ConsoleIo,
+    no_reboot: bool,
+    watcher: Option<&dyn Watcher>,
+) -> Result<Exit, VmError> {
+    let mut boots = 0u64;
+    loop {
+        if let Some(sig) = crate::platform::pending_signal() {
+            return Ok(Exit::Signal(sig));
+        }
+        boots = boots.saturating_add(1);
+        // A reboot builds the VM anew from the same options: files may
+        // have changed since the first boot (a disk replaced by a fifo
+        // would hang the open), so they are checked again first.
+        if boots > 1 {
+            cfg.validate().map_err(|e| VmError::Host(format!("cannot boot again: {e}")))?;
+        }
+        match run_watched(kvm, cfg, io, watcher)? {
+            Exit::Reset if !no_reboot => {
+                // A guest may reboot in a loop: the first boots are logged, then rarely.
+                if kickvm_virtio::ratelimit::should_log(boots) {
+                    log::info!("the guest rebooted; boot #{}", boots + 1)
+                }
+            }
+            exit => return Ok(exit),
+        }
+    }
+}
+
 /// Builds the VM described by `cfg`, runs it until it stops, tears it
 /// down, and says why it stopped.
 pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
+    run_watched(kvm, cfg, io, None)
+}
+
+/// [`run`], telling `watcher` when the VM starts and stops.
+pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&dyn Watcher>) -> Result<Exit, VmError> {
     let t0 = std::time::Instant::now();
     let ms = || t0.elapsed().as_secs_f64() * 1e3;
     // The set-up lines of the first boots only: a guest that reboots in a
@@ -196,6 +245,9 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     if let Some(stdin) = &io.stdin {
         stdin.set_target(Some(serial as Arc<Mutex<dyn InputSink>>));
     }
+    if let Some(w) = watcher {
+        w.started(&control, &plugged);
+    }
 
     let exit = control.wait();
     if let Some(stdin) = &io.stdin {
@@ -204,10 +256,14 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     // No vCPU may touch a device, and no queue thread guest memory, once
     // they are gone: vCPUs first, then the devices' queue threads, then RAM.
     drop(vcpus);
+    if let Some(w) = watcher {
+        w.stopped(&exit);
+    }
     // What the guest got wrong, now that no vCPU adds to it; at every
     // final exit, and at the reboots whose set-up was logged.
     if chatty || exit != Exit::Reset {
         report_guest_errors(&plugged);
+        report_counters(&plugged);
     }
     drop(plugged);
     drop(pci);
@@ -227,6 +283,33 @@ pub(crate) fn report_guest_errors(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) 
         }
     }
     throttles::report();
+}
+
+/// One info line per device with what its queues did (summed over the
+/// queues), and its DEVICE_NEEDS_RESET bit: the short form of the API's
+/// `vm.counters`.
+pub(crate) fn report_counters(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
+    if !log::log_enabled!(log::Level::Info) {
+        return;
+    }
+    for d in devices {
+        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let state = d.state();
+        let t = state.total();
+        let needs_reset = state.needs_reset.load(Ordering::Relaxed);
+        log::info!(
+            "{}: {} queues: {} kicks, {} chains, {} bytes, {} interrupts ({} suppressed), {} errors{}",
+            d.name(),
+            state.queues.len(),
+            t.kicks,
+            t.chains,
+            t.bytes,
+            t.interrupts,
+            t.suppressed,
+            t.errors,
+            if needs_reset { ", needs reset" } else { "" }
+        );
+    }
 }
 
 type Loaded = (boot::Kernel, Option<(u64, u64)>);

@@ -54,7 +54,17 @@ pub struct VmConfig {
     pub allow_slow_kvm: bool,
     /// Seccomp filters for every thread kind.
     pub seccomp: kickvm_virtio::seccomp::SeccompMode,
+    /// TAP queue fds another program opened and handed over (the API's
+    /// `vm.add-net`), by interface name.
+    pub tap_fds: TapFds,
 }
+
+/// TAP queue fds by interface name: a card whose `tap` is listed here is
+/// built on duplicates of these fds (one per queue pair) instead of
+/// opening the TAP by name, so every boot of the VM gets fresh ones and
+/// the originals stay with the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct TapFds(pub std::collections::BTreeMap<String, Vec<std::sync::Arc<std::os::fd::OwnedFd>>>);
 
 /// A mistake in the user's options.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

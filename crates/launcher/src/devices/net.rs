@@ -5,7 +5,7 @@ use std::path::Path;
 use super::{DeviceError, DeviceKind};
 use crate::config::validate::check_char_device;
 use crate::config::{err, ConfigError, NetSpec, VmConfig};
-use kickvm_virtio::net::NetDevice;
+use kickvm_virtio::net::{NetDevice, Tap};
 use kickvm_virtio::VirtioDevice;
 
 /// Where Linux lists network interfaces, and the TUN/TAP flag bits it
@@ -25,18 +25,29 @@ impl DeviceKind for Nets {
         cfg.nets.len()
     }
     fn check(&self, cfg: &VmConfig) -> Result<(), ConfigError> {
-        check_nets(&cfg.nets, Path::new(SYSFS_NET), &Creds::current())
+        check_nets(&cfg.nets, Path::new(SYSFS_NET), &Creds::current(), &|tap| cfg.tap_fds.0.contains_key(tap))
     }
     /// Without `mac=`, cards get 52:54:00:12:34:56, :57, ... in order.
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         for (i, spec) in cfg.nets.iter().enumerate() {
             let nc = spec.net_config(&format!("net{i}"), i);
-            let dev = NetDevice::new(nc).map_err(|source| DeviceError::Tap { tap: spec.tap.clone(), source })?;
+            let tap_err = |source| DeviceError::Tap { tap: spec.tap.clone(), source };
+            let dev = match cfg.tap_fds.0.get(&spec.tap) {
+                Some(fds) => NetDevice::with_taps(nc, passed_taps(fds).map_err(tap_err)?),
+                None => NetDevice::new(nc).map_err(tap_err)?,
+            };
             dev.state().set_poll(spec.poll);
             out.push(Box::new(dev));
         }
         Ok(())
     }
+}
+
+/// Fresh duplicates of TAP queue fds that were handed over, one per queue
+/// pair (each boot of the VM consumes its own).
+fn passed_taps(fds: &[std::sync::Arc<std::os::fd::OwnedFd>]) -> Result<Vec<Tap>, kickvm_virtio::net::TapError> {
+    let not_tap = |e: std::io::Error| kickvm_virtio::net::TapError::NotTap(format!("cannot duplicate it: {e}"));
+    fds.iter().map(|fd| Tap::from_fd(fd.try_clone().map_err(not_tap)?)).collect()
 }
 
 /// What decides whether this process may create or attach to a TAP.
@@ -70,8 +81,10 @@ impl Creds {
 
 /// Every card has its own TAP and MAC, and a TAP that exists already is
 /// one the device can open with the queues asked for. `sysfs` is where the
-/// interfaces are listed (`/sys/class/net`).
-fn check_nets(nets: &[NetSpec], sysfs: &Path, creds: &Creds) -> Result<(), ConfigError> {
+/// interfaces are listed (`/sys/class/net`). A TAP whose fds were handed
+/// over (`passed`) needs no opening: the fds are checked when taken, and
+/// the interface may live in another network namespace.
+fn check_nets(nets: &[NetSpec], sysfs: &Path, creds: &Creds, passed: &dyn Fn(&str) -> bool) -> Result<(), ConfigError> {
     if !nets.is_empty() {
         let hint = "; --net needs it (load the tun module: modprobe tun)";
         check_char_device("TUN/TAP device", Path::new(TUN_DEVICE), libc::R_OK | libc::W_OK, hint)?;
@@ -88,7 +101,9 @@ fn check_nets(nets: &[NetSpec], sysfs: &Path, creds: &Creds) -> Result<(), Confi
                 n.tap, nets[j].tap
             ));
         }
-        check_existing_tap(n, sysfs, creds)?;
+        if !passed(&n.tap) {
+            check_existing_tap(n, sysfs, creds)?;
+        }
     }
     Ok(())
 }
@@ -174,11 +189,11 @@ mod tests {
     fn taps_and_macs_are_each_cards_own() {
         let d = scratch();
         let sys = d.as_path();
-        let e = check_nets(&[net("t0", 1), net("t0", 1)], sys, &root()).unwrap_err().0;
+        let e = check_nets(&[net("t0", 1), net("t0", 1)], sys, &root(), &|_| false).unwrap_err().0;
         assert!(e.contains("tap=t0 is given twice"), "{e}");
         let mut b = net("t1", 1);
         b.mac = Some(crate::config::DEFAULT_MAC);
-        let e = check_nets(&[net("t0", 1), b], sys, &root()).unwrap_err().0;
+        let e = check_nets(&[net("t0", 1), b], sys, &root(), &|_| false).unwrap_err().0;
         assert!(e.contains("52:54:00:12:34:56 is also the MAC of the card on tap=t0"), "{e}");
     }
 

@@ -41,6 +41,8 @@ pub enum TapError {
     SetIff { name: String, source: io::Error },
     #[error("cannot {what} on TAP `{name}`: {source}")]
     Ioctl { what: &'static str, name: String, source: io::Error },
+    #[error("the file descriptor passed for a network card is not a TAP with a virtio-net header ({0}): open it with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR")]
+    NotTap(String),
 }
 
 fn hint(e: &io::Error) -> &'static str {
@@ -107,6 +109,28 @@ impl Tap {
         Ok(Tap { fd: file.into(), name })
     }
 
+    /// Takes a queue fd that another program opened on a TAP (an
+    /// orchestrator passes it over a socket): TUNGETIFF says which
+    /// interface it is bound to and with which flags. It must carry the
+    /// virtio-net header, as [`Tap::open_queue`]'s fds do.
+    pub fn from_fd(fd: OwnedFd) -> Result<Tap, TapError> {
+        let mut req = IfReq { name: [0; IFNAMSIZ], flags: 0, _rest: [0; 22] };
+        // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`, which has
+        // its layout and size and lives across the call.
+        let r = unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETIFF as _, &mut req) };
+        if r < 0 {
+            return Err(TapError::NotTap(format!("TUNGETIFF: {}", io::Error::last_os_error())));
+        }
+        let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let flags = i32::from(req.flags) & 0xffff;
+        if flags & want != want {
+            return Err(TapError::NotTap(format!("flags {flags:#x}")));
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        Ok(Tap { fd, name })
+    }
+
     /// The interface name (as the kernel chose it, for an empty name).
     pub fn name(&self) -> &str {
         &self.name
@@ -164,6 +188,13 @@ impl Tap {
     /// Keeps the interface after its last fd is closed (or not).
     pub fn set_persist(&self, on: bool) -> Result<(), TapError> {
         self.ioctl_val("set persistence", libc::TUNSETPERSIST, libc::c_ulong::from(on))
+    }
+}
+
+/// The queue fd back, e.g. to keep it for the next boot of a VM.
+impl From<Tap> for OwnedFd {
+    fn from(t: Tap) -> OwnedFd {
+        t.fd
     }
 }
 

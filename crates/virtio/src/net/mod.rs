@@ -143,10 +143,18 @@ impl NetDevice {
     pub fn new(mut config: NetConfig) -> Result<NetDevice, TapError> {
         config.queue_pairs = config.queue_pairs.max(1);
         let taps = Tap::open(&config.tap, usize::from(config.queue_pairs))?;
-        config.tap = taps[0].name().to_string();
+        Ok(NetDevice::with_taps(config, taps))
+    }
+
+    /// A device on TAP queue fds opened elsewhere (one per queue pair, see
+    /// [`Tap::from_fd`]); `config.tap` and `config.queue_pairs` are taken
+    /// from them.
+    pub fn with_taps(mut config: NetConfig, taps: Vec<Tap>) -> NetDevice {
+        config.queue_pairs = u16::try_from(taps.len().max(1)).unwrap_or(u16::MAX);
+        config.tap = taps.first().map(|t| t.name().to_string()).unwrap_or_default();
         let queues = 2 * usize::from(config.queue_pairs) + 1;
         let taps = Arc::new(taps.into_iter().map(Arc::new).collect::<Vec<_>>());
-        Ok(NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, counters: DeviceState::new(queues) })
+        NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, counters: DeviceState::new(queues) }
     }
 
     /// The TAP interface's name.

@@ -1,0 +1,107 @@
+//! What the API socket adds to the VMM's CPU time: `kickvm --api-socket` +
+//! vm.ping/vm.create/vm.boot/vmm.shutdown against `kickvm run` with the same
+//! configuration (16 MiB, 1 vCPU, rng, serial on stdout), on a guest of a
+//! few instructions that prints a line and powers off, so that what is
+//! measured is the VMM's own work (set-up, the API, teardown), not a
+//! guest's. The kernel's accounting of each finished kickvm process
+//! (wait4's rusage, µs): kickvm's threads only, not the client's.
+//!
+//! `cargo test --release -p kickvm --test api_bench -- --ignored --nocapture`
+//! (KICKVM_BENCH_RUNS, default 21); figures in docs/api.md.
+
+mod api_common;
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Waits for `child` and returns its user + system CPU time in µs.
+fn cpu_us(child: Child) -> u64 {
+    // SAFETY: a zeroed rusage is valid; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut status = 0;
+    // SAFETY: as above; `status` and `ru` outlive the call.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(r, child.id() as i32, "wait4");
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+fn kickvm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kickvm"));
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    c
+}
+
+fn one_run(kernel: &str) -> u64 {
+    let child = kickvm()
+        .args(["run", "--kernel", kernel, "--memory", "16M", "--cpus", "1", "--rng", "--allow-slow-kvm"])
+        .spawn()
+        .unwrap();
+    cpu_us(child)
+}
+
+fn one_api(dir: &std::path::Path, kernel: &str) -> u64 {
+    let sock = dir.join("bench.sock");
+    let mut child = kickvm().args(["--api-socket", sock.to_str().unwrap(), "--allow-slow-kvm"]).spawn().unwrap();
+    let t0 = Instant::now();
+    let s = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no API socket");
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let req = |m: &str, e: &str, b: &str| api_common::raw_request(&s, m, e, b, &[]).0;
+    assert_eq!(req("GET", "vmm.ping", ""), 200);
+    let body = serde_json::json!({
+        "payload": { "kernel": kernel }, "cpus": { "boot_vcpus": 1, "max_vcpus": 1 },
+        "memory": { "size": 16u64 << 20 }, "serial": { "mode": "Tty" }, "console": { "mode": "Off" },
+    });
+    assert_eq!(req("PUT", "vm.create", &body.to_string()), 204);
+    assert_eq!(req("PUT", "vm.boot", ""), 204);
+    // The guest's line, then it powers off; then the VMM is told to exit.
+    let mut out = child.stdout.take().unwrap();
+    let mut line = [0u8; 4];
+    out.read_exact(&mut line).unwrap();
+    assert_eq!(req("PUT", "vmm.shutdown", ""), 204);
+    cpu_us(child)
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "a benchmark: cargo test --release -p kickvm --test api_bench -- --ignored --nocapture"]
+fn api_adds_under_5_ms_of_vmm_cpu() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let runs: usize = std::env::var("KICKVM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(21);
+    let dir = common::scratch("api-bench");
+    let code = common::serial_then_out(b"bye\n", 0x3c0, (5 << 2) | (1 << 5));
+    let k = common::write(&dir, "bzImage", &common::fake_bzimage(&code));
+    let kernel = k.to_str().unwrap();
+    one_run(kernel);
+    one_api(&dir, kernel);
+    let (mut run, mut api) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        run.push(one_run(kernel));
+        api.push(one_api(&dir, kernel));
+    }
+    let (r, a) = (median(&mut run), median(&mut api));
+    eprintln!(
+        "api-bench: VMM CPU (user+sys) per process over {runs} runs each, median [min..max]: \
+         kickvm run {:.2} ms [{:.2}..{:.2}], API {:.2} ms [{:.2}..{:.2}], API - run {:+.2} ms",
+        r as f64 / 1e3, run[0] as f64 / 1e3, run[runs - 1] as f64 / 1e3,
+        a as f64 / 1e3, api[0] as f64 / 1e3, api[runs - 1] as f64 / 1e3,
+        (a as f64 - r as f64) / 1e3
+    );
+    assert!(a < r + 5_000, "the API adds {} µs", a.saturating_sub(r));
+    let _ = std::fs::remove_dir_all(dir);
+}
