@@ -16,6 +16,7 @@ out=$PWD/target/vmm-bench
 echo "+ cargo build --release --workspace" >&2
 cargo build --release --workspace >&2
 target/release/kickvm-rig image >/dev/null        # the guest image, built on the host
+target/release/kickvm-rig image --print-vmlinux >/dev/null   # and its vmlinux (the rig cannot write the cache)
 rm -rf "$out" && mkdir -p "$out"
 echo "Command: \`scripts/bench-vmm.sh $*\` (git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d))"
 echo

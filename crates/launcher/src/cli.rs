@@ -157,9 +157,10 @@ pub struct RunArgs {
     /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,queues=N][,poll=MODE].
     /// poll=: how long a queue thread watches its ring for the next request
     /// before it sleeps (saves a wake-up per request at low queue depth,
-    /// costs CPU while it watches): off (default), adaptive (a window of
-    /// 0-32 µs that follows the guest, as QEMU's poll-max-ns), adaptive:<µs>
-    /// (another maximum), or <µs> (always that long).
+    /// costs CPU while it watches): adaptive (the default: a window of
+    /// 0-32 µs that follows the guest, as QEMU's poll-max-ns; none while
+    /// the disk is idle), adaptive:<µs> (another maximum), <µs> (always
+    /// that long) or off.
     #[arg(long, value_name = "OPTS", value_parser = config::parse_disk)]
     pub disk: Vec<DiskSpec>,
     /// Where virtio-console (hvc0) is connected: stdio, pty, socket=PATH,

@@ -89,9 +89,9 @@ mod tests {
     #[test]
     fn options_as_kickvm_run_takes_them() {
         let b = DeviceSpec::parse(DeviceKind::Blk, "path=/x,readonly=on,queues=4").unwrap();
-        assert_eq!(b, DeviceSpec::Blk(DiskSpec { path: "/x".into(), readonly: true, serial: None, queues: 4, poll: Default::default() }));
+        assert_eq!(b, DeviceSpec::Blk(DiskSpec { path: "/x".into(), readonly: true, serial: None, queues: 4, poll: kickvm_virtio::options::DEFAULT_POLL }));
         let n = DeviceSpec::parse(DeviceKind::Net, "tap=t0,mac=52:54:00:00:00:01,queues=2").unwrap();
-        assert_eq!(n, DeviceSpec::Net(NetSpec { tap: "t0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]), queues: 2, poll: Default::default() }));
+        assert_eq!(n, DeviceSpec::Net(NetSpec { tap: "t0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]), queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL }));
         assert_eq!(DeviceSpec::parse(DeviceKind::Console, "file=/o").unwrap(), DeviceSpec::Console(ConsoleSpec::File("/o".into())));
         assert_eq!(DeviceSpec::parse(DeviceKind::Rng, "").unwrap(), DeviceSpec::Rng { source: None });
     }

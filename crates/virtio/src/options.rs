@@ -28,6 +28,13 @@ fn err<T>(msg: impl Into<String>) -> Result<T, OptionError> {
 pub const MAX_QUEUES: u16 = 64;
 /// virtio-blk's serial number field holds 20 bytes.
 pub const MAX_SERIAL: usize = 20;
+/// `poll=` of a disk or network card that does not say: adaptive, as
+/// QEMU's iothreads. Measured with `kickvm-bench blk` (docs/benchmarks.md):
+/// at queue depth 1 it halves the latency and saves the kick's `read` per
+/// request for no more device CPU per request; at depth 32 it changes
+/// nothing (the thread never runs out of work); an idle queue stops
+/// polling after one wait longer than the window.
+pub const DEFAULT_POLL: Poll = Poll::Adaptive(crate::poll::DEFAULT_MAX);
 /// The MAC of the first network card without `mac=`; the next cards count
 /// up from it.
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -190,7 +197,7 @@ fn check_ifname(name: &str) -> Result<(), OptionError> {
 
 /// `--net tap=NAME[,mac=MAC][,queues=N][,poll=off|adaptive[:µs]|µs]`
 pub fn parse_net(s: &str) -> Result<NetSpec, OptionError> {
-    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1, poll: Poll::default() };
+    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1, poll: DEFAULT_POLL };
     for (k, v) in pairs("--net", s)? {
         match k {
             "tap" => spec.tap = v.to_string(),
@@ -209,7 +216,7 @@ pub fn parse_net(s: &str) -> Result<NetSpec, OptionError> {
 
 /// `--disk path=FILE[,readonly=on][,serial=ID][,queues=N][,poll=off|adaptive[:µs]|µs]`
 pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
-    let mut spec = DiskSpec { path: PathBuf::new(), readonly: false, serial: None, queues: 1, poll: Poll::default() };
+    let mut spec = DiskSpec { path: PathBuf::new(), readonly: false, serial: None, queues: 1, poll: DEFAULT_POLL };
     let pairs = pairs("--disk", s)?;
     if pairs.iter().any(|(k, _)| *k == "ro") && pairs.iter().any(|(k, _)| *k == "readonly") {
         return err(format!("--disk {s}: give readonly= once"));
@@ -254,7 +261,8 @@ mod tests {
 
     #[test]
     fn poll_is_a_disk_and_net_option() {
-        assert_eq!(parse_disk("path=d.img").unwrap().poll, Poll::Off);
+        assert_eq!(parse_disk("path=d.img").unwrap().poll, DEFAULT_POLL);
+        assert_eq!(parse_disk("path=d.img,poll=off").unwrap().poll, Poll::Off);
         assert_eq!(parse_disk("path=d.img,poll=adaptive").unwrap().poll, Poll::Adaptive(crate::poll::DEFAULT_MAX));
         assert_eq!(parse_net("tap=t0,poll=20").unwrap().poll, Poll::Fixed(Duration::from_micros(20)));
         let e = parse_disk("path=d.img,poll=fast").unwrap_err().to_string();

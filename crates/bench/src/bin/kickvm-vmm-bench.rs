@@ -20,6 +20,14 @@
 //!    QEMU `-M pc` with userspace virtio-net (`vhost=off`).
 //! 3. **memory**: in the idle window of each ping run, the VMM's RSS from
 //!    `/proc/PID/smaps` minus the RSS of the guest-RAM mapping.
+//! 4. **the VMM's own share** (in each boot run): launch → the first
+//!    `KVM_RUN` (the first `kvm:kvm_entry` trace event, on the monotonic
+//!    trace clock), the VMM process's CPU time up to the guest's `/init`
+//!    less the time its vCPUs spent in the guest (`utime + stime -
+//!    guest_time` of `/proc/PID/stat`), and its total RSS at `/init` (the
+//!    guest booted, no devices). kickvm boots the bzImage and, as
+//!    `kickvm-vmlinux`, the same kernel's ELF vmlinux through its PVH entry
+//!    (`kickvm-rig image --print-vmlinux`).
 //!
 //! Runs are interleaved (one of each configuration, then again) so that the
 //! rig's drift hits every configuration alike; tables show medians and the
@@ -57,6 +65,8 @@ const CLOCK_SYSCALLS: &[&str] = &["clock_gettime", "gettimeofday"];
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Vmm {
     Kickvm(&'static str),
+    /// kickvm (per-queue) booting the uncompressed vmlinux through PVH.
+    KickvmVmlinux,
     QemuMicrovm,
     QemuPc,
 }
@@ -65,6 +75,7 @@ impl Vmm {
     fn label(self) -> String {
         match self {
             Vmm::Kickvm(t) => format!("kickvm --threads {t}"),
+            Vmm::KickvmVmlinux => "kickvm, vmlinux (PVH)".into(),
             Vmm::QemuMicrovm => "QEMU -M microvm".into(),
             Vmm::QemuPc => "QEMU -M pc".into(),
         }
@@ -73,6 +84,7 @@ impl Vmm {
     fn arg(self) -> &'static str {
         match self {
             Vmm::Kickvm(_) => "kickvm",
+            Vmm::KickvmVmlinux => "kickvm-vmlinux",
             Vmm::QemuMicrovm => "microvm",
             Vmm::QemuPc => "pc",
         }
@@ -80,6 +92,7 @@ impl Vmm {
     fn short(self) -> String {
         match self {
             Vmm::Kickvm(t) => format!("kickvm-{t}"),
+            Vmm::KickvmVmlinux => "kickvm-vmlinux".into(),
             Vmm::QemuMicrovm => "qemu-microvm".into(),
             Vmm::QemuPc => "qemu-pc".into(),
         }
@@ -105,7 +118,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
          \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping]\n\
-         \x20                       [--boot-vmm kickvm,microvm,pc]\n\
+         \x20                       [--boot-vmm kickvm,kickvm-vmlinux,microvm,pc]\n\
          Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh)."
     );
     std::process::exit(2)
@@ -124,7 +137,7 @@ fn parse_opts() -> Opts {
         qemu: kickvm_rig::qemu::qemu_binary(),
         boot: true,
         ping: true,
-        boot_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::QemuMicrovm, Vmm::QemuPc],
+        boot_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux, Vmm::QemuMicrovm, Vmm::QemuPc],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -143,6 +156,7 @@ fn parse_opts() -> Opts {
                     .split(',')
                     .map(|v| match v {
                         "kickvm" => Vmm::Kickvm("per-queue"),
+                        "kickvm-vmlinux" => Vmm::KickvmVmlinux,
                         "microvm" => Vmm::QemuMicrovm,
                         "pc" => Vmm::QemuPc,
                         _ => usage(),
@@ -256,9 +270,13 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
     let extra = format!("{EXTRA_CMDLINE} {}", script_cmdline(script));
     let mut c;
     match vmm {
-        Vmm::Kickvm(threads) => {
+        Vmm::Kickvm(_) | Vmm::KickvmVmlinux => {
+            let (kernel, threads) = match vmm {
+                Vmm::Kickvm(threads) => (img.kernel.clone(), threads),
+                _ => (vmlinux(), "per-queue"),
+            };
             c = Command::new(&o.kickvm);
-            c.arg("run").arg("--kernel").arg(&img.kernel).arg("--initrd").arg(&img.initrd);
+            c.arg("run").arg("--kernel").arg(&kernel).arg("--initrd").arg(&img.initrd);
             c.args(["--memory", &format!("{MEMORY_MIB}M"), "--cpus", "1", "--threads", threads]);
             c.args(["--cmdline", &extra]);
             if tap {
@@ -331,15 +349,141 @@ fn die(msg: &str) -> ! {
 struct BootRun {
     to_init: f64,
     to_exit: f64,
+    own: Own,
+}
+
+/// The VMM's own share of a boot (item 4 of the module doc); `None` where
+/// this host could not tell.
+#[derive(Clone, Copy, Default, Debug)]
+struct Own {
+    /// Launch → first `KVM_RUN`, seconds.
+    first_run: Option<f64>,
+    /// CPU seconds up to `/init`, vCPU guest time excluded.
+    cpu: Option<f64>,
+    /// Total RSS at `/init`, MiB.
+    rss: Option<f64>,
 }
 
 fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
     warm_up(o, vmm);
+    let entry = FirstKvmEntry::arm();
+    let launched = monotonic();
     let mut r = spawn(o, vmm, "exit 0", false, &format!("boot-{}-{run}.log", vmm.short()));
     let init = r.wait_for(INIT_START_MARKER, Duration::from_secs(120))?;
+    let cpu = own_cpu(r.pid());
+    let rss = memory(r.pid(), vmm).ok().map(|m| m.total_kib as f64 / 1024.0);
     r.wait_for(EXIT_STATUS_PREFIX, Duration::from_secs(60))?;
     let exit = r.wait_exit(Duration::from_secs(60))?;
-    Ok(BootRun { to_init: (init - r.t0).as_secs_f64(), to_exit: (exit - r.t0).as_secs_f64() })
+    let first_run = entry.and_then(|e| e.wait()).map(|t| t - launched);
+    let own = Own { first_run, cpu, rss };
+    Ok(BootRun { to_init: (init - r.t0).as_secs_f64(), to_exit: (exit - r.t0).as_secs_f64(), own })
+}
+
+impl Own {
+    /// As the `bench: boot` line carries it (`first_run 0.123 cpu 0.456 rss 78.9`).
+    fn fields(&self) -> String {
+        let f = |v: Option<f64>, d: usize| v.map_or("n/a".into(), |v| format!("{v:.d$}"));
+        format!("first_run {} cpu {} rss {}", f(self.first_run, 4), f(self.cpu, 2), f(self.rss, 1))
+    }
+
+    /// Reads [`Own::fields`] back from a `bench: boot` line.
+    fn parse(line: &str) -> Own {
+        let num = |key: &str| -> Option<f64> { line.split(key).nth(1)?.split_whitespace().next()?.parse().ok() };
+        Own { first_run: num(" first_run "), cpu: num(" cpu "), rss: num(" rss ") }
+    }
+}
+
+/// The table of the VMMs' own share of a boot: medians of each column over
+/// the runs that could measure it, and the ratios the issue sets goals for.
+fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
+    let mut md = String::new();
+    let col = |i: usize, f: fn(&Own) -> Option<f64>| -> Vec<f64> { owns[i].iter().filter_map(f).collect() };
+    let cell = |v: &[f64], d: usize| if v.is_empty() { "n/a".to_string() } else { format!("{:.d$} ({})", median(v), list(v, d)) };
+    let _ = writeln!(md, "### The VMM's own share of a boot\n");
+    let _ = writeln!(
+        md,
+        "Launch → first `KVM_RUN` (first `kvm:kvm_entry` trace event); the VMM process's CPU time up to the guest's `/init` \
+         without its vCPUs' guest time (`utime + stime - guest_time`, clock ticks); total RSS at `/init` (256 MiB guest, no devices). \
+         Medians (runs).\n"
+    );
+    let _ = writeln!(md, "| VMM | launch → first KVM_RUN, ms | VMM CPU to `/init`, s | RSS at `/init`, MiB |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for (i, v) in vmms.iter().enumerate() {
+        let first: Vec<f64> = col(i, |o| o.first_run).iter().map(|s| s * 1e3).collect();
+        let _ = writeln!(md, "| {} | {} | {} | {} |", v.label(), cell(&first, 1), cell(&col(i, |o| o.cpu), 2), cell(&col(i, |o| o.rss), 0));
+    }
+    let med = |want: Vmm, f: fn(&Own) -> Option<f64>| {
+        vmms.iter().position(|v| *v == want).map(|i| col(i, f)).filter(|v| !v.is_empty()).map(|v| median(&v))
+    };
+    if let Some(pc) = med(Vmm::QemuPc, |o| o.cpu) {
+        let _ = writeln!(md);
+        for k in [Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux] {
+            if let Some(c) = med(k, |o| o.cpu) {
+                let _ = writeln!(md, "- VMM CPU to `/init`, {} / QEMU pc: **{:.2}** (goal ≤ 0.3)", k.label(), c / pc);
+            }
+        }
+    }
+    let _ = writeln!(md);
+    md
+}
+
+/// The vmlinux of the default image (extracted on the host before any L1
+/// starts: the rig's cache is read-only).
+fn vmlinux() -> PathBuf {
+    kickvm_rig::default_vmlinux().unwrap_or_else(|e| die(&e.to_string()))
+}
+
+/// CLOCK_MONOTONIC in seconds: the clock of the trace events (`mono`).
+fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// CPU seconds process `pid` has used outside its guests: utime + stime
+/// less guest_time (fields 14, 15 and 43 of `/proc/PID/stat`; a vCPU's
+/// guest time is counted in its utime too).
+fn own_cpu(pid: i32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<u64> = stat.rsplit_once(") ")?.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+    let (utime, stime, guest) = (*f.get(11)?, *f.get(12)?, *f.get(40)?);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime).saturating_sub(guest) as f64 / hz)
+}
+
+/// The first `kvm:kvm_entry` event from now on (only one VM runs at a
+/// time here): its monotonic timestamp, read from `trace_pipe` by a thread
+/// that switches the event off again at once.
+struct FirstKvmEntry(std::thread::JoinHandle<Option<f64>>);
+
+impl FirstKvmEntry {
+    fn arm() -> Option<FirstKvmEntry> {
+        let t = Path::new("/sys/kernel/tracing");
+        if !t.join("events").exists() {
+            let _ = Command::new("mount").args(["-t", "tracefs", "t", "/sys/kernel/tracing"]).status();
+        }
+        let enable = t.join("events/kvm/kvm_entry/enable");
+        fs::write(t.join("trace_clock"), "mono").ok()?;
+        fs::write(t.join("trace"), "").ok()?;
+        let pipe = File::open(t.join("trace_pipe")).ok()?;
+        fs::write(&enable, "1").ok()?;
+        Some(FirstKvmEntry(std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = BufReader::new(pipe).read_line(&mut line);
+            let _ = fs::write(&enable, "0");
+            r.ok()?;
+            // `  qemu-123  [000] d..2.  1234.567890: kvm_entry: vcpu 0, ...`
+            let (head, _) = line.split_once(": kvm_entry")?;
+            head.split_whitespace().last()?.parse().ok()
+        })))
+    }
+
+    /// The event's time, if one came (the VMM ran its guest).
+    fn wait(self) -> Option<f64> {
+        self.0.join().ok().flatten()
+    }
 }
 
 /// The boot table: per VMM, launch → `/init` and launch → exit, with the
@@ -375,6 +519,12 @@ fn boot_table(vmms: &[Vmm], res: &[(Vec<f64>, Vec<f64>)], how: &str) -> String {
         if let Some((mv, mve)) = of(Vmm::QemuMicrovm) {
             let _ = writeln!(md, "| kickvm / QEMU microvm | **{:.2}** | ≤ 1.0 | {:.2} |", k / mv, ke / mve);
         }
+        if let Some((kv, kve)) = of(Vmm::KickvmVmlinux) {
+            let _ = writeln!(md, "| kickvm vmlinux / kickvm bzImage | **{:.2}** | | {:.2} |", kv / k, kve / ke);
+            if let Some((pc, pce)) = of(Vmm::QemuPc) {
+                let _ = writeln!(md, "| kickvm vmlinux / QEMU pc | **{:.2}** | | {:.2} |", kv / pc, kve / pce);
+            }
+        }
         let _ = writeln!(md);
     }
     md
@@ -386,12 +536,12 @@ fn boot_table(vmms: &[Vmm], res: &[(Vec<f64>, Vec<f64>)], how: &str) -> String {
 /// real host does (the rig reads the host's files over 9p).
 fn warm_up(o: &Opts, vmm: Vmm) {
     let bin: &Path = match vmm {
-        Vmm::Kickvm(_) => &o.kickvm,
+        Vmm::Kickvm(_) | Vmm::KickvmVmlinux => &o.kickvm,
         _ => Path::new(&o.qemu),
     };
     let _ = Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
     if let Ok(img) = kickvm_rig::default_image() {
-        let _ = fs::read(&img.kernel);
+        let _ = fs::read(if vmm == Vmm::KickvmVmlinux { vmlinux() } else { img.kernel });
         let _ = fs::read(&img.initrd);
     }
 }
@@ -479,7 +629,11 @@ impl Doc {
 /// and added to the document).
 fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
     let vmms = o.boot_vmms.clone();
+    if vmms.contains(&Vmm::KickvmVmlinux) {
+        vmlinux(); // extracted here, on the host
+    }
     let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
+    let mut owns: Vec<Vec<Own>> = vec![Vec::new(); vmms.len()];
     for run in 0..o.boot_runs {
         for (i, v) in vmms.iter().enumerate() {
             let dir = l1.out.join(format!("boot-{}-{run}", v.short()));
@@ -494,13 +648,17 @@ fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
                 }
                 None => eprintln!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display()),
             }
+            if let Some(l) = se.lines().find(|l| l.starts_with("bench: boot") && l.contains(" first_run ")) {
+                owns[i].push(Own::parse(l));
+            }
         }
     }
-    let table = boot_table(
+    let mut table = boot_table(
         &vmms,
         &res,
         "interleaved, each boot in a freshly booted L1 after one untimed `--version` of its VMM",
     );
+    table.push_str(&own_table(&vmms, &owns));
     print!("{}{table}", doc.header.as_deref().map(|h| format!("{h}\n\n")).unwrap_or_default());
     doc.md.push_str(&table);
     md_flush(o, &doc.md);
@@ -676,7 +834,7 @@ fn memory(pid: i32, vmm: Vmm) -> Result<Mem, String> {
             // RAM, the memfd "kickvm-guest-ram" (crates/launcher/src/memory.rs).
             let big_anon = path.is_empty() && size >= (MEMORY_MIB << 20) * 3 / 4;
             is_guest = match vmm {
-                Vmm::Kickvm(_) => big_anon || path.contains("kickvm-guest-ram"),
+                Vmm::Kickvm(_) | Vmm::KickvmVmlinux => big_anon || path.contains("kickvm-guest-ram"),
                 _ => big_anon,
             };
             is_file = path.starts_with('/') && !path.contains("kickvm-guest-ram");
@@ -1037,19 +1195,28 @@ fn host_header(o: &Opts) -> String {
 fn boot_bench(o: &Opts, md: &mut String) {
     let vmms = o.boot_vmms.clone();
     let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
+    let mut owns: Vec<Vec<Own>> = vec![Vec::new(); vmms.len()];
     for run in 0..o.boot_runs {
         for (i, v) in vmms.iter().enumerate() {
             match boot_once(o, *v, run) {
                 Ok(b) => {
-                    eprintln!("bench: boot {} run {run}: /init {:.2} s, exit {:.2} s", v.label(), b.to_init, b.to_exit);
+                    eprintln!(
+                        "bench: boot {} run {run}: /init {:.2} s, exit {:.2} s, {}",
+                        v.label(),
+                        b.to_init,
+                        b.to_exit,
+                        b.own.fields()
+                    );
                     res[i].0.push(b.to_init);
                     res[i].1.push(b.to_exit);
+                    owns[i].push(b.own);
                 }
                 Err(e) => eprintln!("bench: boot {} run {run}: FAILED: {e}", v.label()),
             }
         }
     }
     md.push_str(&boot_table(&vmms, &res, "interleaved"));
+    md.push_str(&own_table(&vmms, &owns));
     print!("{md}");
     md_flush(o, md);
 }

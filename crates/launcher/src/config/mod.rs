@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn net_options() {
         let n = parse_net("tap=tap0,mac=52:54:00:12:34:56,queues=2").unwrap();
-        assert_eq!(n, NetSpec { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queues: 2, poll: Default::default() });
+        assert_eq!(n, NetSpec { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL });
         assert!(parse_net("mac=52:54:00:12:34:56").unwrap_err().0.contains("tap=NAME"));
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=t,queues=0").is_err());
@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn disk_options() {
         let d = parse_disk("path=/tmp/d.img,readonly=on,serial=abc,queues=4").unwrap();
-        assert_eq!(d, DiskSpec { path: "/tmp/d.img".into(), readonly: true, serial: Some("abc".into()), queues: 4, poll: Default::default() });
+        assert_eq!(d, DiskSpec { path: "/tmp/d.img".into(), readonly: true, serial: Some("abc".into()), queues: 4, poll: kickvm_virtio::options::DEFAULT_POLL });
         assert!(!parse_disk("path=x").unwrap().readonly);
         assert!(parse_disk("readonly=on").is_err());
         assert!(parse_disk("path=x,readonly=maybe").is_err());
