@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     };
     let status = match cli.command {
         Command::Run(args) => run(&args),
-        Command::Backend(args) => kickvm_vhost::cli::run(&args),
+        Command::Backend(args) => kickvm_vhost::cli::main(&args),
     };
     ExitCode::from(status)
 }
