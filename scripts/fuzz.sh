@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FUZZ=$ROOT/fuzz
-ALL_TARGETS=(bzimage cli virtio_pci chain devices)
+ALL_TARGETS=(bzimage cli virtio_pci chain devices vhost_user)
 
 usage() {
     cat <<'EOF'
@@ -38,6 +38,11 @@ Targets (all when none is named; code in fuzz/src/, one per module):
               -rng request handling, served inline (no threads), with
               resets and re-activations between requests; each run ends
               with a valid request served after a reset        (devices.rs)
+  vhost_user  a vhost-user back-end (kickvm_vhost::serve_with) fed
+              structured and raw frontend messages with real fds (memfds,
+              eventfds, pipes) over a socket; checks the device comes back,
+              threads and fds are released, the next frontend is
+              answered                                      (vhost_user.rs)
 
 Options:
   --smoke       A few seconds per target from the seeds (CI: scripts/test.sh),

@@ -9,6 +9,7 @@
 //! | `virtio_pci` | [`vpci`] | PCI config space, ECAM, BAR0, MSI-X, queues, resets, with real devices |
 //! | `chain` | [`chain`] | the descriptor chain walker over arbitrary memory, tables and indirect tables |
 //! | `devices` | [`devices`] | blk, net, console, rng request handling, served inline, with resets |
+//! | `vhost_user` | [`vhost_user`] | a vhost-user back-end's message handling over a real socket, real fds |
 //!
 //! Shared pieces for targets to come (the chain walker, per-device
 //! request handling): [`guest`] (guest memory layouts, split rings,
@@ -29,10 +30,11 @@ pub mod enc;
 pub mod fake_kvm;
 pub mod guest;
 pub mod seeds;
+pub mod vhost_user;
 pub mod vpci;
 
 /// Every target name, in `scripts/fuzz.sh` order.
-pub const TARGETS: [&str; 5] = ["bzimage", "cli", "virtio_pci", "chain", "devices"];
+pub const TARGETS: [&str; 6] = ["bzimage", "cli", "virtio_pci", "chain", "devices", "vhost_user"];
 
 #[cfg(test)]
 mod tests {
@@ -71,6 +73,9 @@ mod tests {
         for (name, v) in seeds::device_requests() {
             round_trip(name, &v, &v.to_bytes());
         }
+        for (name, v) in vhost_user::seeds() {
+            round_trip(name, &v, &v.to_bytes());
+        }
     }
 
     #[test]
@@ -90,6 +95,9 @@ mod tests {
         }
         for (_, v) in seeds::device_requests() {
             devices::run(&v);
+        }
+        for (_, v) in vhost_user::seeds() {
+            vhost_user::run(&v);
         }
     }
 
@@ -130,6 +138,7 @@ mod tests {
             ("virtio_pci", seeds::virtio_pci().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("chain", seeds::chain().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("devices", seeds::device_requests().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
+            ("vhost_user", vhost_user::seeds().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
         ];
         for (target, files) in all {
             let dir = root.join(target);
