@@ -56,12 +56,33 @@ mod test_hooks;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use kickvm_virtio::ratelimit::Throttle;
 use kickvm_virtio::seccomp::{self, SeccompMode};
 use kickvm_virtio::{Runtime, ThreadingMode, VirtioDevice};
 use vhost::vhost_user::{BackendReqHandler, Error, VhostUserVirtioFeatures};
 
 pub use connection::Connection;
 pub use options::{DeviceKind, DeviceSpec};
+
+/// What a frontend makes us log, counted and rate-limited process-wide
+/// (`kickvm_virtio::ratelimit`): a frontend can repeat a request, or
+/// reconnect and repeat it, as fast as it likes. Requests refused:
+pub static REFUSED: Throttle = Throttle::new();
+/// Rings that cannot run (outside guest memory, bad sizes) or queue
+/// threads that cannot start:
+pub static QUEUES_NOT_RUN: Throttle = Throttle::new();
+/// Connections ended (by the frontend, or by us after a request that
+/// could not be parsed or answered):
+pub static CONNECTIONS_ENDED: Throttle = Throttle::new();
+
+/// `log::info!` through a throttle, as `warn_limited!` does for warnings.
+macro_rules! info_limited {
+    ($throttle:expr, $($arg:tt)+) => {
+        if let Some(n) = $throttle.hit() {
+            log::info!("{} (#{n})", format_args!($($arg)+));
+        }
+    };
+}
 
 /// The protocol thread's system calls, beyond every thread's
 /// (`seccomp::RUNTIME`): requests and their fds arrive with `recvmsg` and
@@ -170,22 +191,22 @@ fn serve_here(stream: UnixStream, device: Box<dyn VirtioDevice>, runtime: Arc<Ru
             }
             // Another request needing a feature not negotiated, read whole.
             Err(e @ (Error::InactiveFeature(_) | Error::InactiveOperation(_))) => {
-                log::warn!("{name}: vhost-user request refused: {e} (not negotiated)");
+                kickvm_virtio::warn_limited!(REFUSED, "{name}: vhost-user request refused: {e} (not negotiated)");
             }
             Err(Error::Disconnected) => {
-                log::info!("{name}: the vhost-user frontend disconnected");
+                info_limited!(CONNECTIONS_ENDED, "{name}: the vhost-user frontend disconnected");
                 break;
             }
             Err(e) => {
                 // The crate could not parse or answer the request: the
                 // stream may be out of step. Drop this frontend; the next
                 // one gets a fresh connection.
-                log::warn!("{name}: vhost-user request refused ({e}); closing the connection");
+                kickvm_virtio::warn_limited!(CONNECTIONS_ENDED, "{name}: vhost-user request refused ({e}); closing the connection");
                 break;
             }
         }
         if conn.lock().is_ok_and(|c| c.must_close()) {
-            log::warn!("{name}: a vhost-user request could not be answered; closing the connection");
+            kickvm_virtio::warn_limited!(CONNECTIONS_ENDED, "{name}: a vhost-user request could not be answered; closing the connection");
             break;
         }
     }));

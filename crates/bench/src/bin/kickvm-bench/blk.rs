@@ -7,15 +7,15 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use kickvm_virtio::block::{Block, BlockConfig, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use kickvm_virtio::driver::{Buf, Harness, HarnessOpts};
+use kickvm_virtio::driver::{Buf, DriverQueue, Guest, Harness, HarnessOpts};
 use kickvm_virtio::ThreadingMode;
 use vm_memory::GuestAddress;
 
 use crate::stats::{per, us, Latencies};
 use crate::syscalls::{threads_named, SyscallCounter};
 
-const DISK_SIZE: u64 = 256 << 20;
-const BLOCK: u64 = 4096;
+pub const DISK_SIZE: u64 = 256 << 20;
+pub const BLOCK: u64 = 4096;
 
 pub struct Disk(pub std::path::PathBuf);
 
@@ -67,57 +67,49 @@ struct Slot {
     status: GuestAddress,
 }
 
-/// Runs `qd` outstanding 4 KiB random reads for `dur` in threading `mode`.
-/// Syscalls are counted (with perf attached) only when `count_syscalls`:
-/// perf's tracepoint slows every syscall, so timings come from a run
-/// without it.
-pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration, count_syscalls: bool) -> Row {
-    let dev = Block::new("blk0", BlockConfig::new(&disk.0)).expect("open bench disk");
-    let mut h = Harness::start(Box::new(dev), HarnessOpts { mode, queue_size: 256, ..Default::default() })
-        .expect("activate");
+/// What [`drive`] did: requests completed, their latencies, the time.
+pub struct Driven {
+    pub done: u64,
+    pub lat: Latencies,
+    pub secs: f64,
+}
+
+/// Plays the guest on `q`: keeps `qd` 4 KiB random reads of the bench
+/// disk outstanding for `dur`, kicking when the device asks for it and
+/// sleeping on the call eventfd like an interrupt-driven driver.
+pub fn drive(guest: &mut Guest, q: &mut DriverQueue, qd: usize, dur: Duration) -> Driven {
     let mut slots: Vec<Slot> = (0..qd)
-        .map(|_| Slot {
-            hdr: h.guest.alloc(16, 16),
-            data: h.guest.alloc(BLOCK, 4096),
-            status: h.guest.alloc(1, 1),
-        })
+        .map(|_| Slot { hdr: guest.alloc(16, 16), data: guest.alloc(BLOCK, 4096), status: guest.alloc(1, 1) })
         .collect();
     let mut free: Vec<usize> = (0..qd).collect();
     let mut inflight: HashMap<u16, (usize, Instant)> = HashMap::new();
     let mut rand = Rand::new();
     let mut lat = Latencies(Vec::with_capacity(1 << 20));
-    let counter = if count_syscalls {
-        let tids: Vec<u32> = threads_named(&["blk0", "kickvm-io"]).into_iter().map(|t| t.0).collect();
-        SyscallCounter::start(&tids)
-    } else {
-        None
-    };
-    let before = h.device.state().queue(0);
     let start = Instant::now();
     let mut done = 0u64;
     while start.elapsed() < dur {
-        let old = h.queues[0].avail_idx();
+        let old = q.avail_idx();
         while let Some(s) = free.pop() {
             let slot = &mut slots[s];
             let sector = (rand.next() % (DISK_SIZE / BLOCK)) * (BLOCK / 512);
             let mut hdr = [0u8; 16];
             hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
             hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-            h.guest.write(slot.hdr, &hdr);
-            let head = h.queues[0]
+            guest.write(slot.hdr, &hdr);
+            let head = q
                 .post(&[Buf::out(slot.hdr, 16), Buf::inb(slot.data, BLOCK as u32), Buf::inb(slot.status, 1)])
                 .expect("queue has room");
             inflight.insert(head, (s, Instant::now()));
         }
-        h.queues[0].kick_if_needed(old);
+        q.kick_if_needed(old);
         // Like a guest's interrupt handler: take what is done, then
         // re-enable interrupts and look once more before sleeping.
         loop {
             let mut got = false;
-            while let Some((head, _)) = h.queues[0].pop_used() {
+            while let Some((head, _)) = q.pop_used() {
                 if let Some((s, t0)) = inflight.remove(&head) {
                     lat.0.push(t0.elapsed());
-                    if h.guest.read(slots[s].status, 1)[0] != VIRTIO_BLK_S_OK {
+                    if guest.read(slots[s].status, 1)[0] != VIRTIO_BLK_S_OK {
                         panic!("bench read failed");
                     }
                     free.push(s);
@@ -128,23 +120,41 @@ pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration
             if got {
                 break;
             }
-            h.queues[0].enable_interrupts();
-            if h.queues[0].used_idx() != h.queues[0].last_used() {
+            q.enable_interrupts();
+            if q.used_idx() != q.last_used() {
                 continue;
             }
-            h.queues[0].wait_call(Duration::from_millis(100));
+            q.wait_call(Duration::from_millis(100));
         }
     }
-    let secs = start.elapsed().as_secs_f64();
+    Driven { done, lat, secs: start.elapsed().as_secs_f64() }
+}
+
+/// Runs `qd` outstanding 4 KiB random reads for `dur` in threading `mode`.
+/// Syscalls are counted (with perf attached) only when `count_syscalls`:
+/// perf's tracepoint slows every syscall, so timings come from a run
+/// without it.
+pub fn through_device(disk: &Disk, mode: ThreadingMode, qd: usize, dur: Duration, count_syscalls: bool) -> Row {
+    let dev = Block::new("blk0", BlockConfig::new(&disk.0)).expect("open bench disk");
+    let mut h = Harness::start(Box::new(dev), HarnessOpts { mode, queue_size: 256, ..Default::default() })
+        .expect("activate");
+    let counter = if count_syscalls {
+        let tids: Vec<u32> = threads_named(&["blk0", "kickvm-io"]).into_iter().map(|t| t.0).collect();
+        SyscallCounter::start(&tids)
+    } else {
+        None
+    };
+    let before = h.device.state().queue(0);
+    let mut d = drive(&mut h.guest, &mut h.queues[0], qd, dur);
     let syscalls = counter.and_then(|c| c.stop());
     let after = h.device.state().queue(0);
     Row {
         what: format!("kickvm {mode}, QD{qd}"),
-        iops: done as f64 / secs,
-        p50: lat.percentile(0.5),
-        p99: lat.percentile(0.99),
-        syscalls_per_req: per(syscalls, done),
-        interrupts_per_req: (after.interrupts - before.interrupts) as f64 / done.max(1) as f64,
+        iops: d.done as f64 / d.secs,
+        p50: d.lat.percentile(0.5),
+        p99: d.lat.percentile(0.99),
+        syscalls_per_req: per(syscalls, d.done),
+        interrupts_per_req: (after.interrupts - before.interrupts) as f64 / d.done.max(1) as f64,
     }
 }
 
