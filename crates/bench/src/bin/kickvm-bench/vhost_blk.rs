@@ -9,7 +9,8 @@
 //! Per run: IOPS and p50/p99 latency (submit to used, seen by the driver)
 //! of 4 KiB random reads at queue depth 1 and 32, and the back-end's CPU
 //! time per I/O (utime + stime of all its threads, from /proc/PID/stat,
-//! over the measured window).
+//! over the measured window); then, in a second window with `perf`
+//! attached, the back-end's system calls per I/O.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -27,6 +28,7 @@ use vm_memory::{FileOffset, GuestAddress};
 
 use crate::blk::{drive, Disk};
 use crate::stats::us;
+use crate::syscalls::SyscallCounter;
 
 const MEM: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
@@ -189,6 +191,16 @@ struct Run {
     p99: Duration,
     /// Back-end CPU µs per I/O.
     cpu_us: f64,
+    /// Back-end system calls per I/O (all its threads), from a second,
+    /// counted window (perf slows every call); `None` without perf.
+    syscalls: Option<f64>,
+}
+
+/// Every thread of process `pid`.
+fn tasks_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().filter_map(|t| t.file_name().to_string_lossy().parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 fn measure(backend: Backend, disk: &Disk, dir: &Path, qd: usize, dur: Duration) -> Result<Run, String> {
@@ -211,11 +223,15 @@ fn measure(backend: Backend, disk: &Disk, dir: &Path, qd: usize, dur: Duration) 
     let cpu0 = cpu_time(pid);
     let mut d = drive(&mut f.guest, &mut f.queue, qd, dur);
     let cpu = cpu_time(pid).saturating_sub(cpu0);
+    let counter = SyscallCounter::start(&tasks_of(pid));
+    let counted = drive(&mut f.guest, &mut f.queue, qd, dur / 2);
+    let syscalls = counter.and_then(|c| c.stop()).map(|n| n as f64 / counted.done.max(1) as f64);
     Ok(Run {
         iops: d.done as f64 / d.secs,
         p50: d.lat.percentile(0.5),
         p99: d.lat.percentile(0.99),
         cpu_us: cpu.as_secs_f64() * 1e6 / d.done.max(1) as f64,
+        syscalls,
     })
 }
 
@@ -231,7 +247,7 @@ pub fn run(dur: Duration, reps: usize) -> String {
     let dir: PathBuf = disk.0.with_extension("d");
     std::fs::create_dir_all(&dir).expect("scratch directory");
     let mut out = String::from(
-        "| vhost-user-blk 4 KiB random read | IOPS | p50 µs | p99 µs | back-end CPU µs / I/O | IOPS per back-end CPU-second | ratio to peer |\n|---|---|---|---|---|---|---|\n",
+        "| vhost-user-blk 4 KiB random read | IOPS | p50 µs | p99 µs | back-end CPU µs / I/O | IOPS per back-end CPU-second | ratio to peer | back-end syscalls / I/O |\n|---|---|---|---|---|---|---|---|\n",
     );
     for qd in [1usize, 32] {
         let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
@@ -251,8 +267,10 @@ pub fn run(dur: Duration, reps: usize) -> String {
         for (i, b) in [Backend::Kickvm, Backend::Qsd].into_iter().enumerate() {
             let r = &runs[i];
             let m = |f: &dyn Fn(&Run) -> f64| median(r.iter().map(f).collect());
+            let calls: Vec<f64> = r.iter().filter_map(|x| x.syscalls).collect();
+            let calls = if calls.is_empty() { "n/a".to_string() } else { format!("{:.2}", median(calls)) };
             out += &format!(
-                "| {}, QD{qd} | {:.0} | {} | {} | {:.1} | {:.0} | {:.2} |\n",
+                "| {}, QD{qd} | {:.0} | {} | {} | {:.1} | {:.0} | {:.2} | {calls} |\n",
                 b.name(),
                 m(&|x| x.iops),
                 us(Duration::from_secs_f64(m(&|x| x.p50.as_secs_f64()))),
