@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FUZZ=$ROOT/fuzz
-ALL_TARGETS=(bzimage cli virtio_pci chain devices api)
+ALL_TARGETS=(bzimage cli virtio_pci chain devices api vhost_user)
 
 usage() {
     cat <<'EOF'
@@ -43,6 +43,11 @@ Targets (all when none is named; code in fuzz/src/, one per module):
               Cloud Hypervisor's JSON shapes, VmConfig, validate(), the
               VM's states (boot fails: KVM is /dev/null); every error one
               line                                                (api.rs)
+  vhost_user  a vhost-user back-end (kickvm_vhost::serve_with) fed
+              structured and raw frontend messages with real fds (memfds,
+              eventfds, pipes) over a socket; checks the device comes back,
+              threads and fds are released, the next frontend is
+              answered                                      (vhost_user.rs)
 
 Options:
   --smoke       A few seconds per target from the seeds (CI: scripts/test.sh),

@@ -5,11 +5,13 @@
 # lists to resolve and download guest packages: updated when absent).
 set -eu
 
-# qemu-system-x86: the rig's L1 and the reference VMM; iproute2: netns/TAP
+# qemu-system-x86: the rig's L1 and the reference VMM; qemu-system-common:
+# qemu-storage-daemon, the peer back-end of `kickvm-bench vhost-blk` (a
+# dependency of qemu-system-x86, listed to be explicit); iproute2: netns/TAP
 # in tests; strace and linux-perf: syscall counting; gzip, dpkg and apt:
 # the image builder (always present on Debian, listed to be explicit);
 # curl: a client none of us wrote for the API socket's tests.
-PACKAGES="qemu-system-x86 iproute2 strace linux-perf gzip dpkg apt curl"
+PACKAGES="qemu-system-x86 qemu-system-common iproute2 strace linux-perf gzip dpkg apt curl"
 
 missing=""
 for p in $PACKAGES; do

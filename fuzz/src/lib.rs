@@ -10,6 +10,7 @@
 //! | `chain` | [`chain`] | the descriptor chain walker over arbitrary memory, tables and indirect tables |
 //! | `devices` | [`devices`] | blk, net, console, rng request handling, served inline, with resets |
 //! | `api` | [`api`] | `kickvm --api-socket` bytes → HTTP framing → routes, JSON shapes, `VmConfig`, `validate` |
+//! | `vhost_user` | [`vhost_user`] | a vhost-user back-end's message handling over a real socket, real fds |
 //!
 //! Shared pieces for targets to come (the chain walker, per-device
 //! request handling): [`guest`] (guest memory layouts, split rings,
@@ -31,10 +32,11 @@ pub mod enc;
 pub mod fake_kvm;
 pub mod guest;
 pub mod seeds;
+pub mod vhost_user;
 pub mod vpci;
 
 /// Every target name, in `scripts/fuzz.sh` order.
-pub const TARGETS: [&str; 6] = ["bzimage", "cli", "virtio_pci", "chain", "devices", "api"];
+pub const TARGETS: [&str; 7] = ["bzimage", "cli", "virtio_pci", "chain", "devices", "api", "vhost_user"];
 
 #[cfg(test)]
 mod tests {
@@ -73,6 +75,9 @@ mod tests {
         for (name, v) in seeds::device_requests() {
             round_trip(name, &v, &v.to_bytes());
         }
+        for (name, v) in vhost_user::seeds() {
+            round_trip(name, &v, &v.to_bytes());
+        }
     }
 
     #[test]
@@ -95,6 +100,9 @@ mod tests {
         }
         for (_, v) in seeds::api() {
             api::run(&v);
+        }
+        for (_, v) in vhost_user::seeds() {
+            vhost_user::run(&v);
         }
     }
 
@@ -136,6 +144,7 @@ mod tests {
             ("chain", seeds::chain().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("devices", seeds::device_requests().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
             ("api", seeds::api()),
+            ("vhost_user", vhost_user::seeds().into_iter().map(|(n, v)| (n, v.to_bytes())).collect()),
         ];
         for (target, files) in all {
             let dir = root.join(target);

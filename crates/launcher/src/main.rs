@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     log::debug!("kickvm {} started", env!("CARGO_PKG_VERSION"));
     let status = match cli.command {
         Some(Command::Run(args)) => run(&args),
-        Some(Command::Backend(args)) => kickvm_vhost::cli::run(&args),
+        Some(Command::Backend(args)) => kickvm_vhost::cli::main(&args),
         None => match &cli.api.api_socket {
             Some(path) => api(path, &cli.api),
             None => {
@@ -197,4 +197,44 @@ fn stopped_by(sig: i32) -> u8 {
     };
     eprintln!("kickvm: stopped by {name}");
     (128 + sig).clamp(0, 255) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kickvm_virtio::seccomp::SeccompMode;
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    /// The thread that builds the VM (the main thread, installing this very
+    /// list) is refused starting programs, tracing, mounting and changing
+    /// identities; it keeps what building a VM needs (opening files).
+    #[test]
+    fn the_main_thread_is_refused_what_kickvm_never_does() {
+        let (exec, ptrace, mount, setuid, open) = std::thread::spawn(|| {
+            kickvm_virtio::seccomp::deny("main", MAIN_DENIED, SeccompMode::On).unwrap();
+            // SAFETY: plain system calls with valid (or null) arguments.
+            unsafe {
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                let p = (libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) as i32, errno());
+                let m = (libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()), errno());
+                // The raw call: glibc's setuid would change every thread.
+                let u = (libc::syscall(libc::SYS_setuid, 65534) as i32, errno());
+                let o = libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if o >= 0 {
+                    libc::close(o);
+                }
+                (e, p, m, u, o)
+            }
+        })
+        .join()
+        .unwrap();
+        for (what, r) in [("execve", exec), ("ptrace", ptrace), ("mount", mount), ("setuid", setuid)] {
+            assert_eq!(r, (-1, libc::EPERM), "{what}");
+        }
+        assert!(open >= 0, "the main thread still opens files (disks, kernels at reboot)");
+    }
 }

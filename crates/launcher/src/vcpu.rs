@@ -208,9 +208,9 @@ impl VcpuThread {
 /// A vCPU thread's system calls beyond every thread's
 /// (`seccomp::RUNTIME`): `KVM_RUN` and the KVM and TAP ioctls a driver's
 /// accesses lead to (irqfds, ioeventfds, GSI routes, offloads at
-/// DRIVER_OK), eventfds for interrupts, and starting and stopping queue
-/// threads. A new thread inherits its creator's filter before it adds its
-/// own, so this list includes what queue threads need.
+/// DRIVER_OK), eventfds for interrupts; with `seccomp::SPAWN_THREADS`
+/// and every device's list, starting and stopping queue threads (they
+/// inherit this filter before adding their own).
 pub const SYSCALLS: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_read,
@@ -218,18 +218,11 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_dup,
     libc::SYS_fcntl,
     libc::SYS_close,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_prctl,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_seccomp,
 ];
 
 /// Installs the vCPU filter on the calling thread.
 pub fn sandbox(mode: SeccompMode) -> Result<(), kickvm_virtio::seccomp::SeccompError> {
-    let mut lists: Vec<&[i64]> = vec![SYSCALLS, seccomp::QUEUE_THREAD];
+    let mut lists: Vec<&[i64]> = vec![SYSCALLS, seccomp::SPAWN_THREADS, seccomp::QUEUE_THREAD];
     lists.extend(crate::devices::KINDS.iter().map(|k| k.syscalls()));
     seccomp::apply("vcpu", &lists, mode)
 }

@@ -5,10 +5,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
-use kickvm_virtio::seccomp::SeccompMode;
+use kickvm_virtio::seccomp::{self, SeccompMode};
 use kickvm_virtio::{Runtime, ThreadingMode};
 
 use crate::options::{DeviceKind, DeviceSpec};
+use crate::sandbox::{self, RunAs};
 
 pub const BACKEND_EXAMPLES: &str = "\
 Examples:
@@ -24,7 +25,12 @@ Examples:
 
 Device options are those of kickvm run (--disk, --net, --console, --rng).
 Each queue is served by its own thread. Frontends are served one after
-another: when one disconnects the next may connect (QEMU's reconnect=).";
+another: when one disconnects the next may connect (QEMU's reconnect=).
+
+Sandbox: every thread runs under its own seccomp filter (--seccomp log
+to find a call a list lacks); inherited fds are closed at start; with
+--user UID:GID a back-end started as root drops to that user once the
+device is open, e.g. kickvm backend net --socket S --user 65534 tap=tap0";
 
 /// `kickvm backend`.
 #[derive(clap::Args, Debug)]
@@ -42,31 +48,66 @@ pub struct BackendArgs {
     /// Serve one frontend, then exit.
     #[arg(long)]
     pub once: bool,
-    /// Seccomp filters on the queue threads: on (refused calls fail with
-    /// EPERM), log (allowed, logged by the kernel) or off.
+    /// Seccomp filters on every thread (main, protocol, queue threads):
+    /// on (refused calls fail with EPERM), log (allowed, logged by the
+    /// kernel: to find what a list lacks) or off.
     #[arg(long, value_name = "MODE", default_value = "on")]
     pub seccomp: SeccompMode,
+    /// Once the device is open and the socket bound, run as this user and
+    /// group (numbers), without supplementary groups: for a back-end
+    /// started as root to open a TAP or a root-only disk.
+    #[arg(long, value_name = "UID[:GID]")]
+    pub user: Option<RunAs>,
+}
+
+/// The main thread's system calls once it accepts frontends, beyond every
+/// thread's (`seccomp::RUNTIME`): accept one, close one it could not
+/// serve. It starts each connection's protocol thread, so its filter also
+/// allows that thread's calls and those of the queue threads it starts
+/// ([`crate::protocol_lists`]). No `open`: a device lost to a bug is not
+/// rebuilt, the back-end exits.
+pub const MAIN_THREAD: &[i64] = &[libc::SYS_accept4, libc::SYS_accept, libc::SYS_close];
+
+/// `kickvm backend` as a process: [`sandbox::at_start`], then [`run`].
+pub fn main(args: &BackendArgs) -> u8 {
+    if let Err(e) = sandbox::at_start() {
+        eprintln!("kickvm backend: cannot set up the sandbox: {e}");
+        return 1;
+    }
+    run(args)
 }
 
 /// Runs the back-end; returns the process exit status. Set-up mistakes are
 /// one line on stderr.
 pub fn run(args: &BackendArgs) -> u8 {
-    let fail = |msg: String| {
+    fn fail(msg: impl std::fmt::Display) -> u8 {
         eprintln!("kickvm backend: {msg}");
         1
-    };
+    }
     let spec = match DeviceSpec::parse(args.device, &args.options) {
         Ok(s) => s,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
     let mut device = match spec.build() {
         Ok(d) => Some(d),
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
     let listener = match listen(&args.socket) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", args.socket.display())),
     };
+    if let Some(who) = args.user {
+        if let Err(e) = sandbox::drop_user(who) {
+            return fail(e.to_string());
+        }
+    }
+    let mut lists = vec![MAIN_THREAD];
+    lists.extend(device.as_deref().map(crate::protocol_lists).unwrap_or_default());
+    if let Err(e) = seccomp::apply("main", &lists, args.seccomp) {
+        return fail(e);
+    }
+    #[cfg(test)]
+    crate::test_hooks::run(crate::test_hooks::Thread::Main);
     log::info!("serving {:?} on {}", args.device, args.socket.display());
     loop {
         let stream = match listener.accept() {
@@ -76,16 +117,12 @@ pub fn run(args: &BackendArgs) -> u8 {
                 continue;
             }
         };
-        let dev = match device.take() {
-            Some(d) => d,
-            None => match spec.build() {
-                Ok(d) => d,
-                Err(e) => return fail(e.to_string()),
-            },
+        let Some(dev) = device.take() else {
+            return fail("the device was lost serving the last frontend (a bug: please report it); exiting");
         };
         // Fresh per connection, like everything but the device.
         let runtime = Runtime::with_seccomp(ThreadingMode::PerQueue, args.seccomp);
-        device = crate::serve_with(stream, dev, runtime);
+        device = crate::serve_with(stream, dev, runtime, args.seccomp);
         if args.once {
             return 0;
         }

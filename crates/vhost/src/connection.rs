@@ -100,9 +100,11 @@ pub struct Connection {
     early_enable: bool,
 }
 
-/// Refuses the current request with one log line.
+/// Refuses the current request with one log line (rate-limited: a
+/// frontend can repeat a bad request, or reconnect and repeat it, without
+/// end).
 fn refuse<T>(what: &str, why: impl std::fmt::Display) -> Result<T> {
-    log::warn!("vhost-user {what} refused: {why}");
+    kickvm_virtio::warn_limited!(crate::REFUSED, "vhost-user {what} refused: {why}");
     Err(Error::ReqHandlerError(std::io::Error::other(format!("{what}: {why}"))))
 }
 
@@ -221,7 +223,7 @@ impl Connection {
             }
             match self.queue_setup(i, v, max.get(i).copied().unwrap_or(0), &mem) {
                 Ok(s) => setups.push(s),
-                Err(why) => log::warn!("vhost-user: queue {i} cannot run: {why}"),
+                Err(why) => kickvm_virtio::warn_limited!(crate::QUEUES_NOT_RUN, "vhost-user: queue {i} cannot run: {why}"),
             }
         }
         if setups.is_empty() {
@@ -243,7 +245,11 @@ impl Connection {
                 }
                 log::debug!("vhost-user: {} serves queues {indexes:?}", self.device.name());
             }
-            Err(e) => log::warn!("vhost-user: cannot start the queues of {}: {e}", self.device.name()),
+            Err(e) => kickvm_virtio::warn_limited!(
+                crate::QUEUES_NOT_RUN,
+                "vhost-user: cannot start the queues of {}: {e}",
+                self.device.name()
+            ),
         }
     }
 

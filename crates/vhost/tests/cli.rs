@@ -13,7 +13,7 @@ use kickvm_vhost::cli::{run, BackendArgs};
 use kickvm_vhost::DeviceKind;
 
 fn args(device: DeviceKind, options: &str, socket: std::path::PathBuf) -> BackendArgs {
-    BackendArgs { device, options: options.into(), socket, once: true, seccomp: Default::default() }
+    BackendArgs { device, options: options.into(), socket, once: true, seccomp: Default::default(), user: None }
 }
 
 #[test]

@@ -245,3 +245,73 @@ fn an_enable_before_the_features_counts_once_they_are_set() {
     f.kick_queue(qi, 0);
     entropy_arrives(&mut f);
 }
+
+/// Huge or misaligned sizes, slots past the limit, and a request repeated
+/// without end: each refused, counted, the connection goes on.
+#[test]
+fn huge_sizes_too_many_slots_and_repeats_are_refused() {
+    init_log();
+    let dir = Scratch::new("huge");
+    let be = start_backend(&dir, rng(), 1);
+    let mut f = Front::connect(&be.socket, MEM, u64::MAX);
+
+    // Memory: an offset mmap cannot take, a size past what the memfd
+    // holds by far, more slots than offered.
+    let mut r = f.region(0, MEM);
+    r.mmap_offset = 1;
+    r.memory_size = 4096;
+    assert!(f.fe.set_mem_table(&[r]).is_err(), "offset not page-aligned");
+    let mut r = f.region(0, MEM);
+    r.memory_size = 1 << 46;
+    assert!(f.fe.set_mem_table(&[r]).is_err(), "64 TiB region");
+    let slots = f.fe.get_max_mem_slots().unwrap();
+    assert_eq!(slots, kickvm_vhost::memory::MAX_MEM_SLOTS as u64);
+    let mut added = 0;
+    for i in 1..=slots + 2 {
+        let mut r = f.region(0, 4096);
+        r.guest_phys_addr = i << 32;
+        r.userspace_addr = USER_BASE + (i << 32);
+        if f.fe.add_mem_region(&r).is_ok() {
+            added += 1;
+        }
+    }
+    assert_eq!(added, slots - 1, "one slot holds the first table; the rest fill up, then refused");
+
+    // Rings and configuration: sizes past every limit.
+    assert!(f.fe.set_vring_num(0, 0).is_err(), "size 0");
+    assert!(f.fe.set_vring_num(0, u16::MAX).is_err(), "size 65535");
+    assert!(f.fe.get_config(0, 1 << 12, VhostUserConfigFlags::empty(), &[0; 4096]).is_err(), "a 4 KiB config read");
+
+    // The same bad request, a thousand times: counted, every one refused
+    // (the log shows a few: see ratelimit), the connection still serves.
+    let before = kickvm_vhost::REFUSED.count();
+    for _ in 0..1000 {
+        assert!(f.fe.set_vring_num(0, 3).is_err());
+    }
+    assert!(kickvm_vhost::REFUSED.count() >= before + 1000);
+    f.add_queue(0, 64);
+    entropy_arrives(&mut f);
+}
+
+/// Requests before their prerequisites: rings and fds before the
+/// features and before any memory, a GET_VRING_BASE of a ring never
+/// started.
+#[test]
+fn requests_before_features_and_memory() {
+    init_log();
+    let dir = Scratch::new("before");
+    let be = start_backend(&dir, rng(), 2);
+    let stream = Front::stream(&be.socket);
+    let fe = Frontend::from_stream(stream, 64);
+    fe.set_owner().unwrap();
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    // No features, no memory: the ring is remembered, not run.
+    fe.set_vring_num(0, 64).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    assert_eq!(fe.get_vring_base(0).unwrap(), 0);
+    drop(fe);
+    // The next frontend starts from nothing and is served.
+    let mut f = Front::connect(&be.socket, MEM, u64::MAX);
+    f.add_queue(0, 64);
+    entropy_arrives(&mut f);
+}

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use kickvm_virtio::block::{Block, BlockConfig, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use kickvm_virtio::driver::{Buf, Harness, HarnessOpts};
+use kickvm_virtio::driver::{Buf, DriverQueue, Guest, Harness, HarnessOpts};
 use kickvm_virtio::poll::Poll;
 use kickvm_virtio::{ThreadingMode, VirtioDevice};
 use vm_memory::GuestAddress;
@@ -15,8 +15,8 @@ use vm_memory::GuestAddress;
 use crate::stats::{per, us, Latencies};
 use crate::syscalls::{threads_named, SyscallCounter};
 
-const DISK_SIZE: u64 = 256 << 20;
-const BLOCK: u64 = 4096;
+pub const DISK_SIZE: u64 = 256 << 20;
+pub const BLOCK: u64 = 4096;
 
 pub struct Disk(pub std::path::PathBuf);
 
@@ -71,6 +71,71 @@ struct Slot {
     status: GuestAddress,
 }
 
+/// What [`drive`] did: requests completed, their latencies, the time.
+pub struct Driven {
+    pub done: u64,
+    pub lat: Latencies,
+    pub secs: f64,
+}
+
+/// Plays the guest on `q`: keeps `qd` 4 KiB random reads of the bench
+/// disk outstanding for `dur`, kicking when the device asks for it and
+/// sleeping on the call eventfd like an interrupt-driven driver.
+pub fn drive(guest: &mut Guest, q: &mut DriverQueue, qd: usize, dur: Duration) -> Driven {
+    let mut slots: Vec<Slot> = (0..qd)
+        .map(|_| Slot { hdr: guest.alloc(16, 16), data: guest.alloc(BLOCK, 4096), status: guest.alloc(1, 1) })
+        .collect();
+    let mut free: Vec<usize> = (0..qd).collect();
+    let mut inflight: HashMap<u16, (usize, Instant)> = HashMap::new();
+    let mut rand = Rand::new();
+    let mut lat = Latencies(Vec::with_capacity(1 << 20));
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < dur {
+        let old = q.avail_idx();
+        while let Some(s) = free.pop() {
+            let slot = &mut slots[s];
+            let sector = (rand.next() % (DISK_SIZE / BLOCK)) * (BLOCK / 512);
+            let mut hdr = [0u8; 16];
+            hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+            guest.write(slot.hdr, &hdr);
+            let head = q
+                .post(&[Buf::out(slot.hdr, 16), Buf::inb(slot.data, BLOCK as u32), Buf::inb(slot.status, 1)])
+                .expect("queue has room");
+            inflight.insert(head, (s, Instant::now()));
+        }
+        q.kick_if_needed(old);
+        // Like a guest's interrupt handler: take what is done, then
+        // re-enable interrupts and look once more before sleeping.
+        loop {
+            let mut got = false;
+            while let Some((head, _)) = q.pop_used() {
+                if let Some((s, t0)) = inflight.remove(&head) {
+                    lat.0.push(t0.elapsed());
+                    // The disk holds 0xa5 everywhere: the data arrived.
+                    if guest.read(slots[s].status, 1)[0] != VIRTIO_BLK_S_OK || guest.read(slots[s].data, 1)[0] != 0xa5 {
+                        panic!("bench read failed");
+                    }
+                    guest.write(slots[s].data, &[0]);
+                    free.push(s);
+                    done += 1;
+                    got = true;
+                }
+            }
+            if got {
+                break;
+            }
+            q.enable_interrupts();
+            if q.used_idx() != q.last_used() {
+                continue;
+            }
+            q.wait_call(Duration::from_millis(100));
+        }
+    }
+    Driven { done, lat, secs: start.elapsed().as_secs_f64() }
+}
+
 /// Runs `qd` outstanding 4 KiB random reads for `dur` in threading `mode`,
 /// the queue thread polling as `poll` says. Syscalls are counted (with
 /// perf attached) only when `count_syscalls`: perf's tracepoint slows
@@ -87,17 +152,6 @@ pub fn through_device(
     dev.state().set_poll(poll);
     let mut h = Harness::start(Box::new(dev), HarnessOpts { mode, queue_size: 256, ..Default::default() })
         .expect("activate");
-    let mut slots: Vec<Slot> = (0..qd)
-        .map(|_| Slot {
-            hdr: h.guest.alloc(16, 16),
-            data: h.guest.alloc(BLOCK, 4096),
-            status: h.guest.alloc(1, 1),
-        })
-        .collect();
-    let mut free: Vec<usize> = (0..qd).collect();
-    let mut inflight: HashMap<u16, (usize, Instant)> = HashMap::new();
-    let mut rand = Rand::new();
-    let mut lat = Latencies(Vec::with_capacity(1 << 20));
     let counter = if count_syscalls {
         let tids: Vec<u32> = threads_named(&["blk0", "kickvm-io"]).into_iter().map(|t| t.0).collect();
         SyscallCounter::start(&tids)
@@ -106,61 +160,19 @@ pub fn through_device(
     };
     let before = h.device.state().queue(0);
     let cpu_before = threads_cpu(&["blk0", "kickvm-io"]);
-    let start = Instant::now();
-    let mut done = 0u64;
-    while start.elapsed() < dur {
-        let old = h.queues[0].avail_idx();
-        while let Some(s) = free.pop() {
-            let slot = &mut slots[s];
-            let sector = (rand.next() % (DISK_SIZE / BLOCK)) * (BLOCK / 512);
-            let mut hdr = [0u8; 16];
-            hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-            hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-            h.guest.write(slot.hdr, &hdr);
-            let head = h.queues[0]
-                .post(&[Buf::out(slot.hdr, 16), Buf::inb(slot.data, BLOCK as u32), Buf::inb(slot.status, 1)])
-                .expect("queue has room");
-            inflight.insert(head, (s, Instant::now()));
-        }
-        h.queues[0].kick_if_needed(old);
-        // Like a guest's interrupt handler: take what is done, then
-        // re-enable interrupts and look once more before sleeping.
-        loop {
-            let mut got = false;
-            while let Some((head, _)) = h.queues[0].pop_used() {
-                if let Some((s, t0)) = inflight.remove(&head) {
-                    lat.0.push(t0.elapsed());
-                    if h.guest.read(slots[s].status, 1)[0] != VIRTIO_BLK_S_OK {
-                        panic!("bench read failed");
-                    }
-                    free.push(s);
-                    done += 1;
-                    got = true;
-                }
-            }
-            if got {
-                break;
-            }
-            h.queues[0].enable_interrupts();
-            if h.queues[0].used_idx() != h.queues[0].last_used() {
-                continue;
-            }
-            h.queues[0].wait_call(Duration::from_millis(100));
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let mut d = drive(&mut h.guest, &mut h.queues[0], qd, dur);
     let cpu = threads_cpu(&["blk0", "kickvm-io"]).zip(cpu_before).map(|(a, b)| a.saturating_sub(b));
     let syscalls = counter.and_then(|c| c.stop());
     let after = h.device.state().queue(0);
     let polled = if poll == Poll::Off { String::new() } else { format!(", poll={poll}") };
     Row {
         what: format!("kickvm {mode}{polled}, QD{qd}"),
-        iops: done as f64 / secs,
-        p50: lat.percentile(0.5),
-        p99: lat.percentile(0.99),
-        syscalls_per_req: per(syscalls, done),
-        interrupts_per_req: (after.interrupts - before.interrupts) as f64 / done.max(1) as f64,
-        cpu_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1) as f64),
+        iops: d.done as f64 / d.secs,
+        p50: d.lat.percentile(0.5),
+        p99: d.lat.percentile(0.99),
+        syscalls_per_req: per(syscalls, d.done),
+        interrupts_per_req: (after.interrupts - before.interrupts) as f64 / d.done.max(1) as f64,
+        cpu_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / d.done.max(1) as f64),
     }
 }
 
