@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kickvm_virtio::ThreadingMode;
 
-use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VmConfig};
+use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VhostUserSpec, VmConfig};
 
 const ABOUT: &str = "Boot a stock Linux kernel on KVM, with virtio devices whose queues are each served by their own thread";
 
@@ -25,6 +25,13 @@ Examples:
   kickvm run --kernel bzImage --initrd initramfs --cpus 2 \\
              --disk path=root.img,serial=root --disk path=data.img,readonly=on \\
              --net tap=tap0,mac=52:54:00:12:34:56,queues=2 --rng
+
+  # The disk served by a vhost-user back-end (kickvm's own, or e.g.
+  # qemu-storage-daemon's vhost-user-blk export), and the NIC served by the
+  # host kernel's vhost-net (modprobe vhost_net):
+  kickvm backend blk --socket /tmp/blk.sock path=root.img &
+  kickvm run --kernel bzImage --initrd initramfs \
+             --vhost-user blk,socket=/tmp/blk.sock --net tap=tap0,vhost=on
 
   # virtio-console (hvc0) on this terminal instead of the serial port:
   kickvm run --kernel bzImage --initrd initramfs --console stdio --cmdline console=hvc0
@@ -99,6 +106,12 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from /dev/urandom.
     #[arg(long)]
     pub rng: bool,
+    /// A device served by an external vhost-user back-end (repeatable):
+    /// TYPE,socket=PATH[,queues=N][,queue_size=N], TYPE blk, net, console
+    /// or rng (queues=: blk request queues, net queue pairs). Guest RAM
+    /// becomes shared (a memfd) so the back-end can map it.
+    #[arg(long, value_name = "OPTS", value_parser = config::parse_vhost_user)]
+    pub vhost_user: Vec<VhostUserSpec>,
     /// How virtqueues are mapped onto threads: per-queue (one thread per
     /// queue), per-device, or single (one I/O thread for all).
     #[arg(long, value_name = "MODE", default_value = "per-queue")]
@@ -146,6 +159,7 @@ impl RunArgs {
             disks: self.disk.clone(),
             console: self.console.clone(),
             rng: self.rng,
+            vhost_users: self.vhost_user.clone(),
             threads: self.threads,
             kvm_device: self.kvm_device.clone(),
             allow_slow_kvm: self.allow_slow_kvm,

@@ -41,7 +41,7 @@ pub mod terminal;
 pub mod threads;
 
 pub use counters::{DeviceState, QueueCounters, QueueCountersSnapshot};
-pub use device::{activate, ActivateError, ActiveDevice, VirtioDevice};
+pub use device::{activate, ActivateError, ActiveDevice, ExternalQueues, VirtioDevice};
 pub use memory::GuestMemory;
 pub use queue::{DeviceEvents, QueueCtx, QueueSetup, QueueState, Stopped};
 pub use threads::{QueueWorker, Runtime, ThreadingMode, Wait};

@@ -1,0 +1,236 @@
+//! End to end, in the rig: `kickvm run --vhost-user` boots the default
+//! guest image with its devices served by vhost-user back-ends — kickvm's
+//! own (`kickvm backend blk|net|console|rng`) and one none of us wrote
+//! (`qemu-storage-daemon`'s vhost-user-blk export) — and survives a
+//! back-end that is killed and started again.
+//!
+//! One boot does every check (each rig boot costs ~10 s of L1 and a guest
+//! boot under TCG).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kickvm_rig::image::script_cmdline;
+
+macro_rules! in_rig {
+    ($name:literal) => {
+        if let Some(passed) = kickvm_rig::reexec_test_in_rig_if_needed($name) {
+            assert!(passed, "{} failed inside the rig", $name);
+            return;
+        }
+    };
+}
+
+/// A back-end process, killed when dropped.
+struct Backend {
+    child: Child,
+    args: Vec<String>,
+    socket: PathBuf,
+}
+
+impl Backend {
+    /// Starts `program args` and waits for it to listen on `socket`.
+    fn start(program: &str, args: Vec<String>, socket: &Path) -> Backend {
+        let args: Vec<String> = std::iter::once(program.to_string()).chain(args).collect();
+        Backend { child: Backend::spawn(&args, socket), args, socket: socket.into() }
+    }
+
+    fn spawn(args: &[String], socket: &Path) -> Child {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", args[0]));
+        let end = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(Instant::now() < end, "{} does not listen on {}", args.join(" "), socket.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    /// `kickvm backend KIND --socket SOCKET OPTS`
+    fn kickvm(kind: &str, socket: &Path, opts: &str) -> Backend {
+        let args = ["backend", kind, "--socket", &socket.to_string_lossy(), opts].map(String::from).to_vec();
+        Backend::start(env!("CARGO_BIN_EXE_kickvm"), args, socket)
+    }
+
+    /// Kills it (SIGKILL: no goodbye on the socket) and starts it again
+    /// `gone_for` later.
+    fn kill_and_restart(&mut self, gone_for: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(gone_for);
+        self.child = Backend::spawn(&self.args, &self.socket);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates TAP `name` with `addr` on the host side.
+fn tap(name: &str, addr: &str) -> bool {
+    let ok = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+    ok(&["tuntap", "add", "dev", name, "mode", "tap"]) && ok(&["addr", "add", addr, "dev", name]) && ok(&["link", "set", name, "up"])
+}
+
+/// Boots the default image with `args` and `script`; `on_line` sees each
+/// console line as it comes. Returns kickvm's status, console and stderr.
+fn boot(args: &[String], script: &str, timeout: Duration, mut on_line: impl FnMut(&str)) -> (Option<i32>, String, String) {
+    let img = kickvm_rig::default_image().expect("default guest image");
+    let cmdline = format!("loglevel=4 {}", script_cmdline(script));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kickvm"))
+        .args(["run", "--kernel"])
+        .arg(&img.kernel)
+        .arg("--initrd")
+        .arg(&img.initrd)
+        .args(["--cmdline", &cmdline])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kickvm");
+    let killer = common::kill_after(child.id(), timeout);
+    let err_thread = common::read_all(child.stderr.take().unwrap());
+    let mut console = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        println!("guest: {line}");
+        on_line(&line);
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let status = child.wait().ok().and_then(|s| s.code());
+    let _ = killer.join();
+    let stderr = err_thread.join().unwrap_or_default();
+    eprintln!("kickvm stderr:\n{stderr}");
+    (status, console, stderr)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kickvm-vu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+/// The guest's script: every device works, then (at `kill-blk-and-net`)
+/// the blk and net back-ends die and come back while the guest keeps using
+/// rng and console, and blk and net I/O resumes.
+const SCRIPT: &str = r#"
+set -e
+ls /sys/bus/virtio/devices/
+# vda: kickvm backend blk; vdb: qemu-storage-daemon (2 queues).
+echo written-through-kickvm-backend | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+echo written-through-qsd | dd of=/dev/vdb bs=512 conv=sync,fsync 2>/dev/null
+sync
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | grep -q written-through-kickvm-backend
+dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q written-through-qsd
+test "$(ls /sys/block/vdb/mq | wc -l)" = 2
+echo blk-ok
+ping -c 3 -W 3 10.0.2.2 >/dev/null
+echo net-ok
+echo console-says-hello > /dev/hvc0
+test "$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)" = 32
+echo rng-ok
+echo kill-blk-and-net
+sleep 1
+# While the blk and net back-ends are away: the other devices go on.
+test "$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)" = 32
+echo console-while-away > /dev/hvc0
+echo others-ok-while-away
+# These wait for the back-ends to come back, then complete.
+echo after-restart | dd of=/dev/vda bs=512 seek=8 conv=sync,fsync 2>/dev/null
+dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | grep -q after-restart
+echo blk-after-restart-ok
+ping -c 5 -w 20 10.0.2.2 >/dev/null
+echo net-after-restart-ok
+"#;
+
+#[test]
+fn vhost_user_backends_serve_a_guest_and_can_restart() {
+    in_rig!("vhost_user_backends_serve_a_guest_and_can_restart");
+    if Command::new("qemu-storage-daemon").arg("--version").output().is_err() {
+        eprintln!("skipped: qemu-storage-daemon is not installed (Debian package qemu-system-x86)");
+        return;
+    }
+    assert!(tap("vutap0", "10.0.2.2/24"), "cannot create TAP vutap0 (needs root and iproute2)");
+    let dir = scratch("all");
+    let (ours, qsd_img) = (image(&dir, "ours.img", 16 << 20), image(&dir, "qsd.img", 16 << 20));
+    let hvc = dir.join("hvc0.log");
+    let sock = |n: &str| dir.join(n);
+    let mut blk = Backend::kickvm("blk", &sock("blk.sock"), &format!("path={}", ours.display()));
+    let qsd = Backend::start(
+        "qemu-storage-daemon",
+        vec![
+            "--blockdev".into(),
+            format!("driver=file,node-name=f,filename={}", qsd_img.display()),
+            "--export".into(),
+            format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                sock("qsd.sock").display()
+            ),
+        ],
+        &sock("qsd.sock"),
+    );
+    let mut net = Backend::kickvm("net", &sock("net.sock"), "tap=vutap0");
+    let console = Backend::kickvm("console", &sock("console.sock"), &format!("file={}", hvc.display()));
+    let rng = Backend::kickvm("rng", &sock("rng.sock"), "");
+    let arg = |kind: &str, s: &str, extra: &str| format!("{kind},socket={}{extra}", sock(s).display());
+    let args: Vec<String> = vec![
+        "--vhost-user".into(),
+        arg("blk", "blk.sock", ""),
+        "--vhost-user".into(),
+        arg("blk", "qsd.sock", ",queues=2"),
+        "--vhost-user".into(),
+        arg("net", "net.sock", ""),
+        "--vhost-user".into(),
+        arg("console", "console.sock", ""),
+        "--vhost-user".into(),
+        arg("rng", "rng.sock", ""),
+        "--cpus".into(),
+        "2".into(),
+    ];
+    let (status, out, stderr) = boot(&args, SCRIPT, Duration::from_secs(300), |line| {
+        if line.contains("kill-blk-and-net") && !line.contains("echo") {
+            blk.kill_and_restart(Duration::from_secs(2));
+            net.kill_and_restart(Duration::from_millis(100));
+        }
+    });
+    drop((qsd, console, rng));
+    let _ = Command::new("ip").args(["link", "del", "vutap0"]).status();
+    let exit = kickvm_rig::image::parse_exit_status(&out);
+    assert_eq!(exit, Some(0), "guest script failed:\n{out}\nstderr: {stderr}");
+    assert_eq!(status, Some(0), "kickvm status; stderr: {stderr}");
+    for step in ["blk-ok", "net-ok", "rng-ok", "others-ok-while-away", "blk-after-restart-ok", "net-after-restart-ok"] {
+        assert!(out.contains(step), "no {step}:\n{out}");
+    }
+    let text = std::fs::read_to_string(&hvc).unwrap_or_default();
+    assert!(text.contains("console-says-hello") && text.contains("console-while-away"), "console file: {text:?}");
+    assert!(stderr.contains("hung up"), "no log line for the back-end going away: {stderr}");
+    assert!(stderr.contains("is back"), "no log line for the back-end coming back: {stderr}");
+    let data = std::fs::read(&qsd_img).unwrap();
+    assert!(data.starts_with(b"written-through-qsd\n"), "qsd's image does not hold the guest's write");
+    let data = std::fs::read(&ours).unwrap();
+    assert!(data.starts_with(b"written-through-kickvm-backend\n"));
+    assert!(data[4096..].starts_with(b"after-restart\n"), "the write after the restart is not on the image");
+    let _ = std::fs::remove_dir_all(dir);
+}
