@@ -234,3 +234,66 @@ fn vhost_user_backends_serve_a_guest_and_can_restart() {
     assert!(data[4096..].starts_with(b"after-restart\n"), "the write after the restart is not on the image");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// First boot: the guest reloads its virtio-net (vhost-net) and virtio-rng
+/// (vhost-user) drivers — a device reset each, the rings stopped and set up
+/// again — marks the vhost-user disk and reboots. Second boot (a new VM:
+/// new vhost-user connections, new vhost-net fd): the mark is there and
+/// ping works again.
+const RELOAD_SCRIPT: &str = r#"
+set -e
+if [ "$(head -c 8 /dev/vda)" = "rebooted" ]; then
+    ping -c 3 -W 3 10.0.2.2 >/dev/null
+    test "$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)" = 32
+    echo second-boot-ok
+    exit 0
+fi
+ping -c 3 -W 3 10.0.2.2 >/dev/null
+echo vhost-net-ping-ok
+for d in /sys/bus/virtio/devices/*; do
+    drv=$(basename "$(readlink "$d/driver")")
+    case $drv in virtio_net|virtio_rng)
+        echo "$(basename "$d")" > "/sys/bus/virtio/drivers/$drv/unbind"
+        echo "$(basename "$d")" > "/sys/bus/virtio/drivers/$drv/bind"
+        echo "reloaded $drv" ;;
+    esac
+done
+ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up
+ping -c 5 -w 20 10.0.2.2 >/dev/null
+test "$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)" = 32
+echo after-reload-ok
+printf rebooted > /dev/vda
+sync
+reboot -f
+"#;
+
+#[test]
+fn vhost_net_and_vhost_user_survive_driver_reload_and_reboot() {
+    in_rig!("vhost_net_and_vhost_user_survive_driver_reload_and_reboot");
+    if !Path::new("/dev/vhost-net").exists() {
+        eprintln!("skipped: no /dev/vhost-net (modprobe vhost_net)");
+        return;
+    }
+    assert!(tap("vhtap0", "10.0.2.2/24"), "cannot create TAP vhtap0 (needs root and iproute2)");
+    let dir = scratch("reload");
+    let flag = image(&dir, "flag.img", 1 << 20);
+    let sock = |n: &str| dir.join(n);
+    let _blk = Backend::kickvm("blk", &sock("blk.sock"), &format!("path={}", flag.display()));
+    let _rng = Backend::kickvm("rng", &sock("rng.sock"), "");
+    let args: Vec<String> = vec![
+        "--net".into(),
+        "tap=vhtap0,vhost=on".into(),
+        "--vhost-user".into(),
+        format!("blk,socket={}", sock("blk.sock").display()),
+        "--vhost-user".into(),
+        format!("rng,socket={}", sock("rng.sock").display()),
+    ];
+    let (status, out, stderr) = boot(&args, RELOAD_SCRIPT, Duration::from_secs(300), |_| {});
+    let _ = Command::new("ip").args(["link", "del", "vhtap0"]).status();
+    assert_eq!(kickvm_rig::image::parse_exit_status(&out), Some(0), "guest script failed:\n{out}\nstderr: {stderr}");
+    assert_eq!(status, Some(0), "kickvm status; stderr: {stderr}");
+    for step in ["vhost-net-ping-ok", "reloaded virtio_net", "reloaded virtio_rng", "after-reload-ok", "second-boot-ok"] {
+        assert!(out.contains(step), "no {step}:\n{out}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -126,6 +126,9 @@ const MONITOR_SYSCALLS: &[i64] = &[
     libc::SYS_dup,
 ];
 
+/// The "served by" lines of the devices set up so far.
+static SERVED: Throttle = Throttle::new();
+
 pub struct VhostUsers;
 
 impl DeviceKind for VhostUsers {
@@ -620,11 +623,15 @@ impl VhostUserDevice {
             .name(format!("{name}-vhost"))
             .spawn(move || watch(l, seccomp))
             .map_err(VhostUserError::Connect)?;
-        log::info!(
-            "{name}: {} served by the vhost-user back-end on {} (queues: {vrings})",
-            spec.kind.word(),
-            spec.socket.display()
-        );
+        // Said at the first boots only: a guest rebooting in a loop must
+        // not repeat it forever.
+        if SERVED.hit().is_some() {
+            log::info!(
+                "{name}: {} served by the vhost-user back-end on {} (queues: {vrings})",
+                spec.kind.word(),
+                spec.socket.display()
+            );
+        }
         Ok(VhostUserDevice {
             name: name.to_string(),
             device_type,
