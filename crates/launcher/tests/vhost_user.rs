@@ -297,3 +297,72 @@ fn vhost_net_and_vhost_user_survive_driver_reload_and_reboot() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- set-up mistakes and a live back-end, with a tiny guest (no rig) ----
+
+/// `kickvm run ARGS` with a 30-byte guest that powers off at once:
+/// (status, stderr).
+fn run_tiny(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let code = common::serial_then_out(b"", 0x3c0, 0x34);
+    let k = common::write(dir, "bzImage", &common::fake_bzimage(&code));
+    let mut v = vec!["run", "--allow-slow-kvm", "--kernel", k.to_str().unwrap()];
+    v.extend_from_slice(args);
+    let out = common::run(&v);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// One error line on stderr, status 1, with every needle (log lines of
+/// the set-up before it, such as the host's huge-page advice for shared
+/// RAM, may precede it).
+fn one_line_error(dir: &Path, args: &[&str], needles: &[&str]) {
+    let (status, stderr) = run_tiny(dir, args);
+    assert_eq!(status, Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| !l.starts_with('[')).collect();
+    assert_eq!(errors.len(), 1, "want one error line, got: {stderr}");
+    let stderr = errors[0];
+    for n in needles {
+        assert!(stderr.contains(n), "`{n}` not in: {stderr}");
+    }
+}
+
+#[test]
+fn vhost_user_and_vhost_net_mistakes_are_one_line() {
+    let dir = scratch("errors");
+    let file = image(&dir, "not-a-socket", 512);
+    let missing = dir.join("missing.sock");
+    let m = format!("blk,socket={}", missing.display());
+    one_line_error(&dir, &["--vhost-user", &m], &["no such file", "start the back-end first", "kickvm backend blk --socket"]);
+    let f = format!("net,socket={}", file.display());
+    one_line_error(&dir, &["--vhost-user", &f], &["not a unix socket"]);
+    // A socket nobody listens on any more.
+    let dead = dir.join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+    let d = format!("rng,socket={}", dead.display());
+    one_line_error(&dir, &["--vhost-user", &d], &["cannot connect", "is the back-end running?"]);
+    one_line_error(&dir, &["--vhost-user", &d, "--vhost-user", &d], &["the socket is given twice"]);
+    if !Path::new("/dev/vhost-net").exists() && std::fs::metadata("/dev/net/tun").is_ok() {
+        one_line_error(&dir, &["--net", "tap=kvnotap0,vhost=on"], &["/dev/vhost-net: no such file", "modprobe vhost_net"]);
+    }
+    one_line_error(&dir, &["--net", "tap=kvnotap0,queues=2,vhost=on"], &["vhost-net serves one queue pair here"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A live back-end: the launcher connects, negotiates, reads nothing it
+/// should not, and lets go at power-off without hanging on its
+/// `<dev>-vhost` thread; the back-end then serves the next frontend.
+#[test]
+fn a_tiny_guest_with_a_vhost_user_device_starts_and_stops() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("tiny");
+    let sock = dir.join("rng.sock");
+    let _rng = Backend::kickvm("rng", &sock, "");
+    let arg = format!("rng,socket={}", sock.display());
+    for boot in 0..2 {
+        let (status, stderr) = run_tiny(&dir, &["--vhost-user", &arg, "--memory", "64M"]);
+        assert_eq!(status, Some(0), "boot {boot}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -721,3 +721,42 @@ impl ExternalQueues for VhostUserDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `<dev>-vhost` thread may reconnect (socket, connect) but not
+    /// open files or start programs.
+    #[test]
+    fn the_vhost_thread_is_refused_files_and_programs() {
+        let r = std::thread::spawn(|| {
+            kickvm_virtio::seccomp::apply("vhost-user", &[MONITOR_SYSCALLS], SeccompMode::On).unwrap();
+            let open = std::fs::File::open("/proc/self/status").map(|_| ()).map_err(|e| e.raw_os_error());
+            let exec = std::process::Command::new("/bin/true").status().map(|_| ()).map_err(|e| e.raw_os_error());
+            // SAFETY: socket(2) with constant arguments; the fd is closed.
+            let sock = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if sock >= 0 {
+                // SAFETY: closes the fd just created.
+                unsafe { libc::close(sock) };
+            }
+            (open, exec, sock >= 0)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(r.0, Err(Some(libc::EPERM)), "open");
+        assert!(r.1.is_err(), "execve");
+        assert!(r.2, "socket is needed to reconnect");
+    }
+
+    #[test]
+    fn the_memory_table_names_the_memfd() {
+        let ram = crate::memory::create(64 << 20, crate::memory::Backing::Shared).unwrap();
+        let t = regions(&ram.mem);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].mmap_handle >= 0);
+        assert_eq!((t[0].guest_phys_addr, t[0].memory_size, t[0].mmap_offset), (0, 64 << 20, 0));
+        let private = crate::memory::create(64 << 20, crate::memory::Backing::Private).unwrap();
+        assert!(regions(&private.mem).iter().all(|r| r.mmap_handle < 0));
+    }
+}
