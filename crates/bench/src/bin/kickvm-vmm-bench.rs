@@ -17,7 +17,10 @@
 //!    `gettimeofday` (real syscalls under TCG, free on real hosts), minus
 //!    the rate measured over an idle window of the same boot, divided by the
 //!    number of pings. kickvm `--threads per-queue|per-device|single` and
-//!    QEMU `-M pc` with userspace virtio-net (`vhost=off`).
+//!    QEMU `-M pc` with userspace virtio-net (`vhost=off`); with
+//!    `--ping-vmm` also kickvm `--vhost-user net` (its `kickvm backend net`
+//!    process counted the same way, beside it), kickvm `--net ...,vhost=on`
+//!    and QEMU `vhost=on`.
 //! 3. **memory**: in the idle window of each ping run, the VMM's RSS from
 //!    `/proc/PID/smaps` minus the RSS of the guest-RAM mapping.
 //!
