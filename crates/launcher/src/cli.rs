@@ -92,8 +92,10 @@ pub struct RunArgs {
     /// /sys/kernel/mm/transparent_hugepage/shmem_enabled allows them.
     #[arg(long)]
     pub memory_shared: bool,
-    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N]
-    /// (N queue pairs; use one per vCPU for multi-queue).
+    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N][,vhost=on]
+    /// (N queue pairs; use one per vCPU for multi-queue; vhost=on: the host
+    /// kernel's vhost-net serves the card's one queue pair, needs
+    /// /dev/vhost-net).
     #[arg(long, value_name = "OPTS", value_parser = config::parse_net)]
     pub net: Vec<NetSpec>,
     /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,queues=N]
@@ -109,7 +111,8 @@ pub struct RunArgs {
     /// A device served by an external vhost-user back-end (repeatable):
     /// TYPE,socket=PATH[,queues=N][,queue_size=N], TYPE blk, net, console
     /// or rng (queues=: blk request queues, net queue pairs). Guest RAM
-    /// becomes shared (a memfd) so the back-end can map it.
+    /// becomes shared (a memfd) so the back-end can map it. A back-end that
+    /// dies is waited for: the device's I/O resumes when it accepts again.
     #[arg(long, value_name = "OPTS", value_parser = config::parse_vhost_user)]
     pub vhost_user: Vec<VhostUserSpec>,
     /// How virtqueues are mapped onto threads: per-queue (one thread per

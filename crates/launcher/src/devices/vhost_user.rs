@@ -33,7 +33,10 @@
 //! per queue, do) or that had nothing in flight; a back-end that completes
 //! out of order and dies with requests in flight can have them replayed or
 //! lost (QEMU solves that with INFLIGHT_SHMFD, which kickvm does not
-//! implement).
+//! implement). State a back-end keeps beyond the rings is the new
+//! back-end's to rebuild: a multi-queue net back-end starts with one queue
+//! pair active until the driver's next `VIRTIO_NET_CTRL_MQ` (the guest's
+//! packets on the other pairs go nowhere meanwhile).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
