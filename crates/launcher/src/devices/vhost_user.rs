@@ -369,10 +369,13 @@ struct Link {
     stop: EventFd,
     state: Arc<DeviceState>,
     inner: Mutex<Inner>,
-    /// Log lines about the back-end coming and going: a back-end that
-    /// crashes in a loop must not flood the log.
+    /// Log lines about the back-end coming and going, and about a driver
+    /// starting the device while it is away: a back-end that crashes in a
+    /// loop, or a guest that resets in a loop, must not flood the log.
     gone: Throttle,
+    back: Throttle,
     refused: Throttle,
+    waiting: Throttle,
 }
 
 struct Inner {
@@ -398,7 +401,7 @@ impl Link {
                     s.hang_up();
                 }
             }
-            None => log::info!("{}: the back-end is away; the device starts when it is back", self.name),
+            None => kickvm_virtio::warn_limited!(self.waiting, "{}: the back-end is away; the device starts when it is back", self.name),
         }
     }
 
@@ -445,7 +448,7 @@ impl Link {
             self.state.needs_reset.store(false, Ordering::SeqCst);
         }
         let what = inner.rings.as_ref().map_or(String::new(), |r| format!("; {} rings restored", r.queues.len()));
-        log::warn!("{}: vhost-user back-end on {} is back{what}", self.name, self.spec.socket.display());
+        kickvm_virtio::warn_limited!(self.back, "{}: vhost-user back-end on {} is back{what}", self.name, self.spec.socket.display());
         inner.session = Some(s);
         true
     }
@@ -619,7 +622,9 @@ impl VhostUserDevice {
             state: state.clone(),
             inner: Mutex::new(Inner { session: Some(s), rings: None }),
             gone: Throttle::new(),
+            back: Throttle::new(),
             refused: Throttle::new(),
+            waiting: Throttle::new(),
         });
         let l = link.clone();
         let watcher = std::thread::Builder::new()
