@@ -101,6 +101,7 @@ mod tests {
             (DeviceKind::Blk, "path=a,path=b"),
             (DeviceKind::Blk, "path=a,queues=0"),
             (DeviceKind::Net, "tap=t0,mac=01:00:00:00:00:00"),
+            (DeviceKind::Net, "tap=t0,vhost=on"),
             (DeviceKind::Console, "tty"),
             (DeviceKind::Rng, "fast=yes"),
         ] {
