@@ -731,6 +731,9 @@ pub fn run(input: &CliInput) {
     for d in &mut cfg.disks {
         d.path = confine(&d.path);
     }
+    for v in &mut cfg.vhost_users {
+        v.socket = confine(&v.socket);
+    }
     match &mut cfg.console {
         config::ConsoleSpec::Socket(p) | config::ConsoleSpec::File(p) => *p = confine(p),
         _ => {}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kickvm_virtio::ThreadingMode;
 
-use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VmConfig, VsockSpec};
+use crate::config::{self, ConfigError, ConsoleSpec, DiskSpec, NetSpec, VhostUserSpec, VmConfig, VsockSpec};
 
 const ABOUT: &str = "Boot a stock Linux kernel on KVM, with virtio devices whose queues are each served by their own thread";
 
@@ -33,6 +33,13 @@ Examples:
   # A vsock device (guest CID 3); host programs reach guest port 1024
   # with `CONNECT 1024` on /tmp/vm.vsock (e.g. socat - UNIX-CONNECT:/tmp/vm.vsock):
   kickvm run --kernel bzImage --initrd initramfs --vsock cid=3,socket=/tmp/vm.vsock
+
+  # The disk served by a vhost-user back-end (kickvm's own, or e.g.
+  # qemu-storage-daemon's vhost-user-blk export), and the NIC served by the
+  # host kernel's vhost-net (modprobe vhost_net):
+  kickvm backend blk --socket /tmp/blk.sock path=root.img &
+  kickvm run --kernel bzImage --initrd initramfs \
+             --vhost-user blk,socket=/tmp/blk.sock --net tap=tap0,vhost=on
 
   # virtio-console (hvc0) on this terminal instead of the serial port:
   kickvm run --kernel bzImage --initrd initramfs --console stdio --cmdline console=hvc0
@@ -149,9 +156,10 @@ pub struct RunArgs {
     /// /sys/kernel/mm/transparent_hugepage/shmem_enabled allows them.
     #[arg(long)]
     pub memory_shared: bool,
-    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N][,poll=MODE]
-    /// (N queue pairs; use one per vCPU for multi-queue). poll= as for --disk
-    /// (transmit queues).
+    /// A virtio-net card on a host TAP interface: tap=NAME[,mac=MAC][,queues=N][,vhost=on][,poll=MODE]
+    /// (N queue pairs; use one per vCPU for multi-queue; vhost=on: the host
+    /// kernel's vhost-net serves the card's one queue pair, needs
+    /// /dev/vhost-net). poll= as for --disk (transmit queues).
     #[arg(long, value_name = "OPTS", value_parser = config::parse_net)]
     pub net: Vec<NetSpec>,
     /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,queues=N][,poll=MODE].
@@ -177,6 +185,13 @@ pub struct RunArgs {
     /// host port P reaches the Unix socket PATH_P.
     #[arg(long, value_name = "OPTS", value_parser = config::parse_vsock)]
     pub vsock: Option<VsockSpec>,
+    /// A device served by an external vhost-user back-end (repeatable):
+    /// TYPE,socket=PATH[,queues=N][,queue_size=N], TYPE blk, net, console
+    /// or rng (queues=: blk request queues, net queue pairs). Guest RAM
+    /// becomes shared (a memfd) so the back-end can map it. A back-end that
+    /// dies is waited for: the device's I/O resumes when it accepts again.
+    #[arg(long, value_name = "OPTS", value_parser = config::parse_vhost_user)]
+    pub vhost_user: Vec<VhostUserSpec>,
     /// How virtqueues are mapped onto threads: per-queue (one thread per
     /// queue), per-device, or single (one I/O thread for all).
     #[arg(long, value_name = "MODE", default_value = "per-queue")]
@@ -225,6 +240,7 @@ impl RunArgs {
             console: self.console.clone(),
             rng: self.rng,
             vsock: self.vsock.clone(),
+            vhost_users: self.vhost_user.clone(),
             threads: self.threads,
             kvm_device: self.kvm_device.clone(),
             allow_slow_kvm: self.allow_slow_kvm,

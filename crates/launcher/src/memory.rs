@@ -88,6 +88,14 @@ pub enum Backing {
 }
 
 impl Backing {
+    /// The backing `cfg` needs: shared when asked (`--memory-shared`) and
+    /// whenever a vhost-user back-end, another process, must map guest
+    /// RAM to serve its queues (`--vhost-user`); hugetlbfs RAM is a memfd,
+    /// shareable as it is.
+    pub fn for_config(cfg: &crate::config::VmConfig) -> Backing {
+        Backing::of(cfg.hugepages, cfg.memory_shared || !cfg.vhost_users.is_empty())
+    }
+
     /// The backing for `--hugepages` and shared memory as asked.
     pub fn of(hugepages: bool, shared: bool) -> Backing {
         match (hugepages, shared) {

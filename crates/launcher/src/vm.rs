@@ -202,7 +202,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     // The set-up lines of the first boots only: a guest that reboots in a
     // loop must not repeat them forever.
     let chatty = throttles::BOOTS.hit().is_some();
-    let ram = memory::create(cfg.memory, memory::Backing::of(cfg.hugepages, cfg.memory_shared))?;
+    let ram = memory::create(cfg.memory, memory::Backing::for_config(cfg))?;
     // Reading the kernel and initramfs into guest RAM is the longest step
     // of set-up (the first touch of each page allocates and zeroes it): a
     // second thread does it while this one builds the VM and its devices.

@@ -36,7 +36,10 @@ impl DeviceSpec {
     pub fn parse(kind: DeviceKind, opts: &str) -> Result<DeviceSpec, OptionError> {
         match kind {
             DeviceKind::Blk => Ok(DeviceSpec::Blk(options::parse_disk(opts)?)),
-            DeviceKind::Net => Ok(DeviceSpec::Net(options::parse_net(opts)?)),
+            DeviceKind::Net => match options::parse_net(opts)? {
+                n if n.vhost => Err(OptionError("vhost=on is for `kickvm run --net`: a back-end serves the queues itself".into())),
+                n => Ok(DeviceSpec::Net(n)),
+            },
             DeviceKind::Console => match options::parse_console(opts)? {
                 ConsoleSpec::None => Err(OptionError("a console back-end needs stdio, pty, socket=PATH or file=PATH".into())),
                 c => Ok(DeviceSpec::Console(c)),
@@ -91,7 +94,7 @@ mod tests {
         let b = DeviceSpec::parse(DeviceKind::Blk, "path=/x,readonly=on,queues=4").unwrap();
         assert_eq!(b, DeviceSpec::Blk(DiskSpec { path: "/x".into(), readonly: true, serial: None, queues: 4, poll: kickvm_virtio::options::DEFAULT_POLL }));
         let n = DeviceSpec::parse(DeviceKind::Net, "tap=t0,mac=52:54:00:00:00:01,queues=2").unwrap();
-        assert_eq!(n, DeviceSpec::Net(NetSpec { tap: "t0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]), queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL }));
+        assert_eq!(n, DeviceSpec::Net(NetSpec { tap: "t0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]), queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL, vhost: false }));
         assert_eq!(DeviceSpec::parse(DeviceKind::Console, "file=/o").unwrap(), DeviceSpec::Console(ConsoleSpec::File("/o".into())));
         assert_eq!(DeviceSpec::parse(DeviceKind::Rng, "").unwrap(), DeviceSpec::Rng { source: None });
     }
@@ -103,6 +106,7 @@ mod tests {
             (DeviceKind::Blk, "path=a,path=b"),
             (DeviceKind::Blk, "path=a,queues=0"),
             (DeviceKind::Net, "tap=t0,mac=01:00:00:00:00:00"),
+            (DeviceKind::Net, "tap=t0,vhost=on"),
             (DeviceKind::Console, "tty"),
             (DeviceKind::Rng, "fast=yes"),
         ] {

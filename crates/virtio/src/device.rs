@@ -76,6 +76,29 @@ pub trait VirtioDevice: Send {
     }
     /// The device's counters and status bit, shared with its queue threads.
     fn state(&self) -> Arc<DeviceState>;
+    /// A device whose queues are served outside this process (a vhost-user
+    /// back-end, the kernel's vhost-net) returns itself here: [`activate`]
+    /// then hands it the rings, kicks and calls instead of starting queue
+    /// threads, and [`VirtioDevice::reset`] must stop the rings.
+    fn external(&mut self) -> Option<&mut dyn ExternalQueues> {
+        None
+    }
+}
+
+/// Queues served by someone else: the transport's kick (ioeventfd) and call
+/// (irqfd) eventfds go straight to the server, so no thread of this process
+/// is in the data path.
+pub trait ExternalQueues {
+    /// The driver set DRIVER_OK with `features`: start serving `queues`
+    /// (rings already checked to lie in `mem`). `config_call` raises the
+    /// configuration-change interrupt.
+    fn start(
+        &mut self,
+        features: u64,
+        mem: &GuestMemory,
+        queues: Vec<QueueSetup>,
+        config_call: Option<EventFd>,
+    ) -> Result<(), ActivateError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +147,13 @@ pub fn activate(
     runtime: &Arc<Runtime>,
     config_call: Option<EventFd>,
 ) -> Result<ActiveDevice, ActivateError> {
+    if let Some(ext) = device.external() {
+        if let Some(s) = queues.iter().find(|s| !crate::queue::rings_fit(&s.queue, mem)) {
+            return Err(ActivateError::InvalidQueue(s.index));
+        }
+        ext.start(features, mem, queues, config_call)?;
+        return Ok(ActiveDevice { threads: None });
+    }
     let blocking = runtime.mode() == crate::ThreadingMode::PerQueue;
     let jobs = jobs(device, features, mem, queues, config_call, blocking)?;
     let threads = runtime.start(jobs).map_err(ActivateError::Spawn)?;

@@ -43,7 +43,7 @@ pub mod threads;
 pub mod vsock;
 
 pub use counters::{DeviceState, QueueCounters, QueueCountersSnapshot};
-pub use device::{activate, ActivateError, ActiveDevice, VirtioDevice};
+pub use device::{activate, ActivateError, ActiveDevice, ExternalQueues, VirtioDevice};
 pub use memory::GuestMemory;
 pub use queue::{DeviceEvents, QueueCtx, QueueSetup, QueueState, Stopped};
 pub use threads::{QueueWorker, Runtime, ThreadingMode, Wait};

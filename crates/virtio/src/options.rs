@@ -46,6 +46,8 @@ pub struct NetSpec {
     pub queues: u16,
     /// How its queue threads poll before sleeping (`poll=`).
     pub poll: Poll,
+    /// `vhost=on`: the host kernel's vhost-net serves the queues.
+    pub vhost: bool,
 }
 
 impl NetSpec {
@@ -195,16 +197,17 @@ fn check_ifname(name: &str) -> Result<(), OptionError> {
     Ok(())
 }
 
-/// `--net tap=NAME[,mac=MAC][,queues=N][,poll=off|adaptive[:µs]|µs]`
+/// `--net tap=NAME[,mac=MAC][,queues=N][,vhost=on][,poll=off|adaptive[:µs]|µs]`
 pub fn parse_net(s: &str) -> Result<NetSpec, OptionError> {
-    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1, poll: DEFAULT_POLL };
+    let mut spec = NetSpec { tap: String::new(), mac: None, queues: 1, poll: DEFAULT_POLL, vhost: false };
     for (k, v) in pairs("--net", s)? {
         match k {
             "tap" => spec.tap = v.to_string(),
             "mac" => spec.mac = Some(parse_mac(v)?),
             "queues" => spec.queues = parse_queues(v)?,
+            "vhost" => spec.vhost = parse_bool(k, v)?,
             "poll" => spec.poll = parse_poll(v)?,
-            _ => return err(format!("--net: unknown option `{k}` (use tap=NAME,mac=MAC,queues=N,poll=MODE)")),
+            _ => return err(format!("--net: unknown option `{k}` (use tap=NAME,mac=MAC,queues=N,vhost=on,poll=MODE)")),
         }
     }
     if spec.tap.is_empty() {
@@ -330,4 +333,80 @@ mod vsock_tests {
         assert!(parse_vsock("cid=3,cid=4,socket=/tmp/v").unwrap_err().0.contains("given twice"));
         assert!(parse_vsock("cid=3,socket=/tmp/v,port=9").unwrap_err().0.contains("unknown option `port`"));
     }
+}
+
+/// The kind of device a vhost-user back-end serves (`--vhost-user TYPE,...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VhostUserKind {
+    Blk,
+    Net,
+    Console,
+    Rng,
+}
+
+impl VhostUserKind {
+    /// The word the user writes.
+    pub fn word(self) -> &'static str {
+        match self {
+            VhostUserKind::Blk => "blk",
+            VhostUserKind::Net => "net",
+            VhostUserKind::Console => "console",
+            VhostUserKind::Rng => "rng",
+        }
+    }
+}
+
+/// Largest ring a vhost-user device offers (QEMU's limit too: back-ends
+/// written for QEMU expect no more).
+pub const MAX_VHOST_USER_QUEUE_SIZE: u16 = 1024;
+/// Ring size of a vhost-user device without `queue_size=`.
+pub const DEFAULT_VHOST_USER_QUEUE_SIZE: u16 = 256;
+
+/// `--vhost-user TYPE,socket=PATH[,queues=N][,queue_size=N]`: a device
+/// whose queues an external back-end serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserSpec {
+    pub kind: VhostUserKind,
+    pub socket: PathBuf,
+    /// blk: request queues; net: queue pairs; `None`: one (blk: as many as
+    /// the back-end's configuration says).
+    pub queues: Option<u16>,
+    pub queue_size: u16,
+}
+
+impl VhostUserSpec {
+    /// How the user would write it, for messages.
+    pub fn describe(&self) -> String {
+        format!("--vhost-user {},socket={}", self.kind.word(), self.socket.display())
+    }
+}
+
+/// `--vhost-user TYPE,socket=PATH[,queues=N][,queue_size=N]`
+pub fn parse_vhost_user(s: &str) -> Result<VhostUserSpec, OptionError> {
+    const USE: &str = "use TYPE,socket=PATH[,queues=N][,queue_size=N] with TYPE blk, net, console or rng";
+    let mut it = pairs("--vhost-user", s)?.into_iter();
+    let kind = match it.next() {
+        Some(("blk", "")) => VhostUserKind::Blk,
+        Some(("net", "")) => VhostUserKind::Net,
+        Some(("console", "")) => VhostUserKind::Console,
+        Some(("rng", "")) => VhostUserKind::Rng,
+        _ => return err(format!("--vhost-user {s}: {USE}")),
+    };
+    let mut spec = VhostUserSpec { kind, socket: PathBuf::new(), queues: None, queue_size: DEFAULT_VHOST_USER_QUEUE_SIZE };
+    for (k, v) in it {
+        match k {
+            "socket" => spec.socket = PathBuf::from(v),
+            "queues" if matches!(kind, VhostUserKind::Blk | VhostUserKind::Net) => spec.queues = Some(parse_queues(v)?),
+            "queues" => return err(format!("--vhost-user {s}: a {} device has a fixed set of queues; drop queues=", kind.word())),
+            "queue_size" => match v.parse::<u16>() {
+                Ok(n) if n.is_power_of_two() && (2..=MAX_VHOST_USER_QUEUE_SIZE).contains(&n) => spec.queue_size = n,
+                _ => return err(format!("queue_size={v}: use a power of two from 2 to {MAX_VHOST_USER_QUEUE_SIZE}")),
+            },
+            _ => return err(format!("--vhost-user: unknown option `{k}` ({USE})")),
+        }
+    }
+    if spec.socket.as_os_str().is_empty() {
+        return err(format!("--vhost-user {s} needs socket=PATH (the back-end's unix socket)"));
+    }
+    Ok(spec)
 }

@@ -17,7 +17,10 @@
 //!    `gettimeofday` (real syscalls under TCG, free on real hosts), minus
 //!    the rate measured over an idle window of the same boot, divided by the
 //!    number of pings. kickvm `--threads per-queue|per-device|single` and
-//!    QEMU `-M pc` with userspace virtio-net (`vhost=off`).
+//!    QEMU `-M pc` with userspace virtio-net (`vhost=off`); with
+//!    `--ping-vmm` also kickvm `--vhost-user net` (its `kickvm backend net`
+//!    process counted the same way, beside it), kickvm `--net ...,vhost=on`
+//!    and QEMU `vhost=on`.
 //! 3. **memory**: in the idle window of each ping run, the VMM's RSS from
 //!    `/proc/PID/smaps` minus the RSS of the guest-RAM mapping.
 //! 4. **the VMM's own share** (in each boot run): launch → the first
@@ -67,34 +70,56 @@ enum Vmm {
     Kickvm(&'static str),
     /// kickvm (per-queue) booting the uncompressed vmlinux through PVH.
     KickvmVmlinux,
+    /// kickvm (per-queue) whose NIC is served outside the launcher.
+    KickvmNet(NetServer),
     QemuMicrovm,
     QemuPc,
+    /// QEMU `-M pc` with the kernel's vhost-net (`vhost=on`).
+    QemuPcVhost,
 }
+
+/// Who serves kickvm's NIC in [`Vmm::KickvmNet`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum NetServer {
+    /// `kickvm backend net` in a process of its own, `--vhost-user net`.
+    VhostUser,
+    /// The kernel's vhost-net, `--net tap=...,vhost=on`.
+    VhostNet,
+}
+
+/// Where `kickvm backend net` listens in [`NetServer::VhostUser`] runs.
+const BACKEND_SOCKET: &str = "/tmp/kickvm-bench-net.sock";
 
 impl Vmm {
     fn label(self) -> String {
         match self {
             Vmm::Kickvm(t) => format!("kickvm --threads {t}"),
             Vmm::KickvmVmlinux => "kickvm, vmlinux (PVH)".into(),
+            Vmm::KickvmNet(NetServer::VhostUser) => "kickvm --vhost-user net (kickvm backend net)".into(),
+            Vmm::KickvmNet(NetServer::VhostNet) => "kickvm --net vhost=on".into(),
             Vmm::QemuMicrovm => "QEMU -M microvm".into(),
             Vmm::QemuPc => "QEMU -M pc".into(),
+            Vmm::QemuPcVhost => "QEMU -M pc vhost=on".into(),
         }
     }
     /// The name `--boot-vmm` takes.
     fn arg(self) -> &'static str {
         match self {
-            Vmm::Kickvm(_) => "kickvm",
+            Vmm::Kickvm(_) | Vmm::KickvmNet(_) => "kickvm",
             Vmm::KickvmVmlinux => "kickvm-vmlinux",
             Vmm::QemuMicrovm => "microvm",
-            Vmm::QemuPc => "pc",
+            Vmm::QemuPc | Vmm::QemuPcVhost => "pc",
         }
     }
     fn short(self) -> String {
         match self {
             Vmm::Kickvm(t) => format!("kickvm-{t}"),
             Vmm::KickvmVmlinux => "kickvm-vmlinux".into(),
+            Vmm::KickvmNet(NetServer::VhostUser) => "kickvm-vhost-user".into(),
+            Vmm::KickvmNet(NetServer::VhostNet) => "kickvm-vhost-net".into(),
             Vmm::QemuMicrovm => "qemu-microvm".into(),
             Vmm::QemuPc => "qemu-pc".into(),
+            Vmm::QemuPcVhost => "qemu-pc-vhost".into(),
         }
     }
 }
@@ -112,13 +137,27 @@ struct Opts {
     ping: bool,
     /// The VMMs of the boot benchmark (all three unless `--boot-vmm`).
     boot_vmms: Vec<Vmm>,
+    /// The configurations of the ping benchmark (`--ping-vmm`).
+    ping_vmms: Vec<Vmm>,
 }
+
+/// The ping benchmark's configurations by the names `--ping-vmm` takes.
+const PING_VMMS: &[(&str, Vmm)] = &[
+    ("per-queue", Vmm::Kickvm("per-queue")),
+    ("per-device", Vmm::Kickvm("per-device")),
+    ("single", Vmm::Kickvm("single")),
+    ("vhost-user", Vmm::KickvmNet(NetServer::VhostUser)),
+    ("vhost-net", Vmm::KickvmNet(NetServer::VhostNet)),
+    ("pc", Vmm::QemuPc),
+    ("pc-vhost", Vmm::QemuPcVhost),
+];
 
 fn usage() -> ! {
     eprintln!(
         "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
          \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping]\n\
          \x20                       [--boot-vmm kickvm,kickvm-vmlinux,microvm,pc]\n\
+         \x20                       [--ping-vmm per-queue,per-device,single,vhost-user,vhost-net,pc,pc-vhost]\n\
          Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh)."
     );
     std::process::exit(2)
@@ -138,6 +177,7 @@ fn parse_opts() -> Opts {
         boot: true,
         ping: true,
         boot_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux, Vmm::QemuMicrovm, Vmm::QemuPc],
+        ping_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -161,6 +201,12 @@ fn parse_opts() -> Opts {
                         "pc" => Vmm::QemuPc,
                         _ => usage(),
                     })
+                    .collect()
+            }
+            "--ping-vmm" => {
+                o.ping_vmms = val()
+                    .split(',')
+                    .map(|v| PING_VMMS.iter().find(|(n, _)| *n == v).map_or_else(|| usage(), |(_, m)| *m))
                     .collect()
             }
             "--only" => match val().as_str() {
@@ -283,9 +329,19 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
                 c.args(["--net", &format!("tap={TAP},mac={GUEST_MAC}")]);
             }
         }
-        Vmm::QemuMicrovm | Vmm::QemuPc => {
+        Vmm::KickvmNet(server) => {
+            c = Command::new(&o.kickvm);
+            c.arg("run").arg("--kernel").arg(&img.kernel).arg("--initrd").arg(&img.initrd);
+            c.args(["--memory", &format!("{MEMORY_MIB}M"), "--cpus", "1"]);
+            c.args(["--cmdline", &extra]);
+            match server {
+                NetServer::VhostUser => c.args(["--vhost-user", &format!("net,socket={BACKEND_SOCKET}")]),
+                NetServer::VhostNet => c.args(["--net", &format!("tap={TAP},mac={GUEST_MAC},vhost=on")]),
+            };
+        }
+        Vmm::QemuMicrovm | Vmm::QemuPc | Vmm::QemuPcVhost => {
             c = Command::new(&o.qemu);
-            let machine = if vmm == Vmm::QemuPc {
+            let machine = if vmm != Vmm::QemuMicrovm {
                 "pc"
             } else {
                 "microvm,x-option-roms=off,rtc=off,isa-serial=on,pcie=on"
@@ -296,7 +352,8 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
             c.arg("-kernel").arg(&img.kernel).arg("-initrd").arg(&img.initrd);
             c.args(["-append", &format!("{KICKVM_DEFAULT_CMDLINE} {extra}")]);
             if tap {
-                c.args(["-netdev", &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off")]);
+                let vhost = if vmm == Vmm::QemuPcVhost { "on" } else { "off" };
+                c.args(["-netdev", &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}")]);
                 c.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}")]);
             }
         }
@@ -536,7 +593,7 @@ fn boot_table(vmms: &[Vmm], res: &[(Vec<f64>, Vec<f64>)], how: &str) -> String {
 /// real host does (the rig reads the host's files over 9p).
 fn warm_up(o: &Opts, vmm: Vmm) {
     let bin: &Path = match vmm {
-        Vmm::Kickvm(_) | Vmm::KickvmVmlinux => &o.kickvm,
+        Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmNet(_) => &o.kickvm,
         _ => Path::new(&o.qemu),
     };
     let _ = Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
@@ -686,6 +743,8 @@ fn orchestrate_ping(o: &Opts, l1: &InL1, doc: &mut Doc) {
         o.interval.clone(),
         "--idle".into(),
         o.idle_secs.to_string(),
+        "--ping-vmm".into(),
+        o.ping_vmms.iter().map(|v| PING_VMMS.iter().find(|(_, m)| m == v).map_or("?", |(n, _)| *n)).collect::<Vec<_>>().join(","),
     ];
     let (so, _) = l1.run(&args, &l1.out);
     doc.take_header(&so);
@@ -834,7 +893,7 @@ fn memory(pid: i32, vmm: Vmm) -> Result<Mem, String> {
             // RAM, the memfd "kickvm-guest-ram" (crates/launcher/src/memory.rs).
             let big_anon = path.is_empty() && size >= (MEMORY_MIB << 20) * 3 / 4;
             is_guest = match vmm {
-                Vmm::Kickvm(_) | Vmm::KickvmVmlinux => big_anon || path.contains("kickvm-guest-ram"),
+                Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmNet(_) => big_anon || path.contains("kickvm-guest-ram"),
                 _ => big_anon,
             };
             is_file = path.starts_with('/') && !path.contains("kickvm-guest-ram");
@@ -886,6 +945,9 @@ struct PingRun {
     /// Per thread name, per ping, idle-subtracted, clocks excluded.
     by_thread: BTreeMap<String, f64>,
     mem: Mem,
+    /// The vhost-user back-end process's device-path syscalls per ping,
+    /// counted as the VMM's are (kickvm `--vhost-user` runs only).
+    backend_per_ping: Option<f64>,
 }
 
 fn is_vcpu_thread(name: &str) -> bool {
@@ -982,6 +1044,43 @@ struct PingMeasured {
     summary: String,
     guest_clock: f64,
     host_rtt: Option<(f64, f64)>,
+    /// The back-end process's counts over the same two windows, with
+    /// their lengths: (idle, idle_secs, busy, busy_secs).
+    backend: Option<(Counts, f64, Counts, f64)>,
+}
+
+/// `kickvm backend net` on the bench TAP, for [`NetServer::VhostUser`]
+/// runs; killed when dropped.
+struct NetBackend(Child);
+
+impl NetBackend {
+    fn start(o: &Opts, log: &Path) -> Result<NetBackend, String> {
+        let _ = fs::remove_file(BACKEND_SOCKET);
+        let log = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = Command::new(&o.kickvm)
+            .args(["backend", "net", "--socket", BACKEND_SOCKET, &format!("tap={TAP},mac={GUEST_MAC}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| format!("cannot start kickvm backend net: {e}"))?;
+        let b = NetBackend(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        while !Path::new(BACKEND_SOCKET).exists() {
+            if Instant::now() > end {
+                return Err(format!("kickvm backend net does not listen on {BACKEND_SOCKET}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Boots `vmm` with [`ping_script`] and drives it: memory, an idle window
@@ -990,19 +1089,33 @@ struct PingMeasured {
 fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingMeasured, String> {
     let script = ping_script(o);
     let name = format!("ping-{}-{run}", vmm.short());
+    let backend = match vmm {
+        Vmm::KickvmNet(NetServer::VhostUser) => Some(NetBackend::start(o, &o.out.join(format!("{name}-backend.log")))?),
+        _ => None,
+    };
     let mut r = spawn(o, vmm, &script, true, &format!("{name}.log"));
     r.wait_for("BENCH-READY", Duration::from_secs(120))?;
     // Let the guest settle (the script's `read` is waiting on the console).
     std::thread::sleep(Duration::from_millis(1000));
     let mem = memory(r.pid(), vmm)?;
+    // The back-end process, if any, is counted over the same windows.
+    let backend_perf = |window: &str| -> Result<Option<Perf>, String> {
+        backend.as_ref().map(|b| Perf::start(b.0.id() as i32, events, &o.out, &format!("{name}-backend-{window}"))).transpose()
+    };
+    let stop = |p: Option<Perf>| p.map(Perf::stop).transpose();
+    let bperf = backend_perf("idle")?;
     let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-idle"))?;
     std::thread::sleep(Duration::from_secs_f64(o.idle_secs));
     let (idle, idle_secs) = perf.stop()?;
+    let b_idle = stop(bperf)?;
+    let bperf = backend_perf("ping")?;
     let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-ping"))?;
     let go = Instant::now();
     r.type_line("g");
     let done = r.wait_line("D", Duration::from_secs(30 + (o.pings as u64) * 2))?;
     let (busy, busy_secs) = perf.stop()?;
+    let b_busy = stop(bperf)?;
+    let backend_counts = b_idle.zip(b_busy).map(|((i, is), (b, bs))| (i, is, b, bs));
     let start = r.console.len();
     r.type_line("s");
     r.wait_for("BENCH-REPORTED", Duration::from_secs(30))?;
@@ -1019,7 +1132,8 @@ fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<Pin
     let host_rtt = host_ping(o);
     r.type_line("bye");
     r.wait_exit(Duration::from_secs(60))?;
-    Ok(PingMeasured { mem, idle, idle_secs, busy, busy_secs, summary, guest_clock, host_rtt })
+    drop(backend);
+    Ok(PingMeasured { mem, idle, idle_secs, busy, busy_secs, summary, guest_clock, host_rtt, backend: backend_counts })
 }
 
 /// A filter on thread names.
@@ -1084,6 +1198,9 @@ fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRu
     let vcpu = |t: &str| is_vcpu_thread(t);
     let idle_rate = device_total(&m.idle, &all) / m.idle_secs;
     let per_ping = (device_total(&m.busy, &all) - idle_rate * m.busy_secs) / pings;
+    let backend_per_ping = m.backend.as_ref().map(|(idle, idle_secs, busy, busy_secs)| {
+        (device_total(busy, &all) - device_total(idle, &all) / idle_secs * busy_secs) / pings
+    });
     let idle_rate_vcpu = device_total(&m.idle, &vcpu) / m.idle_secs;
     let per_ping_vcpu = (device_total(&m.busy, &vcpu) - idle_rate_vcpu * m.busy_secs) / pings;
     Ok(PingRun {
@@ -1099,6 +1216,7 @@ fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRu
         by_syscall: per_syscall(&m, events, pings),
         by_thread: per_thread(&m, pings),
         mem: m.mem,
+        backend_per_ping,
     })
 }
 
@@ -1229,10 +1347,11 @@ fn ping_bench(o: &Opts, md: &mut String) {
     if let Err(e) = setup_tap() {
         die(&e);
     }
-    let vmms = [Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc];
+    let vmms = o.ping_vmms.clone();
     let res = ping_runs(o, &vmms, &events);
     let _ = Command::new("ip").args(["link", "del", TAP]).status();
     let mut s = ping_table(o, &vmms, &res);
+    s.push_str(&served_outside_table(&vmms, &res));
     s.push_str(&syscall_breakdown(&vmms, &res));
     s.push_str(&thread_breakdown(&vmms, &res));
     s.push_str(&memory_table(&vmms, &res));
@@ -1314,6 +1433,41 @@ fn ping_table(o: &Opts, vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
             median(&col(&|p| p.clock_per_ping)),
             median(&col(&|p| p.idle_rate)),
             lost
+        );
+    }
+    s
+}
+
+/// When some configurations serve the NIC outside the VMM process
+/// (vhost-user, vhost-net): the VMM's syscalls per ping beside the
+/// back-end process's, and the RTTs, one row per configuration.
+fn served_outside_table(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
+    let outside = |v: &Vmm| matches!(v, Vmm::KickvmNet(_) | Vmm::QemuPcVhost);
+    if !vmms.iter().any(outside) {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nNIC served in the VMM process or outside it (vhost-user back-end process, the kernel's vhost-net): \
+         device-path syscalls per ping of the VMM process and of the back-end process (counted the same way; \
+         vhost-net's kernel thread makes no syscalls), medians over runs:\n"
+    );
+    let _ = writeln!(s, "| configuration | VMM process syscalls/ping | back-end process syscalls/ping | guest→host RTT avg, ms | L1→guest RTT avg, ms |");
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for (v, r) in vmms.iter().zip(res) {
+        let col = |f: &dyn Fn(&PingRun) -> f64| median(&r.iter().map(f).collect::<Vec<f64>>());
+        let backend = match v {
+            Vmm::KickvmNet(NetServer::VhostUser) => format!("{:.2}", col(&|p| p.backend_per_ping.unwrap_or(f64::NAN))),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | **{:.2}** | {backend} | {:.2} | {:.2} |",
+            v.label(),
+            col(&|p| p.per_ping),
+            col(&|p| p.rtt_avg),
+            col(&|p| p.host_rtt.map_or(f64::NAN, |h| h.0))
         );
     }
     s

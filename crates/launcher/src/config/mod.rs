@@ -18,6 +18,7 @@ pub use kickvm_virtio::options::{
     MAX_QUEUES, MAX_SERIAL,
 };
 pub use kickvm_virtio::options::{parse_vsock, VsockSpec};
+pub use kickvm_virtio::options::{parse_vhost_user, VhostUserKind, VhostUserSpec};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -48,6 +49,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device with hybrid vsock on a host Unix socket.
     pub vsock: Option<VsockSpec>,
+    /// Devices served by external vhost-user back-ends (`--vhost-user`).
+    pub vhost_users: Vec<VhostUserSpec>,
     pub threads: ThreadingMode,
     /// `/dev/kvm` unless a test points elsewhere.
     pub kvm_device: PathBuf,
@@ -133,7 +136,7 @@ mod tests {
     #[test]
     fn net_options() {
         let n = parse_net("tap=tap0,mac=52:54:00:12:34:56,queues=2").unwrap();
-        assert_eq!(n, NetSpec { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL });
+        assert_eq!(n, NetSpec { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]), queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL, vhost: false });
         assert!(parse_net("mac=52:54:00:12:34:56").unwrap_err().0.contains("tap=NAME"));
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         assert!(parse_net("tap=t,queues=0").is_err());
@@ -159,7 +162,7 @@ mod tests {
 
     #[test]
     fn default_macs_count_up_and_carry() {
-        let n = NetSpec { tap: "t".into(), mac: None, queues: 1, poll: Default::default() };
+        let n = NetSpec { tap: "t".into(), mac: None, queues: 1, poll: Default::default(), vhost: false };
         assert_eq!(n.mac_or_default(0), DEFAULT_MAC);
         assert_eq!(n.mac_or_default(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
         assert_eq!(n.mac_or_default(0xaa), [0x52, 0x54, 0, 0x12, 0x35, 0x00]);
@@ -188,6 +191,28 @@ mod tests {
         assert!(parse_disk("path=a,path=b").unwrap_err().0.contains("`path` is given twice"));
         assert!(parse_disk("path=a,ro=on,readonly=off").is_err());
         assert!(parse_disk("path=a,queues=0").is_err());
+    }
+
+    #[test]
+    fn vhost_user_options() {
+        let v = parse_vhost_user("blk,socket=/tmp/b.sock,queues=2,queue_size=128").unwrap();
+        assert_eq!(
+            v,
+            VhostUserSpec { kind: VhostUserKind::Blk, socket: "/tmp/b.sock".into(), queues: Some(2), queue_size: 128 }
+        );
+        let r = parse_vhost_user("rng,socket=s").unwrap();
+        assert_eq!((r.kind, r.queues, r.queue_size), (VhostUserKind::Rng, None, 256));
+        assert!(parse_vhost_user("socket=s").unwrap_err().0.contains("TYPE blk, net, console or rng"));
+        assert!(parse_vhost_user("gpu,socket=s").is_err());
+        assert!(parse_vhost_user("net").unwrap_err().0.contains("needs socket=PATH"));
+        assert!(parse_vhost_user("console,socket=s,queues=2").unwrap_err().0.contains("drop queues="));
+        for bad in ["0", "3", "2048", "x"] {
+            assert!(parse_vhost_user(&format!("blk,socket=s,queue_size={bad}")).is_err(), "{bad}");
+        }
+        assert!(parse_vhost_user("blk,socket=a,socket=b").unwrap_err().0.contains("given twice"));
+        assert!(parse_vhost_user("blk,socket=a,speed=1").unwrap_err().0.contains("unknown option `speed`"));
+        assert!(parse_net("tap=t,vhost=on").unwrap().vhost);
+        assert!(!parse_net("tap=t").unwrap().vhost);
     }
 
     #[test]

@@ -18,6 +18,8 @@ mod console;
 mod net;
 mod rng;
 mod vsock;
+pub mod vhost_net;
+pub mod vhost_user;
 
 /// Why a device could not be built; its backend's own error is the source.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,10 @@ pub enum DeviceError {
     Open { what: &'static str, source: std::io::Error },
     #[error("{name}: {err}")]
     Pci { name: String, err: crate::pci::PciError },
+    #[error("--net tap={tap},vhost=on: {source}")]
+    VhostNet { tap: String, source: vhost_net::VhostNetError },
+    #[error("{spec}: {source}")]
+    VhostUser { spec: String, source: vhost_user::VhostUserError },
 }
 
 /// One kind of device `kickvm run` can give a guest: how many the options
@@ -50,8 +56,10 @@ pub trait DeviceKind: Sync {
 }
 
 /// Every kind of device, in the PCI slot order the guest sees on every
-/// boot: disks, network cards, console, rng, vsock. A new kind goes here.
-pub static KINDS: &[&dyn DeviceKind] = &[&block::Disks, &net::Nets, &console::Consoles, &rng::Rngs, &vsock::Vsocks];
+/// boot: disks, network cards, console, rng, vsock, then the devices of vhost-user
+/// back-ends. A new kind goes here.
+pub static KINDS: &[&dyn DeviceKind] =
+    &[&block::Disks, &net::Nets, &console::Consoles, &rng::Rngs, &vsock::Vsocks, &vhost_user::VhostUsers];
 
 /// Builds every configured device (opening its backend: TAP, disk file,
 /// console endpoint, entropy source).

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use super::vhost_net::VhostNetDevice;
 use super::{DeviceError, DeviceKind};
 use crate::config::validate::check_char_device;
 use crate::config::{err, ConfigError, NetSpec, VmConfig};
@@ -31,6 +32,11 @@ impl DeviceKind for Nets {
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         for (i, spec) in cfg.nets.iter().enumerate() {
             let nc = spec.net_config(&format!("net{i}"), i);
+            if spec.vhost {
+                let dev = VhostNetDevice::new(nc).map_err(|source| DeviceError::VhostNet { tap: spec.tap.clone(), source })?;
+                out.push(Box::new(dev));
+                continue;
+            }
             let tap_err = |source| DeviceError::Tap { tap: spec.tap.clone(), source };
             let dev = match cfg.tap_fds.0.get(&spec.tap) {
                 Some(fds) => NetDevice::with_taps(nc, passed_taps(fds).map_err(tap_err)?),
@@ -104,6 +110,7 @@ fn check_nets(nets: &[NetSpec], sysfs: &Path, creds: &Creds, passed: &dyn Fn(&st
         if !passed(&n.tap) {
             check_existing_tap(n, sysfs, creds)?;
         }
+        super::vhost_net::check(n)?;
     }
     Ok(())
 }
@@ -174,7 +181,7 @@ mod tests {
     }
 
     fn net(tap: &str, queues: u16) -> NetSpec {
-        NetSpec { tap: tap.into(), mac: None, queues, poll: Default::default() }
+        NetSpec { tap: tap.into(), mac: None, queues, poll: Default::default(), vhost: false }
     }
 
     fn root() -> Creds {

@@ -152,3 +152,31 @@ pub fn pvh_serial_then_out(msg: &[u8], port: u16, value: u8) -> Vec<u8> {
     c.extend_from_slice(msg);
     c
 }
+
+/// Kills process `pid` (our child) if it still runs `timeout` from now;
+/// the thread ends as soon as the process is gone.
+pub fn kill_after(pid: u32, timeout: std::time::Duration) -> std::thread::JoinHandle<()> {
+    let pid = pid as i32;
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            // SAFETY: signal 0 only checks that the process exists.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                return;
+            }
+        }
+        // SAFETY: kills our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    })
+}
+
+/// Reads `pipe` to its end on a thread of its own (a child's stderr, while
+/// this thread reads its stdout).
+pub fn read_all(mut pipe: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    })
+}

@@ -33,7 +33,7 @@ use crate::device::{ActivateError, ConfigSpace, VirtioDevice, COMMON_FEATURES};
 use virtio_bindings::virtio_net::virtio_net_config;
 use crate::queue::{QueueCtx, Stopped};
 use crate::threads::{QueueWorker, Wait};
-use backend::offload_flags;
+pub use backend::offload_flags;
 use ctrl::{CtrlWorker, QueuePairs};
 use features::*;
 use rx::RxWorker;
