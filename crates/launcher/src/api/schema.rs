@@ -262,6 +262,7 @@ impl ChVmConfig {
             console: self.console.virtio_console()?,
             rng: true,
             vsock,
+            vhost_users: Vec::new(),
             threads: host.threads,
             kvm_device: host.kvm_device.clone(),
             allow_slow_kvm: host.allow_slow_kvm,
@@ -289,7 +290,7 @@ impl Disk {
                 return refuse(format!("disk {}: serial is over {} bytes", path.display(), config::MAX_SERIAL));
             }
         }
-        Ok(DiskSpec { path, readonly: self.readonly, serial: self.serial.clone(), queues })
+        Ok(DiskSpec { path, readonly: self.readonly, serial: self.serial.clone(), queues, poll: kickvm_virtio::options::DEFAULT_POLL })
     }
 }
 
@@ -398,7 +399,7 @@ mod tests {
         assert_eq!((c.cpus, c.memory, c.memory_shared), (2, 256 << 20, true));
         assert_eq!(c.initrd, Some(PathBuf::from("/i")));
         assert!(c.cmdline.starts_with(config::DEFAULT_CMDLINE) && c.cmdline.ends_with(" quiet"));
-        assert_eq!(c.disks, vec![DiskSpec { path: "/d".into(), readonly: true, serial: None, queues: 2 }]);
+        assert_eq!(c.disks, vec![DiskSpec { path: "/d".into(), readonly: true, serial: None, queues: 2, poll: kickvm_virtio::options::DEFAULT_POLL }]);
         assert_eq!((c.nets[0].tap.as_str(), c.nets[0].queues, c.nets[0].mac), ("tap7", 2, Some([0x52, 0x54, 0, 0, 0, 7])));
         assert_eq!((c.console, serial), (ConsoleSpec::None, SerialTarget::Stdout));
         let (c, _) = convert(r#"{"payload":{"kernel":"/k"},"vsock":{"cid":3,"socket":"/tmp/v.sock"}}"#).unwrap();
