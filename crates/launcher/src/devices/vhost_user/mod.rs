@@ -38,52 +38,35 @@
 //! pair active until the driver's next `VIRTIO_NET_CTRL_MQ` (the guest's
 //! packets on the other pairs go nowhere meanwhile).
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use kickvm_virtio::ratelimit::Throttle;
 use kickvm_virtio::seccomp::SeccompMode;
 use kickvm_virtio::{ActivateError, DeviceState, ExternalQueues, GuestMemory, QueueSetup, QueueWorker, VirtioDevice};
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceError, DeviceKind};
 use crate::config::validate::MAX_SOCKET_PATH;
 use crate::config::{err, ConfigError, VhostUserKind, VhostUserSpec, VmConfig};
 
-/// The vhost-user protocol features this frontend implements; whatever
-/// else a back-end offers (qemu-storage-daemon: INFLIGHT_SHMFD, STATUS,
-/// BACKEND_REQ, ...) is masked off.
-const PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
-    .union(VhostUserProtocolFeatures::REPLY_ACK)
-    .union(VhostUserProtocolFeatures::CONFIG);
+mod link;
+mod session;
+
+use link::{watch, Inner, Link};
+#[cfg(test)]
+use link::MONITOR_SYSCALLS;
+pub(crate) use session::{regions, Ring};
+use session::{Rings, Session};
 
 /// Feature bits a back-end offers that belong to vhost-user or to the
 /// host, not to the device: never offered to the driver. PROTOCOL_FEATURES
 /// (30), dirty logging (`VHOST_F_LOG_ALL`, 26), and ACCESS_PLATFORM (33,
 /// an IOMMU kickvm does not have).
 const NOT_FOR_DRIVER: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | (1 << 26) | (1 << 33);
-
-/// How long a back-end may take to answer one message before the launcher
-/// takes it for dead: a vCPU waits for the answer (a guest's DRIVER_OK or
-/// reset), so a hung back-end must not hang it.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnection attempts: the first after this long, then twice as long
-/// each time up to [`RETRY_MAX`].
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// The bytes of `virtio_blk_config` up to `write_zeroes_may_unmap` and its
 /// padding: what QEMU 7.2's back-ends (qemu-storage-daemon) serve; they
@@ -111,23 +94,6 @@ const CONSOLE_UNRELAYED: u64 = 0b111;
 /// sets DRIVER_OK or resets it: messages (with fds) on the socket, and
 /// shutting the socket down when the back-end misbehaves.
 pub const SYSCALLS: &[i64] = &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown];
-
-/// The `<name>-vhost` thread's own calls: sleep on the socket and its stop
-/// eventfd, connect again, and talk to the back-end.
-const MONITOR_SYSCALLS: &[i64] = &[
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_read,
-    libc::SYS_socket,
-    libc::SYS_connect,
-    libc::SYS_setsockopt,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_shutdown,
-    libc::SYS_close,
-    libc::SYS_fcntl,
-    libc::SYS_dup,
-];
 
 /// The "served by" lines of the devices set up so far.
 static SERVED: Throttle = Throttle::new();
@@ -191,343 +157,6 @@ pub enum VhostUserError {
     TooFewQueues { has: u64, needs: usize, hint: &'static str },
     #[error("the back-end has no configuration space (vhost-user CONFIG), which a virtio-blk device needs")]
     NoConfig,
-}
-
-/// One connection to the back-end, negotiated.
-struct Session {
-    fe: Frontend,
-    /// The virtio features the back-end offers.
-    offered: u64,
-    protocol: VhostUserProtocolFeatures,
-}
-
-impl Session {
-    /// Connects to `socket` and negotiates: owner, features, the protocol
-    /// features both sides have, the number of queues, and an ack for
-    /// every request where the back-end can give one.
-    fn open(socket: &Path, vrings: usize) -> Result<Session, VhostUserError> {
-        let stream = UnixStream::connect(socket).map_err(VhostUserError::Connect)?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(VhostUserError::Connect)?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(VhostUserError::Connect)?;
-        let mut fe = Frontend::from_stream(stream, vrings as u64);
-        let refused = |what| move |source| VhostUserError::Protocol { what, source };
-        fe.set_owner().map_err(refused("SET_OWNER"))?;
-        let offered = fe.get_features().map_err(refused("GET_FEATURES"))?;
-        if offered & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) == 0 {
-            return Err(VhostUserError::NotVersion1);
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            protocol = fe.get_protocol_features().map_err(refused("GET_PROTOCOL_FEATURES"))? & PROTOCOL;
-            fe.set_protocol_features(protocol).map_err(refused("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                let has = fe.get_queue_num().map_err(refused("GET_QUEUE_NUM"))?;
-                if has < vrings as u64 {
-                    let hint = "give the back-end more queues (qemu-storage-daemon: num-queues=) or this device fewer (queues=)";
-                    return Err(VhostUserError::TooFewQueues { has, needs: vrings, hint });
-                }
-            }
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-        Ok(Session { fe, offered, protocol })
-    }
-
-    fn has_enable(&self) -> bool {
-        self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
-    }
-
-    /// Hands `rings` to the back-end: features, memory table, and per ring
-    /// its size, addresses, where it resumes, call, kick, enable.
-    /// `restore`: the back-end is a new one taking over running rings.
-    fn hand_over(&mut self, rings: &Rings, restore: bool) -> Result<(), String> {
-        let step = |what: &'static str| move |e: vhost::Error| format!("{what}: {e}");
-        let pf = if self.has_enable() { VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() } else { 0 };
-        self.fe.set_features(rings.features | pf).map_err(step("SET_FEATURES"))?;
-        let table = regions(&rings.mem);
-        if table.iter().any(|r| r.mmap_handle < 0) {
-            return Err("guest RAM is not shared memory, which a vhost-user back-end needs (a kickvm bug)".into());
-        }
-        self.fe.set_mem_table(&table).map_err(step("SET_MEM_TABLE"))?;
-        for q in &rings.queues {
-            let host = |a: u64| {
-                rings.mem.get_host_address(GuestAddress(a)).map(|p| p as u64).map_err(|e| format!("queue {}: {e}", q.index))
-            };
-            let addr = VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: host(q.desc)?,
-                used_ring_addr: host(q.used)?,
-                avail_ring_addr: host(q.avail)?,
-                log_addr: None,
-            };
-            let base = if restore { used_index(&rings.mem, q.used) } else { 0 };
-            self.fe.set_vring_num(q.index, q.size).map_err(step("SET_VRING_NUM"))?;
-            self.fe.set_vring_addr(q.index, &addr).map_err(step("SET_VRING_ADDR"))?;
-            self.fe.set_vring_base(q.index, base).map_err(step("SET_VRING_BASE"))?;
-            self.fe.set_vring_call(q.index, &q.call).map_err(step("SET_VRING_CALL"))?;
-            self.fe.set_vring_kick(q.index, &q.kick).map_err(step("SET_VRING_KICK"))?;
-            if self.has_enable() {
-                self.fe.set_vring_enable(q.index, true).map_err(step("SET_VRING_ENABLE"))?;
-            }
-        }
-        if restore {
-            // Requests the guest queued while the back-end was away.
-            for q in &rings.queues {
-                let _ = q.kick.write(1);
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops every ring of `rings` (disable, then GET_VRING_BASE, after
-    /// which the back-end touches them no more).
-    fn stop(&mut self, rings: &Rings) -> Result<(), String> {
-        for q in &rings.queues {
-            if self.has_enable() {
-                self.fe.set_vring_enable(q.index, false).map_err(|e| format!("SET_VRING_ENABLE: {e}"))?;
-            }
-            self.fe.get_vring_base(q.index).map_err(|e| format!("GET_VRING_BASE: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the `<name>-vhost` thread see a hang-up: after a refused or
-    /// unanswered request the connection's state is unknown, and only a
-    /// new one can be trusted.
-    fn hang_up(&self) {
-        // SAFETY: shutdown on a socket this session owns; no memory is
-        // passed.
-        unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
-    }
-}
-
-/// Guest RAM as a vhost memory table describes it: each region's guest
-/// address, where this process maps it, and (for a back-end in another
-/// process) the memfd and offset it maps (`-1` where RAM is private).
-pub(super) fn regions(mem: &GuestMemory) -> Vec<VhostUserMemoryRegionInfo> {
-    mem.iter()
-        .map(|r| VhostUserMemoryRegionInfo {
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-            mmap_offset: r.file_offset().map_or(0, |fo| fo.start()),
-            mmap_handle: r.file_offset().map_or(-1, |fo| fo.file().as_raw_fd()),
-        })
-        .collect()
-}
-
-/// The used ring's `idx`: how many requests the last back-end completed.
-fn used_index(mem: &GuestMemory, used: u64) -> u16 {
-    mem.read_obj::<u16>(GuestAddress(used + 2)).map(u16::from_le).unwrap_or(0)
-}
-
-/// One ring as the driver laid it out (guest addresses) and its eventfds.
-pub(super) struct Ring {
-    pub index: usize,
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    /// The queue's KVM ioeventfd.
-    pub kick: EventFd,
-    /// The queue's MSI-X irqfd.
-    pub call: EventFd,
-}
-
-impl From<QueueSetup> for Ring {
-    fn from(s: QueueSetup) -> Ring {
-        Ring {
-            index: usize::from(s.index),
-            size: s.queue.size(),
-            desc: s.queue.desc_table(),
-            avail: s.queue.avail_ring(),
-            used: s.queue.used_ring(),
-            kick: s.kick,
-            call: s.call,
-        }
-    }
-}
-
-/// What the driver set up at DRIVER_OK: the back-end must serve this.
-struct Rings {
-    features: u64,
-    mem: GuestMemory,
-    queues: Vec<Ring>,
-    config_call: Option<EventFd>,
-}
-
-/// The device's side of the connection, shared by the vCPUs (DRIVER_OK,
-/// reset, configuration writes) and the `<name>-vhost` thread.
-struct Link {
-    name: String,
-    spec: VhostUserSpec,
-    vrings: usize,
-    /// Written to end the `<name>-vhost` thread.
-    stop: EventFd,
-    state: Arc<DeviceState>,
-    inner: Mutex<Inner>,
-    /// Log lines about the back-end coming and going, and about a driver
-    /// starting the device while it is away: a back-end that crashes in a
-    /// loop, or a guest that resets in a loop, must not flood the log.
-    gone: Throttle,
-    back: Throttle,
-    refused: Throttle,
-    waiting: Throttle,
-}
-
-struct Inner {
-    /// `None` while the back-end is away.
-    session: Option<Session>,
-    /// The driver's rings while the device is live.
-    rings: Option<Rings>,
-}
-
-impl Link {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn start(&self, rings: Rings) {
-        let mut inner = self.lock();
-        let Inner { session, rings: live } = &mut *inner;
-        let rings = live.insert(rings);
-        match session {
-            Some(s) => {
-                if let Err(e) = s.hand_over(rings, false) {
-                    kickvm_virtio::warn_limited!(self.refused, "{}: back-end refused the rings: {e}; connecting again", self.name);
-                    s.hang_up();
-                }
-            }
-            None => kickvm_virtio::warn_limited!(self.waiting, "{}: the back-end is away; the device starts when it is back", self.name),
-        }
-    }
-
-    fn reset(&self) {
-        let mut inner = self.lock();
-        let Inner { session, rings } = &mut *inner;
-        if let (Some(s), Some(r)) = (session.as_mut(), rings.take()) {
-            if let Err(e) = s.stop(&r) {
-                kickvm_virtio::warn_limited!(self.refused, "{}: back-end refused to stop the rings: {e}; connecting again", self.name);
-                s.hang_up();
-            }
-        }
-    }
-
-    /// The back-end hung up: forget the session, tell the driver, and
-    /// leave the rings to the next back-end.
-    fn lost(&self) {
-        let mut inner = self.lock();
-        inner.session = None;
-        let live = inner.rings.as_ref();
-        kickvm_virtio::warn_limited!(
-            self.gone,
-            "{}: vhost-user back-end on {} hung up{}; connecting again",
-            self.name,
-            self.spec.socket.display(),
-            if live.is_some() { "; its queues wait, DEVICE_NEEDS_RESET set" } else { "" }
-        );
-        if let Some(r) = live {
-            self.state.needs_reset.store(true, Ordering::SeqCst);
-            if let Some(c) = &r.config_call {
-                let _ = c.write(1);
-            }
-        }
-    }
-
-    /// A back-end accepted again: give it the live rings, if any.
-    fn back(&self, mut s: Session) -> bool {
-        let mut inner = self.lock();
-        if let Some(r) = &inner.rings {
-            if let Err(e) = s.hand_over(r, true) {
-                kickvm_virtio::warn_limited!(self.refused, "{}: new back-end refused the rings: {e}", self.name);
-                return false;
-            }
-            self.state.needs_reset.store(false, Ordering::SeqCst);
-        }
-        let what = inner.rings.as_ref().map_or(String::new(), |r| format!("; {} rings restored", r.queues.len()));
-        kickvm_virtio::warn_limited!(self.back, "{}: vhost-user back-end on {} is back{what}", self.name, self.spec.socket.display());
-        inner.session = Some(s);
-        true
-    }
-
-    /// The socket while connected.
-    fn socket_fd(&self) -> Option<RawFd> {
-        self.lock().session.as_ref().map(|s| s.fe.as_raw_fd())
-    }
-}
-
-/// What `<name>-vhost` woke up for.
-enum Woken {
-    Stop,
-    HungUp,
-    Timeout,
-}
-
-/// Sleeps until `stop` is written, `socket` (if any) hangs up, or
-/// `timeout` passes.
-fn sleep_on(stop: &EventFd, socket: Option<RawFd>, timeout: Option<Duration>) -> Woken {
-    let mut fds = vec![libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-    if let Some(fd) = socket {
-        // Not POLLIN: replies to a vCPU's requests are not ours to see.
-        fds.push(libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 });
-    }
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n <= 0 {
-        return Woken::Timeout; // also EINTR: look again
-    }
-    if fds[0].revents != 0 {
-        Woken::Stop
-    } else if fds.get(1).is_some_and(|f| f.revents != 0) {
-        Woken::HungUp
-    } else {
-        Woken::Timeout
-    }
-}
-
-/// The `<name>-vhost` thread: asleep while the back-end is there,
-/// reconnecting while it is not.
-fn watch(link: Arc<Link>, seccomp: SeccompMode) {
-    if let Err(e) = kickvm_virtio::seccomp::apply("vhost-user", &[MONITOR_SYSCALLS], seccomp) {
-        log::error!("{}: {e}", link.name);
-        return;
-    }
-    let mut retry = RETRY_MIN;
-    // Failed attempts since the back-end went away: the hang-up was said
-    // once; its absence is said again after 16, 32, 64, ... attempts.
-    let mut attempts = 0u64;
-    loop {
-        match link.socket_fd() {
-            Some(fd) => match sleep_on(&link.stop, Some(fd), None) {
-                Woken::Stop => return,
-                Woken::HungUp => link.lost(),
-                Woken::Timeout => {}
-            },
-            None => {
-                if let Woken::Stop = sleep_on(&link.stop, None, Some(retry)) {
-                    return;
-                }
-                let ok = match Session::open(&link.spec.socket, link.vrings) {
-                    Ok(s) => link.back(s),
-                    Err(e) => {
-                        attempts += 1;
-                        if attempts >= 16 && attempts.is_power_of_two() {
-                            log::warn!("{}: back-end still away after {attempts} attempts: {e}", link.name);
-                        }
-                        false
-                    }
-                };
-                if ok {
-                    attempts = 0;
-                }
-                retry = if ok { RETRY_MIN } else { (retry * 2).min(RETRY_MAX) };
-            }
-        }
-    }
 }
 
 /// A virtio device served by a vhost-user back-end.
