@@ -613,6 +613,17 @@ fn never_read_data_and_bad_host_programs_stay_bounded() {
         let _ = s.read_to_end(&mut sink);
         assert!(sink.is_empty(), "{junk:?}: no answer but EOF");
     }
+    // A guest cannot reach a host program that has not sent its line yet
+    // (it has no ports): its packets naming port 0 are refused with RST.
+    let mut waiting = UnixStream::connect(dir.socket()).unwrap();
+    waiting.write_all(b"CONN").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    g.send(hdr(OP_RW, 0, 0), &[]);
+    g.send(hdr(OP_SHUTDOWN, 0, 0), &[]);
+    assert_eq!(g.expect(OP_RST).0.src_port, 0);
+    assert_eq!(g.expect(OP_RST).0.src_port, 0);
+    waiting.write_all(b"ECT 77\n").unwrap();
+    assert_eq!(g.expect(OP_REQUEST).0.dst_port, 77, "the host program goes on");
     // Host data the guest never reads stays in the host socket: the device
     // takes no more than the guest's credit.
     let (mut s, _st) = host_connect(&mut g, &dir.socket(), 1024);
