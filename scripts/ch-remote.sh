@@ -59,7 +59,9 @@ drive() {
     local chr=$1 kickvm=$ROOT/target/release/kickvm
     local work; work=$(mktemp -d /tmp/kickvm-ch-remote.XXXXXX)
     local sock=$work/api.sock console=$work/console.log
-    read -r kernel initrd < <(target/release/kickvm-rig image --print-paths)
+    # (no process substitution: L1's chroot has no /dev/fd)
+    local paths kernel initrd; paths=$(target/release/kickvm-rig image --print-paths)
+    kernel=${paths% *} initrd=${paths#* }
     cr() { "$chr" --api-socket "$sock" "$@"; }
     fail() { say "FAILED: $*"; say "console:"; tail -20 "$console" >&2 || true; kill "$pid" 2>/dev/null || true; exit 1; }
 
