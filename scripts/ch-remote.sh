@@ -88,6 +88,7 @@ fd = os.open("/dev/net/tun", os.O_RDWR)
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, TUNSETIFF = 0x2, 0x1000, 0x4000, 0x400454ca
 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", b"kvch0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
 os.dup2(fd, 3)
+os.set_inheritable(3, True)  # os.open's fd is close-on-exec; dup2 onto itself keeps that
 os.execv(sys.argv[1], [sys.argv[1], "--api-socket", sys.argv[2], "add-net", "fd=[3],mac=52:54:00:12:34:56"])
 PY
     ip addr add 10.0.2.2/24 dev kvch0 && ip link set kvch0 up

@@ -57,10 +57,18 @@ impl Response {
     pub fn json(status: u16, body: String) -> Response {
         Response { status, json: true, body }
     }
-    /// An error: one line saying what was wrong and what to do.
+    /// An error: one line saying what was wrong and what to do, sent as
+    /// Cloud Hypervisor sends its errors — a JSON list of messages (here
+    /// one), which ch-remote prints line by line.
     pub fn error(status: u16, msg: impl std::fmt::Display) -> Response {
         let line = msg.to_string().replace('\n', " ");
-        Response { status, json: false, body: format!("{line}\n") }
+        Response { status, json: true, body: format!("{}\n", serde_json::json!([line])) }
+    }
+
+    /// The message of an error response.
+    pub fn message(&self) -> Option<String> {
+        let list: Vec<String> = serde_json::from_str(&self.body).ok()?;
+        list.into_iter().next()
     }
 
     fn write_to(&self, w: &mut impl Write, close: bool) -> io::Result<()> {
@@ -291,7 +299,8 @@ mod tests {
         Response::error(409, "no").write_to(&mut out, false).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 409 \r\n"), "{text:?}");
-        assert!(text.ends_with("Content-Length: 3\r\n\r\nno\n"), "{text:?}");
+        assert!(text.ends_with("Content-Type: application/json\r\nContent-Length: 7\r\n\r\n[\"no\"]\n"), "{text:?}");
+        assert_eq!(Response::error(400, "a\nb").message().as_deref(), Some("a b"));
         let mut out = Vec::new();
         Response::no_content().write_to(&mut out, true).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 204 \r\nServer: kickvm\r\nConnection: close\r\n\r\n");
