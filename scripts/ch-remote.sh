@@ -59,7 +59,9 @@ drive() {
     local chr=$1 kickvm=$ROOT/target/release/kickvm
     local work; work=$(mktemp -d /tmp/kickvm-ch-remote.XXXXXX)
     local sock=$work/api.sock console=$work/console.log
-    read -r kernel initrd < <(target/release/kickvm-rig image --print-paths)
+    # (no process substitution: L1's chroot has no /dev/fd)
+    local paths kernel initrd; paths=$(target/release/kickvm-rig image --print-paths)
+    kernel=${paths% *} initrd=${paths#* }
     cr() { "$chr" --api-socket "$sock" "$@"; }
     fail() { say "FAILED: $*"; say "console:"; tail -20 "$console" >&2 || true; kill "$pid" 2>/dev/null || true; exit 1; }
 
@@ -86,6 +88,7 @@ fd = os.open("/dev/net/tun", os.O_RDWR)
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, TUNSETIFF = 0x2, 0x1000, 0x4000, 0x400454ca
 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", b"kvch0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
 os.dup2(fd, 3)
+os.set_inheritable(3, True)  # os.open's fd is close-on-exec; dup2 onto itself keeps that
 os.execv(sys.argv[1], [sys.argv[1], "--api-socket", sys.argv[2], "add-net", "fd=[3],mac=52:54:00:12:34:56"])
 PY
     ip addr add 10.0.2.2/24 dev kvch0 && ip link set kvch0 up

@@ -11,7 +11,8 @@
 //! seeds say `"kernel"` and mean the sandbox's bzImage.
 //!
 //! Checks besides "no panic, no hang": every response is a status from
-//! 200 to 599; an error body is one line; a 200 body is JSON.
+//! 200 to 599; an error body is a JSON list of one non-empty one-line
+//! message; a 200 body is JSON.
 
 use std::path::Path;
 
@@ -42,7 +43,8 @@ fn confine_paths(v: &mut serde_json::Value) {
 fn check(resp: &Response) {
     assert!((200..600).contains(&resp.status), "status {}", resp.status);
     if resp.status >= 400 {
-        assert!(!resp.json && resp.body.ends_with('\n'), "error body {:?}", resp.body);
+        let msg = resp.message().unwrap_or_else(|| panic!("error body is not a list of messages: {:?}", resp.body));
+        assert!(!msg.is_empty() && !msg.contains('\n'), "error message {msg:?}");
         assert_eq!(resp.body.trim_end().lines().count(), 1, "error body of more than one line: {:?}", resp.body);
     } else if resp.status == 200 {
         serde_json::from_str::<serde_json::Value>(&resp.body).expect("a 200 body is JSON");

@@ -12,12 +12,15 @@ use std::time::{Duration, Instant};
 
 use api_common::*;
 
-/// A one-line error body with `status`, containing `words`.
+/// An error with `status` whose body is Cloud Hypervisor's shape (a JSON
+/// list of messages) holding one line that contains `words`.
 fn refused(got: (u16, String), status: u16, words: &str) {
     let (code, body) = got;
     assert_eq!(code, status, "{body}");
-    assert!(body.contains(words), "`{words}` not in: {body}");
     assert_eq!(body.trim_end().lines().count(), 1, "not one line: {body:?}");
+    let msgs: Vec<String> = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(msgs.len(), 1, "{body}");
+    assert!(msgs[0].contains(words), "`{words}` not in: {}", msgs[0]);
 }
 
 #[test]

@@ -105,3 +105,119 @@ fn api_adds_under_5_ms_of_vmm_cpu() {
     assert!(a < r + 5_000, "the API adds {} µs", a.saturating_sub(r));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Sum of the vCPU threads' CPU times kickvm logged at debug level.
+fn vcpu_us(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once(": ").and_then(|(_, r)| r.strip_suffix(" µs of CPU")))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Reads `child`'s stdout until a line containing `marker`.
+fn until_line(out: &mut impl std::io::BufRead, marker: &str) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "no `{marker}` from the guest");
+        if line.contains(marker) {
+            return;
+        }
+    }
+}
+
+/// One boot of the Debian guest to /init, whose script powers off: the
+/// VMM's CPU time without its vCPU threads' (the guest's), in µs.
+fn guest_run(kernel: &str, initrd: &str, cmdline: &str) -> u64 {
+    let mut child = kickvm()
+        .args(["run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline])
+        .args(["--memory", "256M", "--cpus", "1", "--rng"])
+        .env("RUST_LOG", "warn,kickvm::vcpu=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    until_line(&mut out, kickvm_rig::image::INIT_START_MARKER);
+    std::io::copy(&mut out, &mut std::io::sink()).unwrap();
+    let total = cpu_us(child);
+    let mut log = String::new();
+    err.read_to_string(&mut log).unwrap();
+    total - vcpu_us(&log)
+}
+
+fn guest_api(dir: &std::path::Path, kernel: &str, initrd: &str, cmdline: &str) -> u64 {
+    let sock = dir.join("bench.sock");
+    let mut child = kickvm()
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .env("RUST_LOG", "warn,kickvm::vcpu=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let s = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no API socket");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let req = |m: &str, e: &str, b: &str| api_common::raw_request(&s, m, e, b, &[]).0;
+    assert_eq!(req("GET", "vmm.ping", ""), 200);
+    let body = serde_json::json!({
+        "payload": { "kernel": kernel, "initramfs": initrd, "cmdline": cmdline },
+        "cpus": { "boot_vcpus": 1, "max_vcpus": 1 }, "memory": { "size": 256u64 << 20 },
+        "serial": { "mode": "Tty" }, "console": { "mode": "Off" },
+    });
+    assert_eq!(req("PUT", "vm.create", &body.to_string()), 204);
+    assert_eq!(req("PUT", "vm.boot", ""), 204);
+    let mut err = child.stderr.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    until_line(&mut out, kickvm_rig::image::INIT_START_MARKER);
+    until_line(&mut out, kickvm_rig::image::EXIT_STATUS_PREFIX);
+    assert_eq!(req("PUT", "vmm.shutdown", ""), 204);
+    std::io::copy(&mut out, &mut std::io::sink()).unwrap();
+    let total = cpu_us(child);
+    let mut log = String::new();
+    err.read_to_string(&mut log).unwrap();
+    total - vcpu_us(&log)
+}
+
+/// The same comparison with the Debian guest booted to its `/init`, whose
+/// script powers off (in the rig where the host's KVM cannot run Linux),
+/// the vCPU threads' CPU time (the guest's) taken out.
+/// `KICKVM_BENCH_API=1 cargo test --release -p kickvm --test api_bench -- guest --nocapture`
+#[test]
+fn api_adds_under_5_ms_booting_the_debian_guest() {
+    if std::env::var_os("KICKVM_BENCH_API").is_none() {
+        eprintln!("skipped: a benchmark; set KICKVM_BENCH_API=1 to run it");
+        return;
+    }
+    if let Some(passed) = kickvm_rig::reexec_test_in_rig_if_needed("api_adds_under_5_ms_booting_the_debian_guest") {
+        assert!(passed, "failed inside the rig");
+        return;
+    }
+    let runs: usize = std::env::var("KICKVM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let img = kickvm_rig::default_image().expect("default guest image");
+    let (kernel, initrd) = (img.kernel.to_str().unwrap(), img.initrd.to_str().unwrap());
+    let cmdline = format!("loglevel=4 {}", kickvm_rig::image::script_cmdline("true"));
+    let dir = common::scratch("api-bench-guest");
+    guest_run(kernel, initrd, &cmdline);
+    guest_api(&dir, kernel, initrd, &cmdline);
+    let (mut run, mut api) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        run.push(guest_run(kernel, initrd, &cmdline));
+        api.push(guest_api(&dir, kernel, initrd, &cmdline));
+        eprintln!("api-bench: #{}: run {:.2} ms, API {:.2} ms", i + 1, run[i] as f64 / 1e3, api[i] as f64 / 1e3);
+    }
+    let (r, a) = (median(&mut run), median(&mut api));
+    eprintln!(
+        "api-bench: Debian guest to /init and power-off, VMM CPU without vCPU threads over {runs} runs each, \
+         median [min..max]: kickvm run {:.2} ms [{:.2}..{:.2}], API {:.2} ms [{:.2}..{:.2}], API - run {:+.2} ms",
+        r as f64 / 1e3, run[0] as f64 / 1e3, run[runs - 1] as f64 / 1e3,
+        a as f64 / 1e3, api[0] as f64 / 1e3, api[runs - 1] as f64 / 1e3,
+        (a as f64 - r as f64) / 1e3
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

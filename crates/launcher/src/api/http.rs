@@ -57,15 +57,26 @@ impl Response {
     pub fn json(status: u16, body: String) -> Response {
         Response { status, json: true, body }
     }
-    /// An error: one line saying what was wrong and what to do.
+    /// An error: one line saying what was wrong and what to do, sent as
+    /// Cloud Hypervisor sends its errors — a JSON list of messages (here
+    /// one), which ch-remote prints line by line.
     pub fn error(status: u16, msg: impl std::fmt::Display) -> Response {
         let line = msg.to_string().replace('\n', " ");
-        Response { status, json: false, body: format!("{line}\n") }
+        Response { status, json: true, body: format!("{}\n", serde_json::json!([line])) }
+    }
+
+    /// The message of an error response.
+    pub fn message(&self) -> Option<String> {
+        let list: Vec<String> = serde_json::from_str(&self.body).ok()?;
+        list.into_iter().next()
     }
 
     fn write_to(&self, w: &mut impl Write, close: bool) -> io::Result<()> {
         let ctype = if self.json { "application/json" } else { "text/plain; charset=utf-8" };
-        let mut head = format!("HTTP/1.1 {} {}\r\nServer: kickvm\r\n", self.status, reason(self.status));
+        // No reason phrase, as Cloud Hypervisor's server writes it: its
+        // client (ch-remote's api_client) parses everything after the
+        // version up to the CR as the status number.
+        let mut head = format!("HTTP/1.1 {} \r\nServer: kickvm\r\n", self.status);
         if self.status != 204 {
             head.push_str(&format!("Content-Type: {ctype}\r\nContent-Length: {}\r\n", self.body.len()));
         }
@@ -78,26 +89,6 @@ impl Response {
             out.extend_from_slice(self.body.as_bytes());
         }
         w.write_all(&out)
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "",
     }
 }
 
@@ -300,6 +291,19 @@ mod tests {
         assert_eq!(b, b"{}");
         assert!(complete(b"GET / HTTP/1.0\r\n\r\n").3, "HTTP/1.0 closes");
         assert!(complete(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").3);
+    }
+
+    #[test]
+    fn status_lines_are_cloud_hypervisors() {
+        let mut out = Vec::new();
+        Response::error(409, "no").write_to(&mut out, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 409 \r\n"), "{text:?}");
+        assert!(text.ends_with("Content-Type: application/json\r\nContent-Length: 7\r\n\r\n[\"no\"]\n"), "{text:?}");
+        assert_eq!(Response::error(400, "a\nb").message().as_deref(), Some("a b"));
+        let mut out = Vec::new();
+        Response::no_content().write_to(&mut out, true).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 204 \r\nServer: kickvm\r\nConnection: close\r\n\r\n");
     }
 
     #[test]
