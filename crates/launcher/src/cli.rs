@@ -128,8 +128,8 @@ pub enum Command {
 pub struct RunArgs {
     /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*), or an
     /// uncompressed ELF vmlinux with a PVH entry point (CONFIG_PVH=y), which
-    /// starts faster since nothing is decompressed in the guest; told apart
-    /// by the file's first bytes. Default: the project's test guest image
+    /// the guest need not decompress and which touches less guest memory;
+    /// told apart by the file's first bytes. Default: the project's test guest image
     /// (built from Debian packages on first use).
     #[arg(long, value_name = "BZIMAGE|VMLINUX")]
     pub kernel: Option<PathBuf>,

@@ -523,6 +523,9 @@ impl FirstKvmEntry {
         }
         let enable = t.join("events/kvm/kvm_entry/enable");
         fs::write(t.join("trace_clock"), "mono").ok()?;
+        // A full buffer drops new events, not the oldest: on a loaded host
+        // the reader may come late, and the first event is the one wanted.
+        fs::write(t.join("options/overwrite"), "0").ok()?;
         fs::write(t.join("trace"), "").ok()?;
         let pipe = File::open(t.join("trace_pipe")).ok()?;
         fs::write(&enable, "1").ok()?;
