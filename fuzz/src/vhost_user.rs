@@ -285,7 +285,7 @@ impl Sender {
         let kick = fd_of(Fd::Eventfd);
         let ok = self.request(SET_OWNER, false, &[], &[])
             && self.request(SET_FEATURES, false, &offered.to_le_bytes(), &[])
-            && self.request(SET_PROTOCOL_FEATURES, false, &0x0000_8203u64.to_le_bytes(), &[])
+            && self.request(SET_PROTOCOL_FEATURES, false, &0x0000_8209u64.to_le_bytes(), &[])
             && self.request(SET_MEM_TABLE, true, &body, &[mem])
             && self.request(SET_VRING_NUM, true, &le(&[q, 64], &[4, 4]), &[])
             && self.request(SET_VRING_ADDR, true, &le(&[q, USER_BASE, USER_BASE + 0x2000, USER_BASE + 0x1000, 0], &[8; 5]), &[])
