@@ -217,8 +217,9 @@ mod tests {
             kickvm_virtio::seccomp::deny("main", MAIN_DENIED, SeccompMode::On).unwrap();
             // SAFETY: plain system calls with valid (or null) arguments.
             unsafe {
-                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                let prog = kickvm_virtio::seccomp::NO_SUCH_PROGRAM;
+                let argv = [prog.as_ptr(), std::ptr::null()];
+                let e = (libc::execve(prog.as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
                 let p = (libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) as i32, errno());
                 let m = (libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()), errno());
                 // The raw call: glibc's setuid would change every thread.

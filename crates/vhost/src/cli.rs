@@ -88,6 +88,11 @@ pub fn run(args: &BackendArgs) -> u8 {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    if let (Some(who), DeviceSpec::Net(n)) = (args.user, &spec) {
+        if let Err(e) = sandbox::check_tap_owner(&n.tap, n.queues, who) {
+            return fail(e);
+        }
+    }
     let mut device = match spec.build() {
         Ok(d) => Some(d),
         Err(e) => return fail(e),

@@ -136,9 +136,9 @@ pub fn serve_with(
     seccomp: SeccompMode,
 ) -> Option<Box<dyn VirtioDevice>> {
     let lists = protocol_lists(&*device);
-    // The device comes back through the channel even if the thread could
-    // not be started (then the spawn error hands the closure back only as
-    // a drop, so keep it reachable).
+    // The device goes to the thread and comes back through `slot`, which
+    // this thread keeps: if the thread cannot be started, the closure
+    // holding it is dropped, but the device is still here.
     let slot = Arc::new(Mutex::new(Some(device)));
     let theirs = slot.clone();
     let spawned = std::thread::Builder::new().name("vhost-user".into()).spawn(move || {

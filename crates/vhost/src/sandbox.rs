@@ -79,6 +79,27 @@ pub fn drop_user(who: RunAs) -> io::Result<()> {
     Ok(())
 }
 
+/// A multi-queue net back-end that will run as `who`: the guest changes
+/// the number of queue pairs at run time, and the kernel attaches or
+/// detaches a TAP queue (TUNSETQUEUE) only for the TAP's owner or group,
+/// or with CAP_NET_ADMIN, which `--user` drops. Refused at start, with
+/// the fix, rather than failing when the guest asks for its queues.
+pub fn check_tap_owner(tap: &str, queues: u16, who: RunAs) -> Result<(), String> {
+    if queues <= 1 {
+        return Ok(());
+    }
+    let read = |f: &str| std::fs::read_to_string(format!("/sys/class/net/{tap}/{f}")).ok().and_then(|s| s.trim().parse::<i64>().ok());
+    let owned = read("owner") == Some(i64::from(who.uid)) || read("group") == Some(i64::from(who.gid));
+    if owned {
+        return Ok(());
+    }
+    Err(format!(
+        "--user {}:{} with tap={tap},queues={queues}: the guest's queue changes need the TAP to belong to that user; \
+         create it so: ip tuntap add {tap} mode tap multi_queue user {}",
+        who.uid, who.gid, who.uid
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +112,13 @@ mod tests {
             let e = bad.parse::<RunAs>().unwrap_err();
             assert!(e.contains("UID:GID") && !e.contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn a_multi_queue_tap_must_belong_to_the_user() {
+        let who = RunAs { uid: 65534, gid: 65534 };
+        assert!(check_tap_owner("kvnone0", 1, who).is_ok(), "one queue pair never attaches queues");
+        let e = check_tap_owner("kvnone0", 2, who).unwrap_err();
+        assert!(e.contains("ip tuntap add kvnone0 mode tap multi_queue user 65534") && !e.contains('\n'), "{e}");
     }
 }

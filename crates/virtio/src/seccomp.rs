@@ -157,6 +157,14 @@ pub fn thread_filtered(tid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// A program that does not exist, for the sandbox tests' `execve`: it
+/// fails with ENOENT where the call is allowed and EPERM where a filter
+/// refuses it. (With a real program, a filter that broke would replace
+/// the test process with it, and a program that exits 0 would pass the
+/// test.)
+#[cfg(any(test, feature = "test-driver"))]
+pub const NO_SUCH_PROGRAM: &std::ffi::CStr = c"/nonexistent/kickvm-seccomp-probe";
+
 /// What the calling thread gets, as (return value, errno), for three
 /// calls no kickvm thread needs once set up — make a socket, open a file,
 /// start a program — and the thread's name: the sandbox tests run it on
@@ -164,13 +172,13 @@ pub fn thread_filtered(tid: i32) -> bool {
 #[cfg(any(test, feature = "test-driver"))]
 pub fn attempt_forbidden() -> ([(i64, i32); 3], String) {
     let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-    // SAFETY: plain system calls with valid (or null) arguments; execve
-    // replaces nothing if it is refused.
+    // SAFETY: plain system calls with valid (or null) arguments; the
+    // program does not exist, so execve replaces nothing even if allowed.
     let r = unsafe {
-        let s = (libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64, errno());
-        let o = (libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) as i64, errno());
-        let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-        let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()) as i64, errno());
+        let s = (libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) as i64, errno());
+        let o = (libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) as i64, errno());
+        let argv = [NO_SUCH_PROGRAM.as_ptr(), std::ptr::null()];
+        let e = (libc::execve(NO_SUCH_PROGRAM.as_ptr(), argv.as_ptr(), std::ptr::null()) as i64, errno());
         [s, o, e]
     };
     (r, std::thread::current().name().unwrap_or("").to_string())
@@ -228,8 +236,8 @@ mod tests {
             deny("test", &[libc::SYS_execve], SeccompMode::On).unwrap();
             // SAFETY: as above.
             unsafe {
-                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                let argv = [NO_SUCH_PROGRAM.as_ptr(), std::ptr::null()];
+                let e = (libc::execve(NO_SUCH_PROGRAM.as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
                 (e, libc::getppid())
             }
         })
