@@ -177,6 +177,7 @@ impl VirtioDevice for Block {
                     capacity: self.capacity,
                     readonly: self.readonly,
                     id: self.id,
+                    fault: Default::default(),
                 }) as Box<dyn QueueWorker>
             })
             .collect())
