@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use kickvm_rig::image::{script_cmdline, EXIT_STATUS_PREFIX, INIT_START_MARKER};
 
 /// Returns early from the test on the host after running it in the rig.
@@ -55,13 +57,7 @@ fn boot_typing(args: &[&str], script: &str, timeout: Duration, typed: Option<(&s
     let img = kickvm_rig::default_image().expect("default guest image");
     let cmdline = format!("loglevel=4 {}", script_cmdline(script));
     let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kickvm"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(&img.kernel)
-        .arg("--initrd")
-        .arg(&img.initrd)
-        .args(["--cmdline", &cmdline])
+    let mut child = common::run_image(&img, &cmdline)
         .args(args)
         .stdin(if typed.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
