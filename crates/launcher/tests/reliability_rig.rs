@@ -79,7 +79,7 @@ impl Rand {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
 }
 
 /// Creates TAP `name` (multi-queue) with `addr` on the host side.

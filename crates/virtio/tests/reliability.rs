@@ -402,3 +402,57 @@ fn a_console_socket_client_leaves_mid_output_and_another_connects() {
     assert!(!h.needs_reset());
     drop(h);
 }
+
+// ------------------------------------------------------------- write cache
+
+/// Runs inside `write_through_disks_sync_every_write_before_completing`
+/// under strace: one write with the cache mode of `KICKVM_WT_MODE`.
+#[test]
+#[ignore = "run by write_through_disks_sync_every_write_before_completing under strace"]
+fn write_through_child() {
+    let disk = PathBuf::from(std::env::var("KICKVM_WT_DISK").expect("set by the parent test"));
+    let mode = std::env::var("KICKVM_WT_MODE").expect("set by the parent test");
+    const FLUSH: u64 = 1 << 9;
+    let mut dev = Block::new("blkwt", BlockConfig::new(&disk)).unwrap();
+    let driver_features = if mode == "no-flush" { !FLUSH } else { !0 };
+    if mode == "wce-off" {
+        // What Linux does for `echo "write through" > /sys/block/vda/cache_type`.
+        kickvm_virtio::VirtioDevice::write_config(&mut dev, 32, &[0]);
+    }
+    let mut h = Harness::start(Box::new(dev), HarnessOpts { driver_features, ..Default::default() }).unwrap();
+    eprintln!("WRITE-START");
+    assert_eq!(blk_io(&mut h, VIRTIO_BLK_T_OUT, 0, &[7; 4096], 0).0, VIRTIO_BLK_S_OK);
+    eprintln!("WRITE-DONE");
+}
+
+/// A driver that did not accept FLUSH, or turned the write cache off
+/// (CONFIG_WCE `writeback` = 0), is told a write is done only after
+/// `fdatasync`; with the cache on (the default) a write does not sync.
+#[test]
+fn write_through_disks_sync_every_write_before_completing() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("skipped: strace is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kickvm-rel-{}-wt", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    for (mode, syncs) in [("no-flush", true), ("wce-off", true), ("write-back", false)] {
+        let out = Command::new("strace")
+            .args(["-f", "-e", "trace=fdatasync,write", "-e", "signal=none", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "write_through_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("KICKVM_WT_DISK", &disk)
+            .env("KICKVM_WT_MODE", mode)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode}: child failed:\n{log}");
+        let start = log.find("WRITE-START").expect("marker");
+        let done = log[start..].find("WRITE-DONE").map(|i| i + start).expect("marker");
+        let synced = log[start..done].contains("fdatasync(");
+        assert_eq!(synced, syncs, "{mode}: fdatasync between the write and its completion:\n{}", &log[start..done]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::backend_fault::BackendFault;
@@ -22,6 +23,23 @@ pub(super) struct RequestQueue {
     /// The disk file's failures (a full host file system, an I/O error):
     /// every failed request counted, each failing spell logged once.
     pub fault: BackendFault,
+    pub cache: WriteCache,
+}
+
+/// Whether the guest sees a volatile write cache.
+#[derive(Clone)]
+pub(super) struct WriteCache {
+    /// The driver accepted VIRTIO_BLK_F_FLUSH.
+    pub flush_negotiated: bool,
+    /// The config space's `writeback` field, shared with the device.
+    pub writeback: Arc<AtomicBool>,
+}
+
+impl WriteCache {
+    /// Writes must be durable before they complete.
+    fn write_through(&self) -> bool {
+        !self.flush_negotiated || !self.writeback.load(Ordering::Relaxed)
+    }
 }
 
 impl QueueWorker for RequestQueue {
@@ -87,6 +105,15 @@ impl RequestQueue {
                 return Ok(Err(VIRTIO_BLK_S_UNSUPP));
             }
         };
+        // Write-through: the data is on stable storage before the guest
+        // hears the write is done.
+        let r = r.and_then(|n| {
+            if writes && self.cache.write_through() {
+                // SAFETY: fdatasync on the disk's own open fd.
+                cvt(unsafe { libc::fdatasync(fd) })?;
+            }
+            Ok(n)
+        });
         Ok(match r {
             Ok(n) => {
                 self.fault.worked(q);
