@@ -16,7 +16,7 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      acknowledgement reaches its console; every acknowledged
                      record must be in the image. RUNS per mode (default 20).
                      ~10 s per run in the rig.
-  many-vms [N]       N launchers at once in the rig (default 20), 64 MiB
+  many-vms [N]       N launchers at once in the rig (default 20), 80 MiB
                      guests with net, disk, console socket and shared RAM:
                      all boot, all power off, nothing left behind; prints
                      their memory. A few minutes.
@@ -40,7 +40,7 @@ case "$what" in
 durability) export KICKVM_DURABILITY_RUNS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact acknowledged_writes_survive_sigkill ;;
 many-vms) export KICKVM_MANY_VMS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact many_vms_boot_and_power_off_cleanly ;;
 soak) export KICKVM_SOAK_SECS=${n:-600}; set -- -p kickvm --test reliability_rig -- --exact soak_every_device_at_once ;;
-resets) export KICKVM_RESET_CYCLES=${n:-1000}; set -- -p kickvm-virtio --test reliability_cycles ;;
+resets) export KICKVM_RESET_CYCLES=${n:-1000}; set -- -p kickvm-virtio --test reliability_cycles -- ;;
 -h | --help) usage; exit 0 ;;
 *) echo "reliability.sh: unknown check '${what}': use durability, many-vms, soak or resets (see --help)" >&2; exit 2 ;;
 esac
@@ -49,7 +49,9 @@ esac
 mkdir -p target/reliability
 log=target/reliability/$what-$(date -u +%Y%m%dT%H%M%SZ).log
 echo "reliability: $what; load before: $(uptime)" | tee "$log" >&2
+set +e
 cargo test "$@" --nocapture 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
+set -e
 echo "reliability: $what finished (exit $status); load after: $(uptime); log: $log" | tee -a "$log" >&2
 exit "$status"

@@ -5,13 +5,13 @@
 //!   an acknowledgement; the launcher is SIGKILLed the moment a randomly
 //!   chosen acknowledgement appears on its console, and every acknowledged
 //!   record must then be in the disk image;
-//! - many VMs: N launchers at once (64 MiB guests, net + disk + console
-//!   socket + shared-memory RAM each) all boot, all power off cleanly, and
+//! - many VMs: N launchers at once (small guests, net + disk + console
+//!   socket + shared-memory RAM each; 80 MiB, the Debian kernel needs 68) all boot, all power off cleanly, and
 //!   leave no TAP users, socket files, memfds or processes behind;
 //! - soak: sustained traffic on every device at once while the launcher's
 //!   RSS, open fds and threads are sampled; they must stay flat.
 //!
-//! CI runs them small (a few kill runs, 3 VMs, a 20 s soak). The scripts
+//! CI runs them small (one kill run per mode, 2 VMs, a 15 s soak). The scripts
 //! `scripts/durability.sh`, `scripts/many-vms.sh` and `scripts/soak.sh`
 //! run them at full size through the `KICKVM_*` variables read below; the
 //! figures are in docs/reliability.md.
@@ -276,12 +276,12 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// `KICKVM_DURABILITY_RUNS` runs (default 2) with buffered writes + fsync,
+/// `KICKVM_DURABILITY_RUNS` runs (default 1) with buffered writes + fsync,
 /// and as many with O_DIRECT + fsync.
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     in_rig!("acknowledged_writes_survive_sigkill");
-    let runs = env_num("KICKVM_DURABILITY_RUNS", 2);
+    let runs = env_num("KICKVM_DURABILITY_RUNS", 1);
     let img = kickvm_rig::default_image().expect("default guest image");
     let dir = scratch("durability");
     let mut rnd = Rand::new();
@@ -301,7 +301,7 @@ fn acknowledged_writes_survive_sigkill() {
 // ------------------------------------------------------------ many VMs
 
 /// Resident memory of `pid` in KiB: in all, and in its mappings of exactly
-/// `ram` bytes (the guest's RAM, a single mapping for a 64 MiB guest).
+/// `ram` bytes (the guest's RAM, a single mapping for a guest below 3 GiB).
 fn rss_split(pid: i32, ram: u64) -> Option<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let (mut total, mut guest, mut in_ram) = (0, 0, false);
@@ -352,7 +352,7 @@ fn kickvm_pids() -> Vec<i32> {
         .collect()
 }
 
-/// `KICKVM_MANY_VMS` launchers (default 3) at once: each a 64 MiB guest
+/// `KICKVM_MANY_VMS` launchers (default 2) at once: each an 80 MiB guest
 /// with a TAP of its own, a disk, a console socket and shared-memory RAM.
 /// Every guest pings its host side, writes its disk, says it is ready and
 /// waits for a line on its serial port; once all are ready (memory is
@@ -360,12 +360,14 @@ fn kickvm_pids() -> Vec<i32> {
 #[test]
 fn many_vms_boot_and_power_off_cleanly() {
     in_rig!("many_vms_boot_and_power_off_cleanly");
-    let n = env_num("KICKVM_MANY_VMS", 3) as usize;
+    let n = env_num("KICKVM_MANY_VMS", 2) as usize;
     let img = kickvm_rig::default_image().expect("default guest image");
     let dir = scratch("many");
     let shm_before = dir_entries("/dev/shm");
     let avail_before = mem_available_kib();
-    let ram = 64u64 << 20;
+    // The smallest guest the Debian cloud kernel accepts: kickvm refuses
+    // 64 MiB ("needs at least 68 MiB of guest memory to start").
+    let ram = 80u64 << 20;
     let t0 = Instant::now();
     let mut vms = Vec::new();
     let ready = Arc::new(AtomicU64::new(0));
@@ -380,7 +382,7 @@ fn many_vms_boot_and_power_off_cleanly() {
         );
         let args: Vec<String> = [
             "--memory",
-            "64M",
+            "80M",
             "--memory-shared",
             "--net",
             &format!("tap={name}"),
@@ -400,7 +402,11 @@ fn many_vms_boot_and_power_off_cleanly() {
         }));
     }
     let deadline = Instant::now() + Duration::from_secs(120 + 30 * n as u64);
+    // Until all are ready, or one has exited (it failed: no use waiting).
     while ready.load(Ordering::SeqCst) < n as u64 && Instant::now() < deadline {
+        if vms.iter_mut().any(|vm| vm.child.try_wait().ok().flatten().is_some()) {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let booted = ready.load(Ordering::SeqCst);
@@ -516,7 +522,7 @@ struct Sample {
     threads: u64,
 }
 
-/// `KICKVM_SOAK_SECS` seconds (default 20) of traffic on every device at
+/// `KICKVM_SOAK_SECS` seconds (default 15) of traffic on every device at
 /// once, 2 vCPUs, per-queue threads: TCP both ways over a 2-queue-pair
 /// TAP, fio random writes with crc32c verification on a 2-queue disk,
 /// /dev/hwrng, and output on hvc0 (to a file). Every
@@ -531,7 +537,7 @@ fn soak_every_device_at_once() {
     // cached one is used.
     let img = kickvm_rig::tools_image().expect("tools guest image (fio)");
     in_rig!("soak_every_device_at_once");
-    let secs = env_num("KICKVM_SOAK_SECS", 20);
+    let secs = env_num("KICKVM_SOAK_SECS", 15);
     let every = env_num("KICKVM_SOAK_SAMPLE_SECS", 10).max(1);
     let dir = scratch("soak");
     let disk_path = dir.join("soak.img");
@@ -540,14 +546,14 @@ fn soak_every_device_at_once() {
     tap("kvsoak", "10.0.2.2/24");
     let (net_rx, net_tx) = tcp_peer("10.0.2.2");
     let ram = 512u64 << 20;
-    // fio: 32 MiB of random 4 KiB writes, each batch of 64 read back and
+    // fio: 4 MiB of random 4 KiB writes, each batch of 64 read back and
     // checked (crc32c) while the run goes on; passes repeat with fresh
     // seeds until the time is up; then one read-only pass checks the last
     // pass's every block again.
     let script = format!(
         r#"
 end=$(( $(date +%s) + {secs} ))
-FIO="fio --name=soak --filename=/dev/vda --size=32M --bs=4k --direct=1 --ioengine=psync --verify=crc32c --rw=randwrite"
+FIO="fio --name=soak --filename=/dev/vda --size=4M --bs=4k --direct=1 --ioengine=psync --verify=crc32c --rw=randwrite"
 ( p=0; while [ $(date +%s) -lt $end ]; do p=$((p+1)); $FIO --verify_backlog=64 --randseed=$p >/tmp/fio.$p 2>&1 || {{ echo SOAK-FIO-FAILED $p; cat /tmp/fio.$p; }}; echo $p > /tmp/passes; done ) &
 ( while [ $(date +%s) -lt $end ]; do nc 10.0.2.2 5001 < /dev/zero & sleep 5; kill $! 2>/dev/null; done ) &
 ( while [ $(date +%s) -lt $end ]; do nc 10.0.2.2 5002 > /dev/null & sleep 5; kill $! 2>/dev/null; done ) &
