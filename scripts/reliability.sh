@@ -16,7 +16,7 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      acknowledgement reaches its console; every acknowledged
                      record must be in the image. RUNS per mode (default 20).
                      ~10 s per run in the rig.
-  many-vms [N]       N launchers at once in the rig (default 20), 80 MiB
+  many-vms [N]       N launchers at once in the rig (default 20), 128 MiB
                      guests with net, disk, console socket and shared RAM:
                      all boot, all power off, nothing left behind; prints
                      their memory. A few minutes.

@@ -5,8 +5,8 @@
 //!   an acknowledgement; the launcher is SIGKILLed the moment a randomly
 //!   chosen acknowledgement appears on its console, and every acknowledged
 //!   record must then be in the disk image;
-//! - many VMs: N launchers at once (small guests, net + disk + console
-//!   socket + shared-memory RAM each; 80 MiB, the Debian kernel needs 68) all boot, all power off cleanly, and
+//! - many VMs: N launchers at once (128 MiB guests, net + disk + console
+//!   socket + shared-memory RAM each) all boot, all power off cleanly, and
 //!   leave no TAP users, socket files, memfds or processes behind;
 //! - soak: sustained traffic on every device at once while the launcher's
 //!   RSS, open fds and threads are sampled; they must stay flat.
@@ -357,7 +357,7 @@ fn kickvm_pids() -> Vec<i32> {
         .collect()
 }
 
-/// `KICKVM_MANY_VMS` launchers (default 2) at once: each an 80 MiB guest
+/// `KICKVM_MANY_VMS` launchers (default 2) at once: each a 128 MiB guest
 /// with a TAP of its own, a disk, a console socket and shared-memory RAM.
 /// Every guest pings its host side, writes its disk, says it is ready and
 /// waits for a line on its serial port; once all are ready (memory is
@@ -373,9 +373,10 @@ fn many_vms_boot_and_power_off_cleanly() {
     let dir = scratch("many");
     let shm_before = dir_entries("/dev/shm");
     let avail_before = mem_available_kib();
-    // The smallest guest the Debian cloud kernel accepts: kickvm refuses
-    // 64 MiB ("needs at least 68 MiB of guest memory to start").
-    let ram = 80u64 << 20;
+    // Small guests: kickvm refuses 64 MiB for the Debian cloud kernel
+    // ("needs at least 68 MiB of guest memory to start"), and with 80 MiB
+    // the kernel runs out of memory unpacking the initramfs.
+    let ram = 128u64 << 20;
     let t0 = Instant::now();
     let mut vms = Vec::new();
     let ready = Arc::new(AtomicU64::new(0));
@@ -390,8 +391,10 @@ fn many_vms_boot_and_power_off_cleanly() {
         );
         let args: Vec<String> = [
             "--memory",
-            "80M",
+            "128M",
             "--memory-shared",
+            // A guest that panics exits instead of rebooting forever.
+            "--no-reboot",
             "--net",
             &format!("tap={name}"),
             "--disk",
