@@ -645,7 +645,15 @@ exit 0
     }
     assert!(out.console.contains("SOAK-FIO-PASSES"), "no fio pass finished");
     assert!(!out.stderr.contains("guest errors"), "the launcher counted errors:\n{}", out.stderr);
-    assert!(out.stderr.contains("queue counters"), "no per-queue counters logged at exit:\n{}", out.stderr);
+    let counters: Vec<&str> = out.stderr.lines().filter(|l| l.contains("queue counters")).collect();
+    assert_eq!(counters.len(), 4, "per-queue counters of blk, net, console and rng at exit:\n{}", out.stderr);
+    let errors: u64 = counters
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.trim_end_matches(';').strip_prefix("errors="))
+        .map(|n| n.parse::<u64>().expect("an error count"))
+        .sum();
+    assert_eq!(errors, 0, "queue errors counted:\n{}", counters.join("\n"));
     let hvc_lines = std::fs::read_to_string(&hvc).unwrap_or_default().lines().count();
     eprintln!(
         "soak: {} samples; net guest→host {} MiB, host→guest {} MiB; hvc0 lines {hvc_lines}",
