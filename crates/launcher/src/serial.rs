@@ -122,11 +122,18 @@ fn pump(target: Target) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = [0u8; 64];
     loop {
+        // Either way the VM goes on, without keyboard input from now on.
         let n = match stdin.read(&mut buf) {
-            Ok(0) => return,
+            Ok(0) => {
+                log::info!("stdin closed: the guest's serial port gets no more input; the VM goes on");
+                return;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
+            Err(e) => {
+                log::warn!("cannot read stdin ({e}): the guest's serial port gets no more input; the VM goes on");
+                return;
+            }
         };
         let mut rest = &buf[..n];
         while !rest.is_empty() {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use kickvm_rig::image::{script_cmdline, EXIT_STATUS_PREFIX, INIT_START_MARKER};
 
 /// Returns early from the test on the host after running it in the rig.

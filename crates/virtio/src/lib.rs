@@ -21,6 +21,7 @@
 //!    [`queue::QueueCtx::pop`], does the I/O on iovecs that point into
 //!    guest memory, and returns them with [`queue::QueueCtx::add_used`].
 
+pub mod backend_fault;
 pub mod block;
 pub mod chain;
 pub mod console;

@@ -10,6 +10,14 @@ pub fn kickvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kickvm"))
 }
 
+/// `kickvm run` of a guest image's kernel and initramfs with `cmdline`
+/// appended to the kernel's command line (add devices, then spawn).
+pub fn run_image(img: &kickvm_rig::image::GuestImage, cmdline: &str) -> Command {
+    let mut c = kickvm();
+    c.arg("run").arg("--kernel").arg(&img.kernel).arg("--initrd").arg(&img.initrd).args(["--cmdline", cmdline]);
+    c
+}
+
 /// Runs `kickvm` with `args`, stdin closed, and returns its output.
 pub fn run(args: &[&str]) -> Output {
     kickvm().args(args).stdin(std::process::Stdio::null()).output().expect("cannot run kickvm")

@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::counters::DeviceState;
@@ -25,7 +26,7 @@ use crate::device::{ActivateError, ConfigSpace, VirtioDevice, COMMON_FEATURES};
 use virtio_bindings::virtio_blk::virtio_blk_config;
 use crate::threads::QueueWorker;
 use backend::disk_size;
-use requestq::RequestQueue;
+use requestq::{RequestQueue, WriteCache};
 
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 const QUEUE_SIZE: u16 = 256;
@@ -40,6 +41,7 @@ const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
@@ -83,7 +85,14 @@ pub struct Block {
     id: [u8; ID_LEN],
     num_queues: u16,
     counters: Arc<DeviceState>,
+    /// The config space's `writeback` field (VIRTIO_BLK_F_CONFIG_WCE): on
+    /// (the default) the guest is told writes may sit in a volatile cache
+    /// until a FLUSH; off, every write is durable before it completes.
+    writeback: Arc<AtomicBool>,
 }
+
+/// Offset of `writeback` (`wce`) in `virtio_blk_config`.
+const WRITEBACK_OFFSET: u64 = 32;
 
 impl Block {
     pub fn new(name: &str, cfg: BlockConfig) -> Result<Block, BlockError> {
@@ -115,6 +124,7 @@ impl Block {
             id,
             num_queues: cfg.num_queues,
             counters: DeviceState::new(cfg.num_queues.into()),
+            writeback: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -136,6 +146,7 @@ impl Block {
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS.to_le(),
             max_write_zeroes_seg: (MAX_SEGMENTS as u32).to_le(),
             write_zeroes_may_unmap: 1,
+            wce: u8::from(self.writeback.load(Ordering::Relaxed)),
             ..Default::default()
         }
     }
@@ -155,7 +166,11 @@ impl VirtioDevice for Block {
         vec![QUEUE_SIZE; self.num_queues.into()]
     }
     fn features(&self) -> u64 {
-        let mut f = COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+        let mut f = COMMON_FEATURES
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_CONFIG_WCE;
         if self.num_queues > 1 {
             f |= VIRTIO_BLK_F_MQ;
         }
@@ -169,7 +184,17 @@ impl VirtioDevice for Block {
     fn config_space(&self) -> Vec<u8> {
         self.config().bytes()
     }
-    fn activate(&mut self, _features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
+    /// The driver turns the write cache off or on (`writeback`, one byte).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if offset == WRITEBACK_OFFSET && data.len() == 1 {
+            self.writeback.store(data[0] != 0, Ordering::Relaxed);
+        }
+    }
+    /// A driver that did not accept FLUSH cannot ask for durability, so
+    /// the device must give it with every write (virtio 1.2, 5.2.6.2);
+    /// one that did may still turn the cache off through `writeback`.
+    fn activate(&mut self, features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
+        let cache = WriteCache { flush_negotiated: features & VIRTIO_BLK_F_FLUSH != 0, writeback: self.writeback.clone() };
         Ok((0..self.num_queues)
             .map(|_| {
                 Box::new(RequestQueue {
@@ -177,12 +202,17 @@ impl VirtioDevice for Block {
                     capacity: self.capacity,
                     readonly: self.readonly,
                     id: self.id,
+                    fault: Default::default(),
+                    cache: cache.clone(),
                 }) as Box<dyn QueueWorker>
             })
             .collect())
     }
     fn state(&self) -> Arc<DeviceState> {
         self.counters.clone()
+    }
+    fn reset(&mut self) {
+        self.writeback.store(true, Ordering::Relaxed);
     }
 }
 

@@ -4,8 +4,10 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::backend_fault::BackendFault;
 use super::backend::{cvt, each_segment, punch_hole, write_zeroes};
 use super::request::*;
 use crate::chain::Chain;
@@ -18,6 +20,26 @@ pub(super) struct RequestQueue {
     pub capacity: u64,
     pub readonly: bool,
     pub id: [u8; ID_LEN],
+    /// The disk file's failures (a full host file system, an I/O error):
+    /// every failed request counted, each failing spell logged once.
+    pub fault: BackendFault,
+    pub cache: WriteCache,
+}
+
+/// Whether the guest sees a volatile write cache.
+#[derive(Clone)]
+pub(super) struct WriteCache {
+    /// The driver accepted VIRTIO_BLK_F_FLUSH.
+    pub flush_negotiated: bool,
+    /// The config space's `writeback` field, shared with the device.
+    pub writeback: Arc<AtomicBool>,
+}
+
+impl WriteCache {
+    /// Writes must be durable before they complete.
+    fn write_through(&self) -> bool {
+        !self.flush_negotiated || !self.writeback.load(Ordering::Relaxed)
+    }
 }
 
 impl QueueWorker for RequestQueue {
@@ -31,7 +53,7 @@ impl QueueWorker for RequestQueue {
 
 impl RequestQueue {
     /// Executes one request and completes it with its status.
-    fn handle(&self, q: &mut QueueCtx, chain: &Chain) -> Result<(), Stopped> {
+    fn handle(&mut self, q: &mut QueueCtx, chain: &Chain) -> Result<(), Stopped> {
         let (status_buf, parsed) = Request::parse(chain, self.capacity);
         let Some(status_buf) = status_buf else {
             q.fail_chain(chain.head, &RequestError::NoStatus.to_string());
@@ -54,7 +76,7 @@ impl RequestQueue {
     }
 
     /// Returns bytes written into the guest's buffers, or a failure status.
-    fn execute(&self, q: &QueueCtx, req: &Request) -> Result<Result<u64, u8>, Stopped> {
+    fn execute(&mut self, q: &QueueCtx, req: &Request) -> Result<Result<u64, u8>, Stopped> {
         let fd = self.file.as_raw_fd();
         let writes = matches!(req.kind, Kind::Write { .. } | Kind::Discard(_) | Kind::WriteZeroes(_));
         if writes && self.readonly {
@@ -83,10 +105,25 @@ impl RequestQueue {
                 return Ok(Err(VIRTIO_BLK_S_UNSUPP));
             }
         };
-        Ok(r.map_err(|e| {
-            q.count_error(&format!("disk I/O failed: {e}"));
-            VIRTIO_BLK_S_IOERR
-        }))
+        // Write-through: the data is on stable storage before the guest
+        // hears the write is done.
+        let r = r.and_then(|n| {
+            if writes && self.cache.write_through() {
+                // SAFETY: fdatasync on the disk's own open fd.
+                cvt(unsafe { libc::fdatasync(fd) })?;
+            }
+            Ok(n)
+        });
+        Ok(match r {
+            Ok(n) => {
+                self.fault.worked(q);
+                Ok(n)
+            }
+            Err(e) => {
+                self.fault.failed(q, &format!("disk I/O failed: {e}"));
+                Err(VIRTIO_BLK_S_IOERR)
+            }
+        })
     }
 }
 

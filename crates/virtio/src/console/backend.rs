@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::queue::{QueueCtx, Stopped};
 use crate::terminal::{make_raw, Mode, RawTerminal};
@@ -32,7 +32,10 @@ pub struct ConsoleBackend {
 enum Kind {
     Stdio,
     Pty { master: OwnedFd, _slave: OwnedFd, path: PathBuf },
-    Socket { listener: UnixListener, path: PathBuf, inode: (u64, u64), client: Mutex<Option<UnixStream>> },
+    /// The client is shared with the transmit thread while it writes, so
+    /// that the receive thread dropping a client that left cannot close
+    /// the fd under that write (and let a new file take its number).
+    Socket { listener: UnixListener, path: PathBuf, inode: (u64, u64), client: Mutex<Option<Arc<UnixStream>>> },
     File(std::fs::File),
 }
 
@@ -82,7 +85,7 @@ impl ConsoleBackend {
                     match listener.accept() {
                         Ok((s, _)) => {
                             let fd = s.as_raw_fd();
-                            *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                            *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(s));
                             return Ok(Some(fd));
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -133,15 +136,33 @@ impl ConsoleBackend {
         }
     }
 
-    /// Where output goes (`None`: dropped, e.g. no socket client).
-    pub(crate) fn output_fd(&self) -> Option<RawFd> {
+    /// Where output goes (`None`: dropped, e.g. no socket client). The
+    /// fd stays open while the returned value lives.
+    pub(crate) fn output(&self) -> Option<Output> {
         match &self.kind {
-            Kind::Stdio => Some(1),
-            Kind::Pty { master, .. } => Some(master.as_raw_fd()),
-            Kind::File(f) => Some(f.as_raw_fd()),
+            Kind::Stdio => Some(Output::Fd(1)),
+            Kind::Pty { master, .. } => Some(Output::Fd(master.as_raw_fd())),
+            Kind::File(f) => Some(Output::Fd(f.as_raw_fd())),
             Kind::Socket { client, .. } => {
-                client.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.as_raw_fd())
+                client.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| Output::Client(s.clone()))
             }
+        }
+    }
+}
+
+/// An output fd, held open for as long as a write to it lasts.
+pub(crate) enum Output {
+    /// An fd the backend keeps open for its whole life.
+    Fd(RawFd),
+    /// The socket's current client.
+    Client(Arc<UnixStream>),
+}
+
+impl Output {
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            Output::Fd(fd) => *fd,
+            Output::Client(s) => s.as_raw_fd(),
         }
     }
 }

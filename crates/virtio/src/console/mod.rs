@@ -73,7 +73,7 @@ impl VirtioDevice for Console {
     fn activate(&mut self, _features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
         Ok(vec![
             Box::new(Receive { backend: self.backend.clone(), closed: false }),
-            Box::new(Transmit { backend: self.backend.clone() }),
+            Box::new(Transmit { backend: self.backend.clone(), fault: Default::default() }),
         ])
     }
     fn state(&self) -> Arc<DeviceState> {

@@ -88,8 +88,10 @@ fn read_input(q: &mut QueueCtx, fd: RawFd, iov: &GuestIovecs) -> Result<Input, S
                 blocking = true;
             }
             Err(e) if q.retry_after(&e)? => {}
-            // A pty master whose other side is not open reads EIO.
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(Input::Closed),
+            // A pty master whose other side is not open reads EIO; a socket
+            // client that left with output still unread reads ECONNRESET.
+            // Both are the other side going away, not a fault.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::ECONNRESET)) => return Ok(Input::Closed),
             Err(e) => {
                 q.count_error(&format!("console input failed: {e}"));
                 return Ok(Input::Closed);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::backend::ConsoleBackend;
 use super::MAX_TX_BYTES;
+use crate::backend_fault::BackendFault;
 use crate::memory::GuestIovecs;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
@@ -14,6 +15,8 @@ use crate::threads::{QueueWorker, Wait};
 /// transmitq: the guest's output goes straight to the output fd.
 pub(super) struct Transmit {
     pub backend: Arc<ConsoleBackend>,
+    /// Output failures other than a reader that left (EPIPE).
+    pub fault: BackendFault,
 }
 
 impl QueueWorker for Transmit {
@@ -25,8 +28,8 @@ impl QueueWorker for Transmit {
             }
             chain.readable.truncate(MAX_TX_BYTES);
             let len = chain.readable.len();
-            if let Some(fd) = self.backend.output_fd() {
-                write_all(q, fd, &chain.readable)?;
+            if let Some(out) = self.backend.output() {
+                self.write_all(q, out.fd(), &chain.readable)?;
             }
             q.add_bytes(len);
             q.add_used(chain.head, 0);
@@ -35,12 +38,14 @@ impl QueueWorker for Transmit {
     }
 }
 
-fn write_all(q: &QueueCtx, fd: RawFd, iov: &GuestIovecs) -> Result<(), Stopped> {
-    if let Err(e) = q.io_all(iov, |rest, _| sys::writev(fd, rest))? {
-        // A vanished reader is not the guest's fault: the output is dropped.
-        if e.raw_os_error() != Some(libc::EPIPE) {
-            q.count_error(&format!("console output failed: {e}"));
+impl Transmit {
+    fn write_all(&mut self, q: &QueueCtx, fd: RawFd, iov: &GuestIovecs) -> Result<(), Stopped> {
+        match q.io_all(iov, |rest, _| sys::writev(fd, rest))? {
+            Ok(_) => self.fault.worked(q),
+            // A vanished reader is not the guest's fault: the output is dropped.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+            Err(e) => self.fault.failed(q, &format!("console output failed: {e}")),
         }
+        Ok(())
     }
-    Ok(())
 }

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use super::backend::Tap;
 use super::{MAX_IOVECS, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
+use crate::backend_fault::BackendFault;
 use crate::chain::Chain;
 use crate::threads::{QueueWorker, Wait};
 use crate::memory::GuestIovecs;
@@ -63,6 +64,8 @@ pub struct RxWorker {
     /// and response), so after this packet the next read will almost
     /// surely sleep too. See [`RxWorker::net_input`].
     idle: bool,
+    /// The TAP's own failures (the interface was deleted or detached).
+    fault: BackendFault,
 }
 
 /// A blocking read that took longer than this (in TSC cycles, ~7 µs at
@@ -101,6 +104,7 @@ impl RxWorker {
             iov: GuestIovecs::default(),
             nowait: true,
             idle: false,
+            fault: BackendFault::default(),
         }
     }
 
@@ -181,7 +185,10 @@ impl RxWorker {
                 sys::read_nowait(fd, &self.iov, &mut self.nowait)
             };
             let err = match r {
-                Ok(n) => return Ok(Some(n)),
+                Ok(n) => {
+                    self.fault.worked(q);
+                    return Ok(Some(n));
+                }
                 Err(e) => e,
             };
             if err.kind() == io::ErrorKind::WouldBlock {
@@ -202,7 +209,7 @@ impl RxWorker {
                     q.count_error("a received packet was larger than the guest's buffer and was dropped")
                 }
                 _ => {
-                    q.count_error(&format!("cannot read TAP `{}`: {err}", self.tap.name()));
+                    self.fault.failed(q, &format!("cannot read TAP `{}`: {err}", self.tap.name()));
                     q.notify();
                     sys::pause(BACKEND_ERROR_PAUSE);
                     q.check_stop()?;

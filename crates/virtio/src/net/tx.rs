@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::backend::Tap;
 use super::MAX_FRAME_LEN;
+use crate::backend_fault::BackendFault;
 use crate::chain::Chain;
 use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
@@ -15,11 +16,13 @@ use crate::sys;
 pub struct TxWorker {
     tap: Arc<Tap>,
     hdr_len: usize,
+    /// The TAP's own failures (the interface was deleted or detached).
+    fault: BackendFault,
 }
 
 impl TxWorker {
     pub fn new(tap: Arc<Tap>, hdr_len: usize) -> TxWorker {
-        TxWorker { tap, hdr_len }
+        TxWorker { tap, hdr_len, fault: BackendFault::default() }
     }
 
     /// Sends one chain's packet. The chain always goes back to the guest
@@ -46,15 +49,22 @@ impl TxWorker {
             match sys::writev(self.tap.as_raw_fd(), &c.readable) {
                 Ok(n) => {
                     q.add_bytes(n as u64);
+                    self.fault.worked(q);
                     break;
                 }
                 Err(e) => {
                     if q.retry_after(&e)? {
                         continue;
                     }
-                    // EINVAL: a GSO/checksum header the kernel rejects;
-                    // EIO/EBADFD: the interface went away. The packet is lost.
-                    q.count_error(&format!("TAP `{}` refused a packet: {e}", self.tap.name()));
+                    // EINVAL: a GSO/checksum header the kernel rejects (the
+                    // guest's doing); EIO/EBADFD: the interface went away
+                    // (the host's). The packet is lost either way.
+                    let why = format!("TAP `{}` refused a packet: {e}", self.tap.name());
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        q.count_error(&why);
+                    } else {
+                        self.fault.failed(q, &why);
+                    }
                     break;
                 }
             }

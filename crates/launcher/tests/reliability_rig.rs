@@ -1,0 +1,683 @@
+//! Reliability with real Linux guests (issue 12), in the nested rig where
+//! the host's KVM cannot run a kernel (docs/testing.md):
+//!
+//! - durability: the guest writes a stream of records, flushes, and prints
+//!   an acknowledgement; the launcher is SIGKILLed the moment a randomly
+//!   chosen acknowledgement appears on its console, and every acknowledged
+//!   record must then be in the disk image;
+//! - many VMs: N launchers at once (128 MiB guests, net + disk + console
+//!   socket + shared-memory RAM each) all boot, all power off cleanly, and
+//!   leave no TAP users, socket files, memfds or processes behind;
+//! - soak: sustained traffic on every device at once while the launcher's
+//!   RSS, open fds and threads are sampled; they must stay flat.
+//!
+//! CI runs them small (one kill run per mode, 2 VMs, a 15 s soak). The scripts
+//! `scripts/durability.sh`, `scripts/many-vms.sh` and `scripts/soak.sh`
+//! run them at full size through the `KICKVM_*` variables read below; the
+//! figures are in docs/reliability.md.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use kickvm_rig::image::{script_cmdline, GuestImage, INIT_START_MARKER};
+
+/// Returns early from the test on the host after running it in the rig.
+macro_rules! in_rig {
+    ($name:literal) => {
+        if let Some(passed) = kickvm_rig::reexec_test_in_rig_if_needed($name) {
+            assert!(passed, "{} failed inside the rig", $name);
+            return;
+        }
+    };
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kickvm-rel-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn disk(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// A small xorshift generator seeded from the clock and pid: kill points
+/// and record seeds differ from run to run (each run prints its choices).
+struct Rand(u64);
+
+impl Rand {
+    fn new() -> Rand {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        Rand(t ^ (u64::from(std::process::id()) << 32) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Creates TAP `name` (multi-queue if `multi_queue`) with `addr` on the
+/// host side.
+fn tap(name: &str, addr: &str, multi_queue: bool) {
+    let _ = ip(&["link", "del", name]);
+    let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+    if multi_queue {
+        add.push("multi_queue");
+    }
+    assert!(
+        ip(&add)
+            && ip(&["addr", "add", addr, "dev", name])
+            && ip(&["link", "set", name, "up"]),
+        "cannot create TAP {name} (needs root and iproute2)"
+    );
+}
+
+/// One running `kickvm run`: its console is read line by line on a thread
+/// that hands each line to a callback (which may kill the launcher at once).
+struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    console: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+}
+
+struct Exited {
+    /// Exit code, or None if killed by a signal.
+    code: Option<i32>,
+    signal: Option<i32>,
+    console: String,
+    stderr: String,
+}
+
+impl Vm {
+    fn launch(
+        img: &GuestImage,
+        args: &[String],
+        script: &str,
+        cmdline: &str,
+        mut on_line: impl FnMut(&str, i32) + Send + 'static,
+    ) -> Vm {
+        let cmdline = format!("loglevel=4 {cmdline} {}", script_cmdline(script));
+        let mut child = common::run_image(img, &cmdline)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start kickvm");
+        let pid = child.id() as i32;
+        let out = child.stdout.take().unwrap();
+        let console = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                on_line(&line, pid);
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Vm { stdin: child.stdin.take(), child, console, stderr }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the launcher to exit, killing it after `timeout`.
+    fn wait(mut self, timeout: Duration) -> Exited {
+        use std::os::unix::process::ExitStatusExt;
+        drop(self.stdin.take());
+        let end = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait for kickvm") {
+                break s;
+            }
+            if Instant::now() > end {
+                eprintln!("reliability: kickvm {} still running after {timeout:?}: killed", self.pid());
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait for kickvm");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Exited {
+            code: status.code(),
+            signal: status.signal(),
+            console: self.console.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
+    }
+}
+
+// ------------------------------------------------------------ durability
+
+const RECORD: u64 = 4096;
+/// Records the guest writes per run at most; the kill comes before.
+const RECORDS: u64 = 600;
+
+/// What one kill run checked.
+#[derive(Default)]
+struct KillRun {
+    acknowledged: u64,
+    lost: u64,
+    beyond: u64,
+}
+
+/// One run: the guest writes 4 KiB records `KVREC <seed> <n>` (the rest of
+/// the block zero) at block n, in batches of 1–8 where only the last write
+/// flushes (`conv=fsync`: fsync on the disk, a virtio-blk FLUSH), and after
+/// each flush prints `KVACK <n>`: records 0..=n are acknowledged. With
+/// `direct`, every write is also O_DIRECT. The launcher is SIGKILLed on
+/// the console thread the moment `KVACK <kill_at>` (or a later one) is read.
+fn kill_run(img: &GuestImage, dir: &Path, direct: bool, rnd: &mut Rand) -> KillRun {
+    let path = dir.join(if direct { "direct.img" } else { "fsync.img" });
+    let _ = std::fs::remove_file(&path);
+    disk(&path, (RECORDS + 8) * RECORD);
+    let seed = rnd.next() % 1_000_000_000;
+    let kill_at = 1 + rnd.below(RECORDS / 2);
+    let oflag = if direct { "oflag=direct" } else { "" };
+    // The batch size comes from the record number so the script needs no
+    // random source of its own.
+    let script = format!(
+        r#"
+i=0
+while [ $i -lt {RECORDS} ]; do
+  n=$(( (i * 7 + {seed}) % 8 + 1 ))
+  while [ $n -gt 1 ]; do
+    printf 'KVREC %010d %06d\n' {seed} $i | dd of=/dev/vda bs={RECORD} seek=$i count=1 conv=sync,notrunc {oflag} 2>/dev/null || echo KVFAIL $i
+    i=$((i+1)); n=$((n-1))
+  done
+  printf 'KVREC %010d %06d\n' {seed} $i | dd of=/dev/vda bs={RECORD} seek=$i count=1 conv=sync,notrunc,fsync {oflag} 2>/dev/null || echo KVFAIL $i
+  echo KVACK $i
+  i=$((i+1))
+done
+echo KVDONE
+"#
+    );
+    let acked = Arc::new(AtomicU64::new(u64::MAX));
+    let seen = acked.clone();
+    let arg = format!("path={}", path.display());
+    let args = ["--disk".to_string(), arg];
+    let vm = Vm::launch(img, &args, &script, "", move |line, pid| {
+        if let Some(n) = line.strip_prefix("KVACK ").and_then(|n| n.trim().parse::<u64>().ok()) {
+            if n >= kill_at && seen.load(Ordering::SeqCst) == u64::MAX {
+                // SAFETY: kills our own child, right after reading the marker.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                seen.store(n, Ordering::SeqCst);
+            }
+        }
+    });
+    let out = vm.wait(Duration::from_secs(300));
+    let last = acked.load(Ordering::SeqCst);
+    assert!(
+        last != u64::MAX && out.signal == Some(libc::SIGKILL),
+        "the guest never acknowledged record {kill_at} (exit {:?}):\n{}\n{}",
+        out.code,
+        tail(&out.console),
+        out.stderr
+    );
+    assert!(!out.console.contains("KVFAIL"), "a guest write failed:\n{}", tail(&out.console));
+    // Every record up to the acknowledged one must be there, byte for byte.
+    let f = std::fs::File::open(&path).unwrap();
+    let mut run = KillRun { acknowledged: last + 1, ..Default::default() };
+    let mut block = vec![0u8; RECORD as usize];
+    for n in 0..RECORDS {
+        f.read_exact_at(&mut block, n * RECORD).unwrap();
+        let mut want = format!("KVREC {seed:010} {n:06}\n").into_bytes();
+        want.resize(RECORD as usize, 0);
+        let ok = block == want;
+        if n <= last && !ok {
+            run.lost += 1;
+            eprintln!("durability: record {n} acknowledged but not in the image: {:?}", &block[..32]);
+        }
+        if n > last && ok {
+            run.beyond += 1;
+        }
+    }
+    eprintln!(
+        "durability: {} kill at KVACK {kill_at} (killed after KVACK {last}): {} acknowledged records checked, {} lost, {} more written after the acknowledgement",
+        if direct { "O_DIRECT+fsync" } else { "fsync" },
+        run.acknowledged,
+        run.lost,
+        run.beyond
+    );
+    run
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// `KICKVM_DURABILITY_RUNS` runs (default 1) with buffered writes + fsync,
+/// and as many with O_DIRECT + fsync.
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    in_rig!("acknowledged_writes_survive_sigkill");
+    let runs = env_num("KICKVM_DURABILITY_RUNS", 1);
+    let img = kickvm_rig::default_image().expect("default guest image");
+    let dir = scratch("durability");
+    let mut rnd = Rand::new();
+    let (mut checked, mut lost) = (0, 0);
+    for direct in [false, true] {
+        for _ in 0..runs {
+            let r = kill_run(&img, &dir, direct, &mut rnd);
+            checked += r.acknowledged;
+            lost += r.lost;
+        }
+    }
+    eprintln!("durability: {} runs, {checked} acknowledged 4 KiB records checked, {lost} lost", 2 * runs);
+    assert_eq!(lost, 0, "acknowledged writes were lost");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ------------------------------------------------------------ many VMs
+
+/// Resident memory of `pid` in KiB: in all, and in its mappings of exactly
+/// `ram` bytes (the guest's RAM, a single mapping for a guest below 3 GiB).
+fn rss_split(pid: i32, ram: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest, mut in_ram) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (lo, hi) = (u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?);
+            in_ram = hi - lo == ram;
+        } else if first == "Rss:" {
+            let kib: u64 = words.next()?.parse().ok()?;
+            total += kib;
+            if in_ram {
+                guest += kib;
+            }
+        }
+    }
+    Some((total, guest))
+}
+
+fn status_field(pid: i32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn fd_count(pid: i32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+fn mem_available_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap();
+    s.lines().find_map(|l| l.strip_prefix("MemAvailable:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
+fn dir_entries(dir: &str) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Processes whose command is the kickvm binary.
+fn kickvm_pids() -> Vec<i32> {
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_kickvm")).unwrap();
+    dir_entries("/proc")
+        .iter()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
+        .collect()
+}
+
+/// `KICKVM_MANY_VMS` launchers (default 2) at once: each a 128 MiB guest
+/// with a TAP of its own, a disk, a console socket and shared-memory RAM.
+/// Every guest pings its host side, writes its disk, says it is ready and
+/// waits for a line on its serial port; once all are ready (memory is
+/// sampled then) each gets its line, its stdin is closed (one log line
+/// says so, and the VM goes on), and it powers off.
+#[test]
+fn many_vms_boot_and_power_off_cleanly() {
+    in_rig!("many_vms_boot_and_power_off_cleanly");
+    let n = env_num("KICKVM_MANY_VMS", 2) as usize;
+    // Info level: the launchers say when their stdin closes.
+    std::env::set_var("RUST_LOG", "info");
+    let img = kickvm_rig::default_image().expect("default guest image");
+    let dir = scratch("many");
+    let shm_before = dir_entries("/dev/shm");
+    let avail_before = mem_available_kib();
+    // Small guests: kickvm refuses 64 MiB for the Debian cloud kernel
+    // ("needs at least 68 MiB of guest memory to start"), and with 80 MiB
+    // the kernel runs out of memory unpacking the initramfs.
+    let ram = 128u64 << 20;
+    let t0 = Instant::now();
+    let mut vms = Vec::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    for i in 0..n {
+        let name = format!("kvrel{i}");
+        tap(&name, &format!("10.77.{i}.1/24"), false);
+        let img_path = dir.join(format!("disk{i}.img"));
+        disk(&img_path, 4 << 20);
+        let script = format!(
+            "set -e; ping -c 1 -W 5 10.77.{i}.1 >/dev/null; echo vm{i}-on-disk > /dev/vda; sync; \
+             head -c 12 /dev/vda | grep -q vm{i}-on-disk; echo KVREADY; read go; echo \"got $go\"; test \"$go\" = go"
+        );
+        let args: Vec<String> = [
+            "--memory",
+            "128M",
+            "--memory-shared",
+            // A guest that panics exits instead of rebooting forever.
+            "--no-reboot",
+            "--net",
+            &format!("tap={name}"),
+            "--disk",
+            &format!("path={}", img_path.display()),
+            "--console",
+            &format!("socket={}", dir.join(format!("con{i}.sock")).display()),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let r = ready.clone();
+        vms.push(Vm::launch(&img, &args, &script, &format!("kickvm.ip=10.77.{i}.2/24"), move |line, _| {
+            if line.contains("KVREADY") {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120 + 30 * n as u64);
+    // Until all are ready, or one has exited (it failed: no use waiting).
+    while ready.load(Ordering::SeqCst) < n as u64 && Instant::now() < deadline {
+        if vms.iter_mut().any(|vm| vm.child.try_wait().ok().flatten().is_some()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let booted = ready.load(Ordering::SeqCst);
+    let boot_time = t0.elapsed();
+    // All guests are up: the launchers' memory now.
+    let (mut rss, mut outside, mut threads, mut fds) = (0, 0, 0, 0);
+    for vm in &vms {
+        if let Some((total, guest)) = rss_split(vm.pid(), ram) {
+            rss += total;
+            outside += total - guest;
+        }
+        threads += status_field(vm.pid(), "Threads:").unwrap_or(0);
+        fds += fd_count(vm.pid()).unwrap_or(0);
+    }
+    let used = avail_before.saturating_sub(mem_available_kib());
+    for vm in &mut vms {
+        if let Some(stdin) = vm.stdin.as_mut() {
+            let _ = stdin.write_all(b"go\n");
+            let _ = stdin.flush();
+        }
+    }
+    let mut failures = Vec::new();
+    for (i, vm) in vms.into_iter().enumerate() {
+        let out = vm.wait(Duration::from_secs(120));
+        let exit = kickvm_rig::image::parse_exit_status(&out.console);
+        // Its stdin was closed right after the line: one line says so, and
+        // the VM went on to finish its script.
+        let stdin_lines = out.stderr.matches("stdin closed").count();
+        if out.code != Some(0) || exit != Some(0) || !out.console.contains(INIT_START_MARKER) || stdin_lines != 1 {
+            failures.push(format!("vm{i}: kickvm {:?}/{:?}, script {exit:?}\n{}\n{}", out.code, out.signal, tail(&out.console), out.stderr));
+        }
+    }
+    eprintln!(
+        "many-vms: {n} launchers, {booted} ready after {:.1} s; at that moment: launchers' RSS {} MiB in all, {} KiB each outside guest RAM ({} MiB in all), {} threads, {} fds; L1 MemAvailable fell by {} MiB ({} MiB per VM)",
+        boot_time.as_secs_f64(),
+        rss / 1024,
+        outside / n as u64,
+        outside / 1024,
+        threads,
+        fds,
+        used / 1024,
+        used / 1024 / n as u64,
+    );
+    // What a launcher leaves behind: its own processes, socket files,
+    // shared-memory files, TAP users.
+    let mut leftovers = Vec::new();
+    for i in 0..n {
+        let name = format!("kvrel{i}");
+        let sock = dir.join(format!("con{i}.sock"));
+        if sock.exists() {
+            leftovers.push(format!("socket {}", sock.display()));
+        }
+        // A TAP with no process attached reports NO-CARRIER.
+        let link = Command::new("ip").args(["link", "show", &name]).output().unwrap();
+        if !String::from_utf8_lossy(&link.stdout).contains("NO-CARRIER") {
+            leftovers.push(format!("TAP {name} still attached: {}", String::from_utf8_lossy(&link.stdout)));
+        }
+        let _ = ip(&["link", "del", &name]);
+    }
+    let shm_after = dir_entries("/dev/shm");
+    leftovers.extend(shm_after.difference(&shm_before).map(|f| format!("/dev/shm/{f}")));
+    leftovers.extend(kickvm_pids().iter().map(|p| format!("kickvm process {p}")));
+    assert!(failures.is_empty(), "{} of {n} VMs failed:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(booted, n as u64);
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ------------------------------------------------------------ soak
+
+/// A TCP peer for the guest on the TAP's side: port 5001 swallows what the
+/// guest sends, port 5002 sends a stream to the guest. Returns the byte
+/// counters (received, sent).
+fn tcp_peer(addr: &str) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+    let (rx, tx) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let sink = std::net::TcpListener::bind(format!("{addr}:5001")).expect("bind 5001");
+    let source = std::net::TcpListener::bind(format!("{addr}:5002")).expect("bind 5002");
+    let r = rx.clone();
+    std::thread::spawn(move || {
+        for s in sink.incoming().flatten() {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    r.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        for s in source.incoming().flatten() {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                let buf = vec![0x5au8; 64 << 10];
+                while let Ok(n) = s.write(&buf) {
+                    t.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (rx, tx)
+}
+
+/// One sample of the launcher's resources.
+struct Sample {
+    t: f64,
+    rss_kib: u64,
+    outside_kib: u64,
+    fds: u64,
+    threads: u64,
+}
+
+/// `KICKVM_SOAK_SECS` seconds (default 15) of traffic on every device at
+/// once, 2 vCPUs, per-queue threads: TCP both ways over a 2-queue-pair
+/// TAP, fio random writes with crc32c verification on a 2-queue disk,
+/// /dev/hwrng, and output on hvc0 (to a file). Every
+/// `KICKVM_SOAK_SAMPLE_SECS` (default 10) the launcher's RSS (in all, and
+/// outside guest RAM), open fds and threads are sampled: fds and threads
+/// must not change, RSS outside guest RAM must not grow by more than
+/// 4 MiB. At the end the guest re-verifies every block fio wrote and the
+/// launcher's per-queue counters (logged at exit) show no errors.
+#[test]
+fn soak_every_device_at_once() {
+    // The tools image (fio) is built on the host; inside the rig the
+    // cached one is used.
+    let img = kickvm_rig::tools_image().expect("tools guest image (fio)");
+    in_rig!("soak_every_device_at_once");
+    let secs = env_num("KICKVM_SOAK_SECS", 15);
+    let every = env_num("KICKVM_SOAK_SAMPLE_SECS", 10).max(1);
+    let dir = scratch("soak");
+    let disk_path = dir.join("soak.img");
+    disk(&disk_path, 64 << 20);
+    let hvc = dir.join("hvc0.log");
+    tap("kvsoak", "10.0.2.2/24", true);
+    let (net_rx, net_tx) = tcp_peer("10.0.2.2");
+    let ram = 512u64 << 20;
+    // fio: 4 MiB of random 4 KiB writes, each batch of 64 read back and
+    // checked (crc32c) while the run goes on; passes repeat with fresh
+    // seeds until the time is up; then one read-only pass checks the last
+    // pass's every block again.
+    let script = format!(
+        r#"
+end=$(( $(date +%s) + {secs} ))
+FIO="fio --name=soak --filename=/dev/vda --size=4M --bs=4k --direct=1 --ioengine=psync --verify=crc32c --rw=randwrite"
+( p=0; while [ $(date +%s) -lt $end ]; do p=$((p+1)); $FIO --verify_backlog=64 --randseed=$p >/tmp/fio.$p 2>&1 || {{ echo SOAK-FIO-FAILED $p; cat /tmp/fio.$p; }}; echo $p > /tmp/passes; done ) &
+( while [ $(date +%s) -lt $end ]; do nc 10.0.2.2 5001 < /dev/zero & sleep 5; kill $! 2>/dev/null; done ) &
+( while [ $(date +%s) -lt $end ]; do nc 10.0.2.2 5002 > /dev/null & sleep 5; kill $! 2>/dev/null; done ) &
+( while [ $(date +%s) -lt $end ]; do dd if=/dev/hwrng of=/dev/null bs=512 count=64 2>/dev/null || echo SOAK-RNG-FAILED; done ) &
+( n=0; while [ $(date +%s) -lt $end ]; do n=$((n+1)); echo "soak console line $n $(date +%s)" > /dev/hvc0 || echo SOAK-HVC-FAILED; usleep 20000; done; echo $n > /tmp/hvclines ) &
+wait
+p=$(cat /tmp/passes)
+$FIO --verify_only --randseed=$p > /tmp/fio.final 2>&1 || {{ echo SOAK-VERIFY-FAILED; cat /tmp/fio.final; }}
+echo "SOAK-FIO-PASSES $p"
+echo "SOAK-HVC-LINES $(cat /tmp/hvclines)"
+dmesg | grep -i -e 'error' -e 'fail' | tail -20
+exit 0
+"#
+    );
+    let args: Vec<String> = [
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--threads",
+        "per-queue",
+        "--net",
+        "tap=kvsoak,mac=52:54:00:12:34:56,queues=2",
+        "--disk",
+        &format!("path={},queues=2", disk_path.display()),
+        "--rng",
+        "--console",
+        &format!("file={}", hvc.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    std::env::set_var("RUST_LOG", "info");
+    let started = Arc::new(AtomicU64::new(0));
+    let s2 = started.clone();
+    let vm = Vm::launch(&img, &args, &script, "", move |line, _| {
+        if line.contains("KICKVM-SCRIPT-START") {
+            s2.store(1, Ordering::SeqCst);
+        }
+    });
+    let pid = vm.pid();
+    let t0 = Instant::now();
+    while started.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    while let (Some((rss_kib, guest)), Some(fds), Some(threads)) =
+        (rss_split(pid, ram), fd_count(pid), status_field(pid, "Threads:"))
+    {
+        // A launcher that has exited but is not yet waited for is a zombie.
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")) {
+            break;
+        }
+        let t = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "soak: t={t:6.1} s rss={rss_kib} KiB outside-guest-ram={} KiB fds={fds} threads={threads} net rx={} MiB tx={} MiB",
+            rss_kib - guest,
+            net_rx.load(Ordering::Relaxed) >> 20,
+            net_tx.load(Ordering::Relaxed) >> 20
+        );
+        samples.push(Sample { t, rss_kib, outside_kib: rss_kib - guest, fds, threads });
+        if t > secs as f64 + 600.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(every));
+    }
+    let out = vm.wait(Duration::from_secs(secs + 600));
+    let _ = ip(&["link", "del", "kvsoak"]);
+    eprintln!("soak: console tail:\n{}\nsoak: kickvm stderr:\n{}", tail(&out.console), out.stderr);
+    assert_eq!(kickvm_rig::image::parse_exit_status(&out.console), Some(0), "the guest's soak script failed");
+    assert_eq!(out.code, Some(0));
+    for bad in ["SOAK-FIO-FAILED", "SOAK-VERIFY-FAILED", "SOAK-RNG-FAILED", "SOAK-HVC-FAILED"] {
+        assert!(!out.console.contains(bad), "{bad}");
+    }
+    assert!(out.console.contains("SOAK-FIO-PASSES"), "no fio pass finished");
+    assert!(!out.stderr.contains("guest errors"), "the launcher counted errors:\n{}", out.stderr);
+    let counters: Vec<&str> = out.stderr.lines().filter(|l| l.contains("queue counters")).collect();
+    assert_eq!(counters.len(), 4, "per-queue counters of blk, net, console and rng at exit:\n{}", out.stderr);
+    let errors: u64 = counters
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.trim_end_matches(';').strip_prefix("errors="))
+        .map(|n| n.parse::<u64>().expect("an error count"))
+        .sum();
+    assert_eq!(errors, 0, "queue errors counted:\n{}", counters.join("\n"));
+    let hvc_lines = std::fs::read_to_string(&hvc).unwrap_or_default().lines().count();
+    eprintln!(
+        "soak: {} samples; net guest→host {} MiB, host→guest {} MiB; hvc0 lines {hvc_lines}",
+        samples.len(),
+        net_rx.load(Ordering::Relaxed) >> 20,
+        net_tx.load(Ordering::Relaxed) >> 20
+    );
+    assert!(net_rx.load(Ordering::Relaxed) > 0 && net_tx.load(Ordering::Relaxed) > 0, "no TCP traffic");
+    assert!(hvc_lines > 0, "no console output reached the file");
+    // Flat: the first sample is taken once the script runs (boot is over).
+    eprintln!("soak: table\n| t (s) | RSS (KiB) | RSS outside guest RAM (KiB) | open fds | threads |\n|---|---|---|---|---|");
+    for s in &samples {
+        eprintln!("| {:.0} | {} | {} | {} | {} |", s.t, s.rss_kib, s.outside_kib, s.fds, s.threads);
+    }
+    let first = samples.first().expect("at least one sample");
+    for s in &samples {
+        assert_eq!((s.fds, s.threads), (first.fds, first.threads), "fds/threads changed at t={:.0} s", s.t);
+        assert!(
+            s.outside_kib <= first.outside_kib + 4096,
+            "RSS outside guest RAM grew from {} to {} KiB at t={:.0} s",
+            first.outside_kib,
+            s.outside_kib,
+            s.t
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The long reliability runs of issue 12 (figures in docs/reliability.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() {
+    cat <<'USAGE'
+Usage: scripts/reliability.sh WHAT [N]
+
+Runs one of kickvm's reliability checks at full size and keeps its output
+in target/reliability/WHAT-<time>.log. CI runs the same tests small.
+
+  durability [RUNS]  real Linux guests in the rig write 4 KiB records and
+                     flush (buffered + fsync, then O_DIRECT + fsync); the
+                     launcher is SIGKILLed the moment a randomly chosen
+                     acknowledgement reaches its console; every acknowledged
+                     record must be in the image. RUNS per mode (default 20).
+                     ~10 s per run in the rig.
+  many-vms [N]       N launchers at once in the rig (default 20), 128 MiB
+                     guests with net, disk, console socket and shared RAM:
+                     all boot, all power off, nothing left behind; prints
+                     their memory. A few minutes.
+  soak [SECS]        SECS seconds (default 600) of traffic on every device
+                     at once in the rig (TCP both ways, fio with crc32c
+                     verification, hwrng, hvc0), sampling the launcher's
+                     RSS, fds and threads every 10 s (a table at the end).
+  resets [CYCLES]    CYCLES reset/re-activate cycles (default 1000) of a
+                     disk, console, rng and (as root) net device through the
+                     test driver at native speed; RSS, fds and threads must
+                     stay flat. Under a minute.
+
+The rig ones need QEMU (scripts/install-deps.sh) and build the guest
+images on first use (docs/testing.md).
+USAGE
+}
+
+what=${1:-}
+n=${2:-}
+case "$what" in
+durability) export KICKVM_DURABILITY_RUNS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact acknowledged_writes_survive_sigkill ;;
+many-vms) export KICKVM_MANY_VMS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact many_vms_boot_and_power_off_cleanly ;;
+soak) export KICKVM_SOAK_SECS=${n:-600}; set -- -p kickvm --test reliability_rig -- --exact soak_every_device_at_once ;;
+resets) export KICKVM_RESET_CYCLES=${n:-1000}; set -- -p kickvm-virtio --test reliability_cycles -- ;;
+-h | --help) usage; exit 0 ;;
+*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, soak or resets (see --help)" >&2; exit 2 ;;
+esac
+[[ -z "$n" || "$n" =~ ^[0-9]+$ ]] || { echo "reliability.sh: '$n' is not a number: give a count (see --help)" >&2; exit 2; }
+
+mkdir -p target/reliability
+log=target/reliability/$what-$(date -u +%Y%m%dT%H%M%SZ).log
+echo "reliability: $what; load before: $(uptime)" | tee "$log" >&2
+set +e
+cargo test "$@" --nocapture 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+set -e
+echo "reliability: $what finished (exit $status); load after: $(uptime); log: $log" | tee -a "$log" >&2
+exit "$status"
