@@ -528,8 +528,13 @@ impl QueueWorker for NosyWorker {
             let tried = unsafe {
                 let s = (libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0), errno());
                 let o = (libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY), errno());
-                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
-                let e = (libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
+                // A path that does not exist: were the filter to let
+                // execve through, it fails with ENOENT and the test fails
+                // (a real program would replace the test process and could
+                // exit 0, passing it).
+                let nowhere = c"/nonexistent/kickvm-seccomp-probe";
+                let argv = [nowhere.as_ptr(), std::ptr::null()];
+                let e = (libc::execve(nowhere.as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
                 [s, o, e]
             };
             let mut out = Vec::new();
