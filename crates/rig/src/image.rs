@@ -239,8 +239,38 @@ fn fnv1a(parts: &[&str]) -> u64 {
 pub fn build(variant: Variant, cache: &Cache) -> Result<GuestImage> {
     let images = cache.root().join("images");
     if std::env::var_os("KICKVM_IN_RIG").is_some() {
+        // The host named the image it resolved (the pointer file is only
+        // the last one built, maybe by another checkout's packages).
+        if let Some(dir) = std::env::var_os(image_env(variant)) {
+            return image_at(PathBuf::from(dir));
+        }
         return last_built_image(&images, variant, cache);
     }
+    let img = build_on_host(variant, cache, &images)?;
+    let mut seen = RESOLVED.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|(v, _)| *v == variant) {
+        seen.push((variant, img.dir.clone()));
+    }
+    Ok(img)
+}
+
+/// The images this process resolved on the host, by variant: a command it
+/// runs in the rig is told them ([`resolved_env`]), so L1 uses the same
+/// ones.
+static RESOLVED: std::sync::Mutex<Vec<(Variant, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// The variable naming `variant`'s image directory inside the rig.
+fn image_env(variant: Variant) -> String {
+    format!("KICKVM_RIG_IMAGE_{}", variant.name().to_uppercase().replace('-', "_"))
+}
+
+/// `NAME=DIR` for every image this process resolved on the host.
+pub fn resolved_env() -> Vec<(String, PathBuf)> {
+    let seen = RESOLVED.lock().unwrap_or_else(|e| e.into_inner());
+    seen.iter().map(|(v, d)| (image_env(*v), d.clone())).collect()
+}
+
+fn build_on_host(variant: Variant, cache: &Cache, images: &Path) -> Result<GuestImage> {
 
     // Versions first (cheap, offline): they name the image.
     let pkgs = image_packages(variant)?;
@@ -274,7 +304,7 @@ pub fn build(variant: Variant, cache: &Cache) -> Result<GuestImage> {
         manifest(variant, &contents, &pkgs.pinned),
     )
     .map_err(|e| Error::io("cannot write manifest in", &tmp, e))?;
-    publish(&tmp, &dir, &images, variant)?;
+    publish(&tmp, &dir, images, variant)?;
     progress(&format!(
         "{} image built in {:.1} s: {}",
         variant.name(),
@@ -567,6 +597,17 @@ fn collect_tools(roots: &[PathBuf], programs: &[&str]) -> Result<Files> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_resolved_on_the_host_are_named_for_the_rig() {
+        RESOLVED.lock().unwrap().push((Variant::Tools, PathBuf::from("/c/images/guest-tools-1234")));
+        let env = resolved_env();
+        assert!(
+            env.contains(&("KICKVM_RIG_IMAGE_GUEST_TOOLS".to_string(), PathBuf::from("/c/images/guest-tools-1234"))),
+            "{env:?}"
+        );
+        assert_eq!(image_env(Variant::Rig), "KICKVM_RIG_IMAGE_RIG_L1");
+    }
 
     #[test]
     fn exit_status_is_parsed() {

@@ -123,6 +123,11 @@ fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
         .map(|(k, v)| sh_quote(&format!("{k}={v}")))
         .collect();
     env.push("KICKVM_IN_RIG=1".into());
+    for (k, dir) in crate::image::resolved_env() {
+        if std::env::var_os(&k).is_none() {
+            env.push(sh_quote(&format!("{k}={}", dir.display())));
+        }
+    }
     env.push(sh_quote(&format!(
         "KICKVM_RIG_SCRATCH={}",
         scratch.display()
