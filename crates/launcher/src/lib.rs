@@ -24,6 +24,7 @@ pub mod layout;
 pub mod memory;
 pub mod pci;
 pub mod platform;
+pub mod sandbox;
 pub mod serial;
 #[cfg(test)]
 pub(crate) mod testlog;

@@ -54,7 +54,7 @@ fn api(path: &std::path::Path, args: &ApiArgs) -> u8 {
         Err(e) => return fail(e),
     };
     platform::install_stop_signals();
-    if let Err(e) = kickvm_virtio::seccomp::deny("main", MAIN_DENIED, args.seccomp) {
+    if let Err(e) = kickvm::sandbox::main_thread(args.seccomp) {
         return fail(e);
     }
     let host = kickvm::api::HostOptions {
@@ -89,45 +89,6 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
-/// What no part of kickvm ever does: start programs, trace or write other
-/// processes, load kernel code, change mounts, identities or the clock.
-const MAIN_DENIED: &[i64] = &[
-    libc::SYS_execve,
-    libc::SYS_execveat,
-    libc::SYS_fork,
-    libc::SYS_vfork,
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_bpf,
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_setuid,
-    libc::SYS_setgid,
-    libc::SYS_setreuid,
-    libc::SYS_setregid,
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
-    libc::SYS_settimeofday,
-    libc::SYS_clock_settime,
-    libc::SYS_adjtimex,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_acct,
-    libc::SYS_add_key,
-    libc::SYS_keyctl,
-    libc::SYS_request_key,
-    libc::SYS_perf_event_open,
-    libc::SYS_userfaultfd,
-];
 
 fn fail(msg: impl std::fmt::Display) -> u8 {
     eprintln!("kickvm: {msg}");
@@ -158,10 +119,10 @@ fn run(args: &RunArgs) -> u8 {
         return fail(e);
     }
     platform::install_stop_signals();
-    // The thread that builds the VM (again at each reboot) needs almost
-    // everything; it is refused what kickvm never does. Threads it starts
-    // inherit this and add their own lists.
-    if let Err(e) = kickvm_virtio::seccomp::deny("main", MAIN_DENIED, cfg.seccomp) {
+    // The thread that builds the VM (again at each reboot) gets the
+    // widest list (kickvm::sandbox); threads it starts inherit it and
+    // narrow it to their own.
+    if let Err(e) = kickvm::sandbox::main_thread(cfg.seccomp) {
         return fail(e);
     }
 
@@ -197,45 +158,4 @@ fn stopped_by(sig: i32) -> u8 {
     };
     eprintln!("kickvm: stopped by {name}");
     (128 + sig).clamp(0, 255) as u8
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kickvm_virtio::seccomp::SeccompMode;
-
-    fn errno() -> i32 {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-    }
-
-    /// The thread that builds the VM (the main thread, installing this very
-    /// list) is refused starting programs, tracing, mounting and changing
-    /// identities; it keeps what building a VM needs (opening files).
-    #[test]
-    fn the_main_thread_is_refused_what_kickvm_never_does() {
-        let (exec, ptrace, mount, setuid, open) = std::thread::spawn(|| {
-            kickvm_virtio::seccomp::deny("main", MAIN_DENIED, SeccompMode::On).unwrap();
-            // SAFETY: plain system calls with valid (or null) arguments.
-            unsafe {
-                let prog = kickvm_virtio::seccomp::NO_SUCH_PROGRAM;
-                let argv = [prog.as_ptr(), std::ptr::null()];
-                let e = (libc::execve(prog.as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
-                let p = (libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) as i32, errno());
-                let m = (libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()), errno());
-                // The raw call: glibc's setuid would change every thread.
-                let u = (libc::syscall(libc::SYS_setuid, 65534) as i32, errno());
-                let o = libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                if o >= 0 {
-                    libc::close(o);
-                }
-                (e, p, m, u, o)
-            }
-        })
-        .join()
-        .unwrap();
-        for (what, r) in [("execve", exec), ("ptrace", ptrace), ("mount", mount), ("setuid", setuid)] {
-            assert_eq!(r, (-1, libc::EPERM), "{what}");
-        }
-        assert!(open >= 0, "the main thread still opens files (disks, kernels at reboot)");
-    }
 }

@@ -202,8 +202,12 @@ impl VcpuThread {
                 contained(id, &control, || run(id, vcpu, &pio, &mmio, &control, &stop));
                 // The guest's share of the VMM's CPU time (KVM_RUN counts
                 // as this thread's): what a measurement of the VMM's own
-                // work subtracts (the API benchmark, docs/api.md).
-                log::debug!("vcpu{id}: {} µs of CPU", thread_cpu_us());
+                // work subtracts (the API benchmark, docs/api.md). A guest
+                // rebooting in a loop ends vCPU threads in a loop: rate-limited.
+                static ENDED: kickvm_virtio::ratelimit::Throttle = kickvm_virtio::ratelimit::Throttle::new();
+                if ENDED.hit().is_some() {
+                    log::debug!("vcpu{id}: {} µs of CPU", thread_cpu_us());
+                }
             })
             .map_err(|err| VcpuError::Spawn { id, err })?;
         Ok(VcpuThread { handle })

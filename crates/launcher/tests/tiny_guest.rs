@@ -113,7 +113,7 @@ fn thread_filters(pid: u32) -> Vec<(String, u32, u32)> {
 }
 
 /// Every thread of a running launcher is under a seccomp filter by default
-/// (main: its deny list; vCPUs and stdin: their own lists on top), and
+/// (main: its allow list; vCPUs and stdin: their own lists on top), and
 /// none with `--seccomp off`.
 #[test]
 fn every_thread_runs_under_its_seccomp_filter() {

@@ -57,8 +57,7 @@ mod link;
 mod session;
 
 use link::{watch, Inner, Link};
-#[cfg(test)]
-use link::MONITOR_SYSCALLS;
+pub(crate) use link::MONITOR_SYSCALLS;
 pub(crate) use session::{regions, Ring};
 use session::{Rings, Session};
 
