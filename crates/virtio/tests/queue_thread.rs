@@ -104,7 +104,16 @@ fn threads_are_named_after_device_and_queue_in_each_mode() {
         let _ = std::fs::remove_file(&path);
         h
     };
-    let wait = || std::thread::sleep(Duration::from_millis(50));
+    // A new thread names itself once it runs; until then it carries this
+    // thread's name (slow on a loaded machine): wait until none does.
+    let wait = || {
+        let me = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim().to_string();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while thread_names().iter().filter(|n| **n == me).count() > 1 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     {
         let _h = block("qtpq", 3, Runtime::new(ThreadingMode::PerQueue));
         wait();
