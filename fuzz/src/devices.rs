@@ -1,7 +1,9 @@
 //! The `devices` target: each device's request handling — virtio-blk (a
 //! small memfd disk, read-only or not, 1–2 queues), virtio-net (a real TAP,
 //! `kvfuzz0`, two queue pairs: rx/tx/ctrl), virtio-console (output to a
-//! memfd file) and virtio-rng — driven by a guest that writes arbitrary
+//! memfd file), virtio-rng and virtio-vsock (hybrid vsock on a Unix socket
+//! in a scratch directory, with a listener on `SOCKET_1024` and host
+//! programs that `CONNECT` and send) — driven by a guest that writes arbitrary
 //! descriptors, bytes and rings, publishes heads, and resets and
 //! re-activates the device between requests.
 //!
@@ -14,15 +16,17 @@
 //! Checks, besides no panic / overflow / timeout / RSS (libFuzzer) and no
 //! log flood ([`checks::log_end`]):
 //! - after every `Serve`, each queue whose worker consumes what it is
-//!   given (every queue but net and console receive, which hold buffers
-//!   for input) has returned every chain the guest made available, or the
+//!   given (every queue but net, console and vsock receive and vsock's
+//!   event queue, which hold buffers) has returned every chain the guest
+//!   made available, or the
 //!   device has marked itself NEEDS_RESET — and then told the driver (its
 //!   configuration eventfd was written);
 //! - at the end of every run, whatever the guest did (any number of reset
 //!   cycles before): reset, re-activate with fresh rings, and a valid
 //!   request is served correctly (blk GET_ID and a read, rng bytes, a
 //!   console line that reaches the file, a net packet, a control command
-//!   acknowledged OK, `VQ_PAIRS_SET 2` included).
+//!   acknowledged OK, `VQ_PAIRS_SET 2` included, a vsock REQUEST to a port
+//!   nobody listens on answered with RST).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -52,6 +56,8 @@ pub enum DevKind {
     Net,
     Console,
     Rng,
+    /// virtio-vsock, guest cid 3.
+    Vsock,
 }
 
 /// A descriptor: flags as given (bit 0 NEXT, 1 WRITE, 2 INDIRECT), `data`
@@ -100,7 +106,8 @@ pub enum Step {
     /// Raw bytes anywhere.
     Poke { at: Place, data: Bytes<64> },
     /// A frame of `14 + len % 1500` bytes sent to the guest through the
-    /// TAP (net only).
+    /// TAP (net); vsock: a host program connects, writes `CONNECT <fill>`
+    /// and `len % 1500` bytes.
     HostPacket { len: u16, fill: u8 },
     /// Runs every queue's worker once.
     Serve,
@@ -118,10 +125,11 @@ pub struct DevInput {
 impl Encode for DevKind {
     fn encode(&self, e: &mut Enc) {
         match *self {
-            DevKind::Blk { readonly, queues, sectors } => e.tag(0, 4).bool(readonly).u8(queues).u8(sectors),
-            DevKind::Net => e.tag(1, 4),
-            DevKind::Console => e.tag(2, 4),
-            DevKind::Rng => e.tag(3, 4),
+            DevKind::Blk { readonly, queues, sectors } => e.tag(0, 5).bool(readonly).u8(queues).u8(sectors),
+            DevKind::Net => e.tag(1, 5),
+            DevKind::Console => e.tag(2, 5),
+            DevKind::Rng => e.tag(3, 5),
+            DevKind::Vsock => e.tag(4, 5),
         };
     }
 }
@@ -173,6 +181,33 @@ fn memfd(name: &std::ffi::CStr) -> String {
     let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     format!("/proc/self/fd/{fd}")
+}
+
+/// The vsock device's socket (in a scratch directory of this process),
+/// and a listener on `SOCKET_1024` for the guest's connections, kept for
+/// the process (connections it holds are dropped at the end of each run).
+fn vsock_socket() -> &'static (std::path::PathBuf, std::os::unix::net::UnixListener) {
+    static S: OnceLock<(std::path::PathBuf, std::os::unix::net::UnixListener)> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kickvm-fuzz-vsock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("vsock scratch directory");
+        let socket = dir.join("v.sock");
+        let l = std::os::unix::net::UnixListener::bind(format!("{}_1024", socket.display())).expect("SOCKET_1024");
+        l.set_nonblocking(true).expect("non-blocking listener");
+        (socket, l)
+    })
+}
+
+/// A host program on the vsock socket: `CONNECT <port>` and `len` bytes.
+fn vsock_host(port: u8, len: usize) -> Option<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&vsock_socket().0).ok()?;
+    s.set_nonblocking(true).ok()?;
+    let mut msg = format!("CONNECT {port}\n").into_bytes();
+    msg.resize(msg.len() + len, port);
+    let _ = s.write(&msg);
+    Some(s)
 }
 
 fn disk_path() -> &'static str {
@@ -319,6 +354,7 @@ const MAX_DESCS: usize = 64;
 const MAX_ENTRIES: usize = 256;
 
 const VERSION_1: u64 = 1 << 32;
+const VSOCK_CID: u64 = 3;
 const F_MQ: u64 = 1 << 22;
 const F_CTRL_VQ: u64 = 1 << 17;
 
@@ -328,6 +364,7 @@ enum Kind {
     Net,
     Console,
     Rng,
+    Vsock,
 }
 
 struct QState {
@@ -357,6 +394,8 @@ struct Drv<'a> {
     cycles: u32,
     /// Net: the socket that sends frames to the guest, and the TAP's index.
     host: Option<(std::os::fd::RawFd, i32)>,
+    /// Vsock: the host programs' streams, open until the run ends.
+    vsock_hosts: Vec<std::os::unix::net::UnixStream>,
     /// Each queue's `chains` counter when the run began.
     start: Vec<u64>,
     /// The device's `bytes` counter when the run began.
@@ -397,6 +436,7 @@ impl<'a> Drv<'a> {
             packets: 0,
             cycles: 0,
             host: None,
+            vsock_hosts: Vec::new(),
             start: Vec::new(),
             bytes0: 0,
             needs_reset_seen: false,
@@ -473,7 +513,7 @@ impl<'a> Drv<'a> {
     fn consumes(&self, q: usize) -> bool {
         match self.kind {
             Kind::Blk | Kind::Rng => true,
-            Kind::Console => q == 1,
+            Kind::Console | Kind::Vsock => q == 1,
             Kind::Net => {
                 let mq = self.features & F_MQ != 0;
                 let pairs = if mq { usize::from(NET_PAIRS) } else { 1 };
@@ -624,6 +664,10 @@ impl<'a> Drv<'a> {
                         send_frame(sock, ifindex, &frame(usize::from(*len) % 1500, *fill));
                     }
                 }
+                if self.kind == Kind::Vsock && self.packets < MAX_PACKETS {
+                    self.packets += 1;
+                    self.vsock_hosts.extend(vsock_host(*fill, usize::from(*len) % 1500));
+                }
             }
             Step::Serve => {
                 if self.serves < MAX_SERVES && self.dev.state().total().bytes - self.bytes0 < MAX_RUN_BYTES {
@@ -712,6 +756,21 @@ pub fn run_outcome(input: &DevInput) -> Outcome {
             let mut dev = kickvm_virtio::rng::Rng::new("rng0", Default::default()).expect("virtio-rng");
             let mut d = Drv::new(&mut dev, Kind::Rng, input.layout);
             drive(&mut d, &input.steps, None)
+        }
+        DevKind::Vsock => {
+            let (socket, listener) = vsock_socket();
+            let cfg = kickvm_virtio::vsock::VsockConfig {
+                name: "vsock0".into(),
+                cid: VSOCK_CID,
+                socket: socket.clone(),
+                seccomp: kickvm_virtio::seccomp::SeccompMode::Off,
+            };
+            let mut dev = kickvm_virtio::vsock::Vsock::new(cfg).expect("virtio-vsock");
+            let mut d = Drv::new(&mut dev, Kind::Vsock, input.layout);
+            let o = drive(&mut d, &input.steps, None);
+            // The guest's connections this run made: gone with the run.
+            while listener.accept().is_ok() {}
+            o
         }
     };
     checks::log_end();
@@ -854,6 +913,34 @@ fn after_reset_serves(d: &mut Drv<'_>, sectors: Option<u8>) {
             assert_eq!(status(mem, CHECK_BUFS + 0x1c0), 0, "{name}: VQ_PAIRS_SET 2 not acknowledged");
             drain_rx(d);
         }
+        Kind::Vsock => {
+            // A REQUEST to port 1, where nobody listens: RST on the receive queue.
+            let mem = &d.mem;
+            let mut rx = ring(d, 0);
+            put_chain(mem, &mut rx, 0, &[(CHECK_BUFS, 44, true), (CHECK_BUFS + 0x100, 64, true)]);
+            d.queues[0].ring = rx;
+            let mut tx = ring(d, 1);
+            let mut hdr = [0u8; 44];
+            hdr[0..8].copy_from_slice(&VSOCK_CID.to_le_bytes());
+            hdr[8..16].copy_from_slice(&2u64.to_le_bytes());
+            hdr[16..20].copy_from_slice(&7777u32.to_le_bytes()); // src port
+            hdr[20..24].copy_from_slice(&1u32.to_le_bytes()); // dst port
+            hdr[28..30].copy_from_slice(&1u16.to_le_bytes()); // stream
+            hdr[30..32].copy_from_slice(&1u16.to_le_bytes()); // REQUEST
+            put(mem, CHECK_BUFS + 0x200, &hdr);
+            put_chain(mem, &mut tx, 0, &[(CHECK_BUFS + 0x200, 44, false)]);
+            d.queues[1].ring = tx;
+            d.serve(); // tx takes the REQUEST
+            d.serve(); // rx sends the RST
+            let mem = &d.mem;
+            assert_eq!(used_idx(mem, &tx), 1, "{name}: transmit after {cycles} activations");
+            assert_eq!(used_idx(mem, &rx), 1, "{name}: no reply after {cycles} activations");
+            assert_eq!(used_elem(mem, &rx, 0), (0, 44), "{name}: a bare header");
+            let mut got = [0u8; 44];
+            mem.read_slice(&mut got, GuestAddress(CHECK_BUFS)).unwrap();
+            assert_eq!(&got[16..24], &[1, 0, 0, 0, 0x61, 0x1e, 0, 0], "{name}: from port 1 to 7777");
+            assert_eq!(&got[30..32], &[3, 0], "{name}: RST");
+        }
     }
     assert!(!d.needs_reset(), "{name}: NEEDS_RESET after a valid request");
 }
@@ -897,7 +984,7 @@ mod tests {
     /// a lying avail index puts the device in NEEDS_RESET.
     #[test]
     fn seeds_get_served() {
-        let want: [(&str, &[u64], bool); 9] = [
+        let want: [(&str, &[u64], bool); 10] = [
             ("blk-write-read-flush-id-discard-zeroes", &[6], false),
             ("blk-readonly-two-queues-reset-between", &[2, 2], false),
             ("blk-indirect", &[1], false),
@@ -907,6 +994,7 @@ mod tests {
             ("console-tx-rx", &[0, 2], false),
             ("rng-reset-cycles-bad-rings", &[2], false),
             ("rng-avail-idx-lies", &[0], true),
+            ("vsock-connect-both-ways-rst-reset", &[2, 3, 1], false),
         ];
         let seeds = crate::seeds::device_requests();
         assert_eq!(seeds.len(), want.len());

@@ -488,6 +488,23 @@ mod device_seeds {
         DevKind::Blk { readonly, queues, sectors: 16 }
     }
 
+    /// A vsock header from the guest (cid 3, port 5000) to host port
+    /// `dst`: `op`, `len` payload bytes, a 64 KiB buffer.
+    fn vsock_hdr(op: u16, dst: u32, len: u32) -> Vec<u8> {
+        let mut h = Vec::with_capacity(44);
+        h.extend_from_slice(&3u64.to_le_bytes());
+        h.extend_from_slice(&2u64.to_le_bytes());
+        h.extend_from_slice(&5000u32.to_le_bytes());
+        h.extend_from_slice(&dst.to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&op.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&65536u32.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h
+    }
+
     fn net_packet() -> Vec<u8> {
         let mut p = vec![0u8; 12];
         p.extend_from_slice(&[0xff; 6]);
@@ -612,6 +629,30 @@ mod device_seeds {
                 Step::Activate { features: ALL, queues: 1, size_log2: 8, rings: Place::End(1, -0x100) },
                 activate(ALL),
                 one(0, 0, 0x1_0000, 4096, WRITE, &[]),
+                Step::Serve,
+            ])),
+            ("vsock-connect-both-ways-rst-reset", dev(MemLayout::Flat1M, DevKind::Vsock, vec![
+                activate(ALL),
+                // Receive buffers, then the guest connects to port 1024 (a
+                // listener) and sends data; a host program connects too.
+                one(0, 0, 0x3_0000, 1024, WRITE, &[]),
+                one(0, 1, 0x3_1000, 1024, WRITE, &[]),
+                one(0, 2, 0x3_2000, 1024, WRITE, &[]),
+                one(0, 3, 0x3_3000, 1024, WRITE, &[]),
+                one(1, 0, 0x2_0000, 44, 0, &vsock_hdr(1, 1024, 0)),
+                Step::HostPacket { len: 100, fill: 80 },
+                Step::Serve,
+                Step::Serve,
+                Step::Offer { queue: 1, head: 1, publish: true, descs: vec![
+                    leaf(0x2_0100, 44, 0, &vsock_hdr(5, 1024, 5)),
+                    leaf(0x2_0200, 5, 0, b"hello"),
+                ] },
+                one(1, 3, 0x2_0300, 44, 0, &vsock_hdr(3, 1024, 0)),
+                Step::Serve,
+                Step::Serve,
+                Step::Reset,
+                activate(ALL),
+                one(2, 0, 0x3_4000, 4, WRITE, &[]),
                 Step::Serve,
             ])),
             ("rng-avail-idx-lies", dev(MemLayout::Flat1M, DevKind::Rng, vec![

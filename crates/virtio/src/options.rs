@@ -243,9 +243,10 @@ pub struct VsockSpec {
 }
 
 impl VsockSpec {
-    /// The vsock device this spec asks for, named `name`.
-    pub fn vsock_config(&self, name: &str) -> crate::vsock::VsockConfig {
-        crate::vsock::VsockConfig { name: name.to_string(), cid: self.cid, socket: self.socket.clone() }
+    /// The vsock device this spec asks for, named `name`, its connector
+    /// thread under `seccomp`.
+    pub fn vsock_config(&self, name: &str, seccomp: crate::seccomp::SeccompMode) -> crate::vsock::VsockConfig {
+        crate::vsock::VsockConfig { name: name.to_string(), cid: self.cid, socket: self.socket.clone(), seccomp }
     }
 }
 

@@ -95,7 +95,7 @@ struct Guest {
 
 impl Guest {
     fn new(socket: &Path, mode: ThreadingMode) -> Guest {
-        let dev = Vsock::new(VsockConfig { name: "vsock0".into(), cid: CID, socket: socket.to_path_buf() }).unwrap();
+        let dev = Vsock::new(VsockConfig { name: "vsock0".into(), cid: CID, socket: socket.to_path_buf(), seccomp: Default::default() }).unwrap();
         let h = Harness::start(Box::new(dev), HarnessOpts { mode, ..Default::default() }).unwrap();
         let mut g = Guest { h, rx: HashMap::new(), tx_buf: GuestAddress(0) };
         g.fill();
@@ -613,6 +613,17 @@ fn never_read_data_and_bad_host_programs_stay_bounded() {
         let _ = s.read_to_end(&mut sink);
         assert!(sink.is_empty(), "{junk:?}: no answer but EOF");
     }
+    // A guest cannot reach a host program that has not sent its line yet
+    // (it has no ports): its packets naming port 0 are refused with RST.
+    let mut waiting = UnixStream::connect(dir.socket()).unwrap();
+    waiting.write_all(b"CONN").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    g.send(hdr(OP_RW, 0, 0), &[]);
+    g.send(hdr(OP_SHUTDOWN, 0, 0), &[]);
+    assert_eq!(g.expect(OP_RST).0.src_port, 0);
+    assert_eq!(g.expect(OP_RST).0.src_port, 0);
+    waiting.write_all(b"ECT 77\n").unwrap();
+    assert_eq!(g.expect(OP_REQUEST).0.dst_port, 77, "the host program goes on");
     // Host data the guest never reads stays in the host socket: the device
     // takes no more than the guest's credit.
     let (mut s, _st) = host_connect(&mut g, &dir.socket(), 1024);
@@ -670,11 +681,11 @@ fn the_socket_file_is_removed_with_the_device_and_never_replaces_a_file() {
     let dir = Dir::new("files");
     let p = dir.socket();
     std::fs::write(&p, b"precious").unwrap();
-    let e = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: p.clone() }).err().unwrap();
+    let e = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: p.clone(), seccomp: Default::default() }).err().unwrap();
     assert!(e.to_string().contains("exists and is not a socket"), "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), b"precious");
     std::fs::remove_file(&p).unwrap();
-    let d = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: p.clone() }).unwrap();
+    let d = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: p.clone(), seccomp: Default::default() }).unwrap();
     assert_eq!(d.config_space(), CID.to_le_bytes());
     drop(d);
     assert!(!p.exists(), "the socket file goes with the device");
@@ -685,7 +696,24 @@ fn activation_works_under_the_devices_own_seccomp_list() {
     use kickvm_virtio::seccomp::{self, SeccompMode, QUEUE_THREAD};
     let dir = Dir::new("seccomp");
     let socket = dir.socket();
-    let mut dev = Vsock::new(VsockConfig { name: "v".into(), cid: CID, socket: socket.clone() }).unwrap();
+    let mut dev = Vsock::new(VsockConfig { name: "vseccomp".into(), cid: CID, socket: socket.clone(), seccomp: Default::default() }).unwrap();
+    // The connector thread, which makes sockets for the guest, is filtered too.
+    let find = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "vseccomp-connec"))
+            .and_then(|t| t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+    };
+    let end = Instant::now() + T;
+    let filtered = loop {
+        match find() {
+            Some(tid) if seccomp::thread_filtered(tid) => break true,
+            _ if Instant::now() > end => break false,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    assert!(filtered, "the connector thread runs, under its seccomp list");
     // The launcher activates a device on the vCPU thread that wrote
     // DRIVER_OK, under a filter made of the queue thread's and the
     // devices' lists: activation must need nothing else.

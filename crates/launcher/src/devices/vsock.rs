@@ -28,7 +28,7 @@ impl DeviceKind for Vsocks {
     }
     fn build(&self, cfg: &VmConfig, out: &mut Vec<Box<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         if let Some(v) = &cfg.vsock {
-            let d = Vsock::new(v.vsock_config("vsock0")).map_err(|source| DeviceError::Open { what: "virtio-vsock", source })?;
+            let d = Vsock::new(v.vsock_config("vsock0", cfg.seccomp)).map_err(|source| DeviceError::Open { what: "virtio-vsock", source })?;
             out.push(Box::new(d));
         }
         Ok(())

@@ -5,22 +5,43 @@
 //! Every host socket is non-blocking: the queue threads hold the
 //! connection table's lock while they move bytes, and must never sleep
 //! with it held.
+//!
+//! Making sockets is not a queue thread's business (nor a vCPU's, whose
+//! filter holds every device's list): the guest's connections to
+//! `SOCKET_P` are made by the device's connector thread (`<dev>-connect`),
+//! whose seccomp list is `socket` and `connect` and little else.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use crate::seccomp::{self, SeccompMode};
 
 use crate::memory::GuestIovecs;
 use crate::sys::check;
 
-/// The listening socket host programs connect to (`socket=PATH`). It
-/// lives as long as the device, across resets; its file is removed when
-/// the device goes, if it is still ours.
+/// The connector thread's system calls beyond every thread's
+/// (`seccomp::RUNTIME`): make a Unix socket and connect it, or close it
+/// when that fails.
+pub const CONNECTOR_SYSCALLS: &[i64] = &[libc::SYS_socket, libc::SYS_connect, libc::SYS_close];
+
+type Reply = io::Result<UnixStream>;
+
+/// The listening socket host programs connect to (`socket=PATH`), and the
+/// connector thread that makes the guest's connections to `PATH_<port>`.
+/// It lives as long as the device, across resets; its file is removed
+/// when the device goes, if it is still ours.
 pub struct HostListener {
     listener: UnixListener,
     path: PathBuf,
     inode: (u64, u64),
+    /// Requests to the connector thread and its replies, one at a time.
+    connector: Mutex<Option<(Sender<PathBuf>, Receiver<Reply>)>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -32,7 +53,9 @@ impl HostListener {
     /// Listens on `path`. A socket file left there by a VMM that is gone
     /// is replaced; anything else (a regular file, a directory, a socket
     /// another program listens on) is refused, never deleted.
-    pub fn bind(path: &Path) -> io::Result<HostListener> {
+    /// `name` names the connector thread (`<name>-connect`), which runs
+    /// under its seccomp list in `mode`.
+    pub fn bind(path: &Path, name: &str, mode: SeccompMode) -> io::Result<HostListener> {
         use std::os::unix::fs::FileTypeExt;
         let refuse = |why: &str| {
             Err(io::Error::new(
@@ -52,7 +75,38 @@ impl HostListener {
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on vsock socket {}: {e}", path.display())))?;
         let inode = file_id(path).unwrap_or_default();
-        Ok(HostListener { listener, path: path.to_path_buf(), inode })
+        let (req_tx, req_rx) = channel::<PathBuf>();
+        let (rep_tx, rep_rx) = channel::<Reply>();
+        let thread_name: String = format!("{name}-connect").chars().take(15).collect();
+        let thread = std::thread::Builder::new().name(thread_name.clone()).spawn(move || {
+            if let Err(e) = seccomp::apply(&thread_name, &[CONNECTOR_SYSCALLS], mode) {
+                // Connecting unfiltered would be a silent downgrade.
+                log::error!("{e}; the guest's vsock connections to the host will fail");
+                return;
+            }
+            for path in req_rx {
+                if rep_tx.send(connect(&path)).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(HostListener {
+            listener,
+            path: path.to_path_buf(),
+            inode,
+            connector: Mutex::new(Some((req_tx, rep_rx))),
+            thread: Some(thread),
+        })
+    }
+
+    /// Connects to `SOCKET_<port>` for the guest, without blocking (on the
+    /// connector thread, which answers at once).
+    pub fn connect_port(&self, port: u32) -> io::Result<UnixStream> {
+        let gone = || io::Error::other("the vsock connector thread is gone");
+        let c = self.connector.lock().unwrap_or_else(|e| e.into_inner());
+        let (tx, rx) = c.as_ref().ok_or_else(gone)?;
+        tx.send(self.port_path(port)).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
     }
 
     pub fn path(&self) -> &Path {
@@ -97,13 +151,18 @@ impl Drop for HostListener {
         if file_id(&self.path).is_some_and(|id| id == self.inode) {
             let _ = std::fs::remove_file(&self.path);
         }
+        // Its request channel closed, the connector thread ends.
+        self.connector.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 /// Connects to the Unix socket at `path` without blocking. A listener
 /// whose backlog is full refuses at once (`WouldBlock`) rather than make
-/// the queue thread wait.
-pub fn connect(path: &Path) -> io::Result<UnixStream> {
+/// the device wait.
+fn connect(path: &Path) -> io::Result<UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.

@@ -29,7 +29,7 @@ pub mod packet;
 mod rx;
 mod tx;
 
-pub use backend::HostListener;
+pub use backend::{HostListener, CONNECTOR_SYSCALLS};
 pub use muxer::{BUF_ALLOC, MAX_CONNECTIONS};
 
 use std::path::PathBuf;
@@ -69,8 +69,6 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_accept4,
-    libc::SYS_socket,
-    libc::SYS_connect,
     libc::SYS_readv,
     libc::SYS_sendmsg,
     libc::SYS_sendto,
@@ -88,6 +86,8 @@ pub struct VsockConfig {
     /// The Unix socket host programs connect to; guest connections to
     /// port P go to `SOCKET_P`.
     pub socket: PathBuf,
+    /// The connector thread's seccomp filter (`--seccomp`).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 pub struct Vsock {
@@ -101,9 +101,10 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Listens on the host socket (replacing a stale socket file there).
+    /// Listens on the host socket (replacing a stale socket file there)
+    /// and starts the connector thread.
     pub fn new(config: VsockConfig) -> std::io::Result<Vsock> {
-        let listener = Arc::new(HostListener::bind(&config.socket)?);
+        let listener = Arc::new(HostListener::bind(&config.socket, &config.name, config.seccomp)?);
         Ok(Vsock {
             config,
             listener,

@@ -183,7 +183,8 @@ pub struct Muxer {
     ports: HashMap<(u32, u32), u64>,
     next_token: u64,
     next_local_port: u32,
-    /// Connections that owe the guest control packets, in order.
+    /// Connections that owe the guest control packets, in order; each open
+    /// connection at most once (so at most `MAX_CONNECTIONS` entries).
     owing: VecDeque<u64>,
     /// RSTs to send: (local port, guest port).
     rsts: VecDeque<(u32, u32)>,
@@ -271,14 +272,25 @@ impl Muxer {
 
     fn remove(&mut self, token: u64) -> Option<Conn> {
         let c = self.conns.remove(&token)?;
-        self.ports.remove(&(c.local_port, c.peer_port));
+        if self.ports.get(&(c.local_port, c.peer_port)) == Some(&token) {
+            self.ports.remove(&(c.local_port, c.peer_port));
+        }
+        if c.queued {
+            // Else a guest that opens and resets connections without ever
+            // giving receive buffers would grow the list without end.
+            self.owing.retain(|&t| t != token);
+        }
         Some(c)
     }
 
     fn insert(&mut self, c: Conn) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
-        self.ports.insert((c.local_port, c.peer_port), token);
+        // A host program still sending its CONNECT line has no ports yet:
+        // no guest packet may name it.
+        if c.state != State::Handshake {
+            self.ports.insert((c.local_port, c.peer_port), token);
+        }
         self.conns.insert(token, c);
         token
     }
@@ -327,8 +339,7 @@ impl Muxer {
             self.queue_rst(q, key(h));
             return;
         }
-        let path = self.listener.port_path(h.dst_port);
-        match backend::connect(&path) {
+        match self.listener.connect_port(h.dst_port) {
             Ok(stream) => {
                 let mut c = Conn::new(stream, h.dst_port, h.src_port, State::Established);
                 c.peer_buf_alloc = h.buf_alloc;
