@@ -241,3 +241,21 @@ fn run_prints_a_counter_summary_at_exit_under_rust_log_info() {
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("kicks"), "no summary without RUST_LOG=info");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn bad_api_socket_paths_are_one_line() {
+    let dir = common::scratch("api-paths");
+    let file = common::write(&dir, "file", b"x");
+    let long = format!("/tmp/{}", "s".repeat(120));
+    for (path, words) in [
+        ("/nonexistent/dir/x.sock".to_string(), "directory /nonexistent/dir does not exist"),
+        (file.display().to_string(), "exists and is not a socket"),
+        (long, "at most 107 bytes"),
+        ("fd=3".to_string(), "give path=PATH"),
+    ] {
+        let out = common::run(&["--api-socket", &path]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(words) && err.lines().count() == 1, "{path}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -71,6 +71,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         }
         let _ = std::fs::remove_file(path);
     }
+    crate::config::validate::check_new_file_dir("--api-socket", path).map_err(|e| ApiError::Socket {
+        path: path.display().to_string(),
+        reason: e.0.split_once(": ").map_or(e.0.clone(), |(_, r)| r.to_string()),
+    })?;
     UnixListener::bind(path).map_err(|e| err(crate::config::io_reason(&e)))
 }
 
