@@ -497,6 +497,40 @@ impl Harness {
         Ok(())
     }
 
+    /// Posts one virtio-blk request on queue `qi` and kicks: a 16-byte
+    /// header (`ty`, `sector`), then `write` as device-readable data, or
+    /// else `read_len` bytes of device-writable buffer, then the status
+    /// byte (0xff until the device writes it). Returns the addresses of the
+    /// status byte and of the data buffer (0 when there is none).
+    pub fn post_blk_request(
+        &mut self,
+        qi: usize,
+        ty: u32,
+        sector: u64,
+        write: &[u8],
+        read_len: u32,
+    ) -> (GuestAddress, GuestAddress) {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&ty.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        let hdr_a = self.guest.alloc_bytes(&hdr);
+        let status = self.guest.alloc_bytes(&[0xff]);
+        let mut bufs = vec![Buf::out(hdr_a, 16)];
+        let mut data = GuestAddress(0);
+        if !write.is_empty() {
+            data = self.guest.alloc(write.len() as u64, 4096);
+            self.guest.write(data, write);
+            bufs.push(Buf::out(data, write.len() as u32));
+        } else if read_len > 0 {
+            data = self.guest.alloc(u64::from(read_len), 4096);
+            bufs.push(Buf::inb(data, read_len));
+        }
+        bufs.push(Buf::inb(status, 1));
+        self.queues[qi].post(&bufs).expect("room in the queue");
+        self.queues[qi].kick();
+        (status, data)
+    }
+
     /// True once the device has marked itself DEVICE_NEEDS_RESET.
     pub fn needs_reset(&self) -> bool {
         self.device.state().needs_reset.load(Ordering::SeqCst)

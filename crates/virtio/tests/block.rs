@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kickvm_virtio::block::*;
-use kickvm_virtio::driver::{Buf, Harness, HarnessOpts};
+use kickvm_virtio::driver::{Harness, HarnessOpts};
 use kickvm_virtio::ThreadingMode;
 use vm_memory::GuestAddress;
 
@@ -52,27 +52,7 @@ fn start(disk: &Disk, cfg: impl FnOnce(&mut BlockConfig)) -> Harness {
 
 /// Posts one request on queue `qi`; returns (status address, data address).
 fn request(h: &mut Harness, qi: usize, ty: u32, sector: u64, data: &[u8], read_len: u32) -> (GuestAddress, GuestAddress) {
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&ty.to_le_bytes());
-    hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-    let hdr_a = h.guest.alloc_bytes(&hdr);
-    let status = h.guest.alloc_bytes(&[0xff]);
-    let mut bufs = vec![Buf::out(hdr_a, 16)];
-    let data_a;
-    if !data.is_empty() {
-        data_a = h.guest.alloc(data.len() as u64, 4096);
-        h.guest.write(data_a, data);
-        bufs.push(Buf::out(data_a, data.len() as u32));
-    } else if read_len > 0 {
-        data_a = h.guest.alloc(u64::from(read_len), 4096);
-        bufs.push(Buf::inb(data_a, read_len));
-    } else {
-        data_a = GuestAddress(0);
-    }
-    bufs.push(Buf::inb(status, 1));
-    h.queues[qi].post(&bufs).expect("room in queue");
-    h.queues[qi].kick();
-    (status, data_a)
+    h.post_blk_request(qi, ty, sector, data, read_len)
 }
 
 fn complete(h: &mut Harness, qi: usize, status: GuestAddress) -> (u8, u32) {

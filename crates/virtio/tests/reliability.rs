@@ -25,7 +25,6 @@ use kickvm_virtio::block::*;
 use kickvm_virtio::console::{Backend, Console};
 use kickvm_virtio::driver::{Buf, Harness, HarnessOpts};
 use kickvm_virtio::rng::{Rng, RngConfig};
-use vm_memory::GuestAddress;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -77,23 +76,7 @@ fn run(cmd: &str, args: &[&str]) -> bool {
 
 /// One block request on queue 0, completed; returns (status, data read).
 fn blk_io(h: &mut Harness, ty: u32, sector: u64, write: &[u8], read_len: u32) -> (u8, Vec<u8>) {
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&ty.to_le_bytes());
-    hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-    let hdr_a = h.guest.alloc_bytes(&hdr);
-    let status = h.guest.alloc_bytes(&[0xff]);
-    let mut bufs = vec![Buf::out(hdr_a, 16)];
-    let mut data = GuestAddress(0);
-    if !write.is_empty() {
-        data = h.guest.alloc_bytes(write);
-        bufs.push(Buf::out(data, write.len() as u32));
-    } else if read_len > 0 {
-        data = h.guest.alloc(u64::from(read_len), 512);
-        bufs.push(Buf::inb(data, read_len));
-    }
-    bufs.push(Buf::inb(status, 1));
-    h.queues[0].post(&bufs).expect("room in the queue");
-    h.queues[0].kick();
+    let (status, data) = h.post_blk_request(0, ty, sector, write, read_len);
     h.queues[0].wait_used(T).expect("the request completes");
     (h.guest.read(status, 1)[0], if read_len > 0 { h.guest.read(data, read_len as usize) } else { Vec::new() })
 }
