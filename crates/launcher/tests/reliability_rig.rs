@@ -591,6 +591,7 @@ exit 0
         "512M",
         "--threads",
         "per-queue",
+        "--no-reboot",
         "--net",
         "tap=kvsoak,mac=52:54:00:12:34:56,queues=2",
         "--disk",
@@ -640,6 +641,14 @@ exit 0
     let out = vm.wait(Duration::from_secs(secs + 600));
     let _ = ip(&["link", "del", "kvsoak"]);
     eprintln!("soak: console tail:\n{}\nsoak: kickvm stderr:\n{}", tail(&out.console), out.stderr);
+    // A guest that resets (a triple fault) would run its script again: the
+    // soak is then not one run. `--no-reboot` ends the launcher instead.
+    assert_eq!(
+        out.console.matches(INIT_START_MARKER).count(),
+        1,
+        "the guest rebooted during the soak; the launcher said:\n{}",
+        out.stderr
+    );
     assert_eq!(kickvm_rig::image::parse_exit_status(&out.console), Some(0), "the guest's soak script failed");
     assert_eq!(out.code, Some(0));
     for bad in ["SOAK-FIO-FAILED", "SOAK-VERIFY-FAILED", "SOAK-RNG-FAILED", "SOAK-HVC-FAILED"] {
