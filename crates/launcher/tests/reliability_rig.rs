@@ -692,3 +692,127 @@ exit 0
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ------------------------------------------------ a failing block device
+
+/// Runs `cmd` in L1; its stdout, or why it failed.
+fn sh(cmd: &str) -> Result<String, String> {
+    let out = Command::new("sh").args(["-c", cmd]).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Loads a kernel module file (the host's `/` that L1 runs has no
+/// `insmod`: kmod is not installed everywhere).
+fn insmod(ko: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(ko).map_err(|e| format!("{}: {e}", ko.display()))?;
+    // SAFETY: finit_module reads the module from our open fd; the
+    // parameter string is a valid empty C string.
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
+    match r {
+        0 => Ok(()),
+        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        _ => Err(format!("cannot load {}: {}", ko.display(), std::io::Error::last_os_error())),
+    }
+}
+
+/// Loads `loop` and `dm-mod` into L1's kernel from the unpacked Debian
+/// package the rig's kernel came from (the rig's own initramfs does not
+/// load them), unless they are there already.
+fn load_dm_modules() -> Result<(), String> {
+    let release = sh("uname -r")?;
+    let cache = std::env::var("KICKVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kickvm"));
+    let unpacked = std::fs::read_dir(cache.join("unpacked"))
+        .map_err(|e| format!("no unpacked Debian packages in {}: {e}", cache.display()))?
+        .flatten()
+        .map(|e| e.path().join("lib/modules").join(&release).join("kernel/drivers"))
+        .find(|p| p.is_dir())
+        .ok_or(format!("no unpacked modules for kernel {release}"))?;
+    for (present, ko) in [("/dev/loop-control", "block/loop.ko"), ("/sys/module/dm_mod", "md/dm-mod.ko")] {
+        if !Path::new(present).exists() {
+            insmod(&unpacked.join(ko))?;
+        }
+    }
+    // devtmpfs has no /dev/mapper/control until dmsetup makes it.
+    let _ = sh("dmsetup mknodes");
+    Ok(())
+}
+
+/// A device-mapper device over a loop device over a file in L1, whose
+/// table the test switches between `linear` (works) and `error` (every
+/// request fails with EIO) while a real guest uses it as its disk: the
+/// guest sees EIO on the writes made while the table is `error` (reads
+/// of what L1 still caches are served: the launcher opens the disk
+/// without O_DIRECT),
+/// everything it wrote before reads back once the table works again,
+/// later writes work, the launcher keeps running (exit 0 at the guest's
+/// power-off) and logs one line for the failing spell.
+#[test]
+fn a_failing_host_block_device_gives_the_guest_eio_then_recovers() {
+    in_rig!("a_failing_host_block_device_gives_the_guest_eio_then_recovers");
+    if let Err(why) = load_dm_modules() {
+        eprintln!("skipped: no device-mapper in L1: {why}");
+        return;
+    }
+    let dir = scratch("dm");
+    let file = dir.join("backing.img");
+    disk(&file, 16 << 20);
+    let loopdev = sh(&format!("losetup -f --show {}", file.display())).expect("losetup");
+    let name = format!("kvrel{}", std::process::id());
+    let sectors = (16u64 << 20) / 512;
+    let linear = format!("0 {sectors} linear {loopdev} 0");
+    let error = format!("0 {sectors} error");
+    // No udev in L1: mknodes makes /dev/mapper/NAME.
+    sh(&format!("dmsetup create {name} --table '{linear}' && dmsetup mknodes {name}")).expect("dmsetup create");
+    let swap = |table: &str| {
+        sh(&format!("dmsetup suspend {name} && dmsetup load {name} --table '{table}' && dmsetup resume {name}"))
+            .expect("switch the device-mapper table")
+    };
+    let script = r#"
+w() { printf 'KVREC %06d\n' $1 | dd of=/dev/vda bs=4096 seek=$1 count=1 conv=sync,notrunc,fsync oflag=direct 2>/dev/null; }
+r() { dd if=/dev/vda bs=4096 skip=$1 count=1 iflag=direct 2>/dev/null | head -c 12; }
+for i in 0 1 2 3 4 5 6 7; do w $i || { echo KVBAD write $i; exit 1; }; done
+echo KVPHASE failing; read x
+w 8 && { echo KVBAD write 8 worked on a failing disk; exit 1; }
+echo KVEIO seen
+echo KVPHASE working; read x
+w 9 || { echo KVBAD write 9 after recovery; exit 1; }
+for i in 0 1 2 3 4 5 6 7 9; do [ "$(r $i)" = "$(printf 'KVREC %06d' $i)" ] || { echo KVBAD record $i; exit 1; }; done
+echo KVALL-INTACT
+"#;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::env::set_var("RUST_LOG", "warn");
+    let mut vm = Vm::launch(
+        &kickvm_rig::default_image().expect("default guest image"),
+        &["--disk".to_string(), format!("path=/dev/mapper/{name}")],
+        script,
+        "",
+        move |line, _| {
+            if let Some(phase) = line.strip_prefix("KVPHASE ") {
+                let _ = tx.send(phase.trim().to_string());
+            }
+        },
+    );
+    for phase in rx.iter().take(2) {
+        swap(if phase == "failing" { &error } else { &linear });
+        if let Some(stdin) = vm.stdin.as_mut() {
+            let _ = stdin.write_all(b"go\n");
+        }
+    }
+    let out = vm.wait(Duration::from_secs(300));
+    let _ = sh(&format!("dmsetup remove {name}"));
+    let _ = sh(&format!("losetup -d {loopdev}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("dm: console tail:\n{}\ndm: kickvm stderr:\n{}", tail(&out.console), out.stderr);
+    assert!(out.console.contains("KVEIO seen") && out.console.contains("KVALL-INTACT"), "{}", tail(&out.console));
+    assert_eq!(kickvm_rig::image::parse_exit_status(&out.console), Some(0));
+    assert_eq!(out.code, Some(0), "the launcher kept running to the guest's power-off");
+    let lines = out.stderr.matches("disk I/O failed").count();
+    assert_eq!(lines, 1, "one log line for the failing spell:\n{}", out.stderr);
+}
