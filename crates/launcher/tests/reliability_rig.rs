@@ -9,7 +9,9 @@
 //!   socket + shared-memory RAM each) all boot, all power off cleanly, and
 //!   leave no TAP users, socket files, memfds or processes behind;
 //! - soak: sustained traffic on every device at once while the launcher's
-//!   RSS, open fds and threads are sampled; they must stay flat.
+//!   RSS, open fds and threads are sampled; they must stay flat;
+//! - a failing host block device (device-mapper `error` target) under a
+//!   guest: EIO reaches it, one log line, recovery with data intact.
 //!
 //! CI runs them small (one kill run per mode, 2 VMs, a 15 s soak). The scripts
 //! `scripts/durability.sh`, `scripts/many-vms.sh` and `scripts/soak.sh`
