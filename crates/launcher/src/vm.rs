@@ -208,6 +208,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
     // final exit, and at the reboots whose set-up was logged.
     if chatty || exit != Exit::Reset {
         report_guest_errors(&plugged);
+        report_queue_counters(&plugged);
     }
     drop(plugged);
     drop(pci);
@@ -217,9 +218,7 @@ pub fn run(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo) -> Result<Exit, VmError> {
 
 /// One info line per device whose guest made mistakes (queue errors,
 /// transport errors by kind, DEVICE_NEEDS_RESET), and one for the
-/// VM-wide counts. Then, at info level too, each device's per-queue
-/// counters, so a long run (scripts/soak.sh) can show what each queue
-/// moved and that none counted an error.
+/// VM-wide counts.
 pub(crate) fn report_guest_errors(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
     for d in devices {
         let d = d.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,18 +226,28 @@ pub(crate) fn report_guest_errors(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) 
         if !errors.is_clean() {
             log::info!("{}: guest errors: {errors}", d.name());
         }
-        if log::log_enabled!(log::Level::Info) {
-            let state = d.state();
-            let queues: Vec<String> = (0..state.queues.len())
-                .map(|i| {
-                    let q = state.queue(i);
-                    format!("q{i} kicks={} chains={} bytes={} errors={}", q.kicks, q.chains, q.bytes, q.errors)
-                })
-                .collect();
-            log::info!("{}: queue counters: {}", d.name(), queues.join("; "));
-        }
     }
     throttles::report();
+}
+
+/// At debug level, one line per device with each queue's counters, so a
+/// long run (scripts/soak.sh) can show what each queue moved and that
+/// none counted an error.
+fn report_queue_counters(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    for d in devices {
+        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let state = d.state();
+        let queues: Vec<String> = (0..state.queues.len())
+            .map(|i| {
+                let q = state.queue(i);
+                format!("q{i} kicks={} chains={} bytes={} errors={}", q.kicks, q.chains, q.bytes, q.errors)
+            })
+            .collect();
+        log::debug!("{}: queue counters: {}", d.name(), queues.join("; "));
+    }
 }
 
 type Loaded = (boot::KernelImage, Option<(u64, u64)>);

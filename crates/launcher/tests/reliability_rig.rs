@@ -605,7 +605,8 @@ exit 0
     .iter()
     .map(|s| s.to_string())
     .collect();
-    std::env::set_var("RUST_LOG", "info");
+    // Info, and the per-queue counters at exit (debug, kickvm::vm).
+    std::env::set_var("RUST_LOG", "info,kickvm::vm=debug");
     let started = Arc::new(AtomicU64::new(0));
     let s2 = started.clone();
     let vm = Vm::launch(&img, &args, &script, "", move |line, _| {
