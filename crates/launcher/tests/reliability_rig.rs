@@ -819,3 +819,73 @@ echo KVALL-INTACT
     let lines = out.stderr.matches("disk I/O failed").count();
     assert_eq!(lines, 1, "one log line for the failing spell:\n{}", out.stderr);
 }
+
+// ------------------------------------------------ guest reboot cycles
+
+/// `KICKVM_REBOOT_CYCLES` guest reboots (`scripts/reliability.sh reboots N`,
+/// default 20) of one launcher with a disk, a TAP, an rng and a console
+/// socket: each boot the guest counts itself on its disk and reboots until
+/// the count is reached. At every boot's `/init` marker the launcher's RSS
+/// outside guest RAM, fds and threads are sampled: from the second boot
+/// on they must not change (RSS: at most 4 MiB of growth). Skipped unless
+/// `KICKVM_REBOOT_CYCLES` is set (a real boot per cycle is too slow for
+/// CI; `reboot.rs` covers the reboot path with a tiny guest there).
+#[test]
+fn guest_reboot_cycles_keep_the_launcher_flat() {
+    // Opt-in (the rig's re-run of a test cannot pass `--ignored`).
+    if std::env::var_os("KICKVM_REBOOT_CYCLES").is_none() {
+        eprintln!("skipped: minutes in the rig; run by scripts/reliability.sh reboots (sets KICKVM_REBOOT_CYCLES)");
+        return;
+    }
+    in_rig!("guest_reboot_cycles_keep_the_launcher_flat");
+    let cycles = env_num("KICKVM_REBOOT_CYCLES", 20).max(2);
+    let img = kickvm_rig::default_image().expect("default guest image");
+    let dir = scratch("reboots");
+    let count = dir.join("count.img");
+    disk(&count, 1 << 20);
+    tap("kvreboot", "10.0.2.2/24", false);
+    let script = format!(
+        "n=$(head -c 8 /dev/vda | tr -dc 0-9); n=$((${{n:-0}} + 1)); printf '%08d' $n > /dev/vda; sync; \
+         echo KVBOOT $n; [ $n -ge {cycles} ] && exit 0; reboot -f"
+    );
+    let ram = 256u64 << 20;
+    let args: Vec<String> = [
+        "--memory",
+        "256M",
+        "--disk",
+        &format!("path={}", count.display()),
+        "--net",
+        "tap=kvreboot",
+        "--rng",
+        "--console",
+        &format!("socket={}", dir.join("con.sock").display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = samples.clone();
+    let t0 = Instant::now();
+    let vm = Vm::launch(&img, &args, &script, "", move |line, pid| {
+        if line.contains("KVBOOT") {
+            let sample = (rss_split(pid, ram).map(|(t, g)| t - g), fd_count(pid), status_field(pid, "Threads:"));
+            eprintln!("reboots: {line}: outside-guest-ram={:?} KiB fds={:?} threads={:?}", sample.0, sample.1, sample.2);
+            s2.lock().unwrap().push(sample);
+        }
+    });
+    let out = vm.wait(Duration::from_secs(120 + 60 * cycles));
+    let _ = ip(&["link", "del", "kvreboot"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.code, Some(0), "{}\n{}", tail(&out.console), out.stderr);
+    assert_eq!(kickvm_rig::image::parse_exit_status(&out.console), Some(0));
+    let samples = samples.lock().unwrap().clone();
+    eprintln!("reboots: {} boots in {:.1} s", samples.len(), t0.elapsed().as_secs_f64());
+    assert_eq!(samples.len() as u64, cycles, "one sample per boot");
+    let (Some(first_rss), Some(first_fds), Some(first_threads)) = samples[1.min(samples.len() - 1)] else {
+        panic!("a sample could not be read: {samples:?}")
+    };
+    for (i, s) in samples.iter().enumerate().skip(1) {
+        assert_eq!((s.1, s.2), (Some(first_fds), Some(first_threads)), "boot {}: fds/threads", i + 1);
+        assert!(s.0.is_some_and(|r| r <= first_rss + 4096), "boot {}: RSS outside guest RAM {:?} (second boot: {first_rss})", i + 1, s.0);
+    }
+}
