@@ -24,6 +24,10 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      at once in the rig (TCP both ways, fio with crc32c
                      verification, hwrng, hvc0), sampling the launcher's
                      RSS, fds and threads every 10 s (a table at the end).
+  reboots [N]        N guest reboots (default 20) of one launcher in the
+                     rig (disk, TAP, rng, console socket), sampling its
+                     RSS, fds and threads at every boot; they must stay
+                     flat. ~5-10 s per reboot.
   resets [CYCLES]    CYCLES reset/re-activate cycles (default 1000) of a
                      disk, console, rng and (as root) net device through the
                      test driver at native speed; RSS, fds and threads must
@@ -40,9 +44,10 @@ case "$what" in
 durability) export KICKVM_DURABILITY_RUNS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact acknowledged_writes_survive_sigkill ;;
 many-vms) export KICKVM_MANY_VMS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact many_vms_boot_and_power_off_cleanly ;;
 soak) export KICKVM_SOAK_SECS=${n:-600}; set -- -p kickvm --test reliability_rig -- --exact soak_every_device_at_once ;;
+reboots) export KICKVM_REBOOT_CYCLES=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact guest_reboot_cycles_keep_the_launcher_flat ;;
 resets) export KICKVM_RESET_CYCLES=${n:-1000}; set -- -p kickvm-virtio --test reliability_cycles -- ;;
 -h | --help) usage; exit 0 ;;
-*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, soak or resets (see --help)" >&2; exit 2 ;;
+*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, soak, reboots or resets (see --help)" >&2; exit 2 ;;
 esac
 [[ -z "$n" || "$n" =~ ^[0-9]+$ ]] || { echo "reliability.sh: '$n' is not a number: give a count (see --help)" >&2; exit 2; }
 

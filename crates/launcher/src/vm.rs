@@ -264,6 +264,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     if chatty || exit != Exit::Reset {
         report_guest_errors(&plugged);
         report_counters(&plugged);
+        report_queue_counters(&plugged);
     }
     drop(plugged);
     drop(pci);
@@ -273,25 +274,13 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
 
 /// One info line per device whose guest made mistakes (queue errors,
 /// transport errors by kind, DEVICE_NEEDS_RESET), and one for the
-/// VM-wide counts. Then, at info level too, each device's per-queue
-/// counters, so a long run (scripts/soak.sh) can show what each queue
-/// moved and that none counted an error.
+/// VM-wide counts.
 pub(crate) fn report_guest_errors(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
     for d in devices {
         let d = d.lock().unwrap_or_else(|e| e.into_inner());
         let errors = d.guest_errors();
         if !errors.is_clean() {
             log::info!("{}: guest errors: {errors}", d.name());
-        }
-        if log::log_enabled!(log::Level::Info) {
-            let state = d.state();
-            let queues: Vec<String> = (0..state.queues.len())
-                .map(|i| {
-                    let q = state.queue(i);
-                    format!("q{i} kicks={} chains={} bytes={} errors={}", q.kicks, q.chains, q.bytes, q.errors)
-                })
-                .collect();
-            log::info!("{}: queue counters: {}", d.name(), queues.join("; "));
         }
     }
     throttles::report();
@@ -321,6 +310,26 @@ pub(crate) fn report_counters(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
             t.errors,
             if needs_reset { ", needs reset" } else { "" }
         );
+    }
+}
+
+/// At debug level, one line per device with each queue's counters, so a
+/// long run (scripts/soak.sh) can show what each queue moved and that
+/// none counted an error.
+fn report_queue_counters(devices: &[Arc<Mutex<pci::VirtioPciDevice>>]) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    for d in devices {
+        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let state = d.state();
+        let queues: Vec<String> = (0..state.queues.len())
+            .map(|i| {
+                let q = state.queue(i);
+                format!("q{i} kicks={} chains={} bytes={} errors={}", q.kicks, q.chains, q.bytes, q.errors)
+            })
+            .collect();
+        log::debug!("{}: queue counters: {}", d.name(), queues.join("; "));
     }
 }
 

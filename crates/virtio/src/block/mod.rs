@@ -190,9 +190,10 @@ impl VirtioDevice for Block {
             self.writeback.store(data[0] != 0, Ordering::Relaxed);
         }
     }
-    /// A driver that did not accept FLUSH cannot ask for durability, so
-    /// the device must give it with every write (virtio 1.2, 5.2.6.2);
-    /// one that did may still turn the cache off through `writeback`.
+    /// A driver that did not accept FLUSH cannot ask for durability (and
+    /// Linux's then assumes no write-back cache), so the device gives it
+    /// with every write; one that did may still turn the cache off
+    /// through `writeback`.
     fn activate(&mut self, features: u64) -> Result<Vec<Box<dyn QueueWorker>>, ActivateError> {
         let cache = WriteCache { flush_negotiated: features & VIRTIO_BLK_F_FLUSH != 0, writeback: self.writeback.clone() };
         Ok((0..self.num_queues)
