@@ -845,8 +845,8 @@ fn guest_reboot_cycles_keep_the_launcher_flat() {
     disk(&count, 1 << 20);
     tap("kvreboot", "10.0.2.2/24", false);
     let script = format!(
-        "n=$(head -c 8 /dev/vda | tr -dc 0-9); n=$((${{n:-0}} + 1)); printf '%08d' $n > /dev/vda; sync; \
-         echo KVBOOT $n; [ $n -ge {cycles} ] && exit 0; reboot -f"
+        "n=$(head -c 8 /dev/vda | tr -dc 0-9); n=$((${{n:-0}} + 1)); printf '%-8d' $n > /dev/vda; sync; \
+         echo KVBOOT $n; read x; [ $n -ge {cycles} ] && exit 0; reboot -f"
     );
     let ram = 256u64 << 20;
     let args: Vec<String> = [
@@ -863,16 +863,26 @@ fn guest_reboot_cycles_keep_the_launcher_flat() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The guest waits on its serial port after each `KVBOOT`, so the
+    // sample is taken while it runs, not while the launcher tears the VM
+    // down for the reboot; then it gets its line and goes on.
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = samples.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
     let t0 = Instant::now();
-    let vm = Vm::launch(&img, &args, &script, "", move |line, pid| {
+    let mut vm = Vm::launch(&img, &args, &script, "", move |line, pid| {
         if line.contains("KVBOOT") {
             let sample = (rss_split(pid, ram).map(|(t, g)| t - g), fd_count(pid), status_field(pid, "Threads:"));
             eprintln!("reboots: {line}: outside-guest-ram={:?} KiB fds={:?} threads={:?}", sample.0, sample.1, sample.2);
             s2.lock().unwrap().push(sample);
+            let _ = tx.send(());
         }
     });
+    for () in rx.iter().take(cycles as usize) {
+        if let Some(stdin) = vm.stdin.as_mut() {
+            let _ = stdin.write_all(b"\n");
+        }
+    }
     let out = vm.wait(Duration::from_secs(120 + 60 * cycles));
     let _ = ip(&["link", "del", "kvreboot"]);
     let _ = std::fs::remove_dir_all(&dir);
