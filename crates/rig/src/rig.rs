@@ -482,22 +482,32 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         format!("L1 image ready in {:.1} s", timings.image.as_secs_f64()),
     );
 
-    // One retry, in a fresh L1, when L1's own kernel locks up: that is the
-    // emulation stack failing, not the command.
+    // One retry, in a fresh L1, when L1 itself fails — its kernel locks up,
+    // or L1 stops dead with no word from its kernel while the command runs
+    // (seen under QEMU's emulated SVM): that is the emulation stack
+    // failing, not the command.
+    let mut last = String::new();
     for attempt in 1..=2 {
-        if let Some(out) = attempt_in_l1(cmd, opts, &l1, &mut timings)? {
-            return Ok(out);
+        match attempt_in_l1(cmd, opts, &l1, &mut timings)? {
+            Attempt::Done(out) => return Ok(out),
+            Attempt::L1Failed(why) => {
+                report(opts, format!("{why} (attempt {attempt} of 2); trying a fresh L1"));
+                last = why;
+            }
         }
-        report(
-            opts,
-            format!("L1's kernel locked up (soft lockup in its console, attempt {attempt} of 2); L1 was killed"),
-        );
     }
-    Err(Error::new("L1's kernel locked up twice running the command (soft lockups in its console); see the rig's console log"))
+    Err(Error::new(format!("L1 failed twice running the command; the second time: {last}")))
 }
 
-/// Boots one L1 and runs `cmd` in it; `None` if L1's kernel locked up.
-fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timings: &mut Timings) -> Result<Option<RigOutput>> {
+/// How one L1 run ended.
+enum Attempt {
+    Done(RigOutput),
+    /// L1 itself failed (said why); the command may be tried again.
+    L1Failed(String),
+}
+
+/// Boots one L1 and runs `cmd` in it.
+fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timings: &mut Timings) -> Result<Attempt> {
     let files = RunFiles::create()?;
     let cwd = std::env::current_dir()
         .map_err(|e| Error::new(format!("cannot read the current directory: {e}")))?;
@@ -522,12 +532,18 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
     };
     let end = wait_for_l1(&mut child, &files.console, t_boot, opts, &files.scratch, &mut output, timings)?;
     if end.lockup {
-        return Ok(None);
+        return Ok(Attempt::L1Failed("L1's kernel locked up (soft lockup in its console); L1 was killed".into()));
     }
     // Last bytes written just before L1 powered off.
     output.drain(&files.scratch, opts.stream);
     if let Some(s) = end.started {
         timings.command = s.elapsed();
+    }
+    if l1_stopped_dead(&end, &files) {
+        return Ok(Attempt::L1Failed(format!(
+            "L1 stopped while the command ran, its kernel silent (no panic, no power-off); L1 console log: {}",
+            files.console.display()
+        )));
     }
     let status = command_status(&end, &files, opts)?;
     report(
@@ -538,12 +554,26 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
         ),
     );
     let _ = fs::remove_dir_all(&files.dir);
-    Ok(Some(RigOutput {
+    Ok(Attempt::Done(RigOutput {
         status,
         stdout: output.stdout,
         stderr: output.stderr,
         timings: timings.clone(),
     }))
+}
+
+/// True if L1 ended while the command ran without the command's status and
+/// with nothing from L1's kernel after the command started: no panic, no
+/// oops, no power-off — the machine under it stopped (QEMU's emulated
+/// SVM has done this). A command that powers L1 off, or a kernel that
+/// panics, is the command's result and is reported as such.
+fn l1_stopped_dead(end: &L1End, files: &RunFiles) -> bool {
+    if !end.exited || end.started.is_none() || files.scratch.join("status").exists() {
+        return false;
+    }
+    let console = files.console_text();
+    let after = console.rsplit("KICKVM-RIG-CMD-START").next().unwrap_or("");
+    !["Kernel panic", "Oops", "BUG:", "reboot: Power down", "reboot: Restarting"].iter().any(|m| after.contains(m))
 }
 
 /// For a Rust test that needs a usable `/dev/kvm`: on a host where it is
@@ -599,6 +629,24 @@ pub fn reexec_test_in_rig_if_needed(test_name: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l1_that_stops_dead_mid_command_is_told_from_a_command_that_ends_it() {
+        let files = RunFiles::create().unwrap();
+        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false };
+        let console = |text: &str| fs::write(&files.console, text).unwrap();
+        console("KICKVM-RIG-CMD-START\n[ 7.8] kvm [153]: vcpu0, guest rIP: 0x1 Unhandled WRMSR(0xc0010007) = 0xffff\n");
+        assert!(l1_stopped_dead(&end(true), &files), "silent stop mid-command");
+        assert!(!l1_stopped_dead(&end(false), &files), "a timeout is the rig's own kill");
+        console("KICKVM-RIG-CMD-START\n[ 9.1] Kernel panic - not syncing: Fatal exception\n");
+        assert!(!l1_stopped_dead(&end(true), &files), "a panic is reported, not retried");
+        console("KICKVM-RIG-CMD-START\n[ 9.1] reboot: Power down\n");
+        assert!(!l1_stopped_dead(&end(true), &files), "the command powered L1 off");
+        console("KICKVM-RIG-CMD-START\n");
+        fs::write(files.scratch.join("status"), "0").unwrap();
+        assert!(!l1_stopped_dead(&end(true), &files), "the command finished");
+        let _ = fs::remove_dir_all(&files.dir);
+    }
 
     #[test]
     fn quoting_survives_quotes() {
