@@ -125,22 +125,6 @@ pub fn apply(kind: &str, lists: &[&[i64]], mode: SeccompMode) -> Result<(), Secc
     seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind: kind.to_string(), source })
 }
 
-/// Installs on the calling thread a filter refusing only `denied` (for
-/// the thread that builds the VM, whose needs are the widest: it refuses
-/// what no part of kickvm ever does, such as starting programs).
-pub fn deny(kind: &str, denied: &[i64], mode: SeccompMode) -> Result<(), SeccompError> {
-    let action = match mode {
-        SeccompMode::Off => return Ok(()),
-        SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
-        SeccompMode::Log => SeccompAction::Log,
-    };
-    let rules = denied.iter().map(|&nr| (nr, Vec::new())).collect();
-    let build = |source| SeccompError::Build { kind: kind.to_string(), source };
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, target_arch()).map_err(build)?;
-    let bpf: BpfProgram = filter.try_into().map_err(build)?;
-    seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind: kind.to_string(), source })
-}
-
 fn target_arch() -> TargetArch {
     #[cfg(target_arch = "aarch64")]
     return TargetArch::aarch64;
@@ -209,10 +193,6 @@ mod tests {
         (t.join().unwrap(), filtered)
     }
 
-    fn errno() -> i32 {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-    }
-
     #[test]
     fn a_queue_thread_cannot_open_files_make_sockets_or_start_programs() {
         let ((refused, _), filtered) = under(&[QUEUE_THREAD, crate::block::SYSCALLS], attempt_forbidden);
@@ -228,23 +208,6 @@ mod tests {
             crate::sys::eventfd_read(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap()
         });
         assert_eq!((r, filtered), (3, true));
-    }
-
-    #[test]
-    fn the_deny_list_refuses_only_what_it_names() {
-        let (exec, pid) = std::thread::spawn(|| {
-            deny("test", &[libc::SYS_execve], SeccompMode::On).unwrap();
-            // SAFETY: as above.
-            unsafe {
-                let argv = [NO_SUCH_PROGRAM.as_ptr(), std::ptr::null()];
-                let e = (libc::execve(NO_SUCH_PROGRAM.as_ptr(), argv.as_ptr(), std::ptr::null()), errno());
-                (e, libc::getppid())
-            }
-        })
-        .join()
-        .unwrap();
-        assert_eq!(exec, (-1, libc::EPERM));
-        assert!(pid > 0);
     }
 
     #[test]
