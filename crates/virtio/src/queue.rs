@@ -48,6 +48,12 @@ impl DeviceEvents {
     /// Marks the device DEVICE_NEEDS_RESET and tells the driver.
     pub fn set_needs_reset(&self) {
         self.counters.needs_reset.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.config_changed();
+    }
+
+    /// Raises the configuration-change interrupt: the driver re-reads the
+    /// device's configuration space (virtio-net: the link `status`).
+    pub fn config_changed(&self) {
         if let Some(call) = &self.config_call {
             let _ = call.write(1);
         }
@@ -427,6 +433,29 @@ impl QueueCtx {
             self.poll.waited(t.elapsed());
         }
         r
+    }
+
+    /// Blocks until the guest kicks or `d` has passed
+    /// ([`crate::Wait::Later`]). Unlike [`QueueCtx::wait_kick`] it does
+    /// not look at the ring first: the worker left work there on purpose
+    /// (receive buffers it cannot fill while its backend is broken).
+    pub(crate) fn wait_kick_for(&mut self, d: std::time::Duration) -> Result<(), Stopped> {
+        self.check_stop()?;
+        self.notify();
+        let ms = i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        let mut p = libc::pollfd { fd: self.kick_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, ms) } > 0 {
+            self.take_kick();
+            self.woke();
+        }
+        self.check_stop()
+    }
+
+    /// Raises the device's configuration-change interrupt (see
+    /// [`DeviceEvents::config_changed`]).
+    pub fn config_changed(&self) {
+        self.events.config_changed();
     }
 
     /// Spins on the avail ring index for up to `window`; true if a request

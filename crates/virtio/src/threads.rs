@@ -32,6 +32,11 @@ pub enum Wait {
     /// The backend must become readable (net receive, console input). Only
     /// returned by a worker that may not block (shared-thread modes).
     Backend,
+    /// A kick, or this long, whichever comes first: the backend is broken
+    /// (a TAP that was deleted or set down) and the worker looks at it
+    /// again then. Unlike a pause inside `serve`, this never holds up the
+    /// other queues a shared thread serves.
+    Later(std::time::Duration),
 }
 
 /// Serves one virtqueue. Called by that queue's thread whenever the queue
@@ -313,6 +318,7 @@ fn serve_blocking(mut jobs: Vec<Job>) -> Vec<Job> {
             let r = match job.serve() {
                 Ok(Wait::Kick) => job.ctx.wait_kick(),
                 Ok(Wait::Backend) => poll_one(job),
+                Ok(Wait::Later(d)) => job.ctx.wait_kick_for(d),
                 Err(stopped) => Err(stopped),
             };
             if r.is_err() {
@@ -386,6 +392,16 @@ fn serve_polling(mut jobs: Vec<Job>) -> Vec<Job> {
         }
         fds.clear();
         owners.clear();
+        // The soonest a worker that waits for a broken backend wants to
+        // look again (-1: none does; sleep until a kick or a backend).
+        let timeout = waits
+            .iter()
+            .filter_map(|w| match w {
+                Wait::Later(d) => Some(i32::try_from(d.as_millis()).unwrap_or(i32::MAX)),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(-1);
         for (i, job) in jobs.iter().enumerate() {
             fds.push(libc::pollfd { fd: job.ctx.kick_fd(), events: libc::POLLIN, revents: 0 });
             owners.push((i, true));
@@ -397,9 +413,14 @@ fn serve_polling(mut jobs: Vec<Job>) -> Vec<Job> {
             }
         }
         // SAFETY: `fds` is a valid array of pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if jobs.first().is_some_and(|j| j.ctx.check_stop().is_err()) {
             return jobs;
+        }
+        for (i, w) in waits.iter().enumerate() {
+            if matches!(w, Wait::Later(_)) {
+                runnable[i] = true;
+            }
         }
         if r <= 0 {
             continue;

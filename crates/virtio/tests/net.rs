@@ -648,11 +648,24 @@ fn control_queue_acks_what_it_knows() {
     assert_eq!(g.ctrl(VIRTIO_NET_CTRL_RX as u8, 9, &[0]), VIRTIO_NET_ERR as u8);
     assert_eq!(g.ctrl(1, 1, &[0; 6]), VIRTIO_NET_ERR as u8, "MAC address set is not offered");
     assert_eq!(g.ctrl(VIRTIO_NET_CTRL_MQ as u8, 0, &1u16.to_le_bytes()), VIRTIO_NET_ERR as u8, "no MQ");
-    let mut cfg = [0u8; 12];
-    g.h.device.read_config(0, &mut cfg);
+    let config = |g: &Guest| {
+        let mut cfg = [0u8; 12];
+        g.h.device.read_config(0, &mut cfg);
+        cfg
+    };
+    let cfg = config(&g);
     assert_eq!(cfg[..6], GUEST_MAC);
-    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), VIRTIO_NET_S_LINK_UP as u16);
+    // Nobody has set the new TAP up yet: the guest's link is down.
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 0, "link status while the TAP is down");
     assert_eq!(u16::from_le_bytes([cfg[8], cfg[9]]), 1, "max_virtqueue_pairs");
+    // The host sets it up: the device notices within its probe interval.
+    ns.configure_tap(&[(GUEST_IP, GUEST_MAC)]);
+    let end = Instant::now() + Duration::from_secs(5);
+    while u16::from_le_bytes([config(&g)[6], config(&g)[7]]) != VIRTIO_NET_S_LINK_UP as u16 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cfg = config(&g);
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), VIRTIO_NET_S_LINK_UP as u16, "link status once the TAP is up");
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //!   and logs a bounded number of lines;
 //! - a disk file truncated under the device: reads past the new end fail
 //!   with IOERR, the rest keeps working;
-//! - a TAP deleted under a running device: the queue threads neither spin
+//! - a TAP deleted under a running device, or set down and up again: the
+//!   guest sees its link go down (and up), the queue threads neither spin
 //!   nor flood the log, and another device goes on;
 //! - a console socket whose client leaves in the middle of the guest's
 //!   output: the output completes, the next client gets what follows.
@@ -248,47 +249,127 @@ fn thread_ticks(name: &str) -> u64 {
     total
 }
 
-/// The device's TAP is deleted (`ip link del`) while a receive thread
-/// waits on it with buffers posted and the guest goes on sending: the
-/// threads must not spin (a read error is retried every 10 ms at most),
-/// the log stays short, a packet sent meanwhile completes (lost, counted),
-/// and another device serves on. Runs in a network namespace of its own.
-#[test]
-fn a_tap_deleted_under_a_running_device() {
-    use kickvm_virtio::net::{NetConfig, NetDevice};
-    capture_logs();
-    if !is_root() || !Path::new("/dev/net/tun").exists() {
+/// Root and /dev/net/tun, or a printed reason to skip.
+fn can_make_taps() -> bool {
+    let ok = is_root() && Path::new("/dev/net/tun").exists();
+    if !ok {
         eprintln!("skipped: needs root and /dev/net/tun");
-        return;
     }
-    // A private network namespace, so the TAP is the test's alone.
-    let ns = format!("kvrel-{}", std::process::id());
-    assert!(run("ip", &["netns", "add", &ns]));
-    let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
-    let target = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns on this thread with a valid namespace fd.
-    assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-    let name = "kvrelnet";
-    let dev = NetDevice::new(NetConfig { name: name.into(), tap: "kvreltap".into(), ..NetConfig::default() }).expect("TAP");
-    let mut h = Harness::start(Box::new(dev), HarnessOpts::default()).expect("activate");
+    ok
+}
+
+/// A private network namespace for this thread (and the queue threads it
+/// starts), so the TAPs a test makes are its alone; left (and deleted)
+/// when dropped, also on a failed assertion.
+struct OwnNetns {
+    name: String,
+    home: std::fs::File,
+}
+
+impl OwnNetns {
+    fn enter(tag: &str) -> OwnNetns {
+        use std::os::fd::AsRawFd;
+        let name = format!("kvrel-{tag}-{}", std::process::id());
+        assert!(run("ip", &["netns", "add", &name]), "ip netns add {name}");
+        let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        let target = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+        // SAFETY: setns on this thread with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        OwnNetns { name, home }
+    }
+}
+
+impl Drop for OwnNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: back to the namespace the thread started in.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A net device on a new TAP `tap` that is up, as the guest's driver
+/// starts it (threads as `mode` says, on `runtime` if given), with 16
+/// receive buffers posted.
+fn start_net(name: &str, tap: &str, runtime: Option<std::sync::Arc<kickvm_virtio::Runtime>>) -> Harness {
+    use kickvm_virtio::net::{NetConfig, NetDevice};
+    let dev = NetDevice::new(NetConfig { name: name.into(), tap: tap.into(), ..NetConfig::default() }).expect("TAP");
+    assert!(run("ip", &["link", "set", tap, "up"]), "set the TAP up");
+    let mut h = match runtime {
+        Some(r) => Harness::start_with_runtime(Box::new(dev), HarnessOpts::default(), r),
+        None => Harness::start(Box::new(dev), HarnessOpts::default()),
+    }
+    .expect("activate");
     for _ in 0..16 {
         let a = h.guest.alloc(2048, 64);
         h.queues[0].post(&[Buf::inb(a, 2048)]).unwrap();
     }
     h.queues[0].kick();
+    h
+}
+
+/// VIRTIO_NET_S_LINK_UP in the `status` the driver reads (offset 6 of
+/// `virtio_net_config`, after the MAC).
+fn link_up(h: &Harness) -> bool {
+    let mut b = [0u8; 2];
+    h.device.read_config(6, &mut b);
+    u16::from_le_bytes(b) & 1 != 0
+}
+
+/// Configuration-change interrupts raised since the last call.
+fn config_interrupts(h: &Harness) -> u64 {
+    h.config_call.read().unwrap_or(0)
+}
+
+/// Waits up to [`T`] for `cond`.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + T;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// Sends one 60-byte frame on transmit queue 1 and waits for it to
+/// complete.
+fn send_frame(h: &mut Harness) {
+    let frame = h.guest.alloc_bytes(&[0u8; 12 + 60]);
+    h.queues[1].post(&[Buf::out(frame, 72)]).unwrap();
+    h.queues[1].kick();
+    assert!(h.queues[1].wait_used(T).is_some(), "a packet sent completes");
+}
+
+/// A TAP deleted (`ip link del`) under a running device whose receive queue
+/// waits on it with buffers posted, while the guest goes on sending: the
+/// guest is told the link is down (VIRTIO_NET_S_LINK_UP cleared, a
+/// configuration interrupt), the threads do not spin, one line is logged,
+/// a packet sent meanwhile completes (lost, counted), another device
+/// serves on, and a reset ends in bounded time.
+#[test]
+fn a_tap_deleted_under_a_running_device() {
+    capture_logs();
+    if !can_make_taps() {
+        return;
+    }
+    let _ns = OwnNetns::enter("del");
+    let name = "kvrelnet";
+    let mut h = start_net(name, "kvreltap", None);
     std::thread::sleep(Duration::from_millis(100));
+    assert!(link_up(&h), "the link is up while the TAP is");
+    let _ = config_interrupts(&h);
     assert!(run("ip", &["link", "del", "kvreltap"]), "delete the TAP");
-    std::thread::sleep(Duration::from_millis(200));
+    // The receive thread, asleep in its read, wakes with EBADFD.
+    assert!(eventually(|| !link_up(&h)), "the guest sees the link down");
+    assert!(config_interrupts(&h) >= 1, "a configuration interrupt told the driver");
     let (rx, tx) = (format!("{name}-q0"), format!("{name}-q1"));
     let t0 = Instant::now();
     let ticks0 = thread_ticks(&rx) + thread_ticks(&tx);
     // The guest keeps sending: each packet completes, lost and counted.
     for _ in 0..50 {
-        let frame = h.guest.alloc_bytes(&[0u8; 12 + 60]);
-        h.queues[1].post(&[Buf::out(frame, 72)]).unwrap();
-        h.queues[1].kick();
-        assert!(h.queues[1].wait_used(T).is_some(), "a packet sent to a deleted TAP completes");
+        send_frame(&mut h);
         std::thread::sleep(Duration::from_millis(20));
     }
     let busy = thread_ticks(&rx) + thread_ticks(&tx) - ticks0;
@@ -300,7 +381,8 @@ fn a_tap_deleted_under_a_running_device() {
     );
     assert!((busy as f64) < wall_ticks * 0.2, "the queue threads spin on a deleted TAP: {busy} of {wall_ticks:.0} ticks");
     assert!(errors >= 50, "the lost packets are counted");
-    assert!(lines <= 2, "{lines} log lines for {errors} errors: one per queue");
+    assert_eq!(lines, 1, "one log line for a deleted TAP ({errors} errors)");
+    assert!(!link_up(&h), "a deleted TAP does not come back");
     // Another device goes on; a reset of this one ends in bounded time.
     let mut rng = Harness::start(Box::new(Rng::new("rngnet", RngConfig::default()).unwrap()), HarnessOpts::default())
         .expect("rng");
@@ -311,10 +393,75 @@ fn a_tap_deleted_under_a_running_device() {
     let t = Instant::now();
     h.reset();
     assert!(t.elapsed() < Duration::from_millis(500), "reset took {:?}", t.elapsed());
-    drop(h);
-    // SAFETY: back to the namespace the thread started in.
-    unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
-    let _ = run("ip", &["netns", "del", &ns]);
+}
+
+/// A TAP set down under a running device, then up again, in each
+/// threading mode: the first packet that fails (`EIO`) turns the link down
+/// for the guest (status and a configuration interrupt), the device looks
+/// at the TAP while the guest sends nothing and turns the link up again
+/// when it is, packets flow both ways after that, and one line is logged
+/// for the spell. In `single` mode an rng on the same thread serves on
+/// throughout.
+#[test]
+fn a_tap_set_down_and_up_again_turns_the_guests_link_off_and_on() {
+    use kickvm_virtio::{Runtime, ThreadingMode};
+    capture_logs();
+    if !can_make_taps() {
+        return;
+    }
+    for (i, mode) in [ThreadingMode::PerQueue, ThreadingMode::Single].into_iter().enumerate() {
+        let _ns = OwnNetns::enter(&format!("down{i}"));
+        let (name, tap) = (format!("kvdown{i}"), format!("kvdowntap{i}"));
+        let runtime = Runtime::new(mode);
+        let mut h = start_net(&name, &tap, Some(runtime.clone()));
+        let opts = HarnessOpts { mode, ..HarnessOpts::default() };
+        let mut rng = Harness::start_with_runtime(
+            Box::new(Rng::new(&format!("rngdown{i}"), RngConfig::default()).unwrap()),
+            opts,
+            runtime,
+        )
+        .expect("rng");
+        send_frame(&mut h);
+        assert!(link_up(&h), "{mode:?}: the link is up while the TAP is");
+        let _ = config_interrupts(&h);
+        let errors0 = h.device.state().total().errors;
+        assert_eq!(errors0, 0, "{mode:?}: no errors while the TAP works");
+
+        assert!(run("ip", &["link", "set", &tap, "down"]), "set the TAP down");
+        send_frame(&mut h);
+        assert!(eventually(|| !link_up(&h)), "{mode:?}: the guest sees the link down after a failed send");
+        assert!(config_interrupts(&h) >= 1, "{mode:?}: a configuration interrupt told the driver");
+        // While it is down the guest sends nothing; the rng (in `single`
+        // mode on the same thread) serves on.
+        for _ in 0..5 {
+            let b = rng.guest.alloc(64, 16);
+            rng.queues[0].post(&[Buf::inb(b, 64)]).unwrap();
+            rng.queues[0].kick();
+            assert_eq!(rng.queues[0].wait_used(T).map(|u| u.1), Some(64), "{mode:?}: the rng serves on");
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        assert!(!link_up(&h), "{mode:?}: the link stays down while the TAP is");
+
+        assert!(run("ip", &["link", "set", &tap, "up"]), "set the TAP up again");
+        let t = Instant::now();
+        assert!(eventually(|| link_up(&h)), "{mode:?}: the guest sees the link up again");
+        let took = t.elapsed();
+        assert!(config_interrupts(&h) >= 1, "{mode:?}: a configuration interrupt told the driver");
+        // Both ways again: a frame out, and the host's own traffic (an ARP
+        // request for a neighbour on the TAP's subnet) into the guest's
+        // receive buffers.
+        let bytes_out = h.device.state().queue(1).bytes;
+        send_frame(&mut h);
+        assert!(h.device.state().queue(1).bytes > bytes_out, "{mode:?}: a frame goes out again");
+        assert!(run("ip", &["addr", "add", "10.77.200.1/24", "dev", &tap]));
+        let sock = std::net::UdpSocket::bind("10.77.200.1:0").expect("udp socket in the namespace");
+        let _ = sock.send_to(b"hello", "10.77.200.2:9");
+        assert!(h.queues[0].wait_used(T).is_some(), "{mode:?}: a packet from the host reaches the guest again");
+        let errors = h.device.state().total().errors - errors0;
+        let lines = lines_about(&name, "TAP");
+        eprintln!("{mode:?}: TAP down then up: link up again {took:?} after `ip link set up`; {errors} errors, {lines} log lines");
+        assert_eq!(lines, 1, "{mode:?}: one warning for the spell");
+    }
 }
 
 // ------------------------------------------------------------- console

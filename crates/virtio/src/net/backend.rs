@@ -185,10 +185,40 @@ impl Tap {
         Ok(())
     }
 
+    /// Whether the interface can carry packets now, without sending one:
+    /// `poll` on a TAP queue fd reports `POLLERR` once the interface is
+    /// gone (`ip link del`; reads and writes then fail with `EBADFD`), and
+    /// `POLLOUT` only while it is up (a write to a TAP set down fails with
+    /// `EIO`). The send buffer of a TAP is unlimited, so `POLLOUT` is
+    /// never missing for lack of room.
+    pub fn state(&self) -> TapState {
+        let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n < 0 || p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            TapState::Gone
+        } else if p.revents & libc::POLLOUT != 0 {
+            TapState::Up
+        } else {
+            TapState::Down
+        }
+    }
+
     /// Keeps the interface after its last fd is closed (or not).
     pub fn set_persist(&self, on: bool) -> Result<(), TapError> {
         self.ioctl_val("set persistence", libc::TUNSETPERSIST, libc::c_ulong::from(on))
     }
+}
+
+/// What [`Tap::state`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapState {
+    /// Up: packets go through.
+    Up,
+    /// Set down (`ip link set … down`): writes fail with `EIO`.
+    Down,
+    /// Deleted (or this queue detached): reads and writes fail with `EBADFD`.
+    Gone,
 }
 
 /// The queue fd back, e.g. to keep it for the next boot of a VM.

@@ -12,19 +12,23 @@
 //!   and interrupts the guest only just before it does.
 //! - control: [`ctrl::CtrlWorker`] answers the driver's commands (number of
 //!   queue pairs, receive modes).
+//! - link: [`link::Link`] keeps the `status` the driver reads in step with
+//!   the TAP (a deleted or downed TAP is a link down for the guest).
 //!
 //! Queues are `rx0, tx0, rx1, tx1, …, ctrl`; with more than one pair the
 //! TAP is opened once per pair (`IFF_MULTI_QUEUE`).
 //!
 //! Files: `mod.rs` the device and its configuration space; `rx.rs`,
-//! `tx.rs`, `ctrl.rs` one worker each; `backend.rs` the TAP.
+//! `tx.rs`, `ctrl.rs` one worker each; `backend.rs` the TAP; `link.rs`
+//! the link status.
 
 mod backend;
 mod ctrl;
+mod link;
 mod rx;
 mod tx;
 
-pub use backend::{Tap, TapError};
+pub use backend::{Tap, TapError, TapState};
 
 use std::sync::Arc;
 
@@ -35,6 +39,7 @@ use crate::queue::{QueueCtx, Stopped};
 use crate::threads::{QueueWorker, Wait};
 pub use backend::offload_flags;
 use ctrl::{CtrlWorker, QueuePairs};
+use link::Link;
 use features::*;
 use rx::RxWorker;
 use tx::TxWorker;
@@ -134,6 +139,8 @@ pub struct NetDevice {
     /// one activation): after a reset the TAP queues are as the last
     /// activation left them, and re-activating must start from that.
     pairs: Arc<QueuePairs>,
+    /// VIRTIO_NET_S_LINK_UP, as the workers last saw the TAP.
+    link: Arc<Link>,
     counters: Arc<DeviceState>,
 }
 
@@ -154,7 +161,8 @@ impl NetDevice {
         config.tap = taps.first().map(|t| t.name().to_string()).unwrap_or_default();
         let queues = 2 * usize::from(config.queue_pairs) + 1;
         let taps = Arc::new(taps.into_iter().map(Arc::new).collect::<Vec<_>>());
-        NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, counters: DeviceState::new(queues) }
+        let link = Link::new(&config.name, taps.first().cloned());
+        NetDevice { config, pairs: QueuePairs::new(taps.clone()), taps, link, counters: DeviceState::new(queues) }
     }
 
     /// The TAP interface's name.
@@ -176,11 +184,17 @@ impl NetDevice {
         }
     }
 
-    /// `virtio_net_config`: MAC, link up, queue pairs, MTU.
+    /// Whether the guest sees the link up (VIRTIO_NET_S_LINK_UP).
+    pub fn link_up(&self) -> bool {
+        self.link.is_up()
+    }
+
+    /// `virtio_net_config`: MAC, link status, queue pairs, MTU.
     fn net_config(&self) -> virtio_net_config {
+        let status = if self.link.is_up() { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
         virtio_net_config {
             mac: self.config.mac,
-            status: (VIRTIO_NET_S_LINK_UP as u16).to_le(),
+            status: status.to_le(),
             max_virtqueue_pairs: self.config.queue_pairs.to_le(),
             mtu: self.config.mtu.unwrap_or(1500).to_le(),
             ..Default::default()
@@ -251,9 +265,9 @@ impl VirtioDevice for NetDevice {
             } else if pair >= usize::from(used_pairs) {
                 Box::new(UnusedQueue)
             } else if i % 2 == 0 {
-                Box::new(RxWorker::new(self.taps[pair].clone(), hdr_len, mergeable, frame_max, min_frame))
+                Box::new(RxWorker::new(self.taps[pair].clone(), self.link.clone(), hdr_len, mergeable, frame_max, min_frame))
             } else {
-                Box::new(TxWorker::new(self.taps[pair].clone(), hdr_len))
+                Box::new(TxWorker::new(self.taps[pair].clone(), self.link.clone(), hdr_len))
             };
             workers.push(w);
         }

@@ -23,21 +23,17 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::backend::Tap;
+use super::link::Link;
 use super::{MAX_IOVECS, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 use crate::backend_fault::BackendFault;
 use crate::chain::Chain;
+use crate::counters::QueueCounters;
 use crate::threads::{QueueWorker, Wait};
 use crate::memory::GuestIovecs;
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
-
-/// After an unexpected TAP error (the interface vanished, the queue was
-/// detached), wait this long before reading again, so a broken backend
-/// costs a counter per 10 ms and not a spinning thread.
-const BACKEND_ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 /// Serves one receive queue.
 pub struct RxWorker {
@@ -64,8 +60,22 @@ pub struct RxWorker {
     /// and response), so after this packet the next read will almost
     /// surely sleep too. See [`RxWorker::net_input`].
     idle: bool,
-    /// The TAP's own failures (the interface was deleted or detached).
+    /// The device's link status, checked on every TAP failure.
+    link: Arc<Link>,
+    /// The link has not been looked at since the device started.
+    fresh: bool,
+    /// The TAP's own failures that the link does not explain.
     fault: BackendFault,
+}
+
+/// What one read of the TAP gave.
+enum Input {
+    /// A packet of this many bytes (header included) in the held buffers.
+    Packet(usize),
+    /// Nothing waiting (shared-thread modes only).
+    Empty,
+    /// The TAP failed (counted): wait as the link says.
+    Failed,
 }
 
 /// A blocking read that took longer than this (in TSC cycles, ~7 µs at
@@ -91,9 +101,18 @@ fn cycles() -> u64 {
 }
 
 impl RxWorker {
-    pub fn new(tap: Arc<Tap>, hdr_len: usize, mergeable: bool, frame_max: usize, min_frame: usize) -> RxWorker {
+    pub fn new(
+        tap: Arc<Tap>,
+        link: Arc<Link>,
+        hdr_len: usize,
+        mergeable: bool,
+        frame_max: usize,
+        min_frame: usize,
+    ) -> RxWorker {
         RxWorker {
             tap,
+            link,
+            fresh: true,
             hdr_len,
             mergeable,
             frame_max,
@@ -156,8 +175,8 @@ impl RxWorker {
         }
     }
 
-    /// Reads one packet into the held buffers. Returns `None` (not
-    /// blocking mode only) when no packet is waiting.
+    /// Reads one packet into the held buffers. Returns [`Input::Empty`]
+    /// (not blocking mode only) when no packet is waiting.
     ///
     /// The guest gets its interrupt when the thread is about to sleep. To
     /// know that, a read that cannot block comes first (`RWF_NOWAIT`); when
@@ -170,7 +189,7 @@ impl RxWorker {
     /// straight to the blocking read. A wrong guess costs one early
     /// interrupt at the start of a burst, after which the blocking read
     /// returns without sleeping and the probing resumes.
-    fn net_input(&mut self, q: &mut QueueCtx) -> Result<Option<usize>, Stopped> {
+    fn net_input(&mut self, q: &mut QueueCtx) -> Result<Input, Stopped> {
         let fd = self.tap.as_raw_fd();
         loop {
             let r = if q.blocking() && (self.idle || !q.has_unsignalled()) {
@@ -187,13 +206,13 @@ impl RxWorker {
             let err = match r {
                 Ok(n) => {
                     self.fault.worked(q);
-                    return Ok(Some(n));
+                    return Ok(Input::Packet(n));
                 }
                 Err(e) => e,
             };
             if err.kind() == io::ErrorKind::WouldBlock {
                 if !q.blocking() {
-                    return Ok(None);
+                    return Ok(Input::Empty);
                 }
                 // About to sleep in readv: interrupt the guest now.
                 q.notify();
@@ -205,14 +224,20 @@ impl RxWorker {
             match err.raw_os_error() {
                 // The packet did not fit the guest's buffer; the kernel has
                 // dropped it. The buffer is still ours for the next one.
-                Some(libc::EFAULT) | Some(libc::EINVAL) => {
+                // (A read asleep when the TAP is deleted also wakes with
+                // EFAULT: the link tells the two apart.)
+                Some(libc::EFAULT) | Some(libc::EINVAL) if self.link.check(q) => {
                     q.count_error("a received packet was larger than the guest's buffer and was dropped")
                 }
+                // EBADFD: the interface was deleted (the link goes down
+                // for the guest, with its own log line).
                 _ => {
-                    self.fault.failed(q, &format!("cannot read TAP `{}`: {err}", self.tap.name()));
-                    q.notify();
-                    sys::pause(BACKEND_ERROR_PAUSE);
-                    q.check_stop()?;
+                    if self.link.check(q) {
+                        self.fault.failed(q, &format!("cannot read TAP `{}`: {err}", self.tap.name()));
+                    } else {
+                        QueueCounters::add(&q.counters.errors, 1);
+                    }
+                    return Ok(Input::Failed);
                 }
             }
         }
@@ -262,14 +287,23 @@ fn buf_len(c: &Chain) -> usize {
 
 impl QueueWorker for RxWorker {
     fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
+        if std::mem::take(&mut self.fresh) {
+            self.link.check(q);
+        }
         loop {
+            // No packet comes through a TAP that is down or gone: the
+            // buffers stay held until it is back.
+            if !self.link.is_up() && !self.link.check(q) {
+                return Ok(self.link.wait());
+            }
             if !self.hold_buffers(q) {
                 return Ok(Wait::Kick);
             }
             self.build_iov();
             match self.net_input(q)? {
-                Some(len) => self.deliver(q, len),
-                None => return Ok(Wait::Backend),
+                Input::Packet(len) => self.deliver(q, len),
+                Input::Empty => return Ok(Wait::Backend),
+                Input::Failed => return Ok(self.link.wait()),
             }
         }
     }

@@ -4,9 +4,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use super::backend::Tap;
+use super::link::Link;
 use super::MAX_FRAME_LEN;
 use crate::backend_fault::BackendFault;
 use crate::chain::Chain;
+use crate::counters::QueueCounters;
 use crate::threads::{QueueWorker, Wait};
 use crate::queue::{QueueCtx, Stopped};
 use crate::sys;
@@ -16,13 +18,17 @@ use crate::sys;
 pub struct TxWorker {
     tap: Arc<Tap>,
     hdr_len: usize,
-    /// The TAP's own failures (the interface was deleted or detached).
+    /// The device's link status, checked on every TAP failure.
+    link: Arc<Link>,
+    /// The link has not been looked at since the device started.
+    fresh: bool,
+    /// The TAP's own failures that the link does not explain.
     fault: BackendFault,
 }
 
 impl TxWorker {
-    pub fn new(tap: Arc<Tap>, hdr_len: usize) -> TxWorker {
-        TxWorker { tap, hdr_len, fault: BackendFault::default() }
+    pub fn new(tap: Arc<Tap>, link: Arc<Link>, hdr_len: usize) -> TxWorker {
+        TxWorker { tap, hdr_len, link, fresh: true, fault: BackendFault::default() }
     }
 
     /// Sends one chain's packet. The chain always goes back to the guest
@@ -57,13 +63,17 @@ impl TxWorker {
                         continue;
                     }
                     // EINVAL: a GSO/checksum header the kernel rejects (the
-                    // guest's doing); EIO/EBADFD: the interface went away
-                    // (the host's). The packet is lost either way.
+                    // guest's doing); EIO/EBADFD: the interface was set
+                    // down or deleted (the host's: the link goes down for
+                    // the guest, with its own log line). The packet is
+                    // lost either way.
                     let why = format!("TAP `{}` refused a packet: {e}", self.tap.name());
                     if e.raw_os_error() == Some(libc::EINVAL) {
                         q.count_error(&why);
-                    } else {
+                    } else if self.link.check(q) {
                         self.fault.failed(q, &why);
+                    } else {
+                        QueueCounters::add(&q.counters.errors, 1);
                     }
                     break;
                 }
@@ -76,9 +86,18 @@ impl TxWorker {
 
 impl QueueWorker for TxWorker {
     fn serve(&mut self, q: &mut QueueCtx) -> Result<Wait, Stopped> {
+        if std::mem::take(&mut self.fresh) {
+            self.link.check(q);
+        }
         while let Some(c) = q.pop() {
             self.net_output(q, c)?;
         }
-        Ok(Wait::Kick)
+        // A guest whose link is down sends nothing that would show the TAP
+        // is back: look at it from time to time.
+        if self.link.is_up() || self.link.check(q) {
+            Ok(Wait::Kick)
+        } else {
+            Ok(self.link.wait())
+        }
     }
 }
