@@ -163,7 +163,7 @@ fn with_symbols<T>(f: impl FnOnce(Result<&Symbols, &str>) -> T) -> T {
             (None, _) => Err("no System.map next to the kernel (set KICKVM_SYSTEM_MAP)".to_string()),
             (Some(p), None) => Err(format!("cannot open {}", p.display())),
             (Some(p), Some(file)) => match read_all(file) {
-                Ok(text) => Symbols::parse(&text).ok_or_else(|| format!("{} has no _text symbol", p.display())),
+                Ok(text) => Symbols::parse(&text).ok_or_else(|| format!("{} has no _text symbol (a stub, not the kernel's full map)", p.display())),
                 Err(e) => Err(format!("cannot read {}: {e}", p.display())),
             },
         };
@@ -235,10 +235,21 @@ impl Symbols {
     /// The KASLR offset, from the first 2 MiB page of the kernel-image
     /// window that `translates` (guest-virtual to present).
     pub fn slide(&self, translates: impl Fn(u64) -> bool) -> Option<i64> {
+        Symbols::slide_from(self.text, translates)
+    }
+
+    /// The KASLR offset of a kernel whose `_text` is linked at `text`.
+    fn slide_from(text: u64, translates: impl Fn(u64) -> bool) -> Option<i64> {
         let first = (0..KERNEL_MAP_SIZE / HUGE_PAGE).map(|i| KERNEL_MAP_START + i * HUGE_PAGE).find(|&va| translates(va))?;
-        Some(first.wrapping_sub(self.text & !(HUGE_PAGE - 1)) as i64)
+        Some(first.wrapping_sub(text & !(HUGE_PAGE - 1)) as i64)
     }
 }
+
+/// Where x86-64 Linux links `_text` (`__START_KERNEL`) unless configured
+/// otherwise: the KASLR offset and link-time RIP are given from it when
+/// there is no full System.map (Debian ships a stub in the image package;
+/// the real one is in `linux-image-<release>-dbg`).
+const DEFAULT_TEXT: u64 = 0xffff_ffff_8100_0000;
 
 /// What is known of the guest code at `rip`.
 fn symbol_at(vcpu: &VcpuFd, rip: u64) -> String {
@@ -246,18 +257,23 @@ fn symbol_at(vcpu: &VcpuFd, rip: u64) -> String {
         return "not in the kernel image (early boot, firmware-less start-up, or user space)".into();
     }
     let present = |va: u64| vcpu.translate_gva(va).is_ok_and(|t| t.valid != 0);
-    with_symbols(|s| match s {
-        Err(e) => e.to_string(),
-        Ok(s) => match s.slide(present) {
-            None => "the kernel image is not mapped (no KASLR offset)".into(),
-            Some(slide) => {
-                let link = rip.wrapping_sub(slide as u64);
-                match s.name(link) {
-                    Some(n) => format!("{n} (KASLR offset {slide:#x})"),
-                    None => format!("below the first kernel symbol (KASLR offset {slide:#x})"),
-                }
-            }
-        },
+    with_symbols(|s| {
+        let (slide, name) = match s {
+            Ok(s) => match s.slide(present) {
+                Some(slide) => (Some(slide), s.name(rip.wrapping_sub(slide as u64))),
+                None => (None, None),
+            },
+            Err(_) => (Symbols::slide_from(DEFAULT_TEXT, present), None),
+        };
+        match (slide, name, s) {
+            (None, ..) => "the kernel image is not mapped (no KASLR offset)".into(),
+            (Some(slide), Some(n), _) => format!("{n} (KASLR offset {slide:#x})"),
+            (Some(slide), None, Ok(_)) => format!("below the first kernel symbol (KASLR offset {slide:#x})"),
+            (Some(slide), None, Err(e)) => format!(
+                "link-time address {:#x} (KASLR offset {slide:#x}, if _text is at {DEFAULT_TEXT:#x}); no symbols: {e}",
+                rip.wrapping_sub(slide as u64)
+            ),
+        }
     })
 }
 

@@ -54,16 +54,28 @@ fn a_triple_fault_is_logged_with_registers_exits_and_the_guest_symbol() {
     }
     let dir = scratch("triple");
     let k = write(&dir, "vmlinuz-kvtest", &fake_bzimage(&triple_fault_high()));
+    let run = || {
+        let out = kickvm()
+            .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--cpus", "2", "--no-reboot", "--allow-slow-kvm"])
+            .env_remove("KICKVM_SYSTEM_MAP")
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "status {:?}, stderr: {stderr}", out.status);
+        stderr
+    };
+    // Without a System.map: the link-time address, from Linux's default
+    // `_text`, and the offset.
+    let stderr = run();
+    assert!(
+        stderr.contains("guest code at rip: link-time address 0xffffffff811002")
+            && stderr.contains("(KASLR offset 0x800000, if _text is at 0xffffffff81000000); no symbols: no System.map"),
+        "{stderr}"
+    );
     write(&dir, "System.map-kvtest", SYSTEM_MAP.as_bytes());
-    let out = kickvm()
-        .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--cpus", "2", "--no-reboot", "--allow-slow-kvm"])
-        .env_remove("KICKVM_SYSTEM_MAP")
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "status {:?}, stderr: {stderr}", out.status);
+    let stderr = run();
     // At the default log level, one block for the faulting vCPU: its
     // registers as the guest left them (the marker, the empty IDT), and
     // where it was in the guest kernel, KASLR offset found.
