@@ -272,7 +272,7 @@ fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop
         let asked = vcpu_dump::requests();
         if asked != answered {
             answered = asked;
-            log::warn!("{}", vcpu_dump::dump(&format!("vcpu{id}: state on request"), &vcpu, &counts, thread_cpu_us()));
+            log::warn!("{}", vcpu_dump::dump(&format!("vcpu{id}: state on request"), &vcpu, &counts, thread_cpu_us(), false));
         }
         if stop.load(Ordering::Acquire) {
             return;
@@ -316,7 +316,7 @@ fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop
             Ok(VcpuExit::Shutdown) => {
                 if let Some(n) = crate::throttles::TRIPLE_FAULTS.hit() {
                     let headline = format!("vcpu{id}: triple fault, resetting (#{n})");
-                    log::warn!("{}", vcpu_dump::dump(&headline, &vcpu, &counts, thread_cpu_us()));
+                    log::warn!("{}", vcpu_dump::dump(&headline, &vcpu, &counts, thread_cpu_us(), true));
                     vcpu_dump::request_all();
                 }
                 Exit::Reset

@@ -293,11 +293,25 @@ fn segment(s: &kvm_bindings::kvm_segment) -> String {
     )
 }
 
+/// True for the state a vCPU has after RESET or INIT: real mode at
+/// F000:FFF0 (`cs` base 0xffff0000). KVM on AMD puts a vCPU there right
+/// after a shutdown intercept (the VMCB is undefined after it).
+fn is_reset_state(s: &kvm_bindings::kvm_sregs) -> bool {
+    s.cr0 & 1 == 0 && s.cs.selector == 0xf000 && s.cs.base == 0xffff_0000
+}
+
 /// The state of vCPU `id`, as lines under `headline`: registers, control
 /// registers, segments and descriptor tables, pending events, MP state,
-/// `counts`, the CPU time of its thread, and the guest symbol at RIP.
-pub fn dump(headline: &str, vcpu: &VcpuFd, counts: &ExitCounts, cpu_us: u64) -> String {
+/// `counts`, the CPU time of its thread, and the guest symbol at RIP;
+/// `after_shutdown` (a triple fault) says whether KVM has already reset it.
+pub fn dump(headline: &str, vcpu: &VcpuFd, counts: &ExitCounts, cpu_us: u64, after_shutdown: bool) -> String {
     let mut s = String::from(headline);
+    if after_shutdown && vcpu.get_sregs().is_ok_and(|r| is_reset_state(&r)) && vcpu.get_regs().is_ok_and(|r| r.rip == 0xfff0) {
+        s.push_str(
+            "\n  (the vCPU is in its power-on state: on AMD, KVM INITs a vCPU after a shutdown, so the state \
+             at the fault is lost; `kvm:kvm_exit` in the host's trace has its RIP)",
+        );
+    }
     match vcpu.get_regs() {
         Ok(r) => {
             let _ = write!(
@@ -392,6 +406,20 @@ ffffffff82000000 D some_data
         assert_eq!(s.slide(|va| va >= start && va < start + (64 << 20)), Some(0x2a0_0000));
         assert_eq!(s.slide(|va| va >= 0xffff_ffff_8100_0000), Some(0));
         assert_eq!(s.slide(|_| false), None);
+    }
+
+    #[test]
+    fn the_power_on_state_is_told_from_a_running_kernel() {
+        let mut s = kvm_bindings::kvm_sregs::default();
+        s.cs.selector = 0xf000;
+        s.cs.base = 0xffff_0000;
+        s.cr0 = 0x6000_0010;
+        assert!(is_reset_state(&s));
+        s.cr0 |= 1; // protected mode
+        assert!(!is_reset_state(&s));
+        s.cr0 = 0x6000_0010;
+        s.cs.base = 0xf0000; // a real-mode segment loaded by code
+        assert!(!is_reset_state(&s));
     }
 
     #[test]
