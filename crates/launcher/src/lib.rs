@@ -30,4 +30,5 @@ pub mod serial;
 pub(crate) mod testlog;
 pub mod throttles;
 pub mod vcpu;
+pub mod vcpu_dump;
 pub mod vm;

@@ -20,6 +20,7 @@ use crate::boot::{gdt, Entry};
 use crate::bus::Bus;
 use crate::layout;
 use crate::platform::{Control, Exit};
+use crate::vcpu_dump::{self, ExitCounts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -182,7 +183,11 @@ fn thread_cpu_us() -> u64 {
 }
 
 impl VcpuThread {
-    /// Starts thread `vcpu<id>` running `vcpu` until `stop` is set.
+    /// Starts thread `vcpu<id>` running `vcpu` until `stop` is set; it
+    /// answers the requests for its state made after `vcpu_dump::requests`
+    /// returned `dumps_since` (taken before the VM's first vCPU starts, so
+    /// that one crashing at once still hears from the others).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         id: u32,
         vcpu: VcpuFd,
@@ -191,6 +196,7 @@ impl VcpuThread {
         control: Arc<Control>,
         stop: Arc<AtomicBool>,
         seccomp: SeccompMode,
+        dumps_since: u64,
     ) -> Result<VcpuThread, VcpuError> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -199,7 +205,7 @@ impl VcpuThread {
                     control.request(Exit::Error(format!("vcpu{id}: {e}")));
                     return;
                 }
-                contained(id, &control, || run(id, vcpu, &pio, &mmio, &control, &stop));
+                contained(id, &control, || run(id, vcpu, &pio, &mmio, &control, &stop, dumps_since));
                 // The guest's share of the VMM's CPU time (KVM_RUN counts
                 // as this thread's): what a measurement of the VMM's own
                 // work subtracts (the API benchmark, docs/api.md). A guest
@@ -255,35 +261,63 @@ fn contained(id: u32, control: &Control, f: impl FnOnce()) {
 }
 
 /// The vCPU loop: run until the guest does something that needs the
-/// launcher, answer it, go back in.
-fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop: &AtomicBool) {
-    while !stop.load(Ordering::Acquire) {
+/// launcher, answer it, go back in. Between exits it answers requests for
+/// its state (SIGUSR1, or another vCPU's triple fault: `vcpu_dump`) made
+/// since `since`.
+fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop: &AtomicBool, since: u64) {
+    let _registered = vcpu_dump::Registered::this_thread();
+    let mut counts = ExitCounts::default();
+    let mut answered = since;
+    loop {
+        let asked = vcpu_dump::requests();
+        if asked != answered {
+            answered = asked;
+            log::warn!("{}", vcpu_dump::dump(&format!("vcpu{id}: state on request"), &vcpu, &counts, thread_cpu_us(), false));
+        }
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                counts.io_in += 1;
                 pio.read(u64::from(port), data);
                 continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                counts.io_out += 1;
                 pio.write(u64::from(port), data);
                 continue;
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                counts.mmio_read += 1;
                 mmio.read(addr, data);
                 continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                counts.mmio_write += 1;
                 mmio.write(addr, data);
                 continue;
             }
-            Ok(VcpuExit::Intr) => continue,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Ok(VcpuExit::Intr) => {
+                counts.interrupted += 1;
+                continue;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counts.interrupted += 1;
+                continue;
+            }
             // With the in-kernel irqchip, HLT never exits unless the vCPU
             // can never wake up (interrupts off): the guest has stopped.
             Ok(VcpuExit::Hlt) => Exit::PowerOff,
-            // A triple fault resets a PC.
+            // A triple fault resets a PC. What the CPU was doing is all
+            // there is to go on, so it is logged (the first few times, then
+            // rarely: a guest may crash in a loop), and the other vCPUs are
+            // asked for theirs before the reset stops them.
             Ok(VcpuExit::Shutdown) => {
                 if let Some(n) = crate::throttles::TRIPLE_FAULTS.hit() {
-                    log::info!("vcpu{id}: triple fault, resetting (#{n})");
+                    let headline = format!("vcpu{id}: triple fault, resetting (#{n})");
+                    log::warn!("{}", vcpu_dump::dump(&headline, &vcpu, &counts, thread_cpu_us(), true));
+                    vcpu_dump::request_all();
                 }
                 Exit::Reset
             }
@@ -397,7 +431,7 @@ mod tests {
         pio.insert(Arc::new(std::sync::Mutex::new(Probe(tx))), PROBE_PORT, 1).unwrap();
         let control = Control::new().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let t = VcpuThread::spawn(0, vcpu, pio, crate::bus::Bus::new(), control.clone(), stop.clone(), SeccompMode::On).unwrap();
+        let t = VcpuThread::spawn(0, vcpu, pio, crate::bus::Bus::new(), control.clone(), stop.clone(), SeccompMode::On, 0).unwrap();
         let got = rx.recv_timeout(std::time::Duration::from_secs(60));
         stop.store(true, Ordering::Release);
         t.stop_and_join();

@@ -410,6 +410,7 @@ fn start_vcpus(
 ) -> Result<Vcpus, VmError> {
     let (count, seccomp) = (cfg.cpus, cfg.seccomp);
     kickvm_virtio::sys::install_wake_handler();
+    crate::vcpu_dump::prepare(&cfg.kernel);
     let mut base = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("cannot read the CPUID KVM supports"))?;
@@ -429,8 +430,9 @@ fn start_vcpus(
         fds.push(fd);
     }
     let mut vcpus = Vcpus { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
+    let dumps_since = crate::vcpu_dump::requests();
     for (id, fd) in fds.into_iter().enumerate() {
-        let t = VcpuThread::spawn(id as u32, fd, pio.clone(), mmio.clone(), control.clone(), vcpus.stop.clone(), seccomp)?;
+        let t = VcpuThread::spawn(id as u32, fd, pio.clone(), mmio.clone(), control.clone(), vcpus.stop.clone(), seccomp, dumps_since)?;
         vcpus.threads.push(t);
     }
     Ok(vcpus)

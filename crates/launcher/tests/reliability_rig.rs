@@ -126,7 +126,12 @@ impl Vm {
         mut on_line: impl FnMut(&str, i32) + Send + 'static,
     ) -> Vm {
         let cmdline = format!("loglevel=4 {cmdline} {}", script_cmdline(script));
-        let mut child = common::run_image(img, &cmdline)
+        let mut child = common::run_image(img, &cmdline);
+        // The guest kernel's symbols, for the launcher's vCPU dumps.
+        if let Some(map) = kickvm_rig::system_map(img) {
+            child.env("KICKVM_SYSTEM_MAP", map);
+        }
+        let mut child = child
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -822,6 +827,21 @@ echo KVALL-INTACT
 
 // ------------------------------------------------ guest reboot cycles
 
+/// What a launcher that stopped making progress is doing: its threads
+/// (state, wait channel, kernel stack) before and after it is asked for
+/// every vCPU's registers (SIGUSR1; they go to its log), then it is
+/// killed.
+fn stall_report(vm: &mut Vm) -> String {
+    let pid = vm.pid();
+    let before = kickvm_rig::threads_report(pid);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    std::thread::sleep(Duration::from_secs(3));
+    let after = kickvm_rig::threads_report(pid);
+    let _ = vm.child.kill();
+    format!("launcher threads at the stall:\n{before}after SIGUSR1 (the vCPUs' registers are in the log):\n{after}")
+}
+
 /// `KICKVM_REBOOT_CYCLES` guest reboots (`scripts/reliability.sh reboots N`,
 /// default 20) of one launcher with a disk, a TAP, an rng and a console
 /// socket: each boot the guest counts itself on its disk and reboots until
@@ -878,7 +898,21 @@ fn guest_reboot_cycles_keep_the_launcher_flat() {
             let _ = tx.send(());
         }
     });
-    for () in rx.iter().take(cycles as usize) {
+    // A boot that does not come within KICKVM_STALL_SECS is a stall: what
+    // the launcher's threads and vCPUs are doing is recorded before it is
+    // killed (docs/reliability.md, the 89th-boot hang).
+    let stall = Duration::from_secs(env_num("KICKVM_STALL_SECS", 120));
+    for boot in 1..=cycles {
+        if rx.recv_timeout(stall).is_err() {
+            let report = stall_report(&mut vm);
+            let out = vm.wait(Duration::from_secs(5));
+            let _ = ip(&["link", "del", "kvreboot"]);
+            panic!(
+                "boot {boot} of {cycles}: no KVBOOT for {stall:?}\n{report}\nlauncher log:\n{}\nconsole tail:\n{}",
+                out.stderr,
+                tail(&out.console)
+            );
+        }
         if let Some(stdin) = vm.stdin.as_mut() {
             let _ = stdin.write_all(b"\n");
         }

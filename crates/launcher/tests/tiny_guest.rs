@@ -7,10 +7,6 @@ mod common;
 
 use common::*;
 
-fn have_kvm() -> bool {
-    std::path::Path::new("/dev/kvm").exists()
-}
-
 #[test]
 fn tiny_guest_prints_on_serial_and_powers_off() {
     if !have_kvm() {
@@ -73,11 +69,7 @@ fn sigterm_stops_a_spinning_guest_cleanly() {
         return;
     }
     let dir = scratch("sigterm");
-    // Print a line, then spin forever with interrupts off.
-    let mut code = serial_then_out(b"spinning\n", 0x80, 0);
-    let spin = code.len() - b"spinning\n".len() - 3; // the `hlt; jmp` tail
-    code[spin..spin + 3].copy_from_slice(&[0xfa, 0xeb, 0xfe]); // cli; 1: jmp 1b
-    let k = write(&dir, "bzImage", &fake_bzimage(&code));
+    let k = write(&dir, "bzImage", &fake_bzimage(&serial_then_spin(b"spinning\n")));
     let child = kickvm()
         .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--cpus", "2", "--allow-slow-kvm"])
         .stdin(std::process::Stdio::null())

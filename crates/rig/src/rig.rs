@@ -626,6 +626,55 @@ pub fn reexec_test_in_rig_if_needed(test_name: &str) -> Option<bool> {
     }
 }
 
+/// The `System.map` of `img`'s kernel, from its unpacked Debian package
+/// in the cache (`unpacked/linux-image-<release>_<version>/boot/`), for
+/// `kickvm run`'s vCPU dumps (`KICKVM_SYSTEM_MAP`); None if not there.
+pub fn system_map(img: &image::GuestImage) -> Option<PathBuf> {
+    system_map_in(&crate::debs::Cache::from_env().ok()?.root().join("unpacked"), &img.kernel_version)
+}
+
+/// The `System.map` of kernel `release` among the packages unpacked in
+/// `unpacked`.
+fn system_map_in(unpacked: &Path, release: &str) -> Option<PathBuf> {
+    let prefix = format!("linux-image-{release}_");
+    fs::read_dir(unpacked)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().join(format!("boot/System.map-{release}")))
+        .find(|p| p.is_file())
+}
+
+/// What every thread of process `pid` is doing, one block per thread:
+/// its name, state and wait channel (`/proc/PID/task/TID/{comm,stat,wchan}`)
+/// and, as root, its kernel stack. For a VM that stopped making progress:
+/// a vCPU thread inside `KVM_RUN` shows `kvm_vcpu_block`/`kvm_arch_vcpu_ioctl_run`
+/// frames, one stuck in the launcher a futex or a join.
+pub fn threads_report(pid: i32) -> String {
+    let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    tids.sort_unstable();
+    if tids.is_empty() {
+        return format!("process {pid}: gone\n");
+    }
+    let mut out = String::new();
+    for tid in tids {
+        let task = format!("/proc/{pid}/task/{tid}");
+        let read = |f: &str| fs::read_to_string(format!("{task}/{f}")).unwrap_or_default();
+        let comm = read("comm");
+        // stat: "tid (comm) S ..."; the comm may hold spaces, so take the
+        // state after its closing parenthesis.
+        let stat = read("stat");
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("?").to_string();
+        out.push_str(&format!("{tid} {} state {state} wchan {}\n", comm.trim(), read("wchan").trim()));
+        for frame in read("stack").lines() {
+            out.push_str(&format!("    {frame}\n"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,6 +695,40 @@ mod tests {
         fs::write(files.scratch.join("status"), "0").unwrap();
         assert!(!l1_stopped_dead(&end(true), &files), "the command finished");
         let _ = fs::remove_dir_all(&files.dir);
+    }
+
+    #[test]
+    fn the_threads_report_names_every_thread_of_a_live_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::Builder::new()
+            .name("kv-report-test".into())
+            .spawn(move || {
+                tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(500))
+            })
+            .unwrap();
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let report = threads_report(std::process::id() as i32);
+        t.join().unwrap();
+        let line = report.lines().find(|l| l.contains(" kv-report-test ")).unwrap_or_else(|| panic!("{report}"));
+        assert!(line.contains(" state S wchan "), "{line}");
+        assert_eq!(threads_report(i32::MAX), format!("process {}: gone\n", i32::MAX));
+    }
+
+    #[test]
+    fn the_system_map_is_the_one_of_the_images_kernel_release() {
+        let root = std::env::temp_dir().join(format!("kickvm-rig-sysmap-{}", std::process::id()));
+        let boot = root.join("unpacked/linux-image-6.1.0-9-cloud-amd64_6.1.1-1/boot");
+        fs::create_dir_all(&boot).unwrap();
+        fs::create_dir_all(root.join("unpacked/linux-image-6.1.0-9-amd64_6.1.1-1/boot")).unwrap();
+        fs::write(root.join("unpacked/linux-image-6.1.0-9-amd64_6.1.1-1/boot/System.map-6.1.0-9-amd64"), "x").unwrap();
+        let unpacked = root.join("unpacked");
+        assert_eq!(system_map_in(&unpacked, "6.1.0-9-cloud-amd64"), None, "not unpacked");
+        fs::write(boot.join("System.map-6.1.0-9-cloud-amd64"), "x").unwrap();
+        assert_eq!(system_map_in(&unpacked, "6.1.0-9-cloud-amd64"), Some(boot.join("System.map-6.1.0-9-cloud-amd64")));
+        assert_eq!(system_map_in(&unpacked, "6.1.0-9-amd64").map(|p| p.is_file()), Some(true));
+        let _ = fs::remove_dir_all(root);
     }
 
     #[test]

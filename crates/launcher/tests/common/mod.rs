@@ -56,6 +56,20 @@ pub fn fake_bzimage(code: &[u8]) -> Vec<u8> {
     img
 }
 
+/// True when this host has a KVM device (tiny guests run even on kvm_pvm).
+pub fn have_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+}
+
+/// 64-bit code: prints `msg` on COM1, then spins forever with interrupts
+/// off (a guest that never exits again).
+pub fn serial_then_spin(msg: &[u8]) -> Vec<u8> {
+    let mut code = serial_then_out(msg, 0x80, 0);
+    let spin = code.len() - msg.len() - 3; // the `hlt; jmp` tail
+    code[spin..spin + 3].copy_from_slice(&[0xfa, 0xeb, 0xfe]); // cli; 1: jmp 1b
+    code
+}
+
 /// 64-bit code: writes `msg` to COM1 with `rep outsb`, then `port_value`
 /// to `port` (e.g. ACPI S5 to the sleep register, or 0xfe to the i8042),
 /// then halts forever.

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Boots the rig's Debian guest many times under kickvm and under QEMU
+# (-accel kvm, the peer) in the same L1, alternating, and counts how each
+# boot ended: the hunt for the rare L2 triple fault (docs/reliability.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() {
+    cat <<'USAGE'
+Usage: scripts/boot-loop.sh [--vmm kickvm|qemu|both] [--boots N] [--cpus N]
+                            [--parallel N] [--timeout SECS]
+
+Boots the default guest image (Debian cloud kernel, busybox /init) N times
+per VMM inside one rig L1 (QEMU TCG with nested SVM), PARALLEL guests at a
+time, each with CPUS vCPUs and 256 MiB; the guest prints a line and powers
+off. With --vmm both (the default) kickvm and QEMU -accel kvm take turns,
+so both see the same L1 and the same load. Every boot ends as one of:
+
+  ok       the script ran and the guest powered off
+  triple   the guest reset itself without being asked (kickvm: its
+           "triple fault" dump; QEMU: a reset with -no-reboot, its
+           CPU state at the reset is logged by -d cpu_reset)
+  hang     no power-off within SECS (default 90): the launcher's threads
+           (/proc/PID/task/*/wchan and stack) are recorded, kickvm is sent
+           SIGUSR1 (it logs every vCPU's registers), then it is killed
+  other    anything else (a panic, an error exit)
+
+Results: target/reliability/boot-loop-<time>/results.txt (one line per
+boot, a summary at the end) and a directory per boot that did not end ok
+(console, log, dumps). Defaults: --boots 50 --cpus 2 --parallel 1.
+Needs QEMU and the built guest image (docs/testing.md). ~8 s per boot.
+USAGE
+}
+
+vmm=both boots=50 cpus=2 parallel=1 timeout=90
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --vmm) vmm=$2; shift 2 ;;
+    --boots) boots=$2; shift 2 ;;
+    --cpus) cpus=$2; shift 2 ;;
+    --parallel) parallel=$2; shift 2 ;;
+    --timeout) timeout=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; # set by the re-run inside the rig
+    -h | --help) usage; exit 0 ;;
+    *) echo "boot-loop.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+case "$vmm" in kickvm | qemu | both) ;; *) echo "boot-loop.sh: --vmm '$vmm': use kickvm, qemu or both" >&2; exit 2 ;; esac
+for v in "$boots" "$cpus" "$parallel" "$timeout"; do
+    [[ "$v" =~ ^[0-9]+$ && "$v" -gt 0 ]] || { echo "boot-loop.sh: '$v' is not a positive number (see --help)" >&2; exit 2; }
+done
+
+if [ -z "${KICKVM_IN_RIG:-}" ]; then
+    cargo build -q -p kickvm -p kickvm-rig --bins
+    out=$PWD/target/reliability/boot-loop-$(date -u +%Y%m%dT%H%M%SZ)
+    mkdir -p "$out"
+    # The binary under test is copied: a rebuild during the run changes nothing.
+    cp target/debug/kickvm "$out/kickvm"
+    # The image's paths, found here (L1 sees the cache read-only).
+    read -r KICKVM_LOOP_KERNEL KICKVM_LOOP_INITRD < <(target/debug/kickvm-rig image --print-paths)
+    export KICKVM_LOOP_KERNEL KICKVM_LOOP_INITRD
+    # The kernel's System.map, from its Debian package: kickvm's dumps name
+    # the guest function.
+    release=$(sed -n 's/^kernel-release //p' "$(dirname "$KICKVM_LOOP_KERNEL")/manifest.txt")
+    for m in "${KICKVM_CACHE:-$HOME/.cache/kickvm}"/unpacked/linux-image-"$release"_*/boot/System.map-"$release"; do
+        [ -f "$m" ] && export KICKVM_SYSTEM_MAP=$m
+    done
+    echo "boot-loop: $vmm x $boots, $cpus vCPUs, $parallel at a time; load before: $(uptime)" | tee "$out/results.txt" >&2
+    # One boot takes ~8 s in the rig; L1 gets twice that per boot and VMM.
+    per=$((timeout + 20))
+    turns=1
+    [ "$vmm" = both ] && turns=2
+    total=$((boots * per * turns / parallel + 300))
+    set +e
+    target/debug/kickvm-rig run --timeout "$total" --share "$out" -- \
+        "$PWD/scripts/boot-loop.sh" --vmm "$vmm" --boots "$boots" --cpus "$cpus" \
+        --parallel "$parallel" --timeout "$timeout" --out "$out"
+    status=$?
+    set -e
+    echo "boot-loop: load after: $(uptime)" | tee -a "$out/results.txt" >&2
+    echo "boot-loop: results in $out/results.txt" >&2
+    exit $status
+fi
+
+# ---- inside L1 ----
+kernel=$KICKVM_LOOP_KERNEL initrd=$KICKVM_LOOP_INITRD
+script='echo KVOK'
+cmd=$(printf '%s' "$script" | base64 -w0)
+append="loglevel=4 kickvm.cmd=$cmd"
+
+# Records what every thread of PID is doing (for a boot that hangs).
+threads_of() {
+    local pid=$1 t
+    for t in /proc/"$pid"/task/*; do
+        printf '%s %s wchan=%s state=%s\n' "${t##*/}" "$(cat "$t/comm" 2>/dev/null)" \
+            "$(cat "$t/wchan" 2>/dev/null)" "$(awk '{print $3}' "$t/stat" 2>/dev/null)"
+        sed 's/^/    /' "$t/stack" 2>/dev/null
+    done
+}
+
+# One boot of VMM into directory D; prints its outcome.
+boot_one() {
+    local vmm=$1 d=$2 pid
+    mkdir -p "$d"
+    case "$vmm" in
+    kickvm)
+        RUST_LOG=info "$out/kickvm" run --kernel "$kernel" --initrd "$initrd" --memory 256M \
+            --cpus "$cpus" --no-reboot --cmdline "$append" </dev/null >"$d/console" 2>"$d/log" &
+        ;;
+    qemu)
+        qemu-system-x86_64 -M pc -accel kvm -cpu host -smp "$cpus" -m 256 -nodefaults \
+            -no-user-config -display none -no-reboot -serial "file:$d/console" \
+            -kernel "$kernel" -initrd "$initrd" \
+            -append "console=ttyS0 reboot=k panic=1 $append" \
+            -d cpu_reset -D "$d/cpu-reset.log" </dev/null >"$d/log" 2>&1 &
+        ;;
+    esac
+    pid=$!
+    local waited=0
+    while kill -0 "$pid" 2>/dev/null && [ $waited -lt $((timeout * 10)) ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        threads_of "$pid" >"$d/threads" 2>&1
+        [ "$vmm" = kickvm ] && kill -USR1 "$pid" 2>/dev/null && sleep 2
+        threads_of "$pid" >"$d/threads-after-dump" 2>&1
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        echo hang
+        return
+    fi
+    local rc=0
+    wait "$pid" || rc=$?
+    if grep -q 'KICKVM-EXIT-STATUS=0' "$d/console" && [ $rc = 0 ]; then
+        echo ok
+    elif grep -qi 'kernel panic\|BUG:\|Oops' "$d/console"; then
+        echo other
+    elif [ "$vmm" = kickvm ] && grep -q 'triple fault' "$d/log"; then
+        echo triple
+    elif [ "$vmm" = qemu ] && [ $rc = 0 ]; then
+        # -no-reboot: a reset the guest did not ask for (no panic) ends QEMU.
+        echo triple
+    else
+        echo other
+    fi
+}
+
+vmms=$vmm
+[ "$vmm" = both ] && vmms="kickvm qemu"
+t0=$(date +%s)
+for ((i = 1; i <= boots; i += parallel)); do
+    for v in $vmms; do
+        pids=()
+        for ((j = 0; j < parallel && i + j <= boots; j++)); do
+            d="$out/run/$v-$((i + j))"
+            (
+                r=$(boot_one "$v" "$d")
+                echo "$v $((i + j)) $r $(date -u +%T) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$out/results.txt"
+                [ "$r" = ok ] && rm -rf "$d"
+            ) &
+            pids+=($!)
+        done
+        wait "${pids[@]}"
+    done
+done
+echo "boot-loop: $(($(date +%s) - t0)) s in L1" >>"$out/results.txt"
+for v in $vmms; do
+    for r in ok triple hang other; do
+        printf '%s %s %s\n' "$v" "$r" "$(grep -c "^$v [0-9]* $r " "$out/results.txt")"
+    done
+done | tee -a "$out/results.txt"
