@@ -5,7 +5,7 @@
 
 use kickvm_virtio::VirtioDevice;
 
-use crate::config::{ConsoleSpec, VmConfig};
+use crate::config::{ConfigError, ConsoleSpec, VmConfig};
 use crate::devices;
 
 /// Which kind of device a request added (always the last of its list in
@@ -14,6 +14,30 @@ use crate::devices;
 pub enum Added {
     Disk,
     Net,
+}
+
+/// `cfg` with the disks or the cards alone (all of them), nothing else.
+fn of_kind(cfg: &VmConfig, what: Added) -> VmConfig {
+    let mut only = cfg.clone();
+    only.console = ConsoleSpec::None;
+    only.rng = false;
+    only.vsock = None;
+    only.vhost_users.clear();
+    match what {
+        Added::Disk => only.nets.clear(),
+        Added::Net => only.disks.clear(),
+    }
+    only
+}
+
+/// Checks the devices of the kind `cfg` just gained, as `kickvm run`
+/// checks its options (an image given twice, a MAC used twice, a file
+/// that cannot be opened): only that kind, since the running VM holds
+/// what the others use (its vsock socket is listened on, its kernel may
+/// be gone since boot).
+pub fn check_added(cfg: &VmConfig, what: Added) -> Result<(), ConfigError> {
+    let only = of_kind(cfg, what);
+    devices::KINDS.iter().filter(|k| k.count(&only) > 0).try_for_each(|k| k.check(&only))
 }
 
 /// Builds the last disk or card of `cfg`, the one just added.
@@ -27,13 +51,7 @@ pub enum Added {
 /// running (a TAP named rather than passed could not be opened twice,
 /// which is why a card plugged in after boot must come with its fds).
 pub fn build_added(cfg: &VmConfig, what: Added) -> Result<Box<dyn VirtioDevice>, String> {
-    let mut one = cfg.clone();
-    one.disks.clear();
-    one.nets.clear();
-    one.console = ConsoleSpec::None;
-    one.rng = false;
-    one.vsock = None;
-    one.vhost_users.clear();
+    let mut one = of_kind(cfg, what);
     match what {
         Added::Disk => {
             let d = cfg.disks.last().ok_or("no disk to add")?;

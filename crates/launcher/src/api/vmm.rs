@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use super::hotplug::{build_added, Added};
+use super::hotplug::{build_added, check_added, Added};
 use super::http::{Request, Response};
 use super::schema::{ChVmConfig, Disk, HostOptions, Net, Resize, SerialTarget};
 use crate::config::{ConfigError, TapFds, VmConfig};
@@ -355,11 +355,15 @@ impl Vmm {
             Ok(id) => id,
             Err(e) => return bad(e),
         };
-        let cfg = match self.checked(&next.ch, &next.tap_fds) {
-            Ok((cfg, _)) => cfg,
+        let live = lock(&self.live).as_ref().map(|l| l.vm.clone());
+        let checked = match live {
+            Some(_) => next.ch.to_config(&self.host, &next.tap_fds).and_then(|(cfg, _)| check_added(&cfg, added).map(|_| cfg)),
+            None => self.checked(&next.ch, &next.tap_fds).map(|(cfg, _)| cfg),
+        };
+        let cfg = match checked {
+            Ok(cfg) => cfg,
             Err(e) => return bad(e),
         };
-        let live = lock(&self.live).as_ref().map(|l| l.vm.clone());
         let slot = match live {
             Some(vm) => {
                 let t0 = Instant::now();
