@@ -8,6 +8,16 @@
 //! the FADT's sleep control and reset registers, one byte-wide I/O port at
 //! [`layout::ACPI_SLEEP_PORT`]: `poweroff` makes Linux evaluate `\_S5_`
 //! and write `SLP_TYP << 2 | SLP_EN` there.
+//!
+//! Events reach the guest through a Generic Event Device (`ACPI0013`,
+//! Linux's `evged`), as on Cloud Hypervisor: its interrupt
+//! ([`layout::GED_GSI`]) makes Linux run `\_SB.GED_._EVT`, which reads the
+//! event register ([`crate::platform::Ged`]) and either notifies the power
+//! button `\_SB.PWRB` (`PNP0C0C`, 0x80: Linux's `button` module reports
+//! KEY_POWER) or runs `\_SB.PCI0.PCNT`, which notifies the PCI slots a
+//! device arrived in (Device Check) or should leave (Eject Request); the
+//! slots (`_ADR`, `_SUN`, `_EJ0`) are what Linux's built-in `acpiphp`
+//! handles ([`crate::pci::hotplug`]).
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -20,6 +30,8 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 
 use crate::layout;
+use crate::pci::root::SLOTS;
+use crate::platform::ged_event;
 
 const OEM_ID: [u8; 6] = *b"KICKVM";
 const OEM_TABLE_ID: [u8; 8] = *b"KICKVM  ";
@@ -119,12 +131,15 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         body.extend(to_bytes(&aml::Name::new(name.into(), &aml::ZERO)));
     }
     body.extend(to_bytes(&aml::Name::new("_CRS".into(), &crs)));
+    body.extend(pci_hotplug());
     body.extend_from_slice(&cfg.pci_aml);
     let body = RawAml(body);
     let pci0 = aml::Device::new("PCI0".into(), vec![&body]);
     let com1 = com1();
     let mbrs = motherboard_resources();
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mbrs]);
+    let pwrb = power_button();
+    let ged = generic_event_device();
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mbrs, &pwrb, &ged]);
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
@@ -150,6 +165,102 @@ fn com1() -> RawAml {
     let crs = aml::Name::new("_CRS".into(), &crs);
     let dev = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
     RawAml(to_bytes(&dev))
+}
+
+/// Bus 0's hotplug slots and `PCNT`, inside `\_SB.PCI0`: the hotplug
+/// registers as fields, one device per slot 1..31 (`_ADR` slot << 16,
+/// function 0; `_SUN` the slot; `_EJ0` writes the slot's bit to `B0EJ`),
+/// and `PCNT`, which reads the arrival and removal bitmaps once (reading
+/// clears them) and notifies each slot whose bit is set.
+fn pci_hotplug() -> Vec<u8> {
+    let mut out = Vec::new();
+    let port = layout::PCI_HOTPLUG_PORT as u32;
+    let len = layout::PCI_HOTPLUG_LEN as u32;
+    out.extend(to_bytes(&aml::OpRegion::new("PCST".into(), aml::OpRegionSpace::SystemIO, &port, &len)));
+    out.extend(to_bytes(&aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    )));
+    let (arrived, leaving) = (aml::Local(0), aml::Local(1));
+    let mut notifies = Vec::new();
+    for slot in 1..SLOTS as u8 {
+        let name = slot_name(slot);
+        let bit = 1u32 << slot;
+        let adr = u32::from(slot) << 16;
+        let sun = u32::from(slot);
+        let b0ej = aml::Path::new("B0EJ");
+        let store = aml::Store::new(&b0ej, &bit);
+        let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&store]);
+        let (adr, sun) = (aml::Name::new("_ADR".into(), &adr), aml::Name::new("_SUN".into(), &sun));
+        let dev = aml::Device::new(name.as_str().into(), vec![&adr, &sun, &ej0]);
+        out.extend(to_bytes(&dev));
+        let path = aml::Path::new(&name);
+        let (check, eject) = (1u8, 3u8);
+        let arrived_here = aml::And::new(&aml::ZERO, &arrived, &bit);
+        let notify_check = aml::Notify::new(&path, &check);
+        notifies.extend(to_bytes(&aml::If::new(&arrived_here, vec![&notify_check])));
+        let leaving_here = aml::And::new(&aml::ZERO, &leaving, &bit);
+        let notify_eject = aml::Notify::new(&path, &eject);
+        notifies.extend(to_bytes(&aml::If::new(&leaving_here, vec![&notify_eject])));
+    }
+    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
+    let read_up = aml::Store::new(&arrived, &pciu);
+    let read_down = aml::Store::new(&leaving, &pcid);
+    let notifies = RawAml(notifies);
+    out.extend(to_bytes(&aml::Method::new("PCNT".into(), 0, true, vec![&read_up, &read_down, &notifies])));
+    out
+}
+
+/// The ACPI name of bus 0's slot `slot`: `S01_` .. `S1F_`.
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// The power button (`PNP0C0C`), a control-method button: the GED
+/// notifies it.
+fn power_button() -> RawAml {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    RawAml(to_bytes(&aml::Device::new("PWRB".into(), vec![&hid, &uid])))
+}
+
+/// The Generic Event Device: its interrupt, its event register, and
+/// `_EVT`, which Linux runs at each interrupt: read the register once
+/// (that clears it) and act on every bit set.
+fn generic_event_device() -> RawAml {
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, false, false, false, layout::GED_GSI);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let port = layout::GED_EVENT_PORT as u32;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &1u8);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let events = aml::Local(0);
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&events, &gdat);
+    let hotplug = aml::And::new(&aml::ZERO, &events, &ged_event::PCI_HOTPLUG);
+    let scan = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let if_hotplug = aml::If::new(&hotplug, vec![&scan]);
+    let button = aml::And::new(&aml::ZERO, &events, &ged_event::POWER_BUTTON);
+    let pressed = 0x80u8;
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &pressed);
+    let if_button = aml::If::new(&button, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &if_hotplug, &if_button]);
+    RawAml(to_bytes(&aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &region, &field, &evt])))
 }
 
 /// Motherboard resources (`PNP0C02`): the PCI ECAM window. Linux uses
@@ -310,6 +421,50 @@ mod tests {
         assert!(has(b"_CRS"));
         // EISA ID of PNP0A08, as AML encodes it.
         assert!(has(&[0x41, 0xd0, 0x0a, 0x08]));
+    }
+
+    /// The DSDT as ACPICA's disassembler reads it (the same parser Linux
+    /// uses): the GED with its interrupt and `_EVT`, the power button, a
+    /// slot device per free slot and `PCNT`. Skips without `iasl`
+    /// (Debian: acpica-tools).
+    #[test]
+    fn dsdt_disassembles_with_ged_button_and_slots() {
+        let dir = std::env::temp_dir().join(format!("kickvm-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, dsdt(&AcpiConfig { cpus: 1, pci_aml: Vec::new() })).unwrap();
+        let out = match std::process::Command::new("iasl").arg("-d").arg(&aml).output() {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("skipped: cannot run iasl ({e}); install acpica-tools");
+                return;
+            }
+        };
+        let asl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success(), "iasl -d: {}", String::from_utf8_lossy(&out.stderr));
+        if std::env::var_os("KICKVM_PRINT_DSDT").is_some() {
+            eprintln!("{asl}");
+        }
+        for needle in [
+            "Device (GED)",
+            "\"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "\\_SB.PCI0.PCNT ()",
+            "EisaId (\"PNP0C0C\")",
+            "Device (S01)",
+            "Device (S1F)",
+            "Name (_ADR, 0x001F0000)",
+            "Notify (S1F, 0x03)",
+            "Notify (S01, One)",
+            "B0EJ = 0x80000000",
+            "Method (PCNT, 0, Serialized)",
+        ] {
+            assert!(asl.contains(needle), "no `{needle}` in the DSDT:\n{asl}");
+        }
+        assert!(asl.contains(&format!("0x{:08X}", layout::GED_GSI)) || asl.contains(&format!("0x{:08X},", layout::GED_GSI)), "{asl}");
+        assert!(!asl.contains("Device (S00)"), "slot 0 is the host bridge's");
     }
 
     #[test]

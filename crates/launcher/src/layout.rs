@@ -64,6 +64,16 @@ pub const FIRST_MSI_GSI: u32 = 24;
 pub const ACPI_SLEEP_PORT: u64 = 0x3c0;
 /// The value the FADT's reset register expects to be written.
 pub const ACPI_RESET_VALUE: u8 = 1;
+/// The ACPI Generic Event Device (`ACPI0013`): its event register, one
+/// byte the guest's `_EVT` method reads (reading clears it; see
+/// [`crate::platform::Ged`]), and its interrupt: the last IOAPIC pin,
+/// level-triggered, above the ISA range (no 8259 shares it).
+pub const GED_EVENT_PORT: u64 = 0x3c4;
+pub const GED_GSI: u32 = 23;
+/// PCI hotplug registers (see [`crate::pci::hotplug`]): three dwords,
+/// slots added, slots to remove, slots the guest ejected.
+pub const PCI_HOTPLUG_PORT: u64 = 0x3c8;
+pub const PCI_HOTPLUG_LEN: u64 = 12;
 /// Guest RAM the launcher accepts at most (1 TiB): beyond that the 4-level
 /// paging a 64-bit guest starts with and the KVM slot sizes get unwieldy.
 pub const MAX_RAM: u64 = 1 << 40;

@@ -4,6 +4,9 @@
 //! - i8042 at 0x60/0x64: only its "pulse reset line" command (0xfe), which
 //!   a `reboot=k` kernel uses to reset the machine.
 //! - the ACPI sleep/reset register (see [`crate::acpi`]): `poweroff`.
+//! - the ACPI Generic Event Device's event register ([`Ged`]): how the
+//!   launcher tells the guest that its power button was pressed or that a
+//!   PCI device arrived.
 //!
 //! They, the vCPU threads (triple fault, KVM system events, errors) and the
 //! launcher's signal handler all post to one [`Control`]; the main thread
@@ -180,6 +183,79 @@ impl BusDevice for AcpiSleep {
     }
 }
 
+/// The events the Generic Event Device signals: bits of its event
+/// register, which the DSDT's `_EVT` method tests (see [`crate::acpi`]).
+pub mod ged_event {
+    /// A PCI device arrived or is asked to leave: `_EVT` runs the PCI
+    /// hotplug method, which notifies the slots ([`crate::pci::hotplug`]).
+    pub const PCI_HOTPLUG: u8 = 1 << 0;
+    /// The power button was pressed: `_EVT` notifies `\_SB.PWRB` (0x80),
+    /// Linux's ACPI button driver reports KEY_POWER.
+    pub const POWER_BUTTON: u8 = 1 << 1;
+    /// Every bit the launcher may set.
+    pub const ALL: u8 = PCI_HOTPLUG | POWER_BUTTON;
+}
+
+/// The ACPI Generic Event Device (`ACPI0013`) of a hardware-reduced
+/// platform: the launcher sets event bits and raises the GED's interrupt
+/// line ([`crate::layout::GED_GSI`], level-triggered); Linux's GED driver
+/// runs `_EVT`, which reads the event register at
+/// [`crate::layout::GED_EVENT_PORT`]. A read returns the pending bits,
+/// clears them and lowers the line. Level, not edge: an event raised
+/// before the guest's GED driver unmasked the pin (early in boot) stays
+/// asserted and is taken as soon as it does, and one read can carry
+/// several events.
+pub struct Ged {
+    /// Pending events; the line is high exactly while this is non-zero
+    /// (both change under this lock).
+    pending: Mutex<u8>,
+    line: IrqLine,
+}
+
+/// Sets the level of the GED's interrupt line (`KVM_IRQ_LINE`).
+pub type IrqLine = Box<dyn Fn(bool) -> std::io::Result<()> + Send + Sync>;
+
+impl Ged {
+    pub fn new(line: IrqLine) -> Arc<Ged> {
+        Arc::new(Ged { pending: Mutex::new(0), line })
+    }
+
+    /// Posts `events` ([`ged_event`] bits) and raises the line.
+    pub fn raise(&self, events: u8) -> std::io::Result<()> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *pending |= events & ged_event::ALL;
+        (self.line)(*pending != 0)
+    }
+
+    /// The guest's read: what is pending, now cleared, the line low.
+    fn take(&self) -> u8 {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let v = std::mem::take(&mut *pending);
+        if let Err(e) = (self.line)(false) {
+            log::warn!("cannot lower the GED interrupt line: {e}");
+        }
+        v
+    }
+}
+
+/// The GED's event register on the I/O bus: one byte wide. Whatever the
+/// guest reads there (any width) carries the pending events in its first
+/// byte and zeroes in the rest; writes change nothing.
+pub struct GedRegister(pub Arc<Ged>);
+
+impl BusDevice for GedRegister {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset == 0 {
+            if let Some(b) = data.first_mut() {
+                *b = self.0.take();
+            }
+        }
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +274,33 @@ mod tests {
         s.write(0, &[0x34]);
         s.write(0, &[1]); // first request wins
         assert_eq!(c.wait(), Exit::PowerOff);
+    }
+
+    /// Events accumulate until the guest reads them; a read clears them
+    /// and lowers the line; whatever the guest writes or however wide it
+    /// reads, it learns only the pending bits and changes nothing.
+    #[test]
+    fn ged_events_accumulate_and_a_read_clears_them() {
+        let level = Arc::new(Mutex::new(Vec::new()));
+        let l = level.clone();
+        let ged = Ged::new(Box::new(move |up| {
+            l.lock().unwrap().push(up);
+            Ok(())
+        }));
+        let mut reg = GedRegister(ged.clone());
+        let mut b = [0xaau8; 4];
+        reg.read(0, &mut b);
+        assert_eq!(b, [0; 4], "nothing pending");
+        ged.raise(ged_event::PCI_HOTPLUG).unwrap();
+        ged.raise(ged_event::POWER_BUTTON | 0x80).unwrap();
+        ged.raise(0x80).unwrap();
+        reg.write(0, &[0xff, 0xff, 0xff, 0xff]);
+        reg.read(1, &mut b[..1]);
+        assert_eq!(b[0], 0, "only offset 0 carries events");
+        reg.read(0, &mut b);
+        assert_eq!(b, [ged_event::ALL, 0, 0, 0], "both events, no unknown bit");
+        reg.read(0, &mut b[..1]);
+        assert_eq!(b[0], 0, "the read cleared them");
+        assert_eq!(*level.lock().unwrap(), vec![false, true, true, true, false, false]);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use kickvm_virtio::Runtime;
+use kickvm_virtio::{GuestMemory, Runtime, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig};
@@ -25,7 +25,7 @@ use crate::irq::GsiRouter;
 use crate::pci::{self, PciHost};
 use crate::layout;
 use crate::memory::{self, MemoryError};
-use crate::platform::{AcpiSleep, Control, Exit, I8042};
+use crate::platform::{ged_event, AcpiSleep, Control, Exit, Ged, GedRegister, I8042};
 use crate::serial::{InputSink, SerialOut, SerialPort, StdinPump};
 use crate::throttles;
 use crate::vcpu::{self, VcpuError, VcpuThread};
@@ -148,11 +148,70 @@ impl Drop for Vcpus {
 /// What a program embedding the launcher (the API server) learns of a VM
 /// while it runs.
 pub trait Watcher: Sync {
-    /// The VM is set up and its vCPUs run: `control` stops or resets it,
-    /// `devices` are its virtio devices in PCI slot order (slot 1 on).
-    fn started(&self, control: &Arc<Control>, devices: &[Arc<Mutex<pci::VirtioPciDevice>>]);
+    /// The VM is set up and its vCPUs run: `vm` stops or resets it, lists
+    /// its devices, presses its power button and plugs devices in.
+    fn started(&self, vm: &Arc<LiveVm>);
     /// The vCPUs have stopped; the devices are about to be torn down.
     fn stopped(&self, exit: &Exit);
+    /// The configuration to build the VM from after a guest reset, when it
+    /// changed while the VM ran (devices plugged in); `None`: unchanged.
+    fn config(&self) -> Option<VmConfig> {
+        None
+    }
+}
+
+/// A running VM, as the code that embeds the launcher drives it: from
+/// when its vCPUs start until they stop (then [`LiveVm::hotplug`] fails).
+pub struct LiveVm {
+    pub control: Arc<Control>,
+    ged: Arc<Ged>,
+    mem: GuestMemory,
+    runtime: Arc<Runtime>,
+    /// Taken at tear-down: nothing is plugged into a VM that is stopping.
+    pci: Mutex<Option<PciHost>>,
+    /// Its virtio devices with their bus 0 slots, cold- and hot-plugged.
+    devices: Mutex<Vec<(u8, Arc<Mutex<pci::VirtioPciDevice>>)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LiveVm {
+    /// The virtio devices and their slots, in slot order.
+    pub fn devices(&self) -> Vec<(u8, Arc<Mutex<pci::VirtioPciDevice>>)> {
+        let mut d = lock(&self.devices).clone();
+        d.sort_by_key(|(slot, _)| *slot);
+        d
+    }
+
+    /// Presses the power button: the guest's ACPI button driver reports
+    /// KEY_POWER (what the guest then does is its own business).
+    pub fn press_power_button(&self) -> Result<(), VmError> {
+        self.ged
+            .raise(ged_event::POWER_BUTTON)
+            .map_err(|e| VmError::Host(format!("cannot raise the power button event: {e}")))
+    }
+
+    /// Plugs `device` into the first free slot of bus 0 and tells the
+    /// guest (PCI hotplug through the GED); returns the slot. Its queue
+    /// threads start when the guest's driver sets DRIVER_OK.
+    pub fn hotplug(&self, device: Box<dyn VirtioDevice>) -> Result<u8, VmError> {
+        let name = device.name().to_string();
+        let mut pci = lock(&self.pci);
+        let Some(host) = pci.as_mut() else {
+            return Err(VmError::Host(format!("{name}: the VM is stopping; nothing can be plugged in")));
+        };
+        let (dev, slot) = host
+            .hotplug_virtio(device, &self.mem, &self.runtime)
+            .map_err(|err| devices::DeviceError::Pci { name, err })?;
+        lock(&self.devices).push((slot, dev));
+        drop(pci);
+        self.ged
+            .raise(ged_event::PCI_HOTPLUG)
+            .map_err(|e| VmError::Host(format!("cannot raise the PCI hotplug event: {e}")))?;
+        Ok(slot)
+    }
 }
 
 /// Boots the VM of `cfg`, and again after each guest reset unless
@@ -177,6 +236,9 @@ pub fn run_until_stopped(
         if boots > 1 {
             cfg.validate().map_err(|e| VmError::Host(format!("cannot boot again: {e}")))?;
         }
+        // Devices plugged into the VM that reset are part of the next one.
+        let changed = watcher.and_then(|w| w.config());
+        let cfg = changed.as_ref().unwrap_or(cfg);
         match run_watched(kvm, cfg, io, watcher)? {
             Exit::Reset if !no_reboot => {
                 // A guest may reboot in a loop: the first boots are logged, then rarely.
@@ -216,6 +278,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     let pio = Bus::new();
     let mmio = Bus::new();
     let serial = attach_platform(&vm, &pio, &control, io)?;
+    let ged = attach_ged(&vm, &pio)?;
 
     // PCI and the virtio devices behind it. The routing table starts with
     // KVM's default IOAPIC/PIC routes, which the serial irqfd relies on.
@@ -245,8 +308,16 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     if let Some(stdin) = &io.stdin {
         stdin.set_target(Some(serial as Arc<Mutex<dyn InputSink>>));
     }
+    let live = Arc::new(LiveVm {
+        control: control.clone(),
+        ged,
+        mem: ram.mem.clone(),
+        runtime,
+        pci: Mutex::new(Some(pci)),
+        devices: Mutex::new(plugged.into_iter().enumerate().map(|(i, d)| ((i + 1) as u8, d)).collect()),
+    });
     if let Some(w) = watcher {
-        w.started(&control, &plugged);
+        w.started(&live);
     }
 
     let exit = control.wait();
@@ -259,6 +330,8 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     if let Some(w) = watcher {
         w.stopped(&exit);
     }
+    let pci = lock(&live.pci).take();
+    let plugged: Vec<_> = live.devices().into_iter().map(|(_, d)| d).collect();
     // What the guest got wrong, now that no vCPU adds to it; at every
     // final exit, and at the reboots whose set-up was logged.
     if chatty || exit != Exit::Reset {
@@ -268,6 +341,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     }
     drop(plugged);
     drop(pci);
+    drop(live);
     drop(ram);
     Ok(exit)
 }
@@ -389,6 +463,17 @@ fn attach_platform(
     pio.insert(Arc::new(Mutex::new(I8042::new(control.clone()))), layout::I8042_PORT - 4, 5)?;
     pio.insert(Arc::new(Mutex::new(AcpiSleep::new(control.clone()))), layout::ACPI_SLEEP_PORT, 1)?;
     Ok(serial)
+}
+
+/// The Generic Event Device: its event register on the I/O bus, its
+/// level-triggered interrupt driven with `KVM_IRQ_LINE`.
+fn attach_ged(vm: &Arc<VmFd>, pio: &Bus) -> Result<Arc<Ged>, VmError> {
+    let line = vm.clone();
+    let ged = Ged::new(Box::new(move |up| {
+        line.set_irq_line(layout::GED_GSI, up).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }));
+    pio.insert(Arc::new(Mutex::new(GedRegister(ged.clone()))), layout::GED_EVENT_PORT, 1)?;
+    Ok(ged)
 }
 
 fn write_acpi(mem: &kickvm_virtio::GuestMemory, cfg: &AcpiConfig) -> Result<(), VmError> {

@@ -6,8 +6,14 @@
 //! pings the host over that NIC, a host program reaches the guest's
 //! listener through hybrid vsock (`CONNECT 1024`, as Kata reaches its
 //! agent) and 1 MiB goes each way (an echo, checksummed), `vm.counters`
-//! shows the traffic, `vmm.shutdown` → the process is gone within 3 s,
-//! with no TAP, socket or thread left behind. curl is the client.
+//! shows the traffic; then, on the running VM, `vm.add-disk` (the guest
+//! finds a new virtio disk, reads what the host wrote and writes back,
+//! checked in the host file), `vm.add-net` with a second TAP's fd (the
+//! guest brings the NIC up and pings the host through it) and
+//! `vm.power-button` (the guest, waiting for KEY_POWER on the button's
+//! input device, powers off: `vm.info` = Shutdown); `vmm.shutdown` → the
+//! process is gone within 3 s, exit status 0, with no TAP, socket or
+//! thread left behind. curl is the client.
 
 mod api_common;
 mod common;
@@ -46,6 +52,42 @@ fn open_tap(name: &str, addr: &str) -> std::fs::File {
     ip(&["link", "set", name, "up"]);
     f
 }
+
+/// The next console line holding `marker`, within `secs`: panics with
+/// what the guest printed meanwhile if it does not come.
+fn wait_line(rx: &mpsc::Receiver<String>, marker: &str, secs: u64) -> Duration {
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains(marker) => return t0.elapsed(),
+            Ok(line) if line.contains(kickvm_rig::image::EXIT_STATUS_PREFIX) => {
+                panic!("the guest script ended before {marker}: {line}\n{}", seen.join("\n"))
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no {marker} from the guest within {secs} s; console meanwhile:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// The guest's script: the vsock echo listener; the power button's input
+/// device opened first (so no press is missed); ping over the first NIC;
+/// then each device plugged in while it runs, as the host adds them; at
+/// last, wait for KEY_POWER (an `input_event` of type 1, code 116, value
+/// 1: its fifth and sixth dwords) and power off.
+const GUEST_SCRIPT: &str = r#"socat VSOCK-LISTEN:1024 EXEC:cat &
+for e in /sys/class/input/event*; do grep -q "Power Button" $e/device/name && exec 3</dev/input/${e##*/}; done
+[ -e /proc/self/fd/3 ] || { echo NO-POWER-BUTTON; exit 1; }
+ping -c 3 -W 2 10.0.2.2 && echo PING-OK
+i=0; while [ ! -e /dev/vda ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
+[ "$(head -c 16 /dev/vda)" = KICKVM-HOST-DATA ] && echo KICKVM-GUEST-WROTE | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null && echo HOTPLUG-DISK-OK
+i=0; while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
+ip addr add 10.0.3.15/24 dev eth1 && ip link set eth1 up && ping -c 3 -W 2 10.0.3.2 && echo HOTPLUG-PING-OK
+while :; do set -- $(dd bs=24 count=1 <&3 2>/dev/null | hexdump -v -e '6/4 "%08x " "
+"'); [ "$5" = 00740001 ] && [ "$6" = 00000001 ] && break; done
+echo KEY-POWER
+poweroff -f"#;
 
 /// FNV-1a, 64 bits: a checksum of what went and what came back.
 fn fnv(data: &[u8]) -> u64 {
@@ -94,9 +136,8 @@ fn kata_like_lifecycle_over_the_api() {
     let mut api = Api::start(&dir);
     eprintln!("api-rig: vmm.ping answered {:.0} ms after spawn", t0.elapsed().as_secs_f64() * 1e3);
 
-    let script = "socat VSOCK-LISTEN:1024 EXEC:cat & ping -c 3 -W 2 10.0.2.2 && echo PING-OK; sleep 600";
     let vsock = dir.join("vsock.sock");
-    let cmdline = format!("loglevel=4 {}", kickvm_rig::image::script_cmdline(script));
+    let cmdline = format!("loglevel=4 {}", kickvm_rig::image::script_cmdline(GUEST_SCRIPT));
     let body = serde_json::json!({
         "payload": { "kernel": img.kernel, "initramfs": img.initrd, "cmdline": cmdline },
         "cpus": { "boot_vcpus": 1, "max_vcpus": 1 },
@@ -171,6 +212,8 @@ fn kata_like_lifecycle_over_the_api() {
     eprintln!("api-rig: vsock0 counters: {}", v["vsock0"]);
     assert!(vs("q0_bytes") >= 1 << 20 && vs("q1_bytes") >= 1 << 20, "1 MiB each way on vsock0: {counters}");
 
+    hotplug_and_power_button(&api, &dir, &rx);
+
     let pid = api.child.id();
     let t_exit = Instant::now();
     let sock = api.sock.clone();
@@ -178,15 +221,20 @@ fn kata_like_lifecycle_over_the_api() {
     let (code, _) = raw_request(&s, "PUT", "vmm.shutdown", "", &[]);
     assert_eq!(code, 204);
     eprintln!("api-rig: vmm.shutdown answered in {:.0} ms", t_exit.elapsed().as_secs_f64() * 1e3);
-    while api.child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(s) = api.child.try_wait().unwrap() {
+            break s;
+        }
         assert!(t_exit.elapsed() < Duration::from_secs(3), "kickvm still runs 3 s after vmm.shutdown");
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    assert!(status.success(), "kickvm exited {status}");
     eprintln!("api-rig: vmm.shutdown to exit {:.0} ms", t_exit.elapsed().as_secs_f64() * 1e3);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "no thread of kickvm is left");
     assert!(!sock.exists(), "the API socket is left behind");
     assert!(!vsock.exists(), "the vsock socket is left behind");
     assert!(!std::path::Path::new("/sys/class/net/kvapi0").exists(), "the TAP is left behind");
+    assert!(!std::path::Path::new("/sys/class/net/kvapi1").exists(), "the hot-plugged card's TAP is left behind");
     let mut log = String::new();
     std::io::Read::read_to_string(&mut api.child.stderr.take().unwrap(), &mut log).unwrap();
     for l in log.lines().filter(|l| l.contains("stopped")) {
@@ -195,4 +243,57 @@ fn kata_like_lifecycle_over_the_api() {
     let console = reader.join().unwrap();
     assert!(console.contains("PING-OK"), "{console}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// On the running VM (net0, rng0, vsock0 in slots 1..3): a disk, then a
+/// card, plugged in and used by the guest; then the power button.
+fn hotplug_and_power_button(api: &Api, dir: &std::path::Path, rx: &mpsc::Receiver<String>) {
+    use std::io::{Read, Seek};
+    let mut image = vec![0u8; 1 << 20];
+    image[..16].copy_from_slice(b"KICKVM-HOST-DATA");
+    let disk = common::write(dir, "hotplug.img", &image);
+    let t0 = Instant::now();
+    let (code, resp) = api.curl("PUT", "vm.add-disk", Some(&format!(r#"{{"path":"{}"}}"#, disk.display())));
+    assert_eq!(code, 200, "vm.add-disk after boot: {resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!((v["id"].as_str(), v["bdf"].as_str()), (Some("blk0"), Some("0000:00:04.0")), "{resp}");
+    wait_line(rx, "HOTPLUG-DISK-OK", 120);
+    eprintln!("api-rig: vm.add-disk to the guest's write on it {:.2} s", t0.elapsed().as_secs_f64());
+    let mut f = std::fs::File::open(&disk).unwrap();
+    f.seek(std::io::SeekFrom::Start(4096)).unwrap();
+    let mut wrote = [0u8; 18];
+    f.read_exact(&mut wrote).unwrap();
+    assert_eq!(&wrote, b"KICKVM-GUEST-WROTE", "the guest's write is in the host file");
+
+    let tap = open_tap("kvapi1", "10.0.3.2/24");
+    let t0 = Instant::now();
+    let s = UnixStream::connect(&api.sock).unwrap();
+    let (code, resp) = raw_request(&s, "PUT", "vm.add-net", r#"{"mac":"52:54:00:12:34:57"}"#, &[tap.as_raw_fd()]);
+    assert_eq!(code, 200, "vm.add-net after boot: {resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!((v["id"].as_str(), v["bdf"].as_str()), (Some("net1"), Some("0000:00:05.0")), "{resp}");
+    drop(s);
+    drop(tap);
+    wait_line(rx, "HOTPLUG-PING-OK", 120);
+    eprintln!("api-rig: vm.add-net to 3 pings through the new card {:.2} s", t0.elapsed().as_secs_f64());
+
+    let (code, counters) = api.curl("GET", "vm.counters", None);
+    assert_eq!(code, 200, "{counters}");
+    let v: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    let n = |d: &str, k: &str| v[d][k].as_u64().unwrap_or(0);
+    assert!(n("net1", "q0_bytes") >= 3 * 84 && n("net1", "q1_bytes") >= 3 * 84, "3 pings each way on net1: {counters}");
+    assert!(n("blk0", "q0_chains") > 0 && n("blk0", "needs_reset") == 0, "{counters}");
+    let (_, info) = api.curl("GET", "vm.info", None);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["device_tree"]["net1"]["pci_bdf"], "0000:00:05.0", "{info}");
+
+    let t0 = Instant::now();
+    let (code, resp) = api.curl("PUT", "vm.power-button", None);
+    assert_eq!(code, 204, "vm.power-button: {resp}");
+    wait_line(rx, "KEY-POWER", 60);
+    while api.state() != "Shutdown" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the guest did not power off within 60 s of vm.power-button");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("api-rig: vm.power-button to the VM's power-off {:.2} s", t0.elapsed().as_secs_f64());
 }

@@ -54,6 +54,10 @@ const GUEST_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    // The ACPI power button (PNP0C0C) and /dev/input/event* to read its
+    // KEY_POWER from (the API's vm.power-button).
+    "button",
+    "evdev",
 ];
 /// Modules the rig's L1 loads: 9p for the host root, kvm-amd for nested
 /// KVM, tun/veth/bridge/vhost for tests that build networks inside L1.

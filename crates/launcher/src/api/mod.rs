@@ -9,12 +9,14 @@
 //!   [`crate::config::VmConfig`] `kickvm run` builds from its options.
 //! - [`vmm`]: the one VM, its states and what each endpoint does to it;
 //!   the VM itself runs in [`crate::vm`] as under `kickvm run`.
+//! - [`hotplug`]: the device a `vm.add-*` adds to a running VM.
 //!
 //! One thread per connection, at most [`MAX_CONNECTIONS`] at a time: a
 //! request is a few hundred bytes of JSON and most work is synchronous
 //! (a boot waits for the VM's set-up), so threads keep each client's wait
 //! from delaying the others without an async runtime's start-up cost.
 
+pub mod hotplug;
 pub mod http;
 pub mod schema;
 pub mod vmm;

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use super::hotplug::{build_added, check_added, Added};
 use super::http::{Request, Response};
 use super::schema::{ChVmConfig, Disk, HostOptions, Net, Resize, SerialTarget};
 use crate::config::{ConfigError, TapFds, VmConfig};
-use crate::pci::VirtioPciDevice;
-use crate::platform::{Control, Exit};
-use crate::vm::{self, ConsoleIo, Watcher};
+use crate::platform::Exit;
+use crate::vm::{self, ConsoleIo, LiveVm, Watcher};
 
 /// How long `vm.boot` waits for the VM to be set up (its vCPUs started).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,8 +29,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the API can do to the VM while it runs.
 struct Live {
-    control: Arc<Control>,
-    devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    vm: Arc<LiveVm>,
 }
 
 /// The configured VM.
@@ -45,6 +44,9 @@ pub struct Vmm {
     inner: Mutex<Option<Created>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     live: Arc<Mutex<Option<Live>>>,
+    /// The configuration with the devices plugged in since `vm.boot`: the
+    /// VM thread builds the VM from it after a guest reset.
+    next_boot: Arc<Mutex<Option<VmConfig>>>,
     /// Set by `vmm.shutdown`: the server exits after answering.
     pub exit: AtomicBool,
 }
@@ -53,17 +55,21 @@ pub struct Vmm {
 struct ApiWatcher {
     live: Arc<Mutex<Option<Live>>>,
     booted: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    next_boot: Arc<Mutex<Option<VmConfig>>>,
 }
 
 impl Watcher for ApiWatcher {
-    fn started(&self, control: &Arc<Control>, devices: &[Arc<Mutex<VirtioPciDevice>>]) {
-        *lock(&self.live) = Some(Live { control: control.clone(), devices: devices.to_vec() });
+    fn started(&self, vm: &Arc<LiveVm>) {
+        *lock(&self.live) = Some(Live { vm: vm.clone() });
         if let Some(tx) = lock(&self.booted).take() {
             let _ = tx.send(Ok(()));
         }
     }
     fn stopped(&self, _exit: &Exit) {
         *lock(&self.live) = None;
+    }
+    fn config(&self) -> Option<VmConfig> {
+        lock(&self.next_boot).clone()
     }
 }
 
@@ -88,6 +94,7 @@ impl Vmm {
             inner: Mutex::new(None),
             thread: Mutex::new(None),
             live: Arc::new(Mutex::new(None)),
+            next_boot: Arc::new(Mutex::new(None)),
             exit: AtomicBool::new(false),
         }
     }
@@ -125,10 +132,7 @@ impl Vmm {
             "vm.boot" => self.boot(),
             "vm.shutdown" => self.shutdown(),
             "vm.reboot" => self.signal(Exit::Reset),
-            "vm.power-button" => Response::error(
-                400,
-                "vm.power-button: kickvm's ACPI has no power button (no SCI); use vm.shutdown, or poweroff in the guest",
-            ),
+            "vm.power-button" => self.power_button(),
             "vm.delete" => self.delete(),
             "vm.add-net" => self.add_net(&req.body, req.fds),
             "vm.add-disk" => self.add_disk(&req.body),
@@ -188,8 +192,14 @@ impl Vmm {
             "Created"
         };
         let mut tree = Map::new();
-        for (slot, id) in device_ids(&c.ch).into_iter().enumerate() {
-            tree.insert(id.clone(), json!({ "id": id, "pci_bdf": bdf(slot + 1) }));
+        // Where the devices are: on the running VM's bus (hot-plugged ones
+        // included), else where the next boot puts them.
+        let slots: Vec<(String, usize)> = match lock(&self.live).as_ref() {
+            Some(l) => l.vm.devices().into_iter().map(|(slot, d)| (lock(&d).name().to_string(), usize::from(slot))).collect(),
+            None => device_ids(&c.ch).into_iter().enumerate().map(|(i, id)| (id, i + 1)).collect(),
+        };
+        for (id, slot) in slots {
+            tree.insert(id.clone(), json!({ "id": id, "pci_bdf": bdf(slot) }));
         }
         let v = json!({
             "config": c.ch,
@@ -215,7 +225,9 @@ impl Vmm {
             Err(e) => return Response::error(500, format!("vm.boot: {e}")),
         };
         let (tx, rx) = mpsc::channel();
-        let watcher = ApiWatcher { live: self.live.clone(), booted: Mutex::new(Some(tx.clone())) };
+        *lock(&self.next_boot) = None;
+        let watcher =
+            ApiWatcher { live: self.live.clone(), booted: Mutex::new(Some(tx.clone())), next_boot: self.next_boot.clone() };
         let spawned = std::thread::Builder::new().name("kickvm-vm".into()).spawn(move || {
             let io = ConsoleIo { serial_out: serial_out(serial), stdin: None };
             match vm::run_until_stopped(&kvm, &cfg, &io, false, Some(&watcher)) {
@@ -247,7 +259,7 @@ impl Vmm {
         let t0 = Instant::now();
         while t0.elapsed() < STOP_TIMEOUT {
             if let Some(l) = lock(&self.live).as_ref() {
-                l.control.request(why);
+                l.vm.control.request(why);
                 return true;
             }
             if !self.running() {
@@ -310,26 +322,66 @@ impl Vmm {
         Response::no_content()
     }
 
+    /// Presses the running VM's power button (ACPI): the guest decides
+    /// what to do (Linux's default: power off).
+    fn power_button(&self) -> Response {
+        if lock(&self.inner).is_none() {
+            return Response::error(409, NO_VM);
+        }
+        let live = lock(&self.live).as_ref().map(|l| l.vm.clone());
+        match live {
+            Some(vm) => match vm.press_power_button() {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(500, format!("vm.power-button: {e}")),
+            },
+            None => conflict("vm.power-button: the VM is not running: PUT vm.boot first"),
+        }
+    }
+
     /// Runs `change` on a copy of the configuration and keeps the copy if
-    /// it still passes the checks: before boot only (kickvm has no hotplug).
-    fn reconfigure(&self, what: &str, change: impl FnOnce(&mut Created) -> Result<String, ConfigError>) -> Response {
+    /// it still passes the checks. While the VM runs, the new device is
+    /// also built and plugged into it (PCI hotplug); it stays in the
+    /// configuration for the VM's reboots and next boots.
+    fn reconfigure(
+        &self,
+        what: &str,
+        added: Added,
+        change: impl FnOnce(&mut Created) -> Result<String, ConfigError>,
+    ) -> Response {
         let mut inner = lock(&self.inner);
         let Some(c) = inner.as_mut() else { return Response::error(409, NO_VM) };
-        if self.running() || c.booted {
-            return conflict(&format!(
-                "{what}: kickvm cannot hot-plug into a booted VM (no ACPI or PCI hotplug); add it before vm.boot"
-            ));
-        }
-        let mut next = Created { ch: c.ch.clone(), tap_fds: c.tap_fds.clone(), booted: false };
+        let mut next = Created { ch: c.ch.clone(), tap_fds: c.tap_fds.clone(), booted: c.booted };
         let id = match change(&mut next) {
             Ok(id) => id,
             Err(e) => return bad(e),
         };
-        if let Err(e) = self.checked(&next.ch, &next.tap_fds) {
-            return bad(e);
+        let live = lock(&self.live).as_ref().map(|l| l.vm.clone());
+        let checked = match live {
+            Some(_) => next.ch.to_config(&self.host, &next.tap_fds).and_then(|(cfg, _)| check_added(&cfg, added).map(|_| cfg)),
+            None => self.checked(&next.ch, &next.tap_fds).map(|(cfg, _)| cfg),
+        };
+        let cfg = match checked {
+            Ok(cfg) => cfg,
+            Err(e) => return bad(e),
+        };
+        let slot = match live {
+            Some(vm) => {
+                let t0 = Instant::now();
+                let plugged = build_added(&cfg, added).and_then(|d| vm.hotplug(d).map_err(|e| e.to_string()));
+                match plugged {
+                    Ok(slot) => {
+                        log::info!("{what}: {id} plugged into slot {slot} in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+                        usize::from(slot)
+                    }
+                    Err(e) => return Response::error(500, format!("{what}: {e}")),
+                }
+            }
+            None => device_ids(&next.ch).iter().position(|d| *d == id).map_or(0, |i| i + 1),
+        };
+        if self.running() {
+            *lock(&self.next_boot) = Some(cfg);
         }
         *c = next;
-        let slot = device_ids(&c.ch).iter().position(|d| *d == id).map_or(0, |i| i + 1);
         Response::json(200, json!({ "id": id, "bdf": bdf(slot) }).to_string())
     }
 
@@ -338,7 +390,7 @@ impl Vmm {
             Ok(d) => d,
             Err(r) => return r,
         };
-        self.reconfigure("vm.add-disk", |c| {
+        self.reconfigure("vm.add-disk", Added::Disk, |c| {
             c.ch.disks.push(disk);
             Ok(format!("blk{}", c.ch.disks.len() - 1))
         })
@@ -351,7 +403,7 @@ impl Vmm {
             Ok(n) => n,
             Err(r) => return r,
         };
-        self.reconfigure("vm.add-net", move |c| {
+        self.reconfigure("vm.add-net", Added::Net, move |c| {
             if !fds.is_empty() {
                 let pairs = net.queue_pairs()?;
                 if usize::from(pairs) != fds.len() {
@@ -422,8 +474,8 @@ impl Vmm {
             return conflict("vm.counters: the VM is not running; counters exist while it runs");
         };
         let mut out = Map::new();
-        for d in &l.devices {
-            let d = lock(d);
+        for (_, d) in l.vm.devices() {
+            let d = lock(&d);
             let state = d.state();
             let mut m = Map::new();
             for (i, q) in state.queues.iter().enumerate() {

@@ -13,6 +13,8 @@
 //!   throttles that keep them from flooding the log.
 //! - [`virtio_pci`]: a virtio device as a PCI function: BAR0, ioeventfds,
 //!   activation and reset of the queue threads.
+//! - [`hotplug`]: the registers ACPI's PCI hotplug methods read and write
+//!   when a device is added to, or removed from, the running VM.
 //!
 //! # Setting it up (VM set-up code)
 //!
@@ -62,6 +64,7 @@
 pub mod common_cfg;
 pub mod config;
 pub mod guest_errors;
+pub mod hotplug;
 pub mod msix;
 pub mod root;
 pub mod virtio_pci;
@@ -87,6 +90,9 @@ pub use virtio_pci::{VirtioPciDevice, VirtioPciParams};
 pub trait PciDevice: Send {
     fn read_config(&mut self, offset: usize, data: &mut [u8]);
     fn write_config(&mut self, offset: usize, data: &[u8]);
+    /// The function left its slot (the guest ejected it): stop whatever
+    /// it runs and take it off the buses.
+    fn unplug(&mut self) {}
 }
 
 /// Binding a queue's kick eventfd to its notify address (KVM ioeventfd):
@@ -137,12 +143,13 @@ pub struct PciHost {
     msi: Arc<dyn MsiRouting>,
     next_bar: u64,
     devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    hotplug: Arc<hotplug::HotplugSlots>,
 }
 
 impl PciHost {
     /// Creates bus 0 with its host bridge and puts the configuration
     /// mechanisms on the buses (0xCF8..0xCFF on `pio_bus`, ECAM on
-    /// `mmio_bus`).
+    /// `mmio_bus`), and the hotplug registers on `pio_bus`.
     pub fn new(
         pio_bus: &Bus,
         mmio_bus: &Bus,
@@ -151,6 +158,12 @@ impl PciHost {
     ) -> Result<Self, PciError> {
         let root = PciRoot::new();
         root.register(pio_bus, mmio_bus)?;
+        let r = root.clone();
+        let hotplug = hotplug::HotplugSlots::new(Box::new(move |slot| r.eject(slot)));
+        let regs = Arc::new(Mutex::new(hotplug::HotplugRegisters(hotplug.clone())));
+        pio_bus
+            .insert(regs, layout::PCI_HOTPLUG_PORT, layout::PCI_HOTPLUG_LEN)
+            .map_err(root::RootError::Bus)?;
         Ok(PciHost {
             root,
             mmio_bus: mmio_bus.clone(),
@@ -158,6 +171,7 @@ impl PciHost {
             msi,
             next_bar: layout::PCI_MMIO_START,
             devices: Vec::new(),
+            hotplug,
         })
     }
 
@@ -169,6 +183,35 @@ impl PciHost {
         mem: &GuestMemory,
         runtime: &Arc<Runtime>,
     ) -> Result<Arc<Mutex<VirtioPciDevice>>, PciError> {
+        self.place_virtio(device, mem, runtime).map(|(dev, _)| dev)
+    }
+
+    /// Adds `device` to the running VM: in the first free slot, which the
+    /// guest learns of at the next PCI hotplug event (the caller raises
+    /// it). Linux then assigns its BAR, binds its driver, and the queue
+    /// threads start at DRIVER_OK as for any other device.
+    pub fn hotplug_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        mem: &GuestMemory,
+        runtime: &Arc<Runtime>,
+    ) -> Result<(Arc<Mutex<VirtioPciDevice>>, u8), PciError> {
+        let (dev, slot) = self.place_virtio(device, mem, runtime)?;
+        self.hotplug.device_arrived(slot);
+        Ok((dev, slot))
+    }
+
+    /// The hotplug state of the slots (removal requests).
+    pub fn hotplug(&self) -> &Arc<hotplug::HotplugSlots> {
+        &self.hotplug
+    }
+
+    fn place_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        mem: &GuestMemory,
+        runtime: &Arc<Runtime>,
+    ) -> Result<(Arc<Mutex<VirtioPciDevice>>, u8), PciError> {
         let size = virtio_pci::BAR_SIZE;
         let bar = self.next_bar.next_multiple_of(size);
         if bar + size > layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE {
@@ -185,10 +228,10 @@ impl PciHost {
                 bar_address: bar,
             },
         )?;
-        self.root.add(dev.clone())?;
+        let slot = self.root.add(dev.clone())?;
         self.next_bar = bar + size;
         self.devices.push(dev.clone());
-        Ok(dev)
+        Ok((dev, slot))
     }
 
     pub fn root(&self) -> &Arc<PciRoot> {

@@ -69,6 +69,21 @@ impl PciRoot {
         Ok(free as u8)
     }
 
+    /// Takes the function out of `slot` (the guest ejected it) and stops
+    /// it. The host bridge never leaves.
+    pub fn eject(&self, slot: u8) {
+        if slot == 0 {
+            return;
+        }
+        let dev = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.get_mut(usize::from(slot)).and_then(Option::take)
+        };
+        if let Some(d) = dev {
+            d.lock().unwrap_or_else(|e| e.into_inner()).unplug();
+        }
+    }
+
     /// Inserts the configuration mechanisms: ports 0xCF8..0xCFF on `pio`
     /// and the ECAM window at [`layout::PCI_ECAM_START`] on `mmio`.
     pub fn register(self: &Arc<Self>, pio: &Bus, mmio: &Bus) -> Result<(), RootError> {

@@ -530,6 +530,10 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u32, extra: &[u8]) -> Vec<u8> {
 }
 
 impl PciDevice for VirtioPciDevice {
+    fn unplug(&mut self) {
+        self.shutdown();
+    }
+
     fn read_config(&mut self, offset: usize, data: &mut [u8]) {
         let data_at = self.pci_cfg_cap + PCI_CFG_CAP_DATA;
         if touches(offset, data.len(), data_at, 4) {
