@@ -16,10 +16,19 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      acknowledgement reaches its console; every acknowledged
                      record must be in the image. RUNS per mode (default 20).
                      ~10 s per run in the rig.
-  many-vms [N]       N launchers at once in the rig (default 20), 128 MiB
-                     guests with net, disk, console socket and shared RAM:
-                     all boot, all power off, nothing left behind; prints
-                     their memory. A few minutes.
+  many-vms [N]       N launchers at once in the rig (default 20), tiny
+                     guests (the minimal image's vmlinux, 72 MiB each: the
+                     least Debian's kernel boots in; KICKVM_MANY_VMS_MIB
+                     sets another size) with net, disk, console socket and
+                     shared RAM: all boot, all power off, nothing left
+                     behind; prints their memory. A few minutes.
+  flakey [SECS]      host faults under one real guest: its disk's
+                     device-mapper table switched to error, then to flakey
+                     (up 1 s, down 1 s) with error_writes and with
+                     drop_writes for SECS seconds of writes each (default
+                     30), then its TAP set down, up and deleted; prints
+                     what the guest was told and what the device holds.
+                     About a minute plus 2 x SECS.
   soak [SECS]        SECS seconds (default 600) of traffic on every device
                      at once in the rig (TCP both ways, fio with crc32c
                      verification, hwrng, hvc0), sampling the launcher's
@@ -43,11 +52,12 @@ n=${2:-}
 case "$what" in
 durability) export KICKVM_DURABILITY_RUNS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact acknowledged_writes_survive_sigkill ;;
 many-vms) export KICKVM_MANY_VMS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact many_vms_boot_and_power_off_cleanly ;;
+flakey) export KICKVM_FLAKEY_SECS=${n:-30}; set -- -p kickvm --test reliability_rig -- --exact host_faults_reach_a_real_guest_as_errors_then_it_recovers ;;
 soak) export KICKVM_SOAK_SECS=${n:-600}; set -- -p kickvm --test reliability_rig -- --exact soak_every_device_at_once ;;
 reboots) export KICKVM_REBOOT_CYCLES=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact guest_reboot_cycles_keep_the_launcher_flat ;;
 resets) export KICKVM_RESET_CYCLES=${n:-1000}; set -- -p kickvm-virtio --test reliability_cycles -- ;;
 -h | --help) usage; exit 0 ;;
-*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, soak, reboots or resets (see --help)" >&2; exit 2 ;;
+*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, flakey, soak, reboots or resets (see --help)" >&2; exit 2 ;;
 esac
 [[ -z "$n" || "$n" =~ ^[0-9]+$ ]] || { echo "reliability.sh: '$n' is not a number: give a count (see --help)" >&2; exit 2; }
 

@@ -4,9 +4,11 @@
 //! cache and keyed by their versions, so a second build is a lookup and a
 //! new package version means a new image.
 //!
-//! Three variants:
+//! Four variants:
 //! - [`Variant::Guest`]: the default test guest (Debian cloud kernel),
 //!   with `socat` for vsock tests.
+//! - [`Variant::Minimal`]: the guest with busybox and the net and block
+//!   modules only, for tiny guests (64 MiB: many VMs at once).
 //! - [`Variant::Tools`]: the guest plus `iperf3`, `fio` and `ethtool`.
 //! - [`Variant::Rig`]: the rig's L1 (Debian generic kernel with 9p and
 //!   kvm-amd; `/init` is `crates/rig/guest/rig-init.sh`).
@@ -59,6 +61,8 @@ const GUEST_MODULES: &[&str] = &[
     "button",
     "evdev",
 ];
+/// Modules of [`Variant::Minimal`]: a disk and a network card.
+const MINIMAL_MODULES: &[&str] = &["virtio", "virtio_ring", "virtio_pci", "virtio_net", "virtio_blk"];
 /// Modules the rig's L1 loads: 9p for the host root, kvm-amd for nested
 /// KVM, tun/veth/bridge/vhost for tests that build networks inside L1.
 const RIG_MODULES: &[&str] = &[
@@ -97,6 +101,10 @@ pub enum Variant {
     Guest,
     /// The test guest plus iperf3, fio, ethtool and their libraries.
     Tools,
+    /// The test guest without socat and its libraries (libcrypto alone is
+    /// 4.5 MiB) and with only the net and block modules: an initramfs of
+    /// about 1 MiB, for guests of 64 MiB.
+    Minimal,
     /// The rig's L1: generic kernel, 9p + kvm-amd modules, rig init.
     Rig,
 }
@@ -107,6 +115,7 @@ impl Variant {
         match self {
             Variant::Guest => "guest",
             Variant::Tools => "guest-tools",
+            Variant::Minimal => "guest-minimal",
             Variant::Rig => "rig-l1",
         }
     }
@@ -121,6 +130,7 @@ impl Variant {
     fn modules(self) -> &'static [&'static str] {
         match self {
             Variant::Rig => RIG_MODULES,
+            Variant::Minimal => MINIMAL_MODULES,
             _ => GUEST_MODULES,
         }
     }
@@ -129,7 +139,7 @@ impl Variant {
     /// from them (with their libraries).
     fn extras(self) -> (Vec<&'static str>, Vec<&'static str>) {
         match self {
-            Variant::Rig => (Vec::new(), Vec::new()),
+            Variant::Rig | Variant::Minimal => (Vec::new(), Vec::new()),
             Variant::Guest => (GUEST_PACKAGES.to_vec(), GUEST_PROGRAMS.to_vec()),
             Variant::Tools => (
                 [GUEST_PACKAGES, TOOL_PACKAGES].concat(),
@@ -167,6 +177,11 @@ pub fn default_image() -> Result<GuestImage> {
 /// The guest with benchmark tools (`iperf3`, `fio`, `ethtool`).
 pub fn tools_image() -> Result<GuestImage> {
     image(Variant::Tools)
+}
+
+/// The smallest test guest (busybox, net and block modules).
+pub fn minimal_image() -> Result<GuestImage> {
+    image(Variant::Minimal)
 }
 
 /// The rig's L1 image.
@@ -331,10 +346,11 @@ fn last_built_image(images: &Path, variant: Variant, cache: &Cache) -> Result<Gu
             ),
             format!(
                 "build it on the host first: kickvm-rig image{}",
-                if variant == Variant::Tools {
-                    " --with-tools"
-                } else {
-                    ""
+                match variant {
+                    Variant::Tools => " --with-tools",
+                    Variant::Minimal => " --minimal",
+                    Variant::Rig => " --rig",
+                    Variant::Guest => "",
                 }
             ),
         )

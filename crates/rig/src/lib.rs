@@ -23,7 +23,7 @@ pub mod rig;
 pub mod vmlinux;
 
 pub use error::{Error, Result};
-pub use image::{default_image, tools_image, GuestImage};
+pub use image::{default_image, minimal_image, tools_image, GuestImage};
 pub use vmlinux::default_vmlinux;
 pub use rig::{
     host_kvm_is_usable, reexec_test_in_rig_if_needed, run_in_rig, system_map, threads_report, RigOptions, RigOutput,

@@ -14,11 +14,12 @@ const HELP: &str = "\
 kickvm-rig: real Linux guests for kickvm's tests
 
 USAGE
-  kickvm-rig image [--with-tools | --rig] [--print-paths | --print-vmlinux]
+  kickvm-rig image [--with-tools | --minimal | --rig] [--print-paths | --print-vmlinux]
       Build the guest image (Debian cloud kernel + busybox initramfs with the
       virtio modules and kickvm's /init) from Debian packages, or find it in the
-      cache. --with-tools adds iperf3, fio and ethtool; --rig builds the rig's
-      L1 image. --print-paths prints `KERNEL INITRD` on stdout. --print-vmlinux
+      cache. --with-tools adds iperf3, fio and ethtool; --minimal leaves out
+      socat and all modules but net and block (a ~1 MiB initramfs, for 64 MiB
+      guests); --rig builds the rig's L1 image. --print-paths prints `KERNEL INITRD` on stdout. --print-vmlinux
       prints the path of the uncompressed kernel (an ELF vmlinux with a PVH
       entry point, for `kickvm run --kernel`), taken out of the bzImage's LZ4
       payload into the image's directory on first use.
@@ -70,6 +71,7 @@ fn cmd_image(args: Vec<String>) -> Result<i32> {
     for a in args {
         match a.as_str() {
             "--with-tools" => variant = Variant::Tools,
+            "--minimal" => variant = Variant::Minimal,
             "--rig" => variant = Variant::Rig,
             "--print-paths" => print = true,
             "--print-vmlinux" => vmlinux = true,

@@ -342,57 +342,75 @@ fn send_frame(h: &mut Harness) {
     assert!(h.queues[1].wait_used(T).is_some(), "a packet sent completes");
 }
 
+/// An rng on `runtime` (a thread of its own, or the shared one) serves a
+/// request.
+fn rng_serves(runtime: &std::sync::Arc<kickvm_virtio::Runtime>, name: &str, mode: kickvm_virtio::ThreadingMode) -> Harness {
+    let opts = HarnessOpts { mode, ..HarnessOpts::default() };
+    let mut rng =
+        Harness::start_with_runtime(Box::new(Rng::new(name, RngConfig::default()).unwrap()), opts, runtime.clone())
+            .expect("rng");
+    let b = rng.guest.alloc(64, 16);
+    rng.queues[0].post(&[Buf::inb(b, 64)]).unwrap();
+    rng.queues[0].kick();
+    assert_eq!(rng.queues[0].wait_used(T).map(|u| u.1), Some(64), "{mode:?}: the rng serves");
+    rng
+}
+
 /// A TAP deleted (`ip link del`) under a running device whose receive queue
-/// waits on it with buffers posted, while the guest goes on sending: the
-/// guest is told the link is down (VIRTIO_NET_S_LINK_UP cleared, a
-/// configuration interrupt), the threads do not spin, one line is logged,
-/// a packet sent meanwhile completes (lost, counted), another device
-/// serves on, and a reset ends in bounded time.
+/// waits on it with buffers posted, while the guest goes on sending, in
+/// each threading mode: the guest is told the link is down
+/// (VIRTIO_NET_S_LINK_UP cleared, a configuration interrupt), the threads
+/// do not spin, one line is logged, a packet sent meanwhile completes
+/// (lost, counted), an rng on the same runtime (in `single` mode the same
+/// thread) serves on, and a reset ends in bounded time.
 #[test]
 fn a_tap_deleted_under_a_running_device() {
+    use kickvm_virtio::{Runtime, ThreadingMode};
     capture_logs();
     if !can_make_taps() {
         return;
     }
-    let _ns = OwnNetns::enter("del");
-    let name = "kvrelnet";
-    let mut h = start_net(name, "kvreltap", None);
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(link_up(&h), "the link is up while the TAP is");
-    let _ = config_interrupts(&h);
-    assert!(run("ip", &["link", "del", "kvreltap"]), "delete the TAP");
-    // The receive thread, asleep in its read, wakes with EBADFD.
-    assert!(eventually(|| !link_up(&h)), "the guest sees the link down");
-    assert!(config_interrupts(&h) >= 1, "a configuration interrupt told the driver");
-    let (rx, tx) = (format!("{name}-q0"), format!("{name}-q1"));
-    let t0 = Instant::now();
-    let ticks0 = thread_ticks(&rx) + thread_ticks(&tx);
-    // The guest keeps sending: each packet completes, lost and counted.
-    for _ in 0..50 {
-        send_frame(&mut h);
-        std::thread::sleep(Duration::from_millis(20));
+    for (i, mode) in [ThreadingMode::PerQueue, ThreadingMode::Single].into_iter().enumerate() {
+        let _ns = OwnNetns::enter(&format!("del{i}"));
+        let (name, tap) = (format!("kvrelnet{i}"), format!("kvreltap{i}"));
+        let runtime = Runtime::new(mode);
+        let mut h = start_net(&name, &tap, Some(runtime.clone()));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(link_up(&h), "{mode:?}: the link is up while the TAP is");
+        let _ = config_interrupts(&h);
+        assert!(run("ip", &["link", "del", &tap]), "delete the TAP");
+        // The receive thread, asleep in its read, wakes (EFAULT).
+        assert!(eventually(|| !link_up(&h)), "{mode:?}: the guest sees the link down");
+        assert!(config_interrupts(&h) >= 1, "{mode:?}: a configuration interrupt told the driver");
+        let threads = match mode {
+            ThreadingMode::PerQueue => vec![format!("{name}-q0"), format!("{name}-q1")],
+            _ => vec!["kickvm-io".to_string()],
+        };
+        let ticks = || threads.iter().map(|t| thread_ticks(t)).sum::<u64>();
+        let t0 = Instant::now();
+        let ticks0 = ticks();
+        // The guest keeps sending: each packet completes, lost and counted.
+        for _ in 0..50 {
+            send_frame(&mut h);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let busy = ticks() - ticks0;
+        let wall_ticks = t0.elapsed().as_secs_f64() * 100.0;
+        let errors = h.device.state().total().errors;
+        let lines = lines_about(&name, "TAP");
+        eprintln!(
+            "{mode:?}: TAP deleted: queue threads used {busy} ticks of CPU in {wall_ticks:.0}; {errors} errors counted, {lines} log lines"
+        );
+        assert!((busy as f64) < wall_ticks * 0.2, "{mode:?}: the queue threads spin on a deleted TAP: {busy} of {wall_ticks:.0} ticks");
+        assert!(errors >= 50, "{mode:?}: the lost packets are counted");
+        assert_eq!(lines, 1, "{mode:?}: one log line for a deleted TAP ({errors} errors)");
+        assert!(!link_up(&h), "{mode:?}: a deleted TAP does not come back");
+        // Another device goes on; a reset of this one ends in bounded time.
+        let _rng = rng_serves(&runtime, &format!("rngdel{i}"), mode);
+        let t = Instant::now();
+        h.reset();
+        assert!(t.elapsed() < Duration::from_millis(500), "{mode:?}: reset took {:?}", t.elapsed());
     }
-    let busy = thread_ticks(&rx) + thread_ticks(&tx) - ticks0;
-    let wall_ticks = t0.elapsed().as_secs_f64() * 100.0;
-    let errors = h.device.state().total().errors;
-    let lines = lines_about(name, "TAP");
-    eprintln!(
-        "TAP deleted: queue threads used {busy} ticks of CPU in {wall_ticks:.0}; {errors} errors counted, {lines} log lines"
-    );
-    assert!((busy as f64) < wall_ticks * 0.2, "the queue threads spin on a deleted TAP: {busy} of {wall_ticks:.0} ticks");
-    assert!(errors >= 50, "the lost packets are counted");
-    assert_eq!(lines, 1, "one log line for a deleted TAP ({errors} errors)");
-    assert!(!link_up(&h), "a deleted TAP does not come back");
-    // Another device goes on; a reset of this one ends in bounded time.
-    let mut rng = Harness::start(Box::new(Rng::new("rngnet", RngConfig::default()).unwrap()), HarnessOpts::default())
-        .expect("rng");
-    let b = rng.guest.alloc(64, 16);
-    rng.queues[0].post(&[Buf::inb(b, 64)]).unwrap();
-    rng.queues[0].kick();
-    assert_eq!(rng.queues[0].wait_used(T).map(|u| u.1), Some(64));
-    let t = Instant::now();
-    h.reset();
-    assert!(t.elapsed() < Duration::from_millis(500), "reset took {:?}", t.elapsed());
 }
 
 /// A TAP set down under a running device, then up again, in each
@@ -414,13 +432,7 @@ fn a_tap_set_down_and_up_again_turns_the_guests_link_off_and_on() {
         let (name, tap) = (format!("kvdown{i}"), format!("kvdowntap{i}"));
         let runtime = Runtime::new(mode);
         let mut h = start_net(&name, &tap, Some(runtime.clone()));
-        let opts = HarnessOpts { mode, ..HarnessOpts::default() };
-        let mut rng = Harness::start_with_runtime(
-            Box::new(Rng::new(&format!("rngdown{i}"), RngConfig::default()).unwrap()),
-            opts,
-            runtime,
-        )
-        .expect("rng");
+        let mut rng = rng_serves(&runtime, &format!("rngdown{i}"), mode);
         send_frame(&mut h);
         assert!(link_up(&h), "{mode:?}: the link is up while the TAP is");
         let _ = config_interrupts(&h);

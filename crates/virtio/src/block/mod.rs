@@ -204,6 +204,7 @@ impl VirtioDevice for Block {
                     readonly: self.readonly,
                     id: self.id,
                     fault: Default::default(),
+                    sync_fault: Default::default(),
                     cache: cache.clone(),
                 }) as Box<dyn QueueWorker>
             })

@@ -23,6 +23,12 @@ pub(super) struct RequestQueue {
     /// The disk file's failures (a full host file system, an I/O error):
     /// every failed request counted, each failing spell logged once.
     pub fault: BackendFault,
+    /// Failures to make data durable (`fdatasync`), a spell of their own:
+    /// a write that lands in the host's page cache says nothing about the
+    /// storage under it (a device-mapper `flakey` or `error` table fails
+    /// the flush and lets the write through), so only a flush that works
+    /// ends it.
+    pub sync_fault: BackendFault,
     pub cache: WriteCache,
 }
 
@@ -105,25 +111,47 @@ impl RequestQueue {
                 return Ok(Err(VIRTIO_BLK_S_UNSUPP));
             }
         };
-        // Write-through: the data is on stable storage before the guest
-        // hears the write is done.
-        let r = r.and_then(|n| {
-            if writes && self.cache.write_through() {
-                // SAFETY: fdatasync on the disk's own open fd.
-                cvt(unsafe { libc::fdatasync(fd) })?;
-            }
-            Ok(n)
-        });
+        let flush = matches!(req.kind, Kind::Flush);
+        let r = match r {
+            Err(e) if flush => Err(Failure::Sync(e)),
+            Err(e) => Err(Failure::Io(e)),
+            // Write-through: the data is on stable storage before the
+            // guest hears the write is done.
+            // SAFETY: fdatasync on the disk's own open fd.
+            Ok(n) if writes && self.cache.write_through() => match cvt(unsafe { libc::fdatasync(fd) }) {
+                Ok(_) => Ok((n, true)),
+                Err(e) => {
+                    self.fault.worked(q);
+                    Err(Failure::Sync(e))
+                }
+            },
+            Ok(n) => Ok((n, flush)),
+        };
         Ok(match r {
-            Ok(n) => {
-                self.fault.worked(q);
+            Ok((n, synced)) => {
+                if !flush {
+                    self.fault.worked(q);
+                }
+                if synced {
+                    self.sync_fault.worked(q);
+                }
                 Ok(n)
             }
-            Err(e) => {
+            Err(Failure::Io(e)) => {
                 self.fault.failed(q, &format!("disk I/O failed: {e}"));
+                Err(VIRTIO_BLK_S_IOERR)
+            }
+            Err(Failure::Sync(e)) => {
+                self.sync_fault.failed(q, &format!("disk flush (fdatasync) failed: {e}"));
                 Err(VIRTIO_BLK_S_IOERR)
             }
         })
     }
 }
 
+/// Which part of a request failed: its I/O on the file, or making the
+/// data durable.
+enum Failure {
+    Io(std::io::Error),
+    Sync(std::io::Error),
+}
