@@ -310,6 +310,9 @@ fn l1_command(
     ])
     .arg("-serial")
     .arg(format!("file:{}", files.console.display()))
+    // For the record of L1's vCPUs when the rig has to kill it.
+    .arg("-monitor")
+    .arg(format!("unix:{},server=on,wait=off", monitor_socket(&files.console).display()))
     .arg("-kernel")
     .arg(&l1.kernel)
     .arg("-initrd")
@@ -371,6 +374,51 @@ fn l1_kernel_locked_up(console: &str) -> bool {
     console.matches("watchdog: BUG: soft lockup").count() >= 2
 }
 
+/// QEMU's monitor socket, next to L1's console log.
+fn monitor_socket(console: &Path) -> PathBuf {
+    console.with_file_name("monitor.sock")
+}
+
+/// Where [`record_l1_cpus`] writes, next to L1's console log.
+fn l1_cpus_file(console: &Path) -> PathBuf {
+    console.with_file_name("l1-cpus.txt")
+}
+
+/// Before the rig kills an L1 that stopped making progress: L1's vCPU
+/// registers from QEMU's monitor (`info registers -a`), twice a second
+/// apart, so the record shows whether L1 still runs and where (in its
+/// kernel, in an L2 guest, halted). Best effort; a monitor that does not
+/// answer is said in the file.
+fn record_l1_cpus(console: &Path) {
+    use std::os::unix::net::UnixStream;
+    let ask = || -> std::io::Result<String> {
+        let mut m = UnixStream::connect(monitor_socket(console))?;
+        m.set_read_timeout(Some(Duration::from_secs(2)))?;
+        m.write_all(b"info registers -a\n")?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        // The monitor keeps the connection open: read until it goes quiet.
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    let mut text = String::new();
+    for i in 0..2 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match ask() {
+            Ok(t) => text.push_str(&t),
+            Err(e) => text.push_str(&format!("QEMU's monitor did not answer: {e}\n")),
+        }
+    }
+    let _ = fs::write(l1_cpus_file(console), text);
+}
+
 /// Waits for L1 to power off, killing it at `t_boot + opts.timeout`;
 /// meanwhile notes the boot time when the command starts and collects the
 /// command's output as it grows.
@@ -391,6 +439,7 @@ fn wait_for_l1(
         if Instant::now() >= next_look {
             next_look = Instant::now() + Duration::from_secs(2);
             if l1_kernel_locked_up(&fs::read_to_string(console).unwrap_or_default()) {
+                record_l1_cpus(console);
                 let _ = child.kill();
                 let _ = child.wait();
                 lockup = true;
@@ -407,6 +456,7 @@ fn wait_for_l1(
         match child.try_wait() {
             Ok(Some(_)) => break true,
             Ok(None) if Instant::now() >= deadline => {
+                record_l1_cpus(console);
                 let _ = child.kill();
                 let _ = child.wait();
                 break false;
@@ -435,8 +485,9 @@ fn command_status(end: &L1End, files: &RunFiles, opts: &RigOptions) -> Result<i3
                 qemu::tail(&console_text, 3)
             ),
             format!(
-                "L1 console log: {}; raise --timeout if the command is just slow",
-                files.console.display()
+                "L1 console log: {}; L1's vCPU registers before the kill: {}; raise --timeout if the command is just slow",
+                files.console.display(),
+                l1_cpus_file(&files.console).display()
             ),
         ));
     }
