@@ -3,6 +3,9 @@
 # (-accel kvm, the peer) in the same L1, alternating, and counts how each
 # boot ended: the hunt for the rare L2 triple fault (docs/reliability.md).
 set -euo pipefail
+# Read whole before it runs: an edit of this file during a run (an hour
+# long) must not change what the run does.
+{
 cd "$(dirname "$0")/.."
 
 usage() {
@@ -187,3 +190,5 @@ for v in $vmms; do
         printf '%s %s %s\n' "$v" "$r" "$(grep -c "^$v [0-9]* $r " "$out/results.txt")"
     done
 done | tee -a "$out/results.txt"
+exit
+}
