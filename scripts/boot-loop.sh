@@ -175,8 +175,10 @@ for ((i = 1; i <= boots; i += parallel)); do
             (
                 r=$(boot_one "$v" "$d")
                 echo "$v $((i + j)) $r $(date -u +%T) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$out/results.txt"
-                [ "$r" = ok ] && rm -rf "$d"
-                [ "$r" = triple ] && cp $tracing/trace "$d/kvm-shutdown-trace" 2>/dev/null
+                case "$r" in
+                ok) rm -rf "$d" ;;
+                triple) cp $tracing/trace "$d/kvm-shutdown-trace" 2>/dev/null || true ;;
+                esac
             ) &
             pids+=($!)
         done
