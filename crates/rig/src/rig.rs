@@ -114,7 +114,8 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The script L1 runs in the chroot: cd to the host's cwd, set the
-/// environment, exec the command.
+/// environment, run the command, report the L2 triple faults L1 saw
+/// meanwhile, exit with the command's status.
 fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
     let cwd = sh_quote(&cwd.to_string_lossy());
     let mut env: Vec<String> = std::env::vars()
@@ -134,11 +135,22 @@ fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
     )));
     let argv: Vec<String> = cmd.iter().map(|a| sh_quote(a)).collect();
     format!(
-        "cd {cwd} 2>/dev/null || {{ echo \"rig: cwd {cwd} is not visible in L1 (/tmp and /run are L1's own); running in /\" >&2; cd /; }}\nexec env -i {} {}\n",
+        "cd {cwd} 2>/dev/null || {{ echo \"rig: cwd {cwd} is not visible in L1 (/tmp and /run are L1's own); running in /\" >&2; cd /; }}\n{TRACE_SHUTDOWNS}env -i {} {}\nstatus=$?\n{REPORT_SHUTDOWNS}exit $status\n",
         env.join(" "),
         argv.join(" ")
     )
 }
+
+/// Before the command: L1's KVM records every shutdown exit of an L2
+/// vCPU (SVM exit code 0x7f, a triple fault) with the guest's RIP at the
+/// fault — which no VMM can read afterwards, KVM on AMD having reset the
+/// vCPU (docs/reliability.md). Only those exits pass the filter.
+const TRACE_SHUTDOWNS: &str = "t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs tracefs $t 2>/dev/null; \
+{ echo 'exit_reason == 127' > $t/events/kvm/kvm_exit/filter && echo 1 > $t/events/kvm/kvm_exit/enable; } 2>/dev/null\n";
+
+/// After it: one stderr line per L2 triple fault L1 saw, if any.
+const REPORT_SHUTDOWNS: &str =
+    "grep -h 'reason shutdown' $t/trace 2>/dev/null | sed 's/^ */rig: L1 saw an L2 triple fault: /' >&2\n";
 
 /// A fresh directory for one rig run: `console.log` and `scratch/`.
 fn run_dir() -> Result<PathBuf> {
@@ -797,7 +809,8 @@ mod tests {
         assert!(s.starts_with("cd '/w d'"));
         assert!(s.contains("KICKVM_IN_RIG=1"));
         assert!(s.contains("'KICKVM_RIG_SCRATCH=/s'"));
-        assert!(s.ends_with("'sh' '-c' 'echo $X'\n"));
+        assert!(s.contains("'sh' '-c' 'echo $X'\nstatus=$?\n"));
+        assert!(s.ends_with("exit $status\n"));
     }
 
     #[test]
