@@ -3,6 +3,9 @@
 # (-accel kvm, the peer) in the same L1, alternating, and counts how each
 # boot ended: the hunt for the rare L2 triple fault (docs/reliability.md).
 set -euo pipefail
+# Read whole before it runs: an edit of this file during a run (an hour
+# long) must not change what the run does.
+{
 cd "$(dirname "$0")/.."
 
 usage() {
@@ -19,7 +22,9 @@ so both see the same L1 and the same load. Every boot ends as one of:
   ok       the script ran and the guest powered off
   triple   the guest reset itself without being asked (kickvm: its
            "triple fault" dump; QEMU: a reset with -no-reboot, its
-           CPU state at the reset is logged by -d cpu_reset)
+           CPU state at the reset is logged by -d cpu_reset); L1's
+           kvm:kvm_exit trace of shutdown exits (the RIP at the fault,
+           for both VMMs) is kept with it
   hang     no power-off within SECS (default 90): the launcher's threads
            (/proc/PID/task/*/wchan and stack) are recorded, kickvm is sent
            SIGUSR1 (it logs every vCPU's registers), then it is killed
@@ -146,6 +151,19 @@ boot_one() {
     fi
 }
 
+# L1's KVM records every shutdown exit of an L2 vCPU (SVM exit code 0x7f:
+# a triple fault) with the guest RIP at the fault, for either VMM: on AMD
+# the vCPU's registers are reset before a VMM can read them.
+tracing=/sys/kernel/tracing
+[ -d $tracing/events ] || mount -t tracefs tracefs $tracing 2>/dev/null || true
+if [ -w $tracing/events/kvm/kvm_exit/filter ]; then
+    echo 'exit_reason == 127' >$tracing/events/kvm/kvm_exit/filter
+    echo 1 >$tracing/events/kvm/kvm_exit/enable
+    echo > $tracing/trace
+else
+    echo "boot-loop: no kvm:kvm_exit tracepoint in L1: shutdown RIPs not recorded" >&2
+fi
+
 vmms=$vmm
 [ "$vmm" = both ] && vmms="kickvm qemu"
 t0=$(date +%s)
@@ -157,7 +175,10 @@ for ((i = 1; i <= boots; i += parallel)); do
             (
                 r=$(boot_one "$v" "$d")
                 echo "$v $((i + j)) $r $(date -u +%T) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$out/results.txt"
-                [ "$r" = ok ] && rm -rf "$d"
+                case "$r" in
+                ok) rm -rf "$d" ;;
+                triple) cp $tracing/trace "$d/kvm-shutdown-trace" 2>/dev/null || true ;;
+                esac
             ) &
             pids+=($!)
         done
@@ -165,8 +186,11 @@ for ((i = 1; i <= boots; i += parallel)); do
     done
 done
 echo "boot-loop: $(($(date +%s) - t0)) s in L1" >>"$out/results.txt"
+cp $tracing/trace "$out/kvm-shutdown-trace" 2>/dev/null || true
 for v in $vmms; do
     for r in ok triple hang other; do
         printf '%s %s %s\n' "$v" "$r" "$(grep -c "^$v [0-9]* $r " "$out/results.txt")"
     done
 done | tee -a "$out/results.txt"
+exit
+}

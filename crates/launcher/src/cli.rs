@@ -52,7 +52,10 @@ The kernel command line always starts with:
 and --cmdline is appended. The serial port (ttyS0) prints to stdout and,
 unless --console stdio, reads stdin. Guest `poweroff` ends kickvm with
 status 0; guest `reboot` boots the VM again (or ends it with --no-reboot).
-Ctrl-C or SIGTERM stop the VM and restore the terminal.";
+Ctrl-C or SIGTERM stop the VM and restore the terminal. SIGUSR1 logs what
+every vCPU is doing (registers, exits; a guest that seems stuck) and the VM
+goes on; a guest triple fault is logged the same way. With the kernel's
+System.map next to it (or KICKVM_SYSTEM_MAP=PATH) the guest function is named.";
 
 const API_EXAMPLES: &str = "\
 Driven over an API socket (Cloud Hypervisor's REST API, as Kata Containers'

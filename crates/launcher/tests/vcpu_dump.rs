@@ -149,3 +149,41 @@ fn sigusr1_logs_every_vcpu_and_the_vm_runs_on() {
     assert!(vcpu0.contains("guest code at rip: not in the kernel image"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The same triple fault under KVM on AMD (the rig's L1): KVM has reset
+/// the vCPU before the launcher can read it, and the block says so; the
+/// RIP at the fault is in L1's `kvm:kvm_exit` trace, which the rig turns
+/// on for shutdown exits around every command.
+#[test]
+fn a_triple_fault_under_amd_kvm_is_said_to_have_reset_the_vcpu_and_l1_traces_its_rip() {
+    if let Some(passed) = kickvm_rig::reexec_test_in_rig_if_needed(
+        "a_triple_fault_under_amd_kvm_is_said_to_have_reset_the_vcpu_and_l1_traces_its_rip",
+    ) {
+        assert!(passed, "failed inside the rig");
+        return;
+    }
+    let amd = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().any(|l| l.starts_with("flags") && l.contains(" svm"));
+    let trace = std::path::Path::new("/sys/kernel/tracing/trace");
+    if !amd || !trace.exists() {
+        eprintln!("skipped: needs KVM on AMD with tracefs (the rig's L1)");
+        return;
+    }
+    let dir = scratch("triple-amd");
+    let code = triple_fault_high();
+    let k = write(&dir, "vmlinuz-kvtest", &fake_bzimage(&code));
+    let out = kickvm()
+        .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--no-reboot"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status {:?}, stderr: {stderr}", out.status);
+    assert!(stderr.contains("vcpu0: triple fault, resetting (#1)") && stderr.contains("the vCPU is in its power-on state"), "{stderr}");
+    // The `ud2` is the code's last instruction: physical 1 MiB + 0x200
+    // (the 64-bit entry) + its offset, mapped at HIGH_BASE.
+    let rip = HIGH_BASE + 0x10_0200 + code.len() as u64 - 2;
+    let traced = std::fs::read_to_string(trace).unwrap_or_default();
+    assert!(traced.contains(&format!("reason shutdown rip {rip:#x}")), "no shutdown at {rip:#x} in L1's trace:\n{traced}");
+    let _ = std::fs::remove_dir_all(dir);
+}

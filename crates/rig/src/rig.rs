@@ -114,7 +114,8 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The script L1 runs in the chroot: cd to the host's cwd, set the
-/// environment, exec the command.
+/// environment, run the command, report the L2 triple faults L1 saw
+/// meanwhile, exit with the command's status.
 fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
     let cwd = sh_quote(&cwd.to_string_lossy());
     let mut env: Vec<String> = std::env::vars()
@@ -134,11 +135,22 @@ fn command_script(cmd: &[String], cwd: &Path, scratch: &Path) -> String {
     )));
     let argv: Vec<String> = cmd.iter().map(|a| sh_quote(a)).collect();
     format!(
-        "cd {cwd} 2>/dev/null || {{ echo \"rig: cwd {cwd} is not visible in L1 (/tmp and /run are L1's own); running in /\" >&2; cd /; }}\nexec env -i {} {}\n",
+        "cd {cwd} 2>/dev/null || {{ echo \"rig: cwd {cwd} is not visible in L1 (/tmp and /run are L1's own); running in /\" >&2; cd /; }}\n{TRACE_SHUTDOWNS}env -i {} {}\nstatus=$?\n{REPORT_SHUTDOWNS}exit $status\n",
         env.join(" "),
         argv.join(" ")
     )
 }
+
+/// Before the command: L1's KVM records every shutdown exit of an L2
+/// vCPU (SVM exit code 0x7f, a triple fault) with the guest's RIP at the
+/// fault — which no VMM can read afterwards, KVM on AMD having reset the
+/// vCPU (docs/reliability.md). Only those exits pass the filter.
+const TRACE_SHUTDOWNS: &str = "t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs tracefs $t 2>/dev/null; \
+{ echo 'exit_reason == 127' > $t/events/kvm/kvm_exit/filter && echo 1 > $t/events/kvm/kvm_exit/enable; } 2>/dev/null\n";
+
+/// After it: one stderr line per L2 triple fault L1 saw, if any.
+const REPORT_SHUTDOWNS: &str =
+    "grep -h 'reason shutdown' $t/trace 2>/dev/null | sed 's/^ */rig: L1 saw an L2 triple fault: /' >&2\n";
 
 /// A fresh directory for one rig run: `console.log` and `scratch/`.
 fn run_dir() -> Result<PathBuf> {
@@ -310,6 +322,9 @@ fn l1_command(
     ])
     .arg("-serial")
     .arg(format!("file:{}", files.console.display()))
+    // For the record of L1's vCPUs when the rig has to kill it.
+    .arg("-monitor")
+    .arg(format!("unix:{},server=on,wait=off", monitor_socket(&files.console).display()))
     .arg("-kernel")
     .arg(&l1.kernel)
     .arg("-initrd")
@@ -371,6 +386,51 @@ fn l1_kernel_locked_up(console: &str) -> bool {
     console.matches("watchdog: BUG: soft lockup").count() >= 2
 }
 
+/// QEMU's monitor socket, next to L1's console log.
+fn monitor_socket(console: &Path) -> PathBuf {
+    console.with_file_name("monitor.sock")
+}
+
+/// Where [`record_l1_cpus`] writes, next to L1's console log.
+fn l1_cpus_file(console: &Path) -> PathBuf {
+    console.with_file_name("l1-cpus.txt")
+}
+
+/// Before the rig kills an L1 that stopped making progress: L1's vCPU
+/// registers from QEMU's monitor (`info registers -a`), twice a second
+/// apart, so the record shows whether L1 still runs and where (in its
+/// kernel, in an L2 guest, halted). Best effort; a monitor that does not
+/// answer is said in the file.
+fn record_l1_cpus(console: &Path) {
+    use std::os::unix::net::UnixStream;
+    let ask = || -> std::io::Result<String> {
+        let mut m = UnixStream::connect(monitor_socket(console))?;
+        m.set_read_timeout(Some(Duration::from_secs(2)))?;
+        m.write_all(b"info registers -a\n")?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        // The monitor keeps the connection open: read until it goes quiet.
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    let mut text = String::new();
+    for i in 0..2 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match ask() {
+            Ok(t) => text.push_str(&t),
+            Err(e) => text.push_str(&format!("QEMU's monitor did not answer: {e}\n")),
+        }
+    }
+    let _ = fs::write(l1_cpus_file(console), text);
+}
+
 /// Waits for L1 to power off, killing it at `t_boot + opts.timeout`;
 /// meanwhile notes the boot time when the command starts and collects the
 /// command's output as it grows.
@@ -391,6 +451,7 @@ fn wait_for_l1(
         if Instant::now() >= next_look {
             next_look = Instant::now() + Duration::from_secs(2);
             if l1_kernel_locked_up(&fs::read_to_string(console).unwrap_or_default()) {
+                record_l1_cpus(console);
                 let _ = child.kill();
                 let _ = child.wait();
                 lockup = true;
@@ -407,6 +468,7 @@ fn wait_for_l1(
         match child.try_wait() {
             Ok(Some(_)) => break true,
             Ok(None) if Instant::now() >= deadline => {
+                record_l1_cpus(console);
                 let _ = child.kill();
                 let _ = child.wait();
                 break false;
@@ -435,8 +497,9 @@ fn command_status(end: &L1End, files: &RunFiles, opts: &RigOptions) -> Result<i3
                 qemu::tail(&console_text, 3)
             ),
             format!(
-                "L1 console log: {}; raise --timeout if the command is just slow",
-                files.console.display()
+                "L1 console log: {}; L1's vCPU registers before the kill: {}; raise --timeout if the command is just slow",
+                files.console.display(),
+                l1_cpus_file(&files.console).display()
             ),
         ));
     }
@@ -746,7 +809,8 @@ mod tests {
         assert!(s.starts_with("cd '/w d'"));
         assert!(s.contains("KICKVM_IN_RIG=1"));
         assert!(s.contains("'KICKVM_RIG_SCRATCH=/s'"));
-        assert!(s.ends_with("'sh' '-c' 'echo $X'\n"));
+        assert!(s.contains("'sh' '-c' 'echo $X'\nstatus=$?\n"));
+        assert!(s.ends_with("exit $status\n"));
     }
 
     #[test]

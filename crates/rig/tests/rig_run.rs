@@ -80,6 +80,14 @@ fn hanging_command_is_killed_at_the_timeout() {
             "the console log {} is missing",
             log.display()
         );
+        // L1's vCPUs as QEMU's monitor saw them before the kill, twice.
+        let cpus = log.with_file_name("l1-cpus.txt");
+        let regs = std::fs::read_to_string(&cpus).unwrap_or_default();
+        assert!(
+            regs.matches("RIP=").count() >= 2 && line.contains(&cpus.display().to_string()),
+            "{}: {regs}",
+            cpus.display()
+        );
         if let Some(dir) = log
             .parent()
             .filter(|d| d.to_string_lossy().contains("kickvm-rig-"))
