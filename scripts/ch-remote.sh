@@ -16,8 +16,10 @@ path), and drives kickvm with it, with the default guest image:
 
   ping, create (from a JSON file), info (Created), add-net (a TAP fd passed
   over the socket: fd=[3]), add-disk, boot, the guest pings the host over
-  that NIC, info (Running), counters (the NIC's bytes), shutdown, info
-  (Shutdown), shutdown-vmm (kickvm gone within 3 s, socket removed).
+  that NIC, info (Running), counters (the NIC's bytes), add-disk on the
+  running VM (the guest finds /dev/vdb), power-button (the guest waits for
+  KEY_POWER and powers off: info Shutdown), boot again (both disks), shutdown,
+  info (Shutdown), shutdown-vmm (kickvm gone within 3 s, socket removed).
 
 On a host whose /dev/kvm cannot run Linux (kvm_pvm) the driving part runs
 in the nested rig (kickvm-rig run). Needs root (TAP), git, python3 (opens
@@ -70,7 +72,13 @@ drive() {
     for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
     say "ping: $(cr ping)"
 
-    local script='ping -c 3 -W 2 10.0.2.2 && echo PING-OK; sleep 600'
+    # The power button's input device is opened first, so no press is
+    # missed; KEY_POWER is an input_event of type 1, code 116, value 1.
+    local script='for e in /sys/class/input/event*; do grep -q "Power Button" $e/device/name && exec 3</dev/input/${e##*/}; done
+ping -c 3 -W 2 10.0.2.2 && echo PING-OK
+i=0; while [ ! -e /dev/vdb ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; [ -e /dev/vdb ] && echo HOTPLUG-DISK-OK
+while :; do set -- $(dd bs=24 count=1 <&3 2>/dev/null | hexdump -v -e "6/4 \"%08x \" \"\n\""); [ "$5" = 00740001 ] && [ "$6" = 00000001 ] && break; done
+echo KEY-POWER; poweroff -f'
     local cmd; cmd="loglevel=4 kickvm.cmd=$(printf '%s' "$script" | base64 -w0)"
     cat >"$work/vm.json" <<JSON
 {"payload": {"kernel": "$kernel", "initramfs": "$initrd", "cmdline": "$cmd"},
@@ -106,6 +114,20 @@ PY
     say "counters: $counters"
     python3 -c 'import json,sys; c=json.loads(sys.argv[1]); n=c["net1"] if "net1" in c else c["net0"]; sys.exit(0 if n["q0_bytes"]>0 and n["q1_bytes"]>0 else 1)' "$counters" \
         || fail "counters show no traffic on the NIC"
+    truncate -s 64M "$work/hot.img"
+    say "add-disk on the running VM: $(cr add-disk "path=$work/hot.img")"
+    for _ in $(seq 240); do grep -q HOTPLUG-DISK-OK "$console" && break; sleep 0.5; done
+    grep -q HOTPLUG-DISK-OK "$console" || fail "the guest did not find the disk plugged in after boot"
+    say "the guest found /dev/vdb"
+    cr power-button
+    for _ in $(seq 120); do cr info | grep -q '"state":"Shutdown"' && break; sleep 0.5; done
+    grep -q KEY-POWER "$console" || fail "the guest got no KEY_POWER"
+    cr info | grep -q '"state":"Shutdown"' || fail "the guest did not power off after power-button"
+    say "power-button: the guest got KEY_POWER and powered off; info: Shutdown"
+    cr boot
+    for _ in $(seq 240); do [ "$(grep -c HOTPLUG-DISK-OK "$console")" = 2 ] && break; sleep 0.5; done
+    [ "$(grep -c HOTPLUG-DISK-OK "$console")" = 2 ] || fail "booted again, the guest does not have both disks"
+    say "boot again: Running, with both disks"
     cr shutdown
     cr info | grep -q '"state":"Shutdown"' || fail "info after shutdown is not Shutdown"
     say "shutdown + info: Shutdown"
@@ -119,7 +141,7 @@ PY
     [ ! -e "$sock" ] || fail "the API socket is left behind"
     [ ! -e /sys/class/net/kvch0 ] || fail "the TAP is left behind"
     say "shutdown-vmm: kickvm gone after $(( ($(date +%s%N) - t0) / 1000000 )) ms, socket and TAP gone"
-    say "PASSED: ping, create, info, add-net (fd), add-disk, boot, counters, shutdown, shutdown-vmm"
+    say "PASSED: ping, create, info, add-net (fd), add-disk, boot, counters, add-disk after boot, power-button, boot, shutdown, shutdown-vmm"
     rm -rf "$work"
 }
 

@@ -1,8 +1,10 @@
 //! The main thread's seccomp filter: an allow-list.
 //!
 //! The main thread builds the VM, and builds it again at every guest
-//! reboot; under `--api-socket` it also serves the API and builds the VM
-//! when asked. So it opens files and TAPs, maps memory and talks to KVM
+//! reboot; under `--api-socket` it also serves the API, builds the VM
+//! when asked, and builds the devices plugged into the running VM (disk
+//! files opened, TAP fds duplicated, eventfds, KVM's `KVM_IRQ_LINE` for
+//! the GED, all in [`BUILD`]). So it opens files and TAPs, maps memory and talks to KVM
 //! long after start-up. And every thread it starts (vCPUs, queue threads,
 //! stdin, the vhost-user watchers, the API's) inherits its filter before
 //! adding its own, so its list must also hold their calls. What it

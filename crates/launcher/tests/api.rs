@@ -106,6 +106,8 @@ fn every_endpoint_with_curl() {
     // The power button: pressed (this guest does not listen).
     let (code, body) = api.curl("PUT", "vm.power-button", None);
     assert_eq!(code, 204, "{body}");
+    let (code, body) = api.curl("PUT", "vm.remove-device", Some(r#"{"id":"blk1"}"#));
+    assert!(code == 400 && body.contains("cannot take a device out") && body.lines().count() == 1, "{code} {body}");
     assert_eq!(api.state(), "Running");
 
     // A reboot builds the VM anew, with the disk plugged in since boot

@@ -112,7 +112,7 @@ impl Vmm {
         let want = match action {
             "vmm.ping" | "vm.info" | "vm.counters" => "GET",
             "vm.create" | "vm.boot" | "vm.shutdown" | "vm.reboot" | "vm.power-button" | "vm.delete" | "vm.add-net"
-            | "vm.add-disk" | "vm.resize" | "vmm.shutdown" => "PUT",
+            | "vm.add-disk" | "vm.remove-device" | "vm.resize" | "vmm.shutdown" => "PUT",
             _ => return Response::error(404, format!("{action}: unknown endpoint (see docs/api.md for the list)")),
         };
         if req.method != want {
@@ -136,6 +136,10 @@ impl Vmm {
             "vm.delete" => self.delete(),
             "vm.add-net" => self.add_net(&req.body, req.fds),
             "vm.add-disk" => self.add_disk(&req.body),
+            "vm.remove-device" => Response::error(
+                400,
+                "vm.remove-device: kickvm cannot take a device out of a VM (its devices are named by their order in the configuration); vm.shutdown, vm.delete, then vm.create without it",
+            ),
             "vm.resize" => self.resize(&req.body),
             _ => self.exit_vmm(),
         }

@@ -446,6 +446,54 @@ fn dropping_the_host_stops_threads_and_frees_the_device() {
     drop(counters);
 }
 
+/// A device plugged into a running bus goes into the next free slot and
+/// is flagged for the guest's `PCNT`; it works as a cold-plugged one does.
+/// The guest's `_EJ0` write takes it out only once the launcher asked for
+/// it back: then its queue thread stops, its BAR and ioeventfds go, the
+/// slot reads empty, and the next device plugged in reuses the slot.
+#[test]
+fn hotplugged_device_runs_and_leaves_only_when_asked() {
+    let mut r = rig();
+    let (dev, slot) = r.host.hotplug_virtio(Box::new(FillDevice::new()), &r.mem, &Runtime::new(ThreadingMode::PerQueue)).unwrap();
+    assert_eq!(slot, 2);
+    let pciu = layout::PCI_HOTPLUG_PORT;
+    let mut b = [0u8; 4];
+    r.drv.pio.read(pciu, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 1 << 2, "PCNT sees slot 2 arrive, once");
+    r.drv.pio.read(pciu, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0);
+
+    let d = Driver { pio: r.drv.pio.clone(), mmio: r.drv.mmio.clone(), slot: 2, bar: layout::PCI_MMIO_START + BAR_SIZE };
+    assert_eq!(d.cfg_read(0, 4), 0x1044_1af4);
+    d.cfg_write(0x04, 2, 0x6);
+    d.negotiate(1 << 32);
+    d.setup_queue0(0x2_0000);
+    d.set_status(1 | 2 | 8 | 4);
+    assert!(dev.lock().unwrap().is_active());
+    assert_eq!(r.ioev.0.lock().unwrap().len(), 1, "one kick ioeventfd: the new device's");
+    offer_buffer(&r.mem, 0x2_0000, 0, 0x8000);
+    d.bar_write(0x3000, 2, 0);
+    assert!(wait_used(&r.mem, 0x2_0000, 1));
+
+    // An eject nobody asked for changes nothing.
+    let b0ej = layout::PCI_HOTPLUG_PORT + 8;
+    r.drv.pio.write(b0ej, &u32::MAX.to_le_bytes());
+    assert!(dev.lock().unwrap().is_active());
+    assert_eq!(d.cfg_read(0, 4), 0x1044_1af4);
+
+    r.host.hotplug().request_removal(2);
+    r.drv.pio.read(layout::PCI_HOTPLUG_PORT + 4, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 1 << 2, "PCNT sees the eject request");
+    r.drv.pio.write(b0ej, &(1u32 << 2).to_le_bytes());
+    assert!(!dev.lock().unwrap().is_active(), "queue thread stopped");
+    assert!(r.ioev.0.lock().unwrap().is_empty(), "ioeventfd detached");
+    assert!(!d.mmio.read(d.bar, &mut b), "BAR gone from the bus");
+    assert_eq!(d.cfg_read(0, 4), 0xffff_ffff, "slot empty");
+    assert_eq!(r.drv.cfg_read(0, 4), 0x1044_1af4, "slot 1 untouched");
+    let (_, again) = r.host.hotplug_virtio(Box::new(FillDevice::new()), &r.mem, &Runtime::new(ThreadingMode::PerQueue)).unwrap();
+    assert_eq!(again, 2, "the slot is free again");
+}
+
 #[test]
 fn bad_rings_at_driver_ok_set_needs_reset() {
     let r = rig();
