@@ -559,9 +559,9 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
     let launched = monotonic();
     let script = "exit 0";
     let mut r = spawn(o, vmm, script, false, &format!("boot-{}-{run}.log", vmm.short()));
-    if vmm == Vmm::KickvmApi {
-        api_create_boot(&api_vm_config(script))?;
-    }
+    // The API connection stays open until the figures are read: its
+    // thread's CPU time counts with the threads alive at `/init`.
+    let _api = if vmm == Vmm::KickvmApi { Some(api_create_boot(&api_vm_config(script))?) } else { None };
     let init = r.wait_for(INIT_START_MARKER, Duration::from_secs(120))?;
     let cpu = own_cpu(r.pid());
     let (threads, vcpu_user, vcpu_sys) = thread_cpu(r.pid());
@@ -587,8 +587,8 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
 
 /// Drives `kickvm --api-socket` as an orchestrator does: waits for the
 /// socket, then `PUT vm.create` with `config` and `PUT vm.boot` on one
-/// keep-alive connection.
-fn api_create_boot(config: &str) -> Result<(), String> {
+/// keep-alive connection, which it returns.
+fn api_create_boot(config: &str) -> Result<std::os::unix::net::UnixStream, String> {
     let end = Instant::now() + Duration::from_secs(10);
     let mut conn = loop {
         match std::os::unix::net::UnixStream::connect(API_SOCKET) {
@@ -608,7 +608,7 @@ fn api_create_boot(config: &str) -> Result<(), String> {
             return Err(format!("{what}: HTTP {} {}", status.0, status.1));
         }
     }
-    Ok(())
+    Ok(conn)
 }
 
 /// Reads one HTTP/1.1 response (status line, headers, a `Content-Length`
@@ -766,25 +766,40 @@ fn own_cpu(pid: i32) -> Option<f64> {
 /// At this moment, per kind of thread of process `pid`: (CPU seconds of
 /// the threads that are not vCPUs, from `schedstat`; the vCPU threads'
 /// `utime - guest_time`; their `stime`). Threads that already exited are
-/// not counted (the process total, [`own_cpu`], has them).
+/// not counted (the process total, [`own_cpu`], has them). Prints each
+/// non-vCPU thread's share (`bench: threads ...`).
 fn thread_cpu(pid: i32) -> (Option<f64>, Option<f64>, Option<f64>) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else { return (None, None, None) };
-    let (mut threads, mut user, mut sys) = (0u64, 0u64, 0u64);
+    let (mut threads, mut user, mut sys, mut live_ticks) = (0u64, 0u64, 0u64, 0u64);
+    let mut each = Vec::new();
     for t in dir.flatten() {
         let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let f: Vec<u64> = stat.rsplit_once(") ").map_or(vec![], |s| s.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect());
+        let (Some(u), Some(s), Some(g)) = (f.get(11), f.get(12), f.get(40)) else { continue };
+        live_ticks += u + s;
         if is_vcpu_thread(comm.trim()) {
-            let Ok(stat) = fs::read_to_string(t.path().join("stat")) else { continue };
-            let f: Vec<u64> = stat.rsplit_once(") ").map_or(vec![], |s| s.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect());
-            if let (Some(u), Some(s), Some(g)) = (f.get(11), f.get(12), f.get(40)) {
-                user += u.saturating_sub(*g);
-                sys += s;
-            }
+            user += u.saturating_sub(*g);
+            sys += s;
         } else if let Ok(ss) = fs::read_to_string(t.path().join("schedstat")) {
-            threads += ss.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let ns: u64 = ss.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            threads += ns;
+            each.push(format!("{}={:.1}ms", comm.trim(), ns as f64 * 1e-6));
         }
     }
+    // What threads that already exited used: the process's total less the
+    // live threads' (both in clock ticks).
+    let exited = fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|st| {
+        let f: Vec<u64> = st.rsplit_once(") ")?.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+        Some((f.get(11)? + f.get(12)?).saturating_sub(live_ticks) as f64 / hz)
+    });
+    eprintln!(
+        "bench: threads at /init (pid {pid}, not vCPUs): {}; threads already exited: {} s",
+        each.join(" "),
+        exited.map_or("?".into(), |e| format!("{e:.2}"))
+    );
     (Some(threads as f64 * 1e-9), Some(user as f64 / hz), Some(sys as f64 / hz))
 }
 
