@@ -41,7 +41,8 @@ use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,13 @@ impl Vmm {
             Vmm::QemuPcVhost => "QEMU -M pc vhost=on".into(),
         }
     }
+    /// Whether the process ends when its guest powers off. Firecracker
+    /// stays (it ends on a reboot, `reboot=k`), and so does `kickvm
+    /// --api-socket` (the VM is shut down, the API serves on).
+    fn exits_on_poweroff(self) -> bool {
+        !matches!(self, Vmm::Firecracker | Vmm::KickvmApi)
+    }
+
     fn short(self) -> String {
         match self {
             Vmm::Kickvm(t) => format!("kickvm-{t}"),
@@ -277,7 +285,9 @@ fn vmm_name(vmm: Vmm, table: &[(&'static str, Vmm)]) -> &'static str {
 /// time they were read.
 struct Running {
     child: Child,
-    stdin: Option<ChildStdin>,
+    /// Where typed lines go: the VMM's stdin pipe, or the master side of
+    /// the terminal that is its stdin ([`console_input`]).
+    stdin: Option<File>,
     lines: Receiver<(Instant, String)>,
     t0: Instant,
     console: String,
@@ -438,6 +448,12 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
             c = Command::new(peer(&o.firecracker));
             c.arg("--no-api").arg("--config-file").arg(firecracker_config(o, script, tap));
             c.args(["--level", "Warning"]);
+            if tap {
+                // The guest kernel (Debian's cloud kernel) has virtio-mmio as
+                // a module the image does not load and no command-line
+                // devices: Firecracker's NIC goes on its PCI transport.
+                c.arg("--enable-pci");
+            }
         }
         Vmm::CloudHypervisor => {
             c = Command::new(peer(&o.cloud_hypervisor));
@@ -482,13 +498,18 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
 
 fn spawn(o: &Opts, vmm: Vmm, script: &str, tap: bool, log_name: &str) -> Running {
     let mut cmd = vmm_command(o, vmm, script, tap);
+    let (child_stdin, master) = match console_input(vmm) {
+        Ok(Some((slave, master))) => (Stdio::from(slave), Some(master)),
+        Ok(None) => (Stdio::piped(), None),
+        Err(e) => die(&format!("{}: {e}", vmm.label())),
+    };
     let log_path = o.out.join(log_name);
     let mut log = File::create(&log_path).unwrap_or_else(|e| die(&format!("cannot create {}: {e}", log_path.display())));
     let _ = writeln!(log, "$ {cmd:?}");
     let err_log = log.try_clone().unwrap();
     let t0 = Instant::now();
     let mut child = cmd
-        .stdin(Stdio::piped())
+        .stdin(child_stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(err_log))
         .spawn()
@@ -511,8 +532,38 @@ fn spawn(o: &Opts, vmm: Vmm, script: &str, tap: bool, log_name: &str) -> Running
             }
         }
     });
-    let stdin = child.stdin.take();
+    let stdin = master.or_else(|| child.stdin.take().map(|i| File::from(OwnedFd::from(i))));
     Running { child, stdin, lines: rx, t0, console: String::new(), log }
+}
+
+/// Cloud Hypervisor reads its serial console's input only from a terminal
+/// (`--serial tty` with a pipe as stdin is output only): for it, a
+/// pseudo-terminal in raw mode whose (slave, master) this returns; the
+/// bench types into the master. `None` for the VMMs that read a pipe.
+fn console_input(vmm: Vmm) -> std::io::Result<Option<(OwnedFd, File)>> {
+    if vmm != Vmm::CloudHypervisor {
+        return Ok(None);
+    }
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; the name,
+    // termios and window size pointers may be null.
+    if unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded: both are open descriptors that nothing else owns.
+    let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // Raw: no echo back into the master (nobody reads it), no line editing.
+    // SAFETY: an all-zero termios is a valid value to be filled by tcgetattr.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `slave` is an open terminal and `t` a termios to read into / from.
+    if unsafe { libc::tcgetattr(std::os::fd::AsRawFd::as_raw_fd(&slave), &mut t) } == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(std::os::fd::AsRawFd::as_raw_fd(&slave), libc::TCSANOW, &t);
+        }
+    }
+    Ok(Some((slave, master)))
 }
 
 fn die(msg: &str) -> ! {
@@ -559,20 +610,17 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
     let launched = monotonic();
     let script = "exit 0";
     let mut r = spawn(o, vmm, script, false, &format!("boot-{}-{run}.log", vmm.short()));
-    if vmm == Vmm::KickvmApi {
-        api_create_boot(&api_vm_config(script))?;
-    }
+    // The API connection stays open until the figures are read: its
+    // thread's CPU time counts with the threads alive at `/init`.
+    let _api = if vmm == Vmm::KickvmApi { Some(api_create_boot(&api_vm_config(script))?) } else { None };
     let init = r.wait_for(INIT_START_MARKER, Duration::from_secs(120))?;
     let cpu = own_cpu(r.pid());
     let (threads, vcpu_user, vcpu_sys) = thread_cpu(r.pid());
     let rss = memory(r.pid(), vmm).ok().map(|m| m.total_kib as f64 / 1024.0);
     r.wait_for(EXIT_STATUS_PREFIX, Duration::from_secs(60))?;
-    let exit = match vmm {
-        // Firecracker stays after `poweroff -f` (a halted guest), and so
-        // does `kickvm --api-socket` (the VM is shut down, the VMM serves
-        // on): killed on drop.
-        Vmm::Firecracker | Vmm::KickvmApi => None,
-        _ => match r.wait_exit(Duration::from_secs(30)) {
+    let exit = match vmm.exits_on_poweroff() {
+        false => None, // killed on drop
+        true => match r.wait_exit(Duration::from_secs(30)) {
             Ok(t) => Some(t),
             Err(e) => {
                 eprintln!("bench: boot {} run {run}: no exit time: {e}", vmm.label());
@@ -587,8 +635,8 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
 
 /// Drives `kickvm --api-socket` as an orchestrator does: waits for the
 /// socket, then `PUT vm.create` with `config` and `PUT vm.boot` on one
-/// keep-alive connection.
-fn api_create_boot(config: &str) -> Result<(), String> {
+/// keep-alive connection, which it returns.
+fn api_create_boot(config: &str) -> Result<std::os::unix::net::UnixStream, String> {
     let end = Instant::now() + Duration::from_secs(10);
     let mut conn = loop {
         match std::os::unix::net::UnixStream::connect(API_SOCKET) {
@@ -608,7 +656,7 @@ fn api_create_boot(config: &str) -> Result<(), String> {
             return Err(format!("{what}: HTTP {} {}", status.0, status.1));
         }
     }
-    Ok(())
+    Ok(conn)
 }
 
 /// Reads one HTTP/1.1 response (status line, headers, a `Content-Length`
@@ -766,25 +814,40 @@ fn own_cpu(pid: i32) -> Option<f64> {
 /// At this moment, per kind of thread of process `pid`: (CPU seconds of
 /// the threads that are not vCPUs, from `schedstat`; the vCPU threads'
 /// `utime - guest_time`; their `stime`). Threads that already exited are
-/// not counted (the process total, [`own_cpu`], has them).
+/// not counted (the process total, [`own_cpu`], has them). Prints each
+/// non-vCPU thread's share (`bench: threads ...`).
 fn thread_cpu(pid: i32) -> (Option<f64>, Option<f64>, Option<f64>) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else { return (None, None, None) };
-    let (mut threads, mut user, mut sys) = (0u64, 0u64, 0u64);
+    let (mut threads, mut user, mut sys, mut live_ticks) = (0u64, 0u64, 0u64, 0u64);
+    let mut each = Vec::new();
     for t in dir.flatten() {
         let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let f: Vec<u64> = stat.rsplit_once(") ").map_or(vec![], |s| s.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect());
+        let (Some(u), Some(s), Some(g)) = (f.get(11), f.get(12), f.get(40)) else { continue };
+        live_ticks += u + s;
         if is_vcpu_thread(comm.trim()) {
-            let Ok(stat) = fs::read_to_string(t.path().join("stat")) else { continue };
-            let f: Vec<u64> = stat.rsplit_once(") ").map_or(vec![], |s| s.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect());
-            if let (Some(u), Some(s), Some(g)) = (f.get(11), f.get(12), f.get(40)) {
-                user += u.saturating_sub(*g);
-                sys += s;
-            }
+            user += u.saturating_sub(*g);
+            sys += s;
         } else if let Ok(ss) = fs::read_to_string(t.path().join("schedstat")) {
-            threads += ss.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let ns: u64 = ss.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            threads += ns;
+            each.push(format!("{}={:.1}ms", comm.trim(), ns as f64 * 1e-6));
         }
     }
+    // What threads that already exited used: the process's total less the
+    // live threads' (both in clock ticks).
+    let exited = fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|st| {
+        let f: Vec<u64> = st.rsplit_once(") ")?.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+        Some((f.get(11)? + f.get(12)?).saturating_sub(live_ticks) as f64 / hz)
+    });
+    eprintln!(
+        "bench: threads at /init (pid {pid}, not vCPUs): {}; threads already exited: {} s",
+        each.join(" "),
+        exited.map_or("?".into(), |e| format!("{e:.2}"))
+    );
     (Some(threads as f64 * 1e-9), Some(user as f64 / hz), Some(sys as f64 / hz))
 }
 
@@ -1428,7 +1491,9 @@ fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<Pin
     // Host→guest, timed by L1's clock (the guest's may not be right).
     let host_rtt = host_ping(o);
     r.type_line("bye");
-    r.wait_exit(Duration::from_secs(60))?;
+    if vmm.exits_on_poweroff() {
+        r.wait_exit(Duration::from_secs(60))?;
+    }
     drop(backend);
     Ok(PingMeasured { mem, idle, idle_secs, busy, busy_secs, summary, guest_clock, host_rtt, backend: backend_counts })
 }
