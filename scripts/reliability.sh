@@ -17,9 +17,9 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      record must be in the image. RUNS per mode (default 20).
                      ~10 s per run in the rig.
   many-vms [N]       N launchers at once in the rig (default 20), tiny
-                     guests (the minimal image's vmlinux, 72 MiB each: the
-                     least Debian's kernel boots in; KICKVM_MANY_VMS_MIB
-                     sets another size) with net, disk, console socket and
+                     guests (the minimal image's vmlinux, 80 MiB each: the
+                     least Debian's kernel boots in with these devices; see
+                     min-memory; KICKVM_MANY_VMS_MIB sets another size) with net, disk, console socket and
                      shared RAM: all boot, all power off, nothing left
                      behind; prints their memory. A few minutes.
   flakey [SECS]      host faults under one real guest: its disk's
@@ -29,6 +29,12 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      30), then its TAP set down, up and deleted; prints
                      what the guest was told and what the device holds.
                      About a minute plus 2 x SECS.
+  min-memory [MiB]   boots the minimal image's vmlinux (no devices, 1 vCPU)
+                     in the rig with 128, 96, 80, 72, 68 and 64 MiB (or the
+                     sizes given, e.g. "80 64") and prints, for each, what
+                     the kernel has left after reserving itself, whether it
+                     reaches /init, and its MemTotal/MemFree there: how
+                     small a Debian guest can be. A few minutes.
   soak [SECS]        SECS seconds (default 600) of traffic on every device
                      at once in the rig (TCP both ways, fio with crc32c
                      verification, hwrng, hvc0), sampling the launcher's
@@ -47,8 +53,32 @@ images on first use (docs/testing.md).
 USAGE
 }
 
+# Boots the minimal image's vmlinux at each size in "$@" (MiB) in the rig.
+min_memory() {
+    local sizes=${*:-128 96 80 72 68 64} vmlinux initrd script log
+    for m in $sizes; do
+        [[ "$m" =~ ^[0-9]+$ ]] || { echo "reliability.sh: '$m' is not a size in MiB (see --help)" >&2; exit 2; }
+    done
+    cargo build -q -p kickvm --bin kickvm -p kickvm-rig --bin kickvm-rig
+    vmlinux=$(target/debug/kickvm-rig image --minimal --print-vmlinux)
+    initrd=$(target/debug/kickvm-rig image --minimal --print-paths | cut -d' ' -f2)
+    script=$(printf '%s' 'grep -E "MemTotal|MemFree" /proc/meminfo; echo KVBOOTED' | base64 -w0)
+    mkdir -p target/reliability
+    log=target/reliability/min-memory-$(date -u +%Y%m%dT%H%M%SZ).log
+    echo "reliability: min-memory ($sizes MiB); load before: $(uptime)" | tee "$log" >&2
+    target/debug/kickvm-rig run --timeout 1200 -- sh -c "for m in $sizes; do echo \"=== \$m MiB\"; \
+        timeout 300 target/debug/kickvm run --no-reboot --kernel $vmlinux --initrd $initrd --memory \${m}M \
+        --cmdline kickvm.cmd=$script 2>&1 | grep -E 'Memory:|Freeing unused|MemTotal|MemFree|KVBOOTED|Kernel panic'; done" 2>&1 | tee -a "$log"
+    echo "reliability: min-memory finished; load after: $(uptime); log: $log" | tee -a "$log" >&2
+}
+
 what=${1:-}
 n=${2:-}
+if [[ "$what" == min-memory ]]; then
+    shift
+    min_memory "$@"
+    exit 0
+fi
 case "$what" in
 durability) export KICKVM_DURABILITY_RUNS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact acknowledged_writes_survive_sigkill ;;
 many-vms) export KICKVM_MANY_VMS=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact many_vms_boot_and_power_off_cleanly ;;
@@ -57,7 +87,7 @@ soak) export KICKVM_SOAK_SECS=${n:-600}; set -- -p kickvm --test reliability_rig
 reboots) export KICKVM_REBOOT_CYCLES=${n:-20}; set -- -p kickvm --test reliability_rig -- --exact guest_reboot_cycles_keep_the_launcher_flat ;;
 resets) export KICKVM_RESET_CYCLES=${n:-1000}; set -- -p kickvm-virtio --test reliability_cycles -- ;;
 -h | --help) usage; exit 0 ;;
-*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, flakey, soak, reboots or resets (see --help)" >&2; exit 2 ;;
+*) echo "reliability.sh: unknown check '${what}': use durability, many-vms, flakey, min-memory, soak, reboots or resets (see --help)" >&2; exit 2 ;;
 esac
 [[ -z "$n" || "$n" =~ ^[0-9]+$ ]] || { echo "reliability.sh: '$n' is not a number: give a count (see --help)" >&2; exit 2; }
 

@@ -5,7 +5,7 @@
 //!   an acknowledgement; the launcher is SIGKILLed the moment a randomly
 //!   chosen acknowledgement appears on its console, and every acknowledged
 //!   record must then be in the disk image;
-//! - many VMs: N launchers at once (72 MiB guests, net + disk + console
+//! - many VMs: N launchers at once (80 MiB guests, net + disk + console
 //!   socket + shared-memory RAM each) all boot, all power off cleanly, and
 //!   leave no TAP users, socket files, memfds or processes behind;
 //! - soak: sustained traffic on every device at once while the launcher's
@@ -383,9 +383,11 @@ fn many_vms_boot_and_power_off_cleanly() {
     let img = GuestImage { kernel: img.vmlinux().expect("the minimal image's vmlinux"), ..img };
     in_rig!("many_vms_boot_and_power_off_cleanly");
     let n = env_num("KICKVM_MANY_VMS", 2) as usize;
-    // 72 MiB is the least Debian's 6.1 cloud kernel boots in: at 64 and
-    // 68 MiB it runs out of memory in its initcalls (docs/reliability.md).
-    let mib = env_num("KICKVM_MANY_VMS_MIB", 72);
+    // Debian's 6.1 cloud kernel runs out of memory in its initcalls at 64
+    // and 68 MiB; at 72 MiB a guest without devices boots, one with net,
+    // disk and console did not (out of memory in the crypto self-tests);
+    // 80 MiB does (`scripts/reliability.sh min-memory`, docs/reliability.md).
+    let mib = env_num("KICKVM_MANY_VMS_MIB", 80);
     // Info level: the launchers say when their stdin closes.
     std::env::set_var("RUST_LOG", "info");
     let dir = scratch("many");
@@ -997,9 +999,10 @@ fn host_faults_reach_a_real_guest_as_errors_then_it_recovers() {
         assert!(eio(&werr) > 0 && eio(&werr) < werr.len(), "error_writes: some writes fail, some work: {werr:?}");
         assert!(lost_err.is_empty(), "error_writes: acknowledged records lost: {lost_err:?}");
         assert_eq!(eio(&wdrop), 0, "drop_writes: the guest is never told");
-        // One line for the `error` spell, one per flakey spell (at most
-        // ten are logged one by one).
-        assert_eq!(flush_lines, 1 + spells(&werr).min(10), "one log line per failing spell:\n{}", out.stderr);
+        // One line for the `error` spell, one per flakey spell, through
+        // the spells' throttle (the first ten, then the 16th, 32nd, …).
+        let logged = (1..=1 + spells(&werr) as u64).filter(|&n| kickvm_virtio::ratelimit::should_log(n)).count();
+        assert_eq!(flush_lines, logged, "one log line per failing spell:\n{}", out.stderr);
     } else {
         assert_eq!(flush_lines, 1, "one log line for the failing spell:\n{}", out.stderr);
     }

@@ -436,11 +436,14 @@ impl QueueCtx {
     }
 
     /// Blocks until the guest kicks or `d` has passed
-    /// ([`crate::Wait::Later`]). Unlike [`QueueCtx::wait_kick`] it does
-    /// not look at the ring first: the worker left work there on purpose
-    /// (receive buffers it cannot fill while its backend is broken).
+    /// ([`crate::Wait::Later`]). Notifications are turned on (the guest's
+    /// next request kicks), but unlike [`QueueCtx::wait_kick`] it does not
+    /// return early for work already on the ring: the worker left it there
+    /// on purpose (receive buffers it cannot fill while its backend is
+    /// broken), and returning would spin.
     pub(crate) fn wait_kick_for(&mut self, d: std::time::Duration) -> Result<(), Stopped> {
         self.check_stop()?;
+        let _ = self.may_sleep();
         self.notify();
         let ms = i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
         let mut p = libc::pollfd { fd: self.kick_fd(), events: libc::POLLIN, revents: 0 };
