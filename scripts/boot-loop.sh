@@ -30,6 +30,12 @@ so both see the same L1 and the same load. Every boot ends as one of:
            SIGUSR1 (it logs every vCPU's registers), then it is killed
   other    anything else (a panic, an error exit)
 
+With --reboots N (and --vmm kickvm or qemu) one guest instead reboots
+itself N times (`reboot -f`, counting its boots on a disk): a boot that
+does not come within SECS is a hang, recorded as above. --rig-timeout
+SECS ends the whole run (L1 is killed; the rig records L1's vCPU
+registers from QEMU's monitor first: an L1 that hangs itself).
+
 Results: target/reliability/boot-loop-<time>/results.txt (one line per
 boot, a summary at the end) and a directory per boot that did not end ok
 (console, log, dumps). Defaults: --boots 50 --cpus 2 --parallel 1.
@@ -37,7 +43,7 @@ Needs QEMU and the built guest image (docs/testing.md). ~8 s per boot.
 USAGE
 }
 
-vmm=both boots=50 cpus=2 parallel=1 timeout=90
+vmm=both boots=50 cpus=2 parallel=1 timeout=90 reboots=0 rig_timeout=
 while [ $# -gt 0 ]; do
     case "$1" in
     --vmm) vmm=$2; shift 2 ;;
@@ -45,13 +51,16 @@ while [ $# -gt 0 ]; do
     --cpus) cpus=$2; shift 2 ;;
     --parallel) parallel=$2; shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
+    --reboots) reboots=$2; shift 2 ;;
+    --rig-timeout) rig_timeout=$2; shift 2 ;;
     --out) out=$2; shift 2 ;; # set by the re-run inside the rig
     -h | --help) usage; exit 0 ;;
     *) echo "boot-loop.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 case "$vmm" in kickvm | qemu | both) ;; *) echo "boot-loop.sh: --vmm '$vmm': use kickvm, qemu or both" >&2; exit 2 ;; esac
-for v in "$boots" "$cpus" "$parallel" "$timeout"; do
+[ "$reboots" = 0 ] || [ "$vmm" != both ] || { echo "boot-loop.sh: --reboots needs --vmm kickvm or --vmm qemu (one VMM per L1: a hang stops the whole L1)" >&2; exit 2; }
+for v in "$boots" "$cpus" "$parallel" "$timeout" ${reboots#0} ${rig_timeout}; do
     [[ "$v" =~ ^[0-9]+$ && "$v" -gt 0 ]] || { echo "boot-loop.sh: '$v' is not a positive number (see --help)" >&2; exit 2; }
 done
 
@@ -75,11 +84,11 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     per=$((timeout + 20))
     turns=1
     [ "$vmm" = both ] && turns=2
-    total=$((boots * per * turns / parallel + 300))
+    total=${rig_timeout:-$((boots * per * turns / parallel + 300))}
     set +e
     target/debug/kickvm-rig run --timeout "$total" --share "$out" -- \
         "$PWD/scripts/boot-loop.sh" --vmm "$vmm" --boots "$boots" --cpus "$cpus" \
-        --parallel "$parallel" --timeout "$timeout" --out "$out"
+        --parallel "$parallel" --timeout "$timeout" --reboots "$reboots" --out "$out"
     status=$?
     set -e
     echo "boot-loop: load after: $(uptime)" | tee -a "$out/results.txt" >&2
@@ -162,6 +171,43 @@ if [ -w $tracing/events/kvm/kvm_exit/filter ]; then
     echo > $tracing/trace
 else
     echo "boot-loop: no kvm:kvm_exit tracepoint in L1: shutdown RIPs not recorded" >&2
+fi
+
+if [ "$reboots" != 0 ]; then
+    d="$out/run/$vmm-reboots"
+    mkdir -p "$d"
+    truncate -s 1M "$d/count.img"
+    guest='n=$(head -c 8 /dev/vda | tr -dc 0-9); n=$((${n:-0} + 1)); printf "%-8d" $n > /dev/vda; sync; echo KVBOOT $n; [ $n -ge '$reboots' ] && exit 0; reboot -f'
+    rappend="loglevel=4 kickvm.cmd=$(printf '%s' "$guest" | base64 -w0)"
+    if [ "$vmm" = kickvm ]; then
+        RUST_LOG=warn "$out/kickvm" run --kernel "$kernel" --initrd "$initrd" --memory 256M --cpus "$cpus" \
+            --disk "path=$d/count.img" --cmdline "$rappend" </dev/null >"$d/console" 2>"$d/log" &
+    else
+        qemu-system-x86_64 -M pc -accel kvm -cpu host -smp "$cpus" -m 256 -nodefaults -no-user-config \
+            -display none -serial "file:$d/console" -kernel "$kernel" -initrd "$initrd" \
+            -drive "file=$d/count.img,if=virtio,format=raw" \
+            -append "console=ttyS0 reboot=k panic=1 $rappend" </dev/null >"$d/log" 2>&1 &
+    fi
+    pid=$! seen=0 quiet=0 t0=$(date +%s)
+    while kill -0 $pid 2>/dev/null; do
+        sleep 1
+        now=$(grep -c '^KVBOOT' "$d/console" 2>/dev/null || true)
+        if [ "${now:-0}" -gt "$seen" ]; then
+            seen=$now quiet=0
+            echo "$vmm reboots boot $seen $(date -u +%T) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$out/results.txt"
+        elif [ $((quiet += 1)) -ge "$timeout" ]; then
+            threads_of $pid >"$d/threads" 2>&1
+            [ "$vmm" = kickvm ] && kill -USR1 $pid && sleep 2
+            threads_of $pid >"$d/threads-after-dump" 2>&1
+            kill -KILL $pid
+            echo "$vmm reboots hang after boot $seen" >>"$out/results.txt"
+            break
+        fi
+    done
+    wait $pid 2>/dev/null || true
+    echo "$vmm reboots: $seen boots in $(($(date +%s) - t0)) s" | tee -a "$out/results.txt"
+    cp $tracing/trace "$d/kvm-shutdown-trace" 2>/dev/null || true
+    exit 0
 fi
 
 vmms=$vmm
