@@ -267,15 +267,16 @@ pub fn run_until_stopped(
             return Ok(Exit::Signal(sig));
         }
         boots = boots.saturating_add(1);
+        // Devices plugged into (or taken out of) the VM that reset are
+        // part of the next one.
+        let changed = watcher.and_then(|w| w.config());
+        let cfg = changed.as_ref().unwrap_or(cfg);
         // A reboot builds the VM anew from the same options: files may
         // have changed since the first boot (a disk replaced by a fifo
         // would hang the open), so they are checked again first.
         if boots > 1 {
             cfg.validate().map_err(|e| VmError::Host(format!("cannot boot again: {e}")))?;
         }
-        // Devices plugged into the VM that reset are part of the next one.
-        let changed = watcher.and_then(|w| w.config());
-        let cfg = changed.as_ref().unwrap_or(cfg);
         match run_watched(kvm, cfg, io, watcher)? {
             Exit::Reset if !no_reboot => {
                 // A guest may reboot in a loop: the first boots are logged, then rarely.
