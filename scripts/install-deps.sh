@@ -10,8 +10,10 @@ set -eu
 # dependency of qemu-system-x86, listed to be explicit); iproute2: netns/TAP
 # in tests; strace and linux-perf: syscall counting; gzip, dpkg and apt:
 # the image builder (always present on Debian, listed to be explicit);
-# curl: a client none of us wrote for the API socket's tests.
-PACKAGES="qemu-system-x86 qemu-system-common iproute2 strace linux-perf gzip dpkg apt curl"
+# curl: a client none of us wrote for the API socket's tests; acpica-tools:
+# iasl, ACPICA's disassembler (Linux's AML parser), reads kickvm's DSDT in
+# acpi.rs's tests.
+PACKAGES="qemu-system-x86 qemu-system-common iproute2 strace linux-perf gzip dpkg apt curl acpica-tools"
 
 missing=""
 for p in $PACKAGES; do

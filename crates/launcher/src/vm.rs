@@ -178,11 +178,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LiveVm {
-    /// The virtio devices and their slots, in slot order.
+    /// The virtio devices and their slots, in slot order (those the
+    /// guest ejected left out).
     pub fn devices(&self) -> Vec<(u8, Arc<Mutex<pci::VirtioPciDevice>>)> {
-        let mut d = lock(&self.devices).clone();
+        let mut d: Vec<_> = lock(&self.devices).iter().filter(|(_, d)| !lock(d).is_unplugged()).cloned().collect();
         d.sort_by_key(|(slot, _)| *slot);
         d
+    }
+
+    /// The slot of the device named `name`, if the VM has it.
+    pub fn slot_of(&self, name: &str) -> Option<u8> {
+        self.devices().into_iter().find(|(_, d)| lock(d).name() == name).map(|(slot, _)| slot)
+    }
+
+    /// Asks the guest to give back the device in `slot` (PCI hotplug
+    /// Eject Request through the GED) and waits up to `timeout` for its
+    /// `_EJ0`: true once the device is out of the VM and its backend
+    /// closed; false if the guest has not let go yet (the request stands:
+    /// if it ejects later, the device leaves then).
+    pub fn unplug(&self, slot: u8, timeout: std::time::Duration) -> Result<bool, VmError> {
+        let slots = {
+            let pci = lock(&self.pci);
+            let Some(host) = pci.as_ref() else {
+                return Err(VmError::Host("the VM is stopping; its devices go with it".into()));
+            };
+            host.hotplug().request_removal(slot);
+            host.hotplug().clone()
+        };
+        self.ged
+            .raise(ged_event::PCI_HOTPLUG)
+            .map_err(|e| VmError::Host(format!("cannot raise the PCI hotplug event: {e}")))?;
+        let t0 = std::time::Instant::now();
+        while slots.removal_pending(slot) {
+            if t0.elapsed() > timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        lock(&self.devices).retain(|(_, d)| !lock(d).is_unplugged());
+        if let Some(host) = lock(&self.pci).as_mut() {
+            host.forget_unplugged();
+        }
+        Ok(true)
     }
 
     /// Presses the power button: the guest's ACPI button driver reports
@@ -230,15 +267,16 @@ pub fn run_until_stopped(
             return Ok(Exit::Signal(sig));
         }
         boots = boots.saturating_add(1);
+        // Devices plugged into (or taken out of) the VM that reset are
+        // part of the next one.
+        let changed = watcher.and_then(|w| w.config());
+        let cfg = changed.as_ref().unwrap_or(cfg);
         // A reboot builds the VM anew from the same options: files may
         // have changed since the first boot (a disk replaced by a fifo
         // would hang the open), so they are checked again first.
         if boots > 1 {
             cfg.validate().map_err(|e| VmError::Host(format!("cannot boot again: {e}")))?;
         }
-        // Devices plugged into the VM that reset are part of the next one.
-        let changed = watcher.and_then(|w| w.config());
-        let cfg = changed.as_ref().unwrap_or(cfg);
         match run_watched(kvm, cfg, io, watcher)? {
             Exit::Reset if !no_reboot => {
                 // A guest may reboot in a loop: the first boots are logged, then rarely.

@@ -39,6 +39,8 @@ fn bad_requests_get_one_line_and_the_guest_runs_on() {
     refused(api.curl("GET", "vm.counters", None), 409, "not running");
     refused(api.curl("PUT", "vm.shutdown", None), 409, "vm.create first");
     refused(api.curl("PUT", "vm.add-disk", Some(r#"{"path":"/x"}"#)), 409, "vm.create first");
+    refused(api.curl("PUT", "vm.power-button", None), 409, "vm.create first");
+    refused(api.curl("PUT", "vm.remove-device", Some(r#"{"id":"blk0"}"#)), 409, "vm.create first");
 
     // Malformed or unfit configurations, before any VM exists.
     refused(api.curl("PUT", "vm.create", Some(r#"{"payload":{"kernel":"#)), 400, "not valid JSON");
@@ -48,6 +50,8 @@ fn bad_requests_get_one_line_and_the_guest_runs_on() {
     refused(api.curl("PUT", "vm.create", Some(r#"{"cpus":"many"}"#)), 400, "VmConfig");
 
     assert_eq!(api.curl("PUT", "vm.create", Some(&create_body(&kernel))).0, 204);
+    refused(api.curl("PUT", "vm.power-button", None), 409, "not running");
+    refused(api.curl("PUT", "vm.remove-device", Some(r#"{"id":"blk0"}"#)), 409, "not running");
     assert_eq!(api.curl("PUT", "vm.boot", None).0, 204);
 
     // With the guest running.
@@ -58,6 +62,12 @@ fn bad_requests_get_one_line_and_the_guest_runs_on() {
     refused(api.curl("GET", "vm.boot", None), 405, "takes PUT");
     refused(api.curl("DELETE", "vmm.ping", None), 405, "takes GET");
     refused(api.curl("PUT", "vm.add-net", Some(r#"{"num_queues":"two"}"#)), 400, "expected JSON");
+    // Hotplug requests that cannot be: nothing plugged in or taken out.
+    refused(api.curl("PUT", "vm.add-disk", Some(r#"{"path":"/no/such/disk"}"#)), 400, "/no/such/disk");
+    refused(api.curl("PUT", "vm.add-net", Some(r#"{"tap":"kvnope0"}"#)), 400, "comes with its TAP fd");
+    refused(api.curl("PUT", "vm.remove-device", Some(r#"{"id":"rng0"}"#)), 400, "only disks");
+    refused(api.curl("PUT", "vm.remove-device", Some(r#"{"id":"blk0"}"#)), 400, "there is none");
+    refused(api.curl("PUT", "vm.remove-device", Some("{}")), 400, "expected JSON");
     refused(api.curl("PUT", "vm.resize", Some(r#"{"desired_ram":"lots"}"#)), 400, "expected JSON");
 
     // What curl sends as asked, and raw bytes no client should send.

@@ -9,7 +9,8 @@
 //! shows the traffic; then, on the running VM, `vm.add-disk` (the guest
 //! finds a new virtio disk, reads what the host wrote and writes back,
 //! checked in the host file), `vm.add-net` with a second TAP's fd (the
-//! guest brings the NIC up and pings the host through it) and
+//! guest brings the NIC up and pings the host through it),
+//! `vm.remove-device` of that card (the guest ejects it, its TAP closes) and
 //! `vm.power-button` (the guest, waiting for KEY_POWER on the button's
 //! input device, powers off: `vm.info` = Shutdown); `vmm.shutdown` → the
 //! process is gone within 3 s, exit status 0, with no TAP, socket or
@@ -286,6 +287,20 @@ fn hotplug_and_power_button(api: &Api, dir: &std::path::Path, rx: &mpsc::Receive
     let (_, info) = api.curl("GET", "vm.info", None);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["device_tree"]["net1"]["pci_bdf"], "0000:00:05.0", "{info}");
+
+    // The card goes again: the guest ejects it, kickvm closes its TAP fds
+    // (the TAP, which only the fds kept alive, is gone from the host).
+    let t0 = Instant::now();
+    let (code, resp) = api.curl("PUT", "vm.remove-device", Some(r#"{"id":"net1"}"#));
+    assert_eq!(code, 204, "vm.remove-device: {resp}");
+    eprintln!("api-rig: vm.remove-device net1 answered after the guest's eject in {:.2} s", t0.elapsed().as_secs_f64());
+    let (_, info) = api.curl("GET", "vm.info", None);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(v["device_tree"].get("net1").is_none() && v["config"]["net"].as_array().map(Vec::len) == Some(1), "{info}");
+    while std::path::Path::new("/sys/class/net/kvapi1").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the removed card's TAP is still open 10 s after vm.remove-device");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let t0 = Instant::now();
     let (code, resp) = api.curl("PUT", "vm.power-button", None);

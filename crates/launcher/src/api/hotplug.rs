@@ -36,11 +36,20 @@ fn of_kind(cfg: &VmConfig, what: Added) -> VmConfig {
 /// what the others use (its vsock socket is listened on, its kernel may
 /// be gone since boot).
 pub fn check_added(cfg: &VmConfig, what: Added) -> Result<(), ConfigError> {
+    if let (Added::Net, Some(n)) = (what, cfg.nets.last()) {
+        if !cfg.tap_fds.0.contains_key(&n.tap) {
+            return Err(ConfigError(format!(
+                "tap {}: a card plugged into a running VM comes with its TAP fd (SCM_RIGHTS), as Kata passes it; TAPs are opened by name only at vm.boot",
+                n.tap
+            )));
+        }
+    }
     let only = of_kind(cfg, what);
     devices::KINDS.iter().filter(|k| k.count(&only) > 0).try_for_each(|k| k.check(&only))
 }
 
-/// Builds the last disk or card of `cfg`, the one just added.
+/// Builds the last disk or card of `cfg`, the one just added (checked by
+/// [`check_added`]: a card's TAP fds came with the request).
 ///
 /// Each kind names its devices by position (the third disk is `blk2`, and
 /// a card's default MAC follows its position too), so the new device is
@@ -59,12 +68,6 @@ pub fn build_added(cfg: &VmConfig, what: Added) -> Result<Box<dyn VirtioDevice>,
         }
         Added::Net => {
             let n = cfg.nets.last().ok_or("no card to add")?;
-            if !cfg.tap_fds.0.contains_key(&n.tap) {
-                return Err(format!(
-                    "tap {}: a card plugged into a running VM comes with its TAP fd (SCM_RIGHTS), as Kata passes it; TAPs are opened by name only at vm.boot",
-                    n.tap
-                ));
-            }
             one.nets = vec![n.clone(); cfg.nets.len()];
         }
     }

@@ -172,6 +172,12 @@ pub struct Resize {
     pub desired_balloon: Option<u64>,
 }
 
+/// `vm.remove-device`'s body: the id `vm.add-*` answered (`blk1`, `net0`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RemoveDevice {
+    pub id: String,
+}
+
 /// Top-level `vm.create` fields for devices kickvm does not have.
 const REFUSED: &[(&str, &str)] = &[
     ("fs", "virtio-fs"),

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use super::hotplug::{build_added, check_added, Added};
 use super::http::{Request, Response};
-use super::schema::{ChVmConfig, Disk, HostOptions, Net, Resize, SerialTarget};
+use super::schema::{ChVmConfig, Disk, HostOptions, Net, RemoveDevice, Resize, SerialTarget};
 use crate::config::{ConfigError, TapFds, VmConfig};
 use crate::platform::Exit;
 use crate::vm::{self, ConsoleIo, LiveVm, Watcher};
@@ -26,6 +26,10 @@ use crate::vm::{self, ConsoleIo, LiveVm, Watcher};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `vm.shutdown` / `vmm.shutdown` wait for the VM to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `vm.remove-device` waits for the guest to eject the device
+/// (Linux unbinds the driver first; under the rig's TCG that takes a few
+/// seconds).
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the API can do to the VM while it runs.
 struct Live {
@@ -136,10 +140,7 @@ impl Vmm {
             "vm.delete" => self.delete(),
             "vm.add-net" => self.add_net(&req.body, req.fds),
             "vm.add-disk" => self.add_disk(&req.body),
-            "vm.remove-device" => Response::error(
-                400,
-                "vm.remove-device: kickvm cannot take a device out of a VM (its devices are named by their order in the configuration); vm.shutdown, vm.delete, then vm.create without it",
-            ),
+            "vm.remove-device" => self.remove_device(&req.body),
             "vm.resize" => self.resize(&req.body),
             _ => self.exit_vmm(),
         }
@@ -434,6 +435,59 @@ impl Vmm {
             c.ch.net.push(net);
             Ok(format!("net{}", c.ch.net.len() - 1))
         })
+    }
+
+    /// Takes the last disk or the last card out of the running VM (the
+    /// guest ejects it: PCI hotplug) and out of the configuration. Only the
+    /// last of its kind: kickvm names devices by their place in the
+    /// configuration (`blk1` is the second disk), so taking one from the
+    /// middle would rename the ones after it.
+    fn remove_device(&self, body: &[u8]) -> Response {
+        let r: RemoveDevice = match parse_body(body, "vm.remove-device") {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let mut inner = lock(&self.inner);
+        let Some(c) = inner.as_mut() else { return Response::error(409, NO_VM) };
+        let Some(vm) = lock(&self.live).as_ref().map(|l| l.vm.clone()) else {
+            return conflict("vm.remove-device: the VM is not running: PUT vm.boot first (before boot, vm.delete and vm.create without it)");
+        };
+        let id = r.id.as_str();
+        let last = match id.get(..3) {
+            Some("blk") => c.ch.disks.len().checked_sub(1).map(|i| format!("blk{i}")),
+            Some("net") => c.ch.net.len().checked_sub(1).map(|i| format!("net{i}")),
+            _ => return bad(ConfigError(format!("vm.remove-device {id}: only disks (blkN) and cards (netN) can be removed"))),
+        };
+        if last.as_deref() != Some(id) {
+            return bad(ConfigError(format!(
+                "vm.remove-device {id}: only the last disk or card can be removed ({}), since kickvm names devices by their order",
+                last.unwrap_or_else(|| "there is none".into())
+            )));
+        }
+        let Some(slot) = vm.slot_of(id) else {
+            return bad(ConfigError(format!("vm.remove-device {id}: the running VM has no such device (vm.info lists them)")));
+        };
+        let t0 = Instant::now();
+        match vm.unplug(slot, REMOVE_TIMEOUT) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Response::error(504, format!(
+                    "vm.remove-device {id}: the guest did not eject it within {} s (it needs ACPI PCI hotplug: Linux's acpiphp); it stays in the configuration, and leaves the VM if the guest ejects it later",
+                    REMOVE_TIMEOUT.as_secs()
+                ))
+            }
+            Err(e) => return Response::error(500, format!("vm.remove-device {id}: {e}")),
+        }
+        log::info!("vm.remove-device: {id} left slot {slot} in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        if id.starts_with("blk") {
+            c.ch.disks.pop();
+        } else if let Some(tap) = c.ch.net.pop().and_then(|n| n.tap) {
+            c.tap_fds.0.remove(&tap);
+        }
+        if let Ok((cfg, _)) = c.ch.to_config(&self.host, &c.tap_fds) {
+            *lock(&self.next_boot) = Some(cfg);
+        }
+        Response::no_content()
     }
 
     fn resize(&self, body: &[u8]) -> Response {

@@ -65,12 +65,15 @@ impl HotplugSlots {
     }
 
     /// The guest's `_EJ0` wrote `slots`: eject those whose removal was
-    /// asked for, ignore the rest.
+    /// asked for, ignore the rest. A slot's request ends only once its
+    /// device is out (whoever waits on [`Self::removal_pending`] then
+    /// finds it stopped); two vCPUs ejecting the same slot eject it once.
     fn ejected(&self, slots: u32) {
-        let asked = self.removing.fetch_and(!slots, Ordering::SeqCst) & slots;
+        let asked = self.removing.load(Ordering::SeqCst) & slots;
         for slot in 0..32u8 {
             if asked & bit(slot) != 0 {
                 (self.eject)(slot);
+                self.removing.fetch_and(!bit(slot), Ordering::SeqCst);
             }
         }
     }

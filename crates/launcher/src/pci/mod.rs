@@ -206,6 +206,12 @@ impl PciHost {
         &self.hotplug
     }
 
+    /// Lets go of the devices the guest ejected, so that their backends
+    /// (image files, TAP fds) close now rather than with the VM.
+    pub fn forget_unplugged(&mut self) {
+        self.devices.retain(|d| !d.lock().unwrap_or_else(|e| e.into_inner()).is_unplugged());
+    }
+
     fn place_virtio(
         &mut self,
         device: Box<dyn VirtioDevice>,

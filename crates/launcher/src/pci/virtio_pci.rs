@@ -147,6 +147,8 @@ pub struct VirtioPciDevice {
     ioeventfds: Arc<dyn Ioeventfds>,
     mmio_bus: Bus,
     this: Weak<Mutex<VirtioPciDevice>>,
+    /// The guest ejected it: it is off the bus for good.
+    unplugged: bool,
 }
 
 impl VirtioPciDevice {
@@ -216,6 +218,7 @@ impl VirtioPciDevice {
             ioeventfds: p.ioeventfds,
             mmio_bus: p.mmio_bus,
             this: Weak::new(),
+            unplugged: false,
         };
         Ok(Arc::new_cyclic(|this| {
             let mut dev = dev;
@@ -274,6 +277,11 @@ impl VirtioPciDevice {
         }
         // Without a handle on itself the device can never be placed again.
         self.this = Weak::new();
+    }
+
+    /// True once the guest ejected it (PCI hotplug removal).
+    pub fn is_unplugged(&self) -> bool {
+        self.unplugged
     }
 
     #[cfg(test)]
@@ -532,6 +540,7 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u32, extra: &[u8]) -> Vec<u8> {
 impl PciDevice for VirtioPciDevice {
     fn unplug(&mut self) {
         self.shutdown();
+        self.unplugged = true;
     }
 
     fn read_config(&mut self, offset: usize, data: &mut [u8]) {
