@@ -155,6 +155,9 @@ struct Opts {
     cloud_hypervisor: Option<PathBuf>,
     boot: bool,
     ping: bool,
+    /// `--tabulate FILE`: only the boot tables, from the `bench: boot`
+    /// lines of an earlier run's stderr (one cut short, say).
+    tabulate: Option<PathBuf>,
     /// The VMMs of the boot benchmark (all three unless `--boot-vmm`).
     boot_vmms: Vec<Vmm>,
     /// The configurations of the ping benchmark (`--ping-vmm`).
@@ -190,7 +193,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
          \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping]\n\
-         \x20                       [--firecracker PATH] [--cloud-hypervisor PATH]\n\
+         \x20                       [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE]\n\
          \x20                       [--boot-vmm kickvm,kickvm-vmlinux,kickvm-api,microvm,pc,firecracker,cloud-hypervisor]\n\
          \x20                       [--ping-vmm per-queue,per-queue-poll-off,per-device,single,vhost-user,vhost-net,pc,pc-vhost,\n\
          \x20                                   firecracker,cloud-hypervisor]\n\
@@ -216,6 +219,7 @@ fn parse_opts() -> Opts {
         cloud_hypervisor: std::env::var_os("CLOUD_HYPERVISOR").filter(|v| !v.is_empty()).map(PathBuf::from),
         boot: true,
         ping: true,
+        tabulate: None,
         boot_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux, Vmm::QemuMicrovm, Vmm::QemuPc],
         ping_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc],
     };
@@ -235,6 +239,7 @@ fn parse_opts() -> Opts {
             "--cloud-hypervisor" => o.cloud_hypervisor = Some(PathBuf::from(val())),
             "--boot-vmm" => o.boot_vmms = vmm_list(&val(), BOOT_VMMS, "--boot-vmm"),
             "--ping-vmm" => o.ping_vmms = vmm_list(&val(), PING_VMMS, "--ping-vmm"),
+            "--tabulate" => o.tabulate = Some(PathBuf::from(val())),
             "--only" => match val().as_str() {
                 "boot" => o.ping = false,
                 "ping" => o.boot = false,
@@ -243,11 +248,13 @@ fn parse_opts() -> Opts {
             _ => usage(),
         }
     }
-    // A peer that is not there is skipped, with the reason, not a failure.
-    for (vmm, path, var) in [
+    // A peer that is not there is skipped, with the reason, not a failure
+    // (tabulating an earlier run needs none).
+    let peers = [
         (Vmm::Firecracker, o.firecracker.clone(), "FIRECRACKER"),
         (Vmm::CloudHypervisor, o.cloud_hypervisor.clone(), "CLOUD_HYPERVISOR"),
-    ] {
+    ];
+    for (vmm, path, var) in peers.into_iter().filter(|_| o.tabulate.is_none()) {
         let why = match &path {
             None => format!("no binary (set {var}, or build it with scripts/peers.sh)"),
             Some(p) if !p.is_file() => format!("{} does not exist (scripts/peers.sh builds it)", p.display()),
@@ -1055,15 +1062,8 @@ fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
             let args = ["--only", "boot", "--boot-runs", "1", "--boot-vmm", vmm_name(*v, BOOT_VMMS)].map(String::from);
             let (so, se) = l1.run(&args, &dir);
             doc.take_header(&so);
-            match boot_result(&se) {
-                Some((init, exit)) => {
-                    res[i].0.push(init);
-                    res[i].1.extend(exit);
-                }
-                None => eprintln!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display()),
-            }
-            if let Some(l) = se.lines().find(|l| l.starts_with("bench: boot") && l.contains(" first_run ")) {
-                owns[i].push(Own::parse(l));
+            if !take_boot_result(&se, &mut res[i], &mut owns[i]) {
+                eprintln!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display());
             }
         }
     }
@@ -1076,6 +1076,35 @@ fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
     print!("{}{table}", doc.header.as_deref().map(|h| format!("{h}\n\n")).unwrap_or_default());
     doc.md.push_str(&table);
     md_flush(o, &doc.md);
+}
+
+/// Adds what the `bench: boot ...` line in `se` says to `res` and `owns`;
+/// false when it has no such line.
+fn take_boot_result(se: &str, res: &mut (Vec<f64>, Vec<f64>), owns: &mut Vec<Own>) -> bool {
+    let Some((init, exit)) = boot_result(se) else { return false };
+    res.0.push(init);
+    res.1.extend(exit);
+    if let Some(l) = se.lines().find(|l| l.starts_with("bench: boot") && l.contains(" first_run ")) {
+        owns.push(Own::parse(l));
+    }
+    true
+}
+
+/// `--tabulate FILE`: the boot tables from the `bench: boot <label> run N:
+/// ...` lines of a saved stderr, for the VMMs of `--boot-vmm`.
+fn tabulate(o: &Opts, file: &Path) {
+    let text = fs::read_to_string(file).unwrap_or_else(|e| die(&format!("cannot read {}: {e}", file.display())));
+    let vmms = o.boot_vmms.clone();
+    let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
+    let mut owns: Vec<Vec<Own>> = vec![Vec::new(); vmms.len()];
+    for line in text.lines().filter(|l| l.contains(" first_run ")) {
+        let label = line.strip_prefix("bench: boot ").and_then(|l| l.split_once(" run ")).map(|(l, _)| l);
+        if let Some(i) = vmms.iter().position(|v| Some(v.label().as_str()) == label) {
+            take_boot_result(line, &mut res[i], &mut owns[i]);
+        }
+    }
+    let how = format!("tabulated from the `bench: boot` lines of {}", file.display());
+    print!("{}{}", boot_table(&vmms, &res, &how), own_table(&vmms, &owns));
 }
 
 /// The seconds to `/init` and (if it exited) to exit from an L1's `bench: boot ...` line.
@@ -1613,6 +1642,9 @@ fn list(v: &[f64], digits: usize) -> String {
 
 fn main() {
     let o = parse_opts();
+    if let Some(f) = &o.tabulate {
+        return tabulate(&o, f);
+    }
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
         die("needs root (TAP, perf); run it through scripts/bench-vmm.sh");
