@@ -545,10 +545,10 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         format!("L1 image ready in {:.1} s", timings.image.as_secs_f64()),
     );
 
-    // One retry, in a fresh L1, when L1 itself fails — its kernel locks up,
-    // or L1 stops dead with no word from its kernel while the command runs
-    // (seen under QEMU's emulated SVM): that is the emulation stack
-    // failing, not the command.
+    // One retry, in a fresh L1, when L1 itself fails — its kernel locks up
+    // or fails its own boot, or L1 stops dead with no word from its kernel
+    // while the command runs (seen under QEMU's emulated SVM): that is the
+    // emulation stack failing, not the command.
     let mut last = String::new();
     for attempt in 1..=2 {
         match attempt_in_l1(cmd, opts, &l1, &mut timings)? {
@@ -597,6 +597,13 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
     if end.lockup {
         return Ok(Attempt::L1Failed("L1's kernel locked up (soft lockup in its console); L1 was killed".into()));
     }
+    if l1_failed_to_boot(&end) {
+        return Ok(Attempt::L1Failed(format!(
+            "L1 stopped before the command started (its own boot failed: {}); L1 console log: {}",
+            qemu::tail(&files.console_text(), 2),
+            files.console.display()
+        )));
+    }
     // Last bytes written just before L1 powered off.
     output.drain(&files.scratch, opts.stream);
     if let Some(s) = end.started {
@@ -623,6 +630,15 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
         stderr: output.stderr,
         timings: timings.clone(),
     }))
+}
+
+/// True if L1 ended on its own before the command started: its kernel
+/// panicked or stopped while booting (seen under load: "IO-APIC + timer
+/// doesn't work"). Nothing of the command ran, so it is L1's failure. A
+/// boot that does not end by the deadline is not retried (that would
+/// double the wait).
+fn l1_failed_to_boot(end: &L1End) -> bool {
+    end.exited && end.started.is_none()
 }
 
 /// True if L1 ended while the command ran without the command's status and
@@ -758,6 +774,14 @@ mod tests {
         fs::write(files.scratch.join("status"), "0").unwrap();
         assert!(!l1_stopped_dead(&end(true), &files), "the command finished");
         let _ = fs::remove_dir_all(&files.dir);
+    }
+
+    #[test]
+    fn l1_that_fails_its_own_boot_is_retried_but_not_one_that_times_out() {
+        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false };
+        assert!(l1_failed_to_boot(&end(true, None)), "L1 panicked while booting");
+        assert!(!l1_failed_to_boot(&end(false, None)), "a boot past the deadline is not retried");
+        assert!(!l1_failed_to_boot(&end(true, Some(Instant::now()))), "the command started: its result");
     }
 
     #[test]
