@@ -308,6 +308,28 @@ fn start_net(name: &str, tap: &str, runtime: Option<std::sync::Arc<kickvm_virtio
     h
 }
 
+/// Runs `test` in per-queue and in `single` threading mode, each time in
+/// a network namespace of its own with a net device `<prefix><i>` on a
+/// new TAP `<prefix>tap<i>` (started by [`start_net`]) and the runtime it
+/// runs on. Skips (with the reason) without root or /dev/net/tun.
+fn in_each_mode(
+    prefix: &str,
+    mut test: impl FnMut(usize, kickvm_virtio::ThreadingMode, String, String, &std::sync::Arc<kickvm_virtio::Runtime>, Harness),
+) {
+    use kickvm_virtio::{Runtime, ThreadingMode};
+    capture_logs();
+    if !can_make_taps() {
+        return;
+    }
+    for (i, mode) in [ThreadingMode::PerQueue, ThreadingMode::Single].into_iter().enumerate() {
+        let _ns = OwnNetns::enter(&format!("{prefix}{i}"));
+        let (name, tap) = (format!("{prefix}{i}"), format!("{prefix}tap{i}"));
+        let runtime = Runtime::new(mode);
+        let h = start_net(&name, &tap, Some(runtime.clone()));
+        test(i, mode, name, tap, &runtime, h);
+    }
+}
+
 /// VIRTIO_NET_S_LINK_UP in the `status` the driver reads (offset 6 of
 /// `virtio_net_config`, after the MAC).
 fn link_up(h: &Harness) -> bool {
@@ -365,16 +387,9 @@ fn rng_serves(runtime: &std::sync::Arc<kickvm_virtio::Runtime>, name: &str, mode
 /// thread) serves on, and a reset ends in bounded time.
 #[test]
 fn a_tap_deleted_under_a_running_device() {
-    use kickvm_virtio::{Runtime, ThreadingMode};
-    capture_logs();
-    if !can_make_taps() {
-        return;
-    }
-    for (i, mode) in [ThreadingMode::PerQueue, ThreadingMode::Single].into_iter().enumerate() {
-        let _ns = OwnNetns::enter(&format!("del{i}"));
-        let (name, tap) = (format!("kvrelnet{i}"), format!("kvreltap{i}"));
-        let runtime = Runtime::new(mode);
-        let mut h = start_net(&name, &tap, Some(runtime.clone()));
+    use kickvm_virtio::ThreadingMode;
+    in_each_mode("kvrel", |i, mode, name, tap, runtime, mut h| {
+        let name = name.as_str();
         std::thread::sleep(Duration::from_millis(100));
         assert!(link_up(&h), "{mode:?}: the link is up while the TAP is");
         let _ = config_interrupts(&h);
@@ -397,7 +412,7 @@ fn a_tap_deleted_under_a_running_device() {
         let busy = ticks() - ticks0;
         let wall_ticks = t0.elapsed().as_secs_f64() * 100.0;
         let errors = h.device.state().total().errors;
-        let lines = lines_about(&name, "TAP");
+        let lines = lines_about(name, "TAP");
         eprintln!(
             "{mode:?}: TAP deleted: queue threads used {busy} ticks of CPU in {wall_ticks:.0}; {errors} errors counted, {lines} log lines"
         );
@@ -406,11 +421,11 @@ fn a_tap_deleted_under_a_running_device() {
         assert_eq!(lines, 1, "{mode:?}: one log line for a deleted TAP ({errors} errors)");
         assert!(!link_up(&h), "{mode:?}: a deleted TAP does not come back");
         // Another device goes on; a reset of this one ends in bounded time.
-        let _rng = rng_serves(&runtime, &format!("rngdel{i}"), mode);
+        let _rng = rng_serves(runtime, &format!("rngdel{i}"), mode);
         let t = Instant::now();
         h.reset();
         assert!(t.elapsed() < Duration::from_millis(500), "{mode:?}: reset took {:?}", t.elapsed());
-    }
+    });
 }
 
 /// A TAP set down under a running device, then up again, in each
@@ -422,17 +437,8 @@ fn a_tap_deleted_under_a_running_device() {
 /// throughout.
 #[test]
 fn a_tap_set_down_and_up_again_turns_the_guests_link_off_and_on() {
-    use kickvm_virtio::{Runtime, ThreadingMode};
-    capture_logs();
-    if !can_make_taps() {
-        return;
-    }
-    for (i, mode) in [ThreadingMode::PerQueue, ThreadingMode::Single].into_iter().enumerate() {
-        let _ns = OwnNetns::enter(&format!("down{i}"));
-        let (name, tap) = (format!("kvdown{i}"), format!("kvdowntap{i}"));
-        let runtime = Runtime::new(mode);
-        let mut h = start_net(&name, &tap, Some(runtime.clone()));
-        let mut rng = rng_serves(&runtime, &format!("rngdown{i}"), mode);
+    in_each_mode("kvdown", |i, mode, name, tap, runtime, mut h| {
+        let mut rng = rng_serves(runtime, &format!("rngdown{i}"), mode);
         send_frame(&mut h);
         assert!(link_up(&h), "{mode:?}: the link is up while the TAP is");
         let _ = config_interrupts(&h);
@@ -473,7 +479,7 @@ fn a_tap_set_down_and_up_again_turns_the_guests_link_off_and_on() {
         let lines = lines_about(&name, "TAP");
         eprintln!("{mode:?}: TAP down then up: link up again {took:?} after `ip link set up`; {errors} errors, {lines} log lines");
         assert_eq!(lines, 1, "{mode:?}: one warning for the spell");
-    }
+    });
 }
 
 // ------------------------------------------------------------- console
