@@ -52,9 +52,9 @@ pub enum BootError {
     KernelTooLarge { path: String, need: u64 },
     #[error("cannot read initrd {path}: {err}")]
     ReadInitrd { path: String, err: std::io::Error },
-    #[error("initrd {path} ({size} MiB) does not fit in guest memory next to the kernel; give the guest more --memory", size = .size.div_ceil(1 << 20))]
+    #[error("initrd {path} ({size}) does not fit in guest memory next to the kernel; give the guest more --memory", size = mib(.size))]
     InitrdTooLarge { path: String, size: u64 },
-    #[error("initrd {path} ({size} MiB) does not fit between the end of the kernel ({kernel_end:#x}) and {addr_max:#x}, the highest address it may use; use a smaller initrd", size = .size.div_ceil(1 << 20))]
+    #[error("initrd {path} ({size}) does not fit between the end of the kernel ({kernel_end:#x}) and {addr_max:#x}, the highest address it may use; use a smaller initrd", size = mib(.size))]
     InitrdAboveAddrMax { path: String, size: u64, kernel_end: u64, addr_max: u64 },
     #[error("kernel command line is {len} bytes, more than the kernel accepts ({max})")]
     CmdlineTooLong { len: usize, max: usize },
@@ -66,6 +66,16 @@ pub enum BootError {
     TooManyE820Entries,
     #[error("cannot write boot structures to guest memory: {0}")]
     Write(String),
+}
+
+/// A size for a message: "5.2 MiB", "512 KiB" (not rounded up to a whole
+/// MiB, which made a 1.1 MiB initrd read "2 MiB").
+fn mib(bytes: &u64) -> String {
+    if *bytes < 1 << 20 {
+        format!("{} KiB", bytes.div_ceil(1 << 10))
+    } else {
+        format!("{:.1} MiB", *bytes as f64 / f64::from(1 << 20))
+    }
 }
 
 /// How the boot vCPU enters the kernel.
@@ -370,6 +380,13 @@ pub fn write_boot_structures(
 mod tests {
     use super::*;
     use bzimage::tests::{image, put};
+
+    #[test]
+    fn sizes_in_messages_are_not_rounded_up_to_whole_mib() {
+        assert_eq!(mib(&(1_153_434)), "1.1 MiB");
+        assert_eq!(mib(&(5 << 20)), "5.0 MiB");
+        assert_eq!(mib(&1000), "1 KiB");
+    }
 
     fn kernel(reserved_end: u64) -> KernelImage {
         let mut img = image(0x1000);
