@@ -787,7 +787,7 @@ fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
         let _ = writeln!(md, "- API create + boot, non-vCPU threads' CPU: {:.1} ms against {:.1} ms for `kickvm run`: **{:+.1} ms** (goal < 5 ms)", a * 1e3, k * 1e3, (a - k) * 1e3);
     }
     if let (Some(a), Some(k)) = (med(Vmm::KickvmApi, |o| o.cpu), med(Vmm::Kickvm("per-queue"), |o| o.cpu)) {
-        let _ = writeln!(md, "- API create + boot, whole process CPU to `/init`: {a:.2} s against {k:.2} s ({:+.0} ms; clock ticks, and the vCPU's exit handling in L1 varies by tens of ms from run to run)", (a - k) * 1e3);
+        let _ = writeln!(md, "- API create + boot, whole process CPU to `/init`: {a:.2} s against {k:.2} s ({:+.0} ms; clock ticks; in the rig this varies by seconds from run to run with the host's load)", (a - k) * 1e3);
     }
     let _ = writeln!(md);
     md
