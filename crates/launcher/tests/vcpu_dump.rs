@@ -69,6 +69,14 @@ fn a_triple_fault_is_logged_with_registers_exits_and_the_guest_symbol() {
     // Without a System.map: the link-time address, from Linux's default
     // `_text`, and the offset.
     let stderr = run();
+    if stderr.contains("the vCPU is in its power-on state") {
+        // KVM on AMD resets a vCPU on a shutdown: nothing of the fault is
+        // left to read (the rig test below covers that case).
+        assert!(stderr.contains("vcpu0: triple fault, resetting (#1)") && stderr.contains("vcpu1: state on request"), "{stderr}");
+        eprintln!("the faulting vCPU's registers were not checked: this host's KVM resets it on a shutdown (AMD)");
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
     assert!(
         stderr.contains("guest code at rip: link-time address 0xffffffff811002")
             && stderr.contains("(KASLR offset 0x800000, if _text is at 0xffffffff81000000); no symbols: no System.map"),
