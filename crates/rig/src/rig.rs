@@ -376,6 +376,9 @@ struct L1End {
     started: Option<Instant>,
     /// L1's kernel reported a soft lockup and the rig killed it.
     lockup: bool,
+    /// Every L1 vCPU spun in L1's kernel with interrupts off for
+    /// [`WEDGE_AFTER`] and the rig killed it.
+    wedged: bool,
 }
 
 /// True once L1's console shows its kernel stuck in one task for a minute
@@ -402,34 +405,63 @@ fn l1_cpus_file(console: &Path) -> PathBuf {
 /// kernel, in an L2 guest, halted). Best effort; a monitor that does not
 /// answer is said in the file.
 fn record_l1_cpus(console: &Path) {
-    use std::os::unix::net::UnixStream;
-    let ask = || -> std::io::Result<String> {
-        let mut m = UnixStream::connect(monitor_socket(console))?;
-        m.set_read_timeout(Some(Duration::from_secs(2)))?;
-        m.write_all(b"info registers -a\n")?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 8192];
-        // The monitor keeps the connection open: read until it goes quiet.
-        while let Ok(n) = m.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        Ok(String::from_utf8_lossy(&out).into_owned())
-    };
     let mut text = String::new();
     for i in 0..2 {
         if i > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
-        match ask() {
+        match l1_registers(console, Duration::from_secs(2)) {
             Ok(t) => text.push_str(&t),
             Err(e) => text.push_str(&format!("QEMU's monitor did not answer: {e}\n")),
         }
     }
     let _ = fs::write(l1_cpus_file(console), text);
 }
+
+/// QEMU's `info registers -a` for L1's vCPUs, read until the monitor has
+/// been quiet for `quiet`.
+fn l1_registers(console: &Path, quiet: Duration) -> std::io::Result<String> {
+    use std::os::unix::net::UnixStream;
+    let mut m = UnixStream::connect(monitor_socket(console))?;
+    m.set_read_timeout(Some(quiet))?;
+    m.write_all(b"info registers -a\n")?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    // The monitor keeps the connection open: read until it goes quiet.
+    while let Ok(n) = m.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// True if every vCPU in an `info registers -a` dump runs kernel code
+/// (CPL 0) with interrupts off (RFLAGS.IF clear) and is not halted. A
+/// healthy L1 is never seen so twice in a row for long: an idle vCPU
+/// halts, a busy one takes its timer interrupt. L1 has been seen wedged
+/// exactly so, both vCPUs looping in its kernel with interrupts off, the
+/// command (and the soft-lockup watchdog, which needs interrupts) never
+/// moving again.
+fn l1_cpus_spin_with_interrupts_off(dump: &str) -> bool {
+    let cpus: Vec<bool> = dump
+        .lines()
+        .filter(|l| l.starts_with("RIP="))
+        .map(|l| {
+            let field = |name: &str| l.split_whitespace().find_map(|w| w.strip_prefix(name));
+            let rflags = field("RFL=").and_then(|v| u64::from_str_radix(v, 16).ok());
+            let interrupts_off = rflags.is_some_and(|f| f & 0x200 == 0);
+            interrupts_off && field("CPL=") == Some("0") && field("HLT=") == Some("0")
+        })
+        .collect();
+    !cpus.is_empty() && cpus.iter().all(|&spinning| spinning)
+}
+
+/// How long every L1 vCPU must be seen spinning with interrupts off before
+/// the rig calls L1 wedged (sampled every [`WEDGE_SAMPLE`]).
+const WEDGE_AFTER: Duration = Duration::from_secs(60);
+const WEDGE_SAMPLE: Duration = Duration::from_secs(5);
 
 /// Waits for L1 to power off, killing it at `t_boot + opts.timeout`;
 /// meanwhile notes the boot time when the command starts and collects the
@@ -446,7 +478,10 @@ fn wait_for_l1(
     let deadline = t_boot + opts.timeout;
     let mut started: Option<Instant> = None;
     let mut lockup = false;
+    let mut wedged = false;
     let mut next_look = Instant::now();
+    let mut next_sample = Instant::now() + WEDGE_SAMPLE;
+    let mut spinning_since: Option<Instant> = None;
     let exited = loop {
         if Instant::now() >= next_look {
             next_look = Instant::now() + Duration::from_secs(2);
@@ -455,6 +490,19 @@ fn wait_for_l1(
                 let _ = child.kill();
                 let _ = child.wait();
                 lockup = true;
+                break false;
+            }
+        }
+        if started.is_some() && Instant::now() >= next_sample {
+            next_sample = Instant::now() + WEDGE_SAMPLE;
+            let spinning = l1_registers(console, Duration::from_millis(300))
+                .is_ok_and(|d| l1_cpus_spin_with_interrupts_off(&d));
+            spinning_since = if spinning { spinning_since.or(Some(Instant::now())) } else { None };
+            if spinning_since.is_some_and(|t| t.elapsed() >= WEDGE_AFTER) {
+                record_l1_cpus(console);
+                let _ = child.kill();
+                let _ = child.wait();
+                wedged = true;
                 break false;
             }
         }
@@ -477,7 +525,7 @@ fn wait_for_l1(
             Err(e) => return Err(Error::new(format!("cannot wait for QEMU: {e}"))),
         }
     };
-    Ok(L1End { exited, started, lockup })
+    Ok(L1End { exited, started, lockup, wedged })
 }
 
 /// The command's exit status as L1 left it in the scratch share, or the
@@ -545,8 +593,8 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         format!("L1 image ready in {:.1} s", timings.image.as_secs_f64()),
     );
 
-    // One retry, in a fresh L1, when L1 itself fails — its kernel locks up
-    // or fails its own boot, or L1 stops dead with no word from its kernel
+    // One retry, in a fresh L1, when L1 itself fails — its kernel locks up,
+    // wedges with interrupts off or fails its own boot, or L1 stops dead with no word from its kernel
     // while the command runs (seen under QEMU's emulated SVM): that is the
     // emulation stack failing, not the command.
     let mut last = String::new();
@@ -596,6 +644,13 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
     let end = wait_for_l1(&mut child, &files.console, t_boot, opts, &files.scratch, &mut output, timings)?;
     if end.lockup {
         return Ok(Attempt::L1Failed("L1's kernel locked up (soft lockup in its console); L1 was killed".into()));
+    }
+    if end.wedged {
+        return Ok(Attempt::L1Failed(format!(
+            "L1 wedged: every vCPU spun in its kernel with interrupts off for {} s; L1 was killed (its registers: {})",
+            WEDGE_AFTER.as_secs(),
+            l1_cpus_file(&files.console).display()
+        )));
     }
     if l1_failed_to_boot(&end) {
         return Ok(Attempt::L1Failed(format!(
@@ -761,7 +816,7 @@ mod tests {
     #[test]
     fn l1_that_stops_dead_mid_command_is_told_from_a_command_that_ends_it() {
         let files = RunFiles::create().unwrap();
-        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false };
+        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false, wedged: false };
         let console = |text: &str| fs::write(&files.console, text).unwrap();
         console("KICKVM-RIG-CMD-START\n[ 7.8] kvm [153]: vcpu0, guest rIP: 0x1 Unhandled WRMSR(0xc0010007) = 0xffff\n");
         assert!(l1_stopped_dead(&end(true), &files), "silent stop mid-command");
@@ -777,8 +832,26 @@ mod tests {
     }
 
     #[test]
+    fn l1_is_wedged_only_when_every_vcpu_spins_in_its_kernel_with_interrupts_off() {
+        // As QEMU 7.2's monitor printed them for the L1 wedged in CI (00:50 UTC 2026-12-06).
+        let cpu = |rip: &str, rfl: &str, cpl: u8, hlt: u8| {
+            format!("RAX=0 RBX=0\nRIP={rip} RFL={rfl} [---Z-P-] CPL={cpl} II=0 A20=1 SMM=0 HLT={hlt}\nES =0000\n")
+        };
+        let dump = |cpus: &[String]| cpus.iter().enumerate().map(|(i, c)| format!("CPU#{i}\n{c}")).collect::<String>();
+        let wedged = dump(&[cpu("ffffffffb1c00ba0", "00000046", 0, 0), cpu("ffffffffb1a5267b", "00000046", 0, 0)]);
+        assert!(l1_cpus_spin_with_interrupts_off(&wedged));
+        let one_halted = dump(&[cpu("ffffffffb1c00ba0", "00000046", 0, 0), cpu("ffffffffb1a5267b", "00000246", 0, 1)]);
+        assert!(!l1_cpus_spin_with_interrupts_off(&one_halted), "an idle vCPU halts with interrupts on");
+        let interrupts_on = dump(&[cpu("ffffffffb1c00ba0", "00000246", 0, 0), cpu("ffffffffb1a5267b", "00000046", 0, 0)]);
+        assert!(!l1_cpus_spin_with_interrupts_off(&interrupts_on), "a busy vCPU takes interrupts");
+        let user = dump(&[cpu("7f00", "00000046", 3, 0), cpu("ffffffffb1a5267b", "00000046", 0, 0)]);
+        assert!(!l1_cpus_spin_with_interrupts_off(&user), "user space");
+        assert!(!l1_cpus_spin_with_interrupts_off("QEMU's monitor did not answer"), "no dump is no verdict");
+    }
+
+    #[test]
     fn l1_that_fails_its_own_boot_is_retried_but_not_one_that_times_out() {
-        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false };
+        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false };
         assert!(l1_failed_to_boot(&end(true, None)), "L1 panicked while booting");
         assert!(!l1_failed_to_boot(&end(false, None)), "a boot past the deadline is not retried");
         assert!(!l1_failed_to_boot(&end(true, Some(Instant::now()))), "the command started: its result");
