@@ -594,7 +594,7 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
     );
 
     // One retry, in a fresh L1, when L1 itself fails — its kernel locks up,
-    // wedges with interrupts off or fails its own boot, or L1 stops dead with no word from its kernel
+    // wedges with interrupts off, oopses or fails its own boot, or L1 stops dead with no word from its kernel
     // while the command runs (seen under QEMU's emulated SVM): that is the
     // emulation stack failing, not the command.
     let mut last = String::new();
@@ -670,6 +670,12 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
             files.console.display()
         )));
     }
+    if let Some(oops) = l1_kernel_failed_mid_command(&end, &files) {
+        return Ok(Attempt::L1Failed(format!(
+            "L1's kernel failed while the command ran ({oops}); L1 console log: {}",
+            files.console.display()
+        )));
+    }
     let status = command_status(&end, &files, opts)?;
     report(
         opts,
@@ -699,8 +705,8 @@ fn l1_failed_to_boot(end: &L1End) -> bool {
 /// True if L1 ended while the command ran without the command's status and
 /// with nothing from L1's kernel after the command started: no panic, no
 /// oops, no power-off — the machine under it stopped (QEMU's emulated
-/// SVM has done this). A command that powers L1 off, or a kernel that
-/// panics, is the command's result and is reported as such.
+/// SVM has done this). A command that powers L1 off is the command's
+/// result; a kernel that oopses is [`l1_kernel_failed_mid_command`].
 fn l1_stopped_dead(end: &L1End, files: &RunFiles) -> bool {
     if !end.exited || end.started.is_none() || files.scratch.join("status").exists() {
         return false;
@@ -708,6 +714,25 @@ fn l1_stopped_dead(end: &L1End, files: &RunFiles) -> bool {
     let console = files.console_text();
     let after = console.rsplit("KICKVM-RIG-CMD-START").next().unwrap_or("");
     !["Kernel panic", "Oops", "BUG:", "reboot: Power down", "reboot: Restarting"].iter().any(|m| after.contains(m))
+}
+
+/// The first line of L1's kernel oops or panic, if L1's kernel failed
+/// while the command ran and the command left no status. A process in L1
+/// cannot legitimately crash L1's kernel; the one seen (CI, 2026-12-06:
+/// "BUG: TASK stack guard page was hit" on kickvm's `vcpu1`, page faults
+/// recursing on a `%gs:` load right after a nested VM exit, i.e. L1's GS
+/// base not restored) was QEMU's emulated SVM failing. A command that
+/// does crash L1's kernel every time still fails, on the second attempt.
+fn l1_kernel_failed_mid_command(end: &L1End, files: &RunFiles) -> Option<String> {
+    if !end.exited || end.started.is_none() || files.scratch.join("status").exists() {
+        return None;
+    }
+    let console = files.console_text();
+    let after = console.rsplit("KICKVM-RIG-CMD-START").next().unwrap_or("");
+    after
+        .lines()
+        .find(|l| ["Kernel panic", "Oops", "BUG:"].iter().any(|m| l.contains(m)))
+        .map(|l| l.trim().to_string())
 }
 
 /// For a Rust test that needs a usable `/dev/kvm`: on a host where it is
@@ -821,13 +846,21 @@ mod tests {
         console("KICKVM-RIG-CMD-START\n[ 7.8] kvm [153]: vcpu0, guest rIP: 0x1 Unhandled WRMSR(0xc0010007) = 0xffff\n");
         assert!(l1_stopped_dead(&end(true), &files), "silent stop mid-command");
         assert!(!l1_stopped_dead(&end(false), &files), "a timeout is the rig's own kill");
-        console("KICKVM-RIG-CMD-START\n[ 9.1] Kernel panic - not syncing: Fatal exception\n");
-        assert!(!l1_stopped_dead(&end(true), &files), "a panic is reported, not retried");
+        console("KICKVM-RIG-CMD-START\n[ 9.0] BUG: TASK stack guard page was hit at 0\n[ 9.1] Kernel panic - not syncing: Fatal exception\n");
+        assert!(!l1_stopped_dead(&end(true), &files), "a panic is not a silent stop");
+        assert_eq!(
+            l1_kernel_failed_mid_command(&end(true), &files).as_deref(),
+            Some("[ 9.0] BUG: TASK stack guard page was hit at 0"),
+            "L1's kernel failing mid-command is L1's failure"
+        );
+        assert_eq!(l1_kernel_failed_mid_command(&end(false), &files), None, "a timeout is the rig's own kill");
         console("KICKVM-RIG-CMD-START\n[ 9.1] reboot: Power down\n");
         assert!(!l1_stopped_dead(&end(true), &files), "the command powered L1 off");
         console("KICKVM-RIG-CMD-START\n");
         fs::write(files.scratch.join("status"), "0").unwrap();
         assert!(!l1_stopped_dead(&end(true), &files), "the command finished");
+        console("KICKVM-RIG-CMD-START\n[ 9.1] Kernel panic - not syncing: sysrq\n");
+        assert_eq!(l1_kernel_failed_mid_command(&end(true), &files), None, "the command finished first: its result");
         let _ = fs::remove_dir_all(&files.dir);
     }
 
