@@ -593,22 +593,28 @@ pub fn run_in_rig(cmd: &[String], opts: &RigOptions) -> Result<RigOutput> {
         format!("L1 image ready in {:.1} s", timings.image.as_secs_f64()),
     );
 
-    // One retry, in a fresh L1, when L1 itself fails — its kernel locks up,
-    // wedges with interrupts off, oopses or fails its own boot, or L1 stops dead with no word from its kernel
-    // while the command runs (seen under QEMU's emulated SVM): that is the
-    // emulation stack failing, not the command.
+    // Up to two retries, each in a fresh L1, when L1 itself fails — its
+    // kernel locks up, wedges with interrupts off, oopses or fails its own
+    // boot, or L1 stops dead with no word from its kernel while the command
+    // runs (seen under QEMU's emulated SVM, twice in a row in one CI run's
+    // soak): that is the emulation stack failing, not the command.
     let mut last = String::new();
-    for attempt in 1..=2 {
+    for attempt in 1..=L1_ATTEMPTS {
         match attempt_in_l1(cmd, opts, &l1, &mut timings)? {
             Attempt::Done(out) => return Ok(out),
             Attempt::L1Failed(why) => {
-                report(opts, format!("{why} (attempt {attempt} of 2); trying a fresh L1"));
+                let next = if attempt < L1_ATTEMPTS { "; trying a fresh L1" } else { "" };
+                report(opts, format!("{why} (attempt {attempt} of {L1_ATTEMPTS}){next}"));
                 last = why;
             }
         }
     }
-    Err(Error::new(format!("L1 failed twice running the command; the second time: {last}")))
+    Err(Error::new(format!("L1 failed {L1_ATTEMPTS} times running the command; the last time: {last}")))
 }
+
+/// How many L1s a command gets when L1 itself fails (never when the
+/// command does).
+const L1_ATTEMPTS: u32 = 3;
 
 /// How one L1 run ended.
 enum Attempt {
@@ -722,7 +728,7 @@ fn l1_stopped_dead(end: &L1End, files: &RunFiles) -> bool {
 /// "BUG: TASK stack guard page was hit" on kickvm's `vcpu1`, page faults
 /// recursing on a `%gs:` load right after a nested VM exit, i.e. L1's GS
 /// base not restored) was QEMU's emulated SVM failing. A command that
-/// does crash L1's kernel every time still fails, on the second attempt.
+/// does crash L1's kernel every time still fails, on the last attempt.
 fn l1_kernel_failed_mid_command(end: &L1End, files: &RunFiles) -> Option<String> {
     if !end.exited || end.started.is_none() || files.scratch.join("status").exists() {
         return None;
