@@ -57,6 +57,7 @@ pub fn run(data: &[u8]) {
     let vmm = Vmm::new(HostOptions {
         threads: kickvm_virtio::ThreadingMode::PerQueue,
         seccomp: kickvm_virtio::seccomp::SeccompMode::Off,
+        decompress_in_guest: false,
         kvm_device: sandbox.join("null"),
         allow_slow_kvm: true,
     });

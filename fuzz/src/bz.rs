@@ -5,7 +5,8 @@
 //! come from the input, raw patches, a sparse protected-mode payload) in a
 //! memfd, and calls what `kickvm run` calls, as it calls them: the checks
 //! of `VmConfig::validate` (`boot::inspect_kernel`, `check_kernel_fits`,
-//! `check_cmdline`, `check_initrd_fits`), then `boot::load_kernel`
+//! `check_cmdline`, `check_initrd_fits`), then `boot::load` (host
+//! decompression of an LZ4 payload, `boot::unpack`), `boot::load_kernel`
 //! (`/proc/self/fd/N`), `load_initrd` (a sparse memfd of the input's
 //! size) and `write_boot_structures`, on 4..32 MiB of guest memory; and
 //! `KernelImage::parse` on the same header with other file lengths, and
@@ -433,6 +434,16 @@ fn load(
     cmdline: &str,
     ram: u64,
 ) -> Result<(), String> {
+    // What `kickvm run` does by default: decompress on the host when the
+    // payload is LZ4 (else the same as `load_kernel`).
+    match boot::load(mem, kpath, low_end, false) {
+        Ok(boot::Kernel::Elf(e)) => {
+            assert!(e.reserved_end <= low_end, "host-decompressed kernel past RAM");
+            assert!(e.segments.iter().any(|s| e.entry >= s.addr && e.entry < s.addr + s.file_len), "entry outside");
+        }
+        Ok(boot::Kernel::BzImage(_)) => {}
+        Err(e) => one_line(&e.to_string()),
+    }
     let k = boot::load_kernel(mem, kpath, low_end).map_err(|e| e.to_string())?;
     check_image(&k, total, Some(low_end));
     for s in input.probes.iter().take(64) {

@@ -60,6 +60,7 @@ fn api(path: &std::path::Path, args: &ApiArgs) -> u8 {
     let host = kickvm::api::HostOptions {
         threads: args.threads,
         seccomp: args.seccomp,
+        decompress_in_guest: args.decompress_in_guest,
         kvm_device: args.kvm_device.clone(),
         allow_slow_kvm: args.allow_slow_kvm,
     };

@@ -455,11 +455,11 @@ fn spawn_loader(
     chatty: bool,
 ) -> Result<std::thread::JoinHandle<Result<Loaded, VmError>>, VmError> {
     let (mem, low_end) = (ram.mem.clone(), ram.low_end());
-    let (kernel, initrd) = (cfg.kernel.clone(), cfg.initrd.clone());
+    let (kernel, initrd, in_guest) = (cfg.kernel.clone(), cfg.initrd.clone(), cfg.decompress_in_guest);
     std::thread::Builder::new()
         .name("kickvm-load".into())
         .spawn(move || {
-            let kernel = boot::load(&mem, &kernel, low_end)?;
+            let kernel = boot::load(&mem, &kernel, low_end, in_guest)?;
             let initrd = match &initrd {
                 Some(p) => Some(boot::load_initrd(&mem, p, low_end, &kernel)?),
                 None => None,

@@ -71,6 +71,10 @@ enum Vmm {
     Kickvm(&'static str),
     /// kickvm (per-queue) booting the uncompressed vmlinux through PVH.
     KickvmVmlinux,
+    /// kickvm (per-queue) letting the bzImage decompress itself in the
+    /// guest (`--decompress-in-guest`), as it did before it decompressed
+    /// LZ4 kernels on the host.
+    KickvmGuestDecompress,
     /// kickvm (per-queue), its NIC's queue threads never polling (`poll=off`).
     KickvmPollOff,
     /// `kickvm --api-socket`, the same VM as `Kickvm("per-queue")` built
@@ -105,6 +109,7 @@ impl Vmm {
         match self {
             Vmm::Kickvm(t) => format!("kickvm --threads {t}"),
             Vmm::KickvmVmlinux => "kickvm, vmlinux (PVH)".into(),
+            Vmm::KickvmGuestDecompress => "kickvm --decompress-in-guest".into(),
             Vmm::KickvmPollOff => "kickvm --threads per-queue, poll=off".into(),
             Vmm::KickvmApi => "kickvm --api-socket (vm.create + vm.boot)".into(),
             Vmm::Firecracker => "Firecracker, vmlinux".into(),
@@ -127,6 +132,7 @@ impl Vmm {
         match self {
             Vmm::Kickvm(t) => format!("kickvm-{t}"),
             Vmm::KickvmVmlinux => "kickvm-vmlinux".into(),
+            Vmm::KickvmGuestDecompress => "kickvm-guest-decompress".into(),
             Vmm::KickvmPollOff => "kickvm-poll-off".into(),
             Vmm::KickvmApi => "kickvm-api".into(),
             Vmm::Firecracker => "firecracker".into(),
@@ -182,6 +188,7 @@ const PING_VMMS: &[(&str, Vmm)] = &[
 const BOOT_VMMS: &[(&str, Vmm)] = &[
     ("kickvm", Vmm::Kickvm("per-queue")),
     ("kickvm-vmlinux", Vmm::KickvmVmlinux),
+    ("kickvm-guest-decompress", Vmm::KickvmGuestDecompress),
     ("kickvm-api", Vmm::KickvmApi),
     ("microvm", Vmm::QemuMicrovm),
     ("pc", Vmm::QemuPc),
@@ -194,7 +201,8 @@ fn usage() -> ! {
         "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
          \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping]\n\
          \x20                       [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE]\n\
-         \x20                       [--boot-vmm kickvm,kickvm-vmlinux,kickvm-api,microvm,pc,firecracker,cloud-hypervisor]\n\
+         \x20                       [--boot-vmm kickvm,kickvm-vmlinux,kickvm-guest-decompress,kickvm-api,microvm,pc,firecracker,
+         \x20                                   cloud-hypervisor]\n\
          \x20                       [--ping-vmm per-queue,per-queue-poll-off,per-device,single,vhost-user,vhost-net,pc,pc-vhost,\n\
          \x20                                   firecracker,cloud-hypervisor]\n\
          Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh).\n\
@@ -430,14 +438,17 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
     let extra = format!("{EXTRA_CMDLINE} {}", script_cmdline(script));
     let mut c;
     match vmm {
-        Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmPollOff => {
+        Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmGuestDecompress | Vmm::KickvmPollOff => {
             let (kernel, threads) = match vmm {
                 Vmm::Kickvm(threads) => (img.kernel.clone(), threads),
-                Vmm::KickvmPollOff => (img.kernel.clone(), "per-queue"),
+                Vmm::KickvmPollOff | Vmm::KickvmGuestDecompress => (img.kernel.clone(), "per-queue"),
                 _ => (vmlinux(), "per-queue"),
             };
             c = Command::new(&o.kickvm);
             c.arg("run").arg("--kernel").arg(&kernel).arg("--initrd").arg(&img.initrd);
+            if vmm == Vmm::KickvmGuestDecompress {
+                c.arg("--decompress-in-guest");
+            }
             c.args(["--memory", &format!("{MEMORY_MIB}M"), "--cpus", "1", "--threads", threads]);
             c.args(["--cmdline", &extra]);
             if tap {
@@ -763,7 +774,7 @@ fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
         vmms.iter().position(|v| *v == want).map(|i| col(i, f)).filter(|v| !v.is_empty()).map(|v| median(&v))
     };
     let _ = writeln!(md);
-    let kickvms = [Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux];
+    let kickvms = [Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux, Vmm::KickvmGuestDecompress];
     for (peer, goal) in [(Vmm::QemuPc, "≤ 0.3"), (Vmm::Firecracker, "≤ 1.0")] {
         for (what, f) in [("VMM CPU to `/init` (process)", (|o: &Own| o.cpu) as fn(&Own) -> Option<f64>), ("VMM-owned CPU to `/init`", owned)] {
             for k in kickvms {
@@ -912,6 +923,8 @@ fn boot_table(vmms: &[Vmm], res: &[(Vec<f64>, Vec<f64>)], how: &str) -> String {
     let of = |want: Vmm| vmms.iter().position(|v| *v == want).filter(|i| !res[*i].0.is_empty()).map(|i| (median(&res[i].0), median(&res[i].1)));
     let ratios = [
         (Vmm::Kickvm("per-queue"), Vmm::QemuPc, "≤ 0.6"),
+        (Vmm::KickvmGuestDecompress, Vmm::QemuPc, ""),
+        (Vmm::Kickvm("per-queue"), Vmm::KickvmGuestDecompress, ""),
         (Vmm::Kickvm("per-queue"), Vmm::QemuMicrovm, "≤ 1.0"),
         (Vmm::KickvmVmlinux, Vmm::CloudHypervisor, "≤ 0.9"),
         (Vmm::KickvmVmlinux, Vmm::Firecracker, "≤ 1.0"),
@@ -943,7 +956,7 @@ fn boot_table(vmms: &[Vmm], res: &[(Vec<f64>, Vec<f64>)], how: &str) -> String {
 /// real host does (the rig reads the host's files over 9p).
 fn warm_up(o: &Opts, vmm: Vmm) {
     let bin: &Path = match vmm {
-        Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmNet(_) | Vmm::KickvmPollOff | Vmm::KickvmApi => &o.kickvm,
+        Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmGuestDecompress | Vmm::KickvmNet(_) | Vmm::KickvmPollOff | Vmm::KickvmApi => &o.kickvm,
         Vmm::Firecracker => peer(&o.firecracker),
         Vmm::CloudHypervisor => peer(&o.cloud_hypervisor),
         Vmm::QemuMicrovm | Vmm::QemuPc | Vmm::QemuPcVhost => Path::new(&o.qemu),
@@ -1280,7 +1293,7 @@ fn memory(pid: i32, vmm: Vmm) -> Result<Mem, String> {
             // RAM, the memfd "kickvm-guest-ram" (crates/launcher/src/memory.rs).
             let big_anon = path.is_empty() && size >= (MEMORY_MIB << 20) * 3 / 4;
             is_guest = match vmm {
-                Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmNet(_) | Vmm::KickvmPollOff | Vmm::KickvmApi => {
+                Vmm::Kickvm(_) | Vmm::KickvmVmlinux | Vmm::KickvmGuestDecompress | Vmm::KickvmNet(_) | Vmm::KickvmPollOff | Vmm::KickvmApi => {
                     big_anon || path.contains("kickvm-guest-ram")
                 }
                 _ => big_anon,

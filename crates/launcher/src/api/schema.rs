@@ -208,6 +208,7 @@ pub enum SerialTarget {
 pub struct HostOptions {
     pub threads: kickvm_virtio::ThreadingMode,
     pub seccomp: kickvm_virtio::seccomp::SeccompMode,
+    pub decompress_in_guest: bool,
     pub kvm_device: PathBuf,
     pub allow_slow_kvm: bool,
 }
@@ -259,6 +260,7 @@ impl ChVmConfig {
             kernel,
             initrd: self.payload.initramfs.clone(),
             cmdline: config::full_cmdline(self.payload.cmdline.as_deref()),
+            decompress_in_guest: host.decompress_in_guest,
             memory: self.memory.size,
             cpus: boot,
             hugepages: self.memory.hugepages,
@@ -384,6 +386,7 @@ mod tests {
         HostOptions {
             threads: kickvm_virtio::ThreadingMode::PerQueue,
             seccomp: kickvm_virtio::seccomp::SeccompMode::On,
+            decompress_in_guest: false,
             kvm_device: "/dev/kvm".into(),
             allow_slow_kvm: false,
         }

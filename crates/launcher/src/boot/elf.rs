@@ -120,10 +120,25 @@ fn read<T: ByteValued + Default>(f: &(impl ReadAt + ?Sized), offset: u64) -> Res
     Ok(v)
 }
 
-impl ElfKernel {
-    /// Checks the ELF file `f` of `file_len` bytes. Reads the ELF header,
-    /// the program headers and the note segments (bounded); loads nothing.
-    pub fn parse(f: &(impl ReadAt + ?Sized), file_len: u64) -> Result<ElfKernel, ElfError> {
+/// What an ELF kernel's headers say, checked: where its segments go. Its
+/// PVH entry point is not looked for yet: when the kernel is decompressed
+/// on the host, the note that names it is at hand only once the segments
+/// are loaded ([`super::unpack`]).
+#[derive(Debug, Clone)]
+pub struct ElfLayout {
+    /// Sorted by address, not overlapping, all in `[1 MiB, 3 GiB)`.
+    pub segments: Vec<Segment>,
+    /// One past the highest byte a segment occupies.
+    pub reserved_end: u64,
+    /// The note segments' headers, in file order, with their indices.
+    notes: Vec<(usize, Elf64_Phdr)>,
+    file_len: u64,
+}
+
+impl ElfLayout {
+    /// Checks the ELF header and program headers of the ELF file `f` of
+    /// `file_len` bytes (only its first bytes are read); loads nothing.
+    pub fn parse(f: &(impl ReadAt + ?Sized), file_len: u64) -> Result<ElfLayout, ElfError> {
         let ehdr_len = std::mem::size_of::<Elf64_Ehdr>() as u64;
         if file_len < ehdr_len {
             return Err(ElfError::TooShort(file_len));
@@ -150,12 +165,12 @@ impl ElfKernel {
         }
 
         let mut segments: Vec<(usize, Segment)> = Vec::new();
-        let mut entry = None;
+        let mut notes = Vec::new();
         for index in 0..usize::from(ehdr.e_phnum) {
             let p: Elf64_Phdr = read(f, ehdr.e_phoff + index as u64 * phdr_len)?;
             match p.p_type {
                 PT_LOAD if p.p_memsz > 0 => segments.push((index, check_segment(index, &p, file_len)?)),
-                PT_NOTE if entry.is_none() => entry = pvh_entry(f, index, &p, file_len)?,
+                PT_NOTE => notes.push((index, p)),
                 _ => {}
             }
         }
@@ -170,13 +185,34 @@ impl ElfKernel {
                 return Err(ElfError::Overlap(a.min(b), a.max(b)));
             }
         }
+        let reserved_end = segments.iter().map(|(_, s)| s.addr + s.mem_len).max().unwrap_or(0);
+        Ok(ElfLayout { segments: segments.into_iter().map(|(_, s)| s).collect(), reserved_end, notes, file_len })
+    }
+
+    /// Finds the PVH entry point in the note segments of `f` (the same
+    /// file, or a view of it) and checks it: the kernel, ready to load.
+    pub fn entry(self, f: &(impl ReadAt + ?Sized)) -> Result<ElfKernel, ElfError> {
+        let mut entry = None;
+        for (index, p) in &self.notes {
+            entry = pvh_entry(f, *index, p, self.file_len)?;
+            if entry.is_some() {
+                break;
+            }
+        }
         let entry = entry.ok_or(ElfError::NoPvhEntry)?;
         // The first instruction must come from the file, not from zeroes.
-        if !segments.iter().any(|(_, s)| entry >= s.addr && entry < s.addr + s.file_len) {
+        if !self.segments.iter().any(|s| entry >= s.addr && entry < s.addr + s.file_len) {
             return Err(ElfError::EntryOutside(entry));
         }
-        let reserved_end = segments.iter().map(|(_, s)| s.addr + s.mem_len).max().unwrap_or(0);
-        Ok(ElfKernel { segments: segments.into_iter().map(|(_, s)| s).collect(), entry, reserved_end })
+        Ok(ElfKernel { segments: self.segments, entry, reserved_end: self.reserved_end })
+    }
+}
+
+impl ElfKernel {
+    /// Checks the ELF file `f` of `file_len` bytes. Reads the ELF header,
+    /// the program headers and the note segments (bounded); loads nothing.
+    pub fn parse(f: &(impl ReadAt + ?Sized), file_len: u64) -> Result<ElfKernel, ElfError> {
+        ElfLayout::parse(f, file_len)?.entry(f)
     }
 
     /// The longest command line the kernel takes (without the NUL).
@@ -281,25 +317,33 @@ pub(crate) mod tests {
             Elf64_Phdr { p_type: PT_LOAD, p_offset: text_at, p_paddr: 0x100_0000, p_vaddr: 0xffff_ffff_8100_0000, p_filesz: text.len() as u64, p_memsz: text.len() as u64 + bss, p_align: 0x20_0000, ..Default::default() },
             Elf64_Phdr { p_type: PT_NOTE, p_offset: notes_at, p_filesz: notes.len() as u64, p_align: 4, ..Default::default() },
         ];
+        assert_eq!(phoff, 64);
+        let mut f = headers(&phdrs);
+        f.resize(text_at as usize, 0);
+        f.extend_from_slice(&text);
+        f.extend_from_slice(&notes);
+        f
+    }
+
+    /// An x86-64 ELF executable's header, its program headers `phdrs`
+    /// right after it.
+    pub(crate) fn headers(phdrs: &[Elf64_Phdr]) -> Vec<u8> {
         let ehdr = Elf64_Ehdr {
             e_ident: [0x7f, b'E', b'L', b'F', ELFCLASS64, ELFDATA2LSB, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             e_type: ET_EXEC,
             e_machine: EM_X86_64,
             e_version: 1,
             e_entry: 0x100_0000,
-            e_phoff: phoff,
+            e_phoff: 64,
             e_ehsize: 64,
             e_phentsize: 56,
             e_phnum: phdrs.len() as u16,
             ..Default::default()
         };
         let mut f = ehdr.as_slice().to_vec();
-        for p in &phdrs {
+        for p in phdrs {
             f.extend_from_slice(p.as_slice());
         }
-        f.resize(text_at as usize, 0);
-        f.extend_from_slice(&text);
-        f.extend_from_slice(&notes);
         f
     }
 

@@ -9,7 +9,10 @@
 //! - an ELF `vmlinux` ([`elf`]): its segments are read straight into guest
 //!   memory where they run, and it is entered at its PVH entry point in
 //!   32-bit protected mode with an `hvm_start_info` ([`pvh`]): nothing to
-//!   decompress.
+//!   decompress;
+//! - a bzImage whose compressed kernel kickvm can decompress itself (LZ4,
+//!   as Debian's; [`unpack`]) is by default booted as that ELF kernel:
+//!   decompressed on the host straight into place, entered through PVH.
 
 pub mod bzimage;
 pub mod elf;
@@ -17,6 +20,7 @@ pub mod gdt;
 pub mod paging;
 pub mod params;
 pub mod pvh;
+pub mod unpack;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -48,6 +52,8 @@ pub enum BootError {
     Image { path: String, err: ImageError },
     #[error("kernel {path} {err}")]
     Elf { path: String, err: ElfError },
+    #[error("kernel {path} {what}; --decompress-in-guest lets the kernel's own decompressor try it")]
+    Unpack { path: String, what: String },
     #[error("kernel {path} needs at least {need} MiB of guest memory to start; give the guest more --memory", need = .need.div_ceil(1 << 20))]
     KernelTooLarge { path: String, need: u64 },
     #[error("cannot read initrd {path}: {err}")]
@@ -200,13 +206,27 @@ pub fn inspect(path: &Path) -> Result<(std::fs::File, Kernel), BootError> {
 /// Loads the kernel at `path`, of either kind, into a guest whose RAM
 /// below 4 GiB ends at `low_end`. The headers are checked again here: the
 /// file may have changed since the options were validated (every reboot
-/// loads it anew).
-pub fn load(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<Kernel, BootError> {
+/// loads it anew). A bzImage is decompressed on the host when it can be
+/// ([`unpack`]), unless `in_guest`.
+pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Result<Kernel, BootError> {
     let (mut file, kernel) = inspect(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
-    let Kernel::Elf(k) = &kernel else {
-        drop(file);
-        return load_kernel(mem, path, low_end).map(Kernel::BzImage);
+    let k = match &kernel {
+        Kernel::Elf(k) => k,
+        Kernel::BzImage(image) if !in_guest => {
+            match unpack::load(mem, &file, image, low_end, &path.display().to_string())? {
+                unpack::Unpacked::Loaded(k) => return Ok(Kernel::Elf(k)),
+                unpack::Unpacked::InGuest(why) => {
+                    log::info!("kernel {}: decompressed by the guest: {why}", path.display());
+                }
+            }
+            drop(file);
+            return load_kernel(mem, path, low_end).map(Kernel::BzImage);
+        }
+        Kernel::BzImage(_) => {
+            drop(file);
+            return load_kernel(mem, path, low_end).map(Kernel::BzImage);
+        }
     };
     let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
     // Each segment's file bytes are read straight into the guest memory it
@@ -479,7 +499,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let img = elf::tests::vmlinux(&[0xf4, 0xcc], 0x10_0000);
         let f = file(&img);
-        let k = load(&mem, f.as_path(), 64 << 20).unwrap();
+        let k = load(&mem, f.as_path(), 64 << 20, false).unwrap();
         assert_eq!(k.entry(), Entry::Pvh32(elf::tests::ENTRY));
         assert_eq!(k.reserved_end(), 0x100_0042 + 0x10_0000);
         let mut got = [0u8; 3];
@@ -495,7 +515,7 @@ mod tests {
         assert_eq!(mem.read_obj::<u64>(GuestAddress(layout::ZERO_PAGE_START)).unwrap(), 0, "no zero page");
         // A guest too small for the segments, or a command line too long.
         let small = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let e = load(&small, f.as_path(), 16 << 20).unwrap_err();
+        let e = load(&small, f.as_path(), 16 << 20, false).unwrap_err();
         assert!(matches!(e, BootError::KernelTooLarge { .. }), "{e}");
         assert!(matches!(
             write_boot_structures(&mem, &k, &"x".repeat(2048), None, 64 << 20),
@@ -509,7 +529,7 @@ mod tests {
         let mut img = elf::tests::vmlinux(&[0xf4], 0);
         // A second load segment that overlaps the first, listed after it.
         elf::tests::edit_phdr(&mut img, 1, |p| (p.p_type, p.p_paddr, p.p_memsz) = (linux_loader::elf::PT_LOAD, 0x100_0010, 0x40));
-        let e = load(&mem, file(&img).as_path(), 64 << 20).unwrap_err();
+        let e = load(&mem, file(&img).as_path(), 64 << 20, false).unwrap_err();
         assert!(e.to_string().contains("overlapping"), "{e}");
         assert_eq!(mem.read_obj::<u8>(GuestAddress(elf::tests::ENTRY)).unwrap(), 0, "nothing loaded");
         let e = inspect(file(b"\x7fELF").as_path()).unwrap_err();

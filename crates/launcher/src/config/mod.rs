@@ -37,6 +37,9 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The full kernel command line.
     pub cmdline: String,
+    /// Let a bzImage decompress itself in the guest rather than have the
+    /// launcher decompress it ([`crate::boot::unpack`]).
+    pub decompress_in_guest: bool,
     pub memory: u64,
     pub cpus: u8,
     pub hugepages: bool,

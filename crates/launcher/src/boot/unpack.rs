@@ -1,0 +1,453 @@
+//! A bzImage decompressed on the host: its compressed kernel (an ELF
+//! `vmlinux` in an LZ4 legacy frame, as Debian builds it) is decompressed
+//! by the launcher, on several threads, straight into the guest memory its
+//! segments run from, and the kernel is entered at its PVH entry point as
+//! an ELF kernel is ([`super::elf`], [`super::pvh`]).
+//!
+//! Against letting the bzImage decompress itself in the guest, this skips
+//! the decompressor's own work there — copying the compressed kernel out
+//! of its way, decompressing it on one vCPU, moving the segments into
+//! place, applying relocations — and the guest memory that work touches
+//! (~40 MiB more host RSS with Debian's kernel). The launcher reads the
+//! 14 MiB bzImage instead of a 53 MiB vmlinux. What the guest loses is the
+//! decompressor's choice of a random physical and virtual address for the
+//! kernel image (KASLR of the image; memory-region KASLR stays), exactly as
+//! when a vmlinux is booted; `--decompress-in-guest` keeps it.
+//!
+//! A payload in another compression, or a kernel without a PVH entry
+//! point (`CONFIG_PVH=n`), is left to the guest ([`Unpacked::InGuest`]).
+//! A corrupt LZ4 frame is an error: the kernel's own decompressor would
+//! fail on it too, later and with less to say.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use kickvm_bzimage::{Lz4Frame, LZ4_LEGACY_BLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
+
+use super::elf::{ElfError, ElfLayout, ReadAt, Segment};
+use super::{BootError, ElfKernel, KernelImage, PAGE};
+use crate::layout;
+use kickvm_virtio::GuestMemory;
+
+/// Threads that decompress at most: LZ4 runs at a few GB/s a thread, so
+/// past a few the guest-memory writes, not the CPU, set the pace.
+const MAX_THREADS: usize = 4;
+
+/// What became of a bzImage's kernel.
+pub enum Unpacked {
+    /// Decompressed into guest memory, to be entered at its PVH entry.
+    Loaded(ElfKernel),
+    /// Left to the bzImage's own decompressor, for this reason.
+    InGuest(String),
+}
+
+/// Decompresses the kernel of the bzImage `file` (whose header `image`
+/// says where its payload is) into the guest memory below `low_end`.
+///
+/// The ELF file is decompressed whole and in place: at the guest address
+/// `base` where its largest segment's bytes land where that segment runs
+/// (with Debian's kernel the text and data segments, 30 of its 45 MiB), each
+/// 8 MiB block straight into guest memory on one of several threads. The
+/// other segments are then moved into place and the memory this dirtied
+/// inside a segment's zero-filled tail is cleared. No buffer the size of
+/// the kernel is allocated and nothing is copied twice: in the rig, where
+/// every first touch of a page costs ~10 ms per MiB (QEMU TCG zeroing it),
+/// what is touched is what the boot costs.
+pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, path: &str) -> Result<Unpacked, BootError> {
+    let t0 = std::time::Instant::now();
+    let read_err = |err| BootError::ReadKernel { path: path.to_string(), err };
+    let corrupt = |what: String| BootError::Unpack { path: path.to_string(), what };
+    let elf_err = |err| BootError::Elf { path: path.to_string(), err };
+    // `payload_offset` counts from the protected-mode part; `payload_len`
+    // (all of that part) is below 1 GiB, checked by the header's parser.
+    let (offset, len) = (u64::from(image.header.payload_offset), u64::from(image.header.payload_length));
+    if len < 8 || offset.saturating_add(len) > image.payload_len {
+        return Ok(Unpacked::InGuest(format!(
+            "its header puts the compressed kernel at {offset:#x}+{len:#x}, outside the image"
+        )));
+    }
+    let mut payload = vec![0u8; len as usize];
+    ReadAt::read_exact_at(file, &mut payload, image.payload_offset + offset).map_err(read_err)?;
+    if !Lz4Frame::is_lz4_legacy(&payload) {
+        let head: String = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        return Ok(Unpacked::InGuest(format!("its compressed kernel is not LZ4 (it starts {head})")));
+    }
+    let frame = Lz4Frame::parse(&payload).map_err(corrupt)?;
+    let read_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    // Block 0 holds the ELF and program headers, which say where
+    // everything goes; it is decompressed first, where the file's start
+    // lands if the kernel is laid out as Linux lays it out (its first
+    // segment at `pref_address`, `kernel_alignment` into the file), and
+    // moved if not.
+    let head_len = frame.block_len(0) as u64;
+    let guess = image.header.pref_address.saturating_sub(u64::from(image.header.kernel_alignment));
+    let guess = if guess >= layout::HIGH_RAM_START && guess.saturating_add(head_len) <= low_end {
+        guess
+    } else {
+        low_end.saturating_sub(head_len).max(layout::HIGH_RAM_START) & !(PAGE - 1)
+    };
+    let mut dirtied = vec![(guess, head_len)];
+    decompress_into_guest(mem, &frame, 0, guess).map_err(corrupt)?;
+    let layout = ElfLayout::parse(&InGuest { mem, at: guess, len: head_len }, frame.len).map_err(|e| match e {
+        // The headers reach past block 0: only a corrupt ELF does that.
+        ElfError::Read(_) => corrupt("decompresses to an ELF file whose headers do not fit in its first 8 MiB".into()),
+        e => elf_err(e),
+    })?;
+    if layout.reserved_end > low_end {
+        return Err(BootError::KernelTooLarge { path: path.to_string(), need: layout.reserved_end });
+    }
+    let Some(base) = place(&layout.segments, frame.len, low_end) else {
+        return Ok(Unpacked::InGuest("its segments leave no room to decompress it in place".into()));
+    };
+    if base != guess {
+        move_within(mem, guess, base, head_len)?;
+        dirtied.push((base, head_len));
+    }
+    dirtied.push((base, frame.len));
+
+    // The other blocks, on up to MAX_THREADS threads (this one included),
+    // each taking the next block not yet taken.
+    let blocks = frame.blocks.len();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_THREADS).min(blocks);
+    let next = AtomicUsize::new(1);
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= blocks || failed.lock().is_ok_and(|f| f.is_some()) {
+            return;
+        }
+        if let Err(e) = decompress_into_guest(mem, &frame, i, base + (i * LZ4_LEGACY_BLOCK) as u64) {
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+            return;
+        }
+    };
+    std::thread::scope(|s| {
+        for n in 1..threads {
+            // A thread that cannot start leaves its share to the others.
+            let _ = std::thread::Builder::new().name(format!("kickvm-unpack{n}")).spawn_scoped(s, work);
+        }
+        work();
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(corrupt(e));
+    }
+    if !move_segments(mem, &layout.segments, base)? {
+        return Ok(Unpacked::InGuest("its segments cannot be moved into place one by one".into()));
+    }
+    clear_tails(mem, &layout.segments, &dirtied)?;
+
+    // The PVH note is read where its bytes now are: in a loaded segment.
+    let segments = layout.segments.clone();
+    let kernel = match layout.entry(&Loaded { mem, segments: &segments }) {
+        Ok(k) => k,
+        Err(ElfError::NoPvhEntry) => return Ok(Unpacked::InGuest("it has no PVH entry point (CONFIG_PVH=n)".into())),
+        Err(ElfError::Read(_)) => return Ok(Unpacked::InGuest("its notes are outside the segments it loads".into())),
+        Err(e) => return Err(elf_err(e)),
+    };
+    log::debug!(
+        "kernel {path}: {} MiB decompressed on the host in {:.1} ms ({read_ms:.1} ms reading {} KiB), {blocks} blocks on {threads} threads",
+        frame.len >> 20,
+        t0.elapsed().as_secs_f64() * 1e3,
+        len >> 10,
+    );
+    Ok(Unpacked::Loaded(kernel))
+}
+
+/// Where the ELF file of `file_len` bytes goes whole: so that the segment
+/// with the most file bytes is already in place, between 1 MiB and
+/// `low_end`. `None` if that does not fit.
+fn place(segments: &[Segment], file_len: u64, low_end: u64) -> Option<u64> {
+    let largest = segments.iter().max_by_key(|s| s.file_len)?;
+    let base = largest.addr.checked_sub(largest.offset)?;
+    (base >= layout::HIGH_RAM_START && base.checked_add(file_len)? <= low_end).then_some(base)
+}
+
+/// Decompresses block `i` of `frame` into guest memory at `at`.
+fn decompress_into_guest(mem: &GuestMemory, frame: &Lz4Frame, i: usize, at: u64) -> Result<(), String> {
+    let len = frame.block_len(i);
+    let slice = mem
+        .get_slice(GuestAddress(at), len)
+        .map_err(|e| format!("cannot be decompressed into guest memory at {at:#x}: {e}"))?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: `get_slice` checked that `len` bytes from `at` are mapped in
+    // one region. Nothing else reads or writes them while the slice lives:
+    // the guest has not started, each block goes to its own range, and no
+    // other thread of the launcher touches the memory the kernel goes in.
+    let out = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
+    frame.decompress_block(i, out)
+}
+
+/// Moves `len` bytes of guest memory from `from` to `to` (the ranges may
+/// overlap), a MiB at a time.
+fn move_within(mem: &GuestMemory, from: u64, to: u64, len: u64) -> Result<(), BootError> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+    let write_err = |e: vm_memory::GuestMemoryError| BootError::Write(e.to_string());
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        // Down: front to back; up: back to front. Either way no chunk is
+        // overwritten before it is read.
+        let at = if to <= from { done } else { len - done - n };
+        let chunk = &mut buf[..n as usize];
+        mem.read_slice(chunk, GuestAddress(from + at)).map_err(write_err)?;
+        mem.write_slice(chunk, GuestAddress(to + at)).map_err(write_err)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Moves every segment whose bytes did not land in place (the file is at
+/// `base`). A move goes first when its destination holds no bytes another
+/// move still has to read; `false` if the moves wait on each other.
+fn move_segments(mem: &GuestMemory, segments: &[Segment], base: u64) -> Result<bool, BootError> {
+    let overlap = |a: u64, al: u64, b: u64, bl: u64| a < b + bl && b < a + al;
+    let mut pending: Vec<&Segment> = segments.iter().filter(|s| base + s.offset != s.addr && s.file_len > 0).collect();
+    while !pending.is_empty() {
+        let Some(i) = (0..pending.len()).find(|&i| {
+            let s = pending[i];
+            pending.iter().enumerate().all(|(j, o)| j == i || !overlap(s.addr, s.file_len, base + o.offset, o.file_len))
+        }) else {
+            return Ok(false);
+        };
+        let s = pending.swap_remove(i);
+        move_within(mem, base + s.offset, s.addr, s.file_len)?;
+    }
+    Ok(true)
+}
+
+/// Zeroes what decompressing dirtied (the `(address, length)` ranges) in
+/// the part of each segment that is not from the file: the memory a
+/// segment's `.bss` starts with is zero.
+fn clear_tails(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)]) -> Result<(), BootError> {
+    let zeroes = [0u8; 1 << 16];
+    for s in segments {
+        let (tail, tail_end) = (s.addr + s.file_len, s.addr + s.mem_len);
+        for &(at, len) in dirtied {
+            let (mut lo, hi) = (tail.max(at), tail_end.min(at + len));
+            while lo < hi {
+                let n = (hi - lo).min(zeroes.len() as u64) as usize;
+                mem.write_slice(&zeroes[..n], GuestAddress(lo)).map_err(|e| BootError::Write(e.to_string()))?;
+                lo += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Block 0 of the file, decompressed into guest memory at `at`.
+struct InGuest<'a> {
+    mem: &'a GuestMemory,
+    at: u64,
+    len: u64,
+}
+
+impl ReadAt for InGuest<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.len => self
+                .mem
+                .read_slice(buf, GuestAddress(self.at + offset))
+                .map_err(|e| std::io::Error::other(e.to_string())),
+            _ => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
+/// The decompressed ELF file as far as it is loaded: bytes that belong to
+/// a segment, read back from guest memory.
+struct Loaded<'a> {
+    mem: &'a GuestMemory,
+    segments: &'a [Segment],
+}
+
+impl ReadAt for Loaded<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let s = self
+            .segments
+            .iter()
+            .find(|s| offset >= s.offset && end <= s.offset + s.file_len)
+            .ok_or_else(|| std::io::Error::other("the note is not inside a loaded segment"))?;
+        self.mem
+            .read_slice(buf, GuestAddress(s.addr + (offset - s.offset)))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::bzimage::tests::{image, put};
+    use crate::memory::{self, Backing};
+    use linux_loader::elf::{Elf64_Phdr, PT_LOAD, PT_NOTE};
+
+    /// A loadable segment: file offset, guest address, bytes in the file,
+    /// bytes in memory.
+    type Seg = (u64, u64, u64, u64);
+
+    /// The test kernel's segments: A holds the PVH note and is the largest
+    /// (so the file goes at 0xe0_0000); C must move up before B can, B up
+    /// before D can move down; B's zero tail lies where D's bytes and the
+    /// file's last bytes (0xee) were decompressed.
+    const SEGS: [Seg; 4] = [
+        (0x20_0000, 0x100_0000, 0x20_0000, 0x20_0000), // A, in place
+        (0x40_0000, 0x130_0000, 0x10_0000, 0x18_0000), // B, up 1 MiB, zero tail
+        (0x50_0000, 0x150_0000, 0x8_0000, 0x8_0000),   // C, up 2 MiB
+        (0x60_0000, 0x120_0000, 0x4_0000, 0x4_0000),   // D, down 2 MiB
+    ];
+    const FILE_LEN: usize = 0x70_0000;
+    const ENTRY: u64 = 0x100_0040;
+
+    /// The bytes at file offset `i` of a segment.
+    fn byte(i: u64) -> u8 {
+        (i % 251) as u8
+    }
+
+    /// An ELF kernel with `segs`, the PVH note (if `pvh`) inside the first.
+    fn elf(segs: &[Seg], pvh: bool) -> Vec<u8> {
+        let mut f = vec![0xeeu8; FILE_LEN];
+        for &(off, _, len, _) in segs {
+            for i in off..off + len {
+                f[i as usize] = byte(i);
+            }
+        }
+        let mut note = Vec::new();
+        for v in [4u32, 4, if pvh { 18 } else { 3 }] {
+            note.extend_from_slice(&v.to_le_bytes());
+        }
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&(ENTRY as u32).to_le_bytes());
+        let note_at = segs[0].0 as usize + 0x100;
+        f[note_at..note_at + note.len()].copy_from_slice(&note);
+        let mut phdrs: Vec<Elf64_Phdr> = segs
+            .iter()
+            .map(|&(off, addr, len, mem)| Elf64_Phdr { p_type: PT_LOAD, p_offset: off, p_paddr: addr, p_filesz: len, p_memsz: mem, ..Default::default() })
+            .collect();
+        phdrs.push(Elf64_Phdr { p_type: PT_NOTE, p_offset: note_at as u64, p_filesz: note.len() as u64, p_align: 4, ..Default::default() });
+        let head = crate::boot::elf::tests::headers(&phdrs);
+        f[..head.len()].copy_from_slice(&head);
+        f
+    }
+
+    /// A bzImage whose payload is `payload`, asking to run at `pref` with
+    /// `align`: where block 0 is decompressed first.
+    fn bzimage(payload: &[u8], pref: u64, align: u32) -> (std::fs::File, KernelImage) {
+        let mut img = image(payload.len());
+        put(&mut img, 0x248, &0u32.to_le_bytes());
+        put(&mut img, 0x24c, &(payload.len() as u32).to_le_bytes());
+        put(&mut img, 0x258, &pref.to_le_bytes());
+        put(&mut img, 0x230, &align.to_le_bytes());
+        img[1024..].copy_from_slice(payload);
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(f.as_path(), &img).unwrap();
+        let file = std::fs::File::open(f.as_path()).unwrap();
+        let k = KernelImage::parse(&img[..crate::boot::bzimage::HEADER_END], img.len() as u64).unwrap();
+        (file, k)
+    }
+
+    fn unpack(payload: &[u8], pref: u64, align: u32) -> (memory::GuestRam, Result<Unpacked, BootError>) {
+        let ram = memory::create(64 << 20, Backing::Private).unwrap();
+        // Whatever was in guest memory must not show through.
+        ram.mem.write_slice(&vec![0x55u8; 32 << 20], GuestAddress(1 << 20)).unwrap();
+        let (file, k) = bzimage(payload, pref, align);
+        let r = load(&ram.mem, &file, &k, ram.low_end(), "bz");
+        (ram, r)
+    }
+
+    #[test]
+    fn segments_land_in_place_whatever_their_order_with_zero_tails() {
+        let frame = kickvm_bzimage::stored_frame(&elf(&SEGS, true));
+        // Block 0 first at 1 MiB and moved, then where it belongs.
+        for (pref, align) in [(0x10_0000, 0), (0x100_0000, 0x20_0000)] {
+            let (ram, r) = unpack(&frame, pref, align);
+            let k = match r {
+                Ok(Unpacked::Loaded(k)) => k,
+                Ok(Unpacked::InGuest(why)) => panic!("left to the guest: {why}"),
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(k.entry, ENTRY);
+            assert_eq!(k.segments.len(), 4);
+            for &(off, addr, len, mem) in &SEGS {
+                let mut got = vec![0u8; mem as usize];
+                ram.mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+                let want: Vec<u8> = (off..off + len).map(byte).chain((len..mem).map(|_| 0)).collect();
+                // Segment A holds the note at 0x100.
+                let note = if off == SEGS[0].0 { 0x100..0x114 } else { 0..0 };
+                let first_diff = (0..got.len()).find(|&i| got[i] != want[i] && !note.contains(&i));
+                assert_eq!(first_diff, None, "segment at {addr:#x} (pref {pref:#x})");
+            }
+        }
+    }
+
+    #[test]
+    fn what_the_host_cannot_decompress_is_left_to_the_guest() {
+        let not_lz4 = [&[0x1f, 0x8b, 8, 0][..], &[0u8; 0x1000]].concat();
+        assert!(matches!(unpack(&not_lz4, 0x100_0000, 0x20_0000).1, Ok(Unpacked::InGuest(w)) if w.contains("not LZ4 (it starts 1f8b0800)")));
+        let no_pvh = kickvm_bzimage::stored_frame(&elf(&SEGS, false));
+        assert!(matches!(unpack(&no_pvh, 0x100_0000, 0x20_0000).1, Ok(Unpacked::InGuest(w)) if w.contains("no PVH entry")));
+        // Two segments each sitting where the other's bytes are.
+        let mut crossed = SEGS;
+        crossed[2] = (0x50_0000, 0x120_0000, 0x8_0000, 0x8_0000);
+        crossed[3] = (0x58_0000, 0x150_0000, 0x4_0000, 0x4_0000);
+        crossed[1] = (0x40_0000, 0x130_0000, 0x10_0000, 0x10_0000);
+        let frame = kickvm_bzimage::stored_frame(&elf(&crossed, true));
+        assert!(matches!(unpack(&frame, 0x100_0000, 0x20_0000).1, Ok(Unpacked::InGuest(w)) if w.contains("cannot be moved")));
+    }
+
+    #[test]
+    fn corrupt_or_oversized_kernels_are_refused_with_a_reason() {
+        let good = kickvm_bzimage::stored_frame(&elf(&SEGS, true));
+        // Block 0 cut short: its literals run past its end.
+        let mut frame = good.clone();
+        frame[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        let e = unpack(&frame, 0x100_0000, 0x20_0000).1.err().expect("a corrupt frame loads");
+        assert!(e.to_string().contains("LZ4") && e.to_string().contains("--decompress-in-guest"), "{e}");
+        // A block that decompresses to fewer bytes than the frame says.
+        let mut frame = good;
+        let n = frame.len();
+        frame[n - 4..].copy_from_slice(&(FILE_LEN as u32 + 1).to_le_bytes());
+        let e = unpack(&frame, 0x100_0000, 0x20_0000).1.err().expect("a short block loads");
+        assert!(e.to_string().contains("block 0 decompresses to 7340032 bytes, and the frame says 7340033"), "{e}");
+        let mut big = SEGS;
+        big[0] = (0x20_0000, 0x3f0_0000, 0x20_0000, 0x20_0000);
+        let frame = kickvm_bzimage::stored_frame(&elf(&big, true));
+        let e = unpack(&frame, 0x100_0000, 0x20_0000).1.err().expect("a kernel past the RAM loads");
+        assert!(matches!(e, BootError::KernelTooLarge { .. }), "{e}");
+    }
+
+    /// The default guest image's bzImage and the vmlinux the rig extracts
+    /// from it (built from Debian packages on first use).
+    fn debian_kernel() -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+        let image = kickvm_rig::image::image(kickvm_rig::image::Variant::Guest).map_err(|e| e.to_string())?;
+        Ok((image.kernel.clone(), image.vmlinux().map_err(|e| e.to_string())?))
+    }
+
+    #[test]
+    fn debian_bzimage_decompresses_on_the_host_to_its_vmlinux_segments() {
+        let (bz, vmlinux) = match debian_kernel() {
+            Ok(paths) => paths,
+            Err(e) => return eprintln!("skipped: no default guest image: {e}"),
+        };
+        let ram = memory::create(256 << 20, Backing::Private).unwrap();
+        let (file, kernel) = super::super::inspect(&bz).unwrap();
+        let super::super::Kernel::BzImage(image) = kernel else { panic!("{} is not a bzImage", bz.display()) };
+        let t0 = std::time::Instant::now();
+        let Unpacked::Loaded(k) = load(&ram.mem, &file, &image, ram.low_end(), "bz").unwrap() else {
+            panic!("Debian's kernel was left to the guest")
+        };
+        eprintln!("decompressed on the host in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        let elf = std::fs::read(&vmlinux).unwrap();
+        assert_eq!(k, ElfKernel::parse(&elf[..], elf.len() as u64).unwrap());
+        for s in &k.segments {
+            let mut got = vec![0u8; s.file_len as usize];
+            ram.mem.read_slice(&mut got, GuestAddress(s.addr)).unwrap();
+            assert!(got == elf[s.offset as usize..(s.offset + s.file_len) as usize], "segment at {:#x} differs", s.addr);
+        }
+    }
+}
