@@ -209,7 +209,7 @@ pub fn inspect(path: &Path) -> Result<(std::fs::File, Kernel), BootError> {
 /// loads it anew). A bzImage is decompressed on the host when it can be
 /// ([`unpack`]), unless `in_guest`.
 pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Result<Kernel, BootError> {
-    let (mut file, kernel) = inspect(path)?;
+    let (file, kernel) = inspect(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
     let k = match &kernel {
         Kernel::Elf(k) => k,
@@ -230,16 +230,84 @@ pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Res
     };
     let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
     // Each segment's file bytes are read straight into the guest memory it
-    // runs from. The rest of a segment (its .bss) is left as it is: guest
-    // RAM is fresh (zero) at every boot, and the kernel clears its .bss
-    // itself; writing zeroes would only make the host back those pages.
-    for s in &k.segments {
-        file.seek(SeekFrom::Start(s.offset)).map_err(read_err)?;
-        // Below 3 GiB (checked by the parser), so in usize.
-        let len = usize::try_from(s.file_len).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
-        read_into(mem, GuestAddress(s.addr), &mut file, len).map_err(read_err)?;
-    }
+    // runs from, in pieces on several threads: what it costs is mostly the
+    // host backing each page of guest memory the first time (zeroing it),
+    // which threads share. The rest of a segment (its .bss) is left as it
+    // is: guest RAM is fresh (zero) at every boot, and the kernel clears
+    // its .bss itself; writing zeroes would only make the host back those
+    // pages.
+    let pieces: Vec<(u64, u64, u64)> = k
+        .segments
+        .iter()
+        .flat_map(|s| {
+            (0..s.file_len.div_ceil(LOAD_PIECE)).map(move |i| {
+                let at = i * LOAD_PIECE;
+                (s.offset + at, s.addr + at, LOAD_PIECE.min(s.file_len - at))
+            })
+        })
+        .collect();
+    in_parallel(pieces.len(), |i| {
+        let (offset, addr, len) = pieces[i];
+        // Pieces are at most LOAD_PIECE bytes, so in usize.
+        with_guest_bytes(mem, addr, len as usize, |buf| elf::ReadAt::read_exact_at(&file, buf, offset))?
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|e| read_err(std::io::Error::other(e)))?;
     Ok(kernel)
+}
+
+/// The pieces an ELF kernel's segments are read in, a thread each.
+const LOAD_PIECE: u64 = 4 << 20;
+/// Threads that load a kernel at most (this one included): past a few,
+/// the host's page faults on guest memory, not the CPUs, set the pace.
+const MAX_LOAD_THREADS: usize = 4;
+
+/// Runs `job(0)` .. `job(n - 1)` on up to [`MAX_LOAD_THREADS`] threads
+/// (this one among them), each taking the next job not yet taken; the
+/// first error stops them and is returned. Returns how many threads ran.
+fn in_parallel(n: usize, job: impl Fn(usize) -> Result<(), String> + Sync) -> Result<usize, String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, MAX_LOAD_THREADS).min(n.max(1));
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n || failed.lock().is_ok_and(|f| f.is_some()) {
+            return;
+        }
+        if let Err(e) = job(i) {
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+            return;
+        }
+    };
+    std::thread::scope(|s| {
+        for t in 1..threads {
+            // A thread that cannot start leaves its share to the others.
+            let _ = std::thread::Builder::new().name(format!("kickvm-load{t}")).spawn_scoped(s, work);
+        }
+        work();
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(threads),
+    }
+}
+
+/// Calls `f` with the `len` bytes of guest memory at `at` as a byte slice,
+/// for code that writes into a slice (a decompressor, `pread`).
+fn with_guest_bytes<R>(mem: &GuestMemory, at: u64, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, String> {
+    use vm_memory::GuestMemoryBackend as _;
+    let slice = mem.get_slice(GuestAddress(at), len).map_err(|e| format!("cannot write guest memory at {at:#x}: {e}"))?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: `get_slice` checked that `len` bytes from `at` are mapped in
+    // one region, and the guard keeps them mapped. Nothing else reads or
+    // writes them while `f` runs: the kernel is loaded before the guest
+    // starts, each caller's thread writes its own range, and no other
+    // thread of the launcher touches the memory a kernel goes in.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
+    Ok(f(bytes))
 }
 
 /// Opens the bzImage at `path` and checks its header; returns the open

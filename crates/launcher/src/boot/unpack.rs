@@ -20,20 +20,14 @@
 //! fail on it too, later and with less to say.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use kickvm_bzimage::{Lz4Frame, LZ4_LEGACY_BLOCK};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::elf::{ElfError, ElfLayout, ReadAt, Segment};
 use super::{BootError, ElfKernel, KernelImage, PAGE};
 use crate::layout;
 use kickvm_virtio::GuestMemory;
-
-/// Threads that decompress at most: LZ4 runs at a few GB/s a thread, so
-/// past a few the guest-memory writes, not the CPU, set the pace.
-const MAX_THREADS: usize = 4;
 
 /// What became of a bzImage's kernel.
 pub enum Unpacked {
@@ -90,7 +84,7 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
         low_end.saturating_sub(head_len).max(layout::HIGH_RAM_START) & !(PAGE - 1)
     };
     let mut dirtied = vec![(guess, head_len)];
-    decompress_into_guest(mem, &frame, 0, guess).map_err(corrupt)?;
+    super::with_guest_bytes(mem, guess, head_len as usize, |out| frame.decompress_block(0, out)).and_then(|r| r).map_err(corrupt)?;
     let layout = ElfLayout::parse(&InGuest { mem, at: guess, len: head_len }, frame.len).map_err(|e| match e {
         // The headers reach past block 0: only a corrupt ELF does that.
         ElfError::Read(_) => corrupt("decompresses to an ELF file whose headers do not fit in its first 8 MiB".into()),
@@ -108,34 +102,16 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
     }
     dirtied.push((base, frame.len));
 
-    // The other blocks, on up to MAX_THREADS threads (this one included),
-    // each taking the next block not yet taken.
+    // The other blocks, each straight into its place, in parallel.
     let blocks = frame.blocks.len();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_THREADS).min(blocks);
-    let next = AtomicUsize::new(1);
-    let failed: Mutex<Option<String>> = Mutex::new(None);
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= blocks || failed.lock().is_ok_and(|f| f.is_some()) {
-            return;
-        }
-        if let Err(e) = decompress_into_guest(mem, &frame, i, base + (i * LZ4_LEGACY_BLOCK) as u64) {
-            if let Ok(mut f) = failed.lock() {
-                f.get_or_insert(e);
-            }
-            return;
-        }
-    };
-    std::thread::scope(|s| {
-        for n in 1..threads {
-            // A thread that cannot start leaves its share to the others.
-            let _ = std::thread::Builder::new().name(format!("kickvm-unpack{n}")).spawn_scoped(s, work);
-        }
-        work();
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(corrupt(e));
-    }
+    let threads = super::in_parallel(blocks - 1, |n| {
+        let i = n + 1;
+        super::with_guest_bytes(mem, base + (i * LZ4_LEGACY_BLOCK) as u64, frame.block_len(i), |out| {
+            frame.decompress_block(i, out)
+        })
+        .and_then(|r| r)
+    })
+    .map_err(corrupt)?;
     if !move_segments(mem, &layout.segments, base)? {
         return Ok(Unpacked::InGuest("its segments cannot be moved into place one by one".into()));
     }
@@ -165,21 +141,6 @@ fn place(segments: &[Segment], file_len: u64, low_end: u64) -> Option<u64> {
     let largest = segments.iter().max_by_key(|s| s.file_len)?;
     let base = largest.addr.checked_sub(largest.offset)?;
     (base >= layout::HIGH_RAM_START && base.checked_add(file_len)? <= low_end).then_some(base)
-}
-
-/// Decompresses block `i` of `frame` into guest memory at `at`.
-fn decompress_into_guest(mem: &GuestMemory, frame: &Lz4Frame, i: usize, at: u64) -> Result<(), String> {
-    let len = frame.block_len(i);
-    let slice = mem
-        .get_slice(GuestAddress(at), len)
-        .map_err(|e| format!("cannot be decompressed into guest memory at {at:#x}: {e}"))?;
-    let guard = slice.ptr_guard_mut();
-    // SAFETY: `get_slice` checked that `len` bytes from `at` are mapped in
-    // one region. Nothing else reads or writes them while the slice lives:
-    // the guest has not started, each block goes to its own range, and no
-    // other thread of the launcher touches the memory the kernel goes in.
-    let out = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
-    frame.decompress_block(i, out)
 }
 
 /// Moves `len` bytes of guest memory from `from` to `to` (the ranges may
@@ -429,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn debian_bzimage_decompresses_on_the_host_to_its_vmlinux_segments() {
+    fn debian_bzimage_decompresses_on_the_host_to_its_vmlinux_segments_as_the_vmlinux_loads() {
         let (bz, vmlinux) = match debian_kernel() {
             Ok(paths) => paths,
             Err(e) => return eprintln!("skipped: no default guest image: {e}"),
@@ -444,10 +405,19 @@ mod tests {
         eprintln!("decompressed on the host in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
         let elf = std::fs::read(&vmlinux).unwrap();
         assert_eq!(k, ElfKernel::parse(&elf[..], elf.len() as u64).unwrap());
+        // And the vmlinux itself, read in 4 MiB pieces on several threads.
+        let ram2 = memory::create(256 << 20, Backing::Private).unwrap();
+        let super::super::Kernel::Elf(k2) = super::super::load(&ram2.mem, &vmlinux, ram2.low_end(), false).unwrap() else {
+            panic!("the vmlinux is not loaded as an ELF kernel")
+        };
+        assert_eq!(k2, k);
         for s in &k.segments {
-            let mut got = vec![0u8; s.file_len as usize];
-            ram.mem.read_slice(&mut got, GuestAddress(s.addr)).unwrap();
-            assert!(got == elf[s.offset as usize..(s.offset + s.file_len) as usize], "segment at {:#x} differs", s.addr);
+            let want = &elf[s.offset as usize..(s.offset + s.file_len) as usize];
+            for mem in [&ram.mem, &ram2.mem] {
+                let mut got = vec![0u8; s.file_len as usize];
+                mem.read_slice(&mut got, GuestAddress(s.addr)).unwrap();
+                assert!(got == want, "segment at {:#x} differs", s.addr);
+            }
         }
     }
 }
