@@ -29,6 +29,10 @@ Examples:
   # An uncompressed kernel, entered at its PVH entry point (no decompression;
   # `kickvm-rig image --print-vmlinux` gives the test guest's):
   kickvm run --kernel vmlinux --initrd initramfs
+  # A bzImage compressed with LZ4 (Debian's) is decompressed by kickvm and
+  # entered the same way; to have it decompress itself (and pick its own
+  # random address, KASLR) in the guest instead:
+  kickvm run --kernel bzImage --initrd initramfs --decompress-in-guest
 
   # A vsock device (guest CID 3); host programs reach guest port 1024
   # with `CONNECT 1024` on /tmp/vm.vsock (e.g. socat - UNIX-CONNECT:/tmp/vm.vsock):

@@ -22,7 +22,7 @@
 use std::fs::File;
 
 use kickvm_bzimage::{Lz4Frame, LZ4_LEGACY_BLOCK};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
 use super::elf::{ElfError, ElfLayout, ReadAt, Segment};
 use super::{BootError, ElfKernel, KernelImage, PAGE};
@@ -116,6 +116,7 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
         return Ok(Unpacked::InGuest("its segments cannot be moved into place one by one".into()));
     }
     clear_tails(mem, &layout.segments, &dirtied)?;
+    release_gaps(mem, &layout.segments, &dirtied, low_end);
 
     // The PVH note is read where its bytes now are: in a loaded segment.
     let segments = layout.segments.clone();
@@ -199,6 +200,36 @@ fn clear_tails(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)]) 
         }
     }
     Ok(())
+}
+
+/// Gives back to the host the huge pages decompressing touched that hold
+/// nothing the kernel runs from (the ELF header, the bytes past the last
+/// segment): the guest sees zeroes there, or what was there when guest
+/// RAM is shared; neither is memory the kernel expects anything in. Only
+/// whole 2 MiB pages clear of every segment, so that no huge page under
+/// the kernel is split. Nothing but the kernel is above 1 MiB yet.
+fn release_gaps(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)], low_end: u64) {
+    const HUGE: u64 = 2 << 20;
+    let holds_kernel = |page: u64| segments.iter().any(|s| s.addr < page + HUGE && page < s.addr + s.mem_len);
+    for &(at, len) in dirtied {
+        let mut page = at & !(HUGE - 1);
+        while page < at + len {
+            if page >= layout::HIGH_RAM_START && page + HUGE <= low_end && !holds_kernel(page) {
+                if let Ok(host) = mem.get_host_address(GuestAddress(page)) {
+                    // SAFETY: `host` is the start of 2 MiB of guest RAM
+                    // (the page is below `low_end`, and RAM below the PCI
+                    // hole is one mapping) that no Rust reference points
+                    // into and nothing reads before the guest runs; the
+                    // mapping stays valid, only its contents go.
+                    let r = unsafe { libc::madvise(host.cast(), HUGE as usize, libc::MADV_DONTNEED) };
+                    if r != 0 {
+                        log::debug!("cannot give back guest memory at {page:#x}: {}", std::io::Error::last_os_error());
+                    }
+                }
+            }
+            page += HUGE;
+        }
+    }
 }
 
 /// Block 0 of the file, decompressed into guest memory at `at`.
@@ -334,6 +365,11 @@ mod tests {
             };
             assert_eq!(k.entry, ENTRY);
             assert_eq!(k.segments.len(), 4);
+            // The huge page under the ELF header (file offset 0 at
+            // 0xe0_0000) holds no segment: given back, it reads zero.
+            let mut head = [0xffu8; 4];
+            ram.mem.read_slice(&mut head, GuestAddress(0xe0_0000)).unwrap();
+            assert_eq!(head, [0; 4], "the ELF header stays in guest memory");
             for &(off, addr, len, mem) in &SEGS {
                 let mut got = vec![0u8; mem as usize];
                 ram.mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
