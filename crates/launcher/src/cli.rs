@@ -302,7 +302,7 @@ mod tests {
         let r = parse(&[
             "--kernel", "k", "--initrd", "i", "--cmdline", "-- quiet", "--memory", "1G", "--cpus", "2",
             "--net", "tap=t0,queues=2", "--disk", "path=a", "--disk", "path=b,readonly=on",
-            "--console", "socket=/tmp/c", "--rng", "--threads", "single", "--no-reboot",
+            "--console", "socket=/tmp/c", "--rng", "--threads", "single", "--no-reboot", "--decompress-in-guest",
         ])
         .unwrap();
         assert_eq!(r.memory, 1 << 30);
@@ -313,6 +313,8 @@ mod tests {
         assert!(r.no_reboot && r.rng);
         let c = r.to_config(&|| Err("unused".into())).unwrap();
         assert!(c.cmdline.ends_with(" -- quiet"));
+        assert!(c.decompress_in_guest);
+        assert!(!parse(&["--kernel", "k"]).unwrap().to_config(&|| Err("unused".into())).unwrap().decompress_in_guest);
     }
 
     #[test]
