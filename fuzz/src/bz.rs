@@ -437,11 +437,11 @@ fn load(
     // What `kickvm run` does by default: decompress on the host when the
     // payload is LZ4 (else the same as `load_kernel`).
     match boot::load(mem, kpath, low_end, false) {
-        Ok(boot::Kernel::Elf(e)) => {
+        Ok((boot::Kernel::Elf(e), _)) => {
             assert!(e.reserved_end <= low_end, "host-decompressed kernel past RAM");
             assert!(e.segments.iter().any(|s| e.entry >= s.addr && e.entry < s.addr + s.file_len), "entry outside");
         }
-        Ok(boot::Kernel::BzImage(_)) => {}
+        Ok((boot::Kernel::BzImage(_), _)) => {}
         Err(e) => one_line(&e.to_string()),
     }
     let k = boot::load_kernel(mem, kpath, low_end).map_err(|e| e.to_string())?;

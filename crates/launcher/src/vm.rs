@@ -456,15 +456,19 @@ fn spawn_loader(
 ) -> Result<std::thread::JoinHandle<Result<Loaded, VmError>>, VmError> {
     let (mem, low_end) = (ram.mem.clone(), ram.low_end());
     let (kernel, initrd, in_guest) = (cfg.kernel.clone(), cfg.initrd.clone(), cfg.decompress_in_guest);
+    let cfg_kernel = kernel.clone();
     std::thread::Builder::new()
         .name("kickvm-load".into())
         .spawn(move || {
-            let kernel = boot::load(&mem, &kernel, low_end, in_guest)?;
+            let (kernel, how) = boot::load(&mem, &kernel, low_end, in_guest)?;
             let initrd = match &initrd {
                 Some(p) => Some(boot::load_initrd(&mem, p, low_end, &kernel)?),
                 None => None,
             };
             if chatty {
+                if let Some(how) = how {
+                    log::debug!("kernel {}: {how}", cfg_kernel.display());
+                }
                 log::debug!("{:7.1} ms: kernel and initrd loaded", t0.elapsed().as_secs_f64() * 1e3);
             }
             Ok((kernel, initrd))

@@ -207,25 +207,23 @@ pub fn inspect(path: &Path) -> Result<(std::fs::File, Kernel), BootError> {
 /// below 4 GiB ends at `low_end`. The headers are checked again here: the
 /// file may have changed since the options were validated (every reboot
 /// loads it anew). A bzImage is decompressed on the host when it can be
-/// ([`unpack`]), unless `in_guest`.
-pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Result<Kernel, BootError> {
+/// ([`unpack`]), unless `in_guest`; for the log, how it was (`None` for an
+/// ELF kernel, or a bzImage with `in_guest`).
+pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Result<(Kernel, Option<String>), BootError> {
     let (file, kernel) = inspect(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
     let k = match &kernel {
         Kernel::Elf(k) => k,
-        Kernel::BzImage(image) if !in_guest => {
-            match unpack::load(mem, &file, image, low_end, &path.display().to_string())? {
-                unpack::Unpacked::Loaded(k) => return Ok(Kernel::Elf(k)),
-                unpack::Unpacked::InGuest(why) => {
-                    log::info!("kernel {}: decompressed by the guest: {why}", path.display());
-                }
-            }
+        Kernel::BzImage(image) => {
+            let how = match in_guest {
+                true => None,
+                false => match unpack::load(mem, &file, image, low_end, &path.display().to_string())? {
+                    unpack::Unpacked::Loaded(k, how) => return Ok((Kernel::Elf(k), Some(how))),
+                    unpack::Unpacked::InGuest(why) => Some(format!("decompressed by the guest: {why}")),
+                },
+            };
             drop(file);
-            return load_kernel(mem, path, low_end).map(Kernel::BzImage);
-        }
-        Kernel::BzImage(_) => {
-            drop(file);
-            return load_kernel(mem, path, low_end).map(Kernel::BzImage);
+            return Ok((Kernel::BzImage(load_kernel(mem, path, low_end)?), how));
         }
     };
     let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
@@ -253,7 +251,7 @@ pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Res
             .map_err(|e| e.to_string())
     })
     .map_err(|e| read_err(std::io::Error::other(e)))?;
-    Ok(kernel)
+    Ok((kernel, None))
 }
 
 /// The pieces an ELF kernel's segments are read in, a thread each.
@@ -567,7 +565,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let img = elf::tests::vmlinux(&[0xf4, 0xcc], 0x10_0000);
         let f = file(&img);
-        let k = load(&mem, f.as_path(), 64 << 20, false).unwrap();
+        let (k, _) = load(&mem, f.as_path(), 64 << 20, false).unwrap();
         assert_eq!(k.entry(), Entry::Pvh32(elf::tests::ENTRY));
         assert_eq!(k.reserved_end(), 0x100_0042 + 0x10_0000);
         let mut got = [0u8; 3];

@@ -31,8 +31,9 @@ use kickvm_virtio::GuestMemory;
 
 /// What became of a bzImage's kernel.
 pub enum Unpacked {
-    /// Decompressed into guest memory, to be entered at its PVH entry.
-    Loaded(ElfKernel),
+    /// Decompressed into guest memory, to be entered at its PVH entry;
+    /// how long that took, for the log.
+    Loaded(ElfKernel, String),
     /// Left to the bzImage's own decompressor, for this reason.
     InGuest(String),
 }
@@ -126,13 +127,13 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
         Err(ElfError::Read(_)) => return Ok(Unpacked::InGuest("its notes are outside the segments it loads".into())),
         Err(e) => return Err(elf_err(e)),
     };
-    log::debug!(
-        "kernel {path}: {} MiB decompressed on the host in {:.1} ms ({read_ms:.1} ms reading {} KiB), {blocks} blocks on {threads} threads",
+    let how = format!(
+        "{} MiB decompressed on the host in {:.1} ms ({read_ms:.1} ms reading {} KiB), {blocks} blocks on {threads} threads",
         frame.len >> 20,
         t0.elapsed().as_secs_f64() * 1e3,
         len >> 10,
     );
-    Ok(Unpacked::Loaded(kernel))
+    Ok(Unpacked::Loaded(kernel, how))
 }
 
 /// Where the ELF file of `file_len` bytes goes whole: so that the segment
@@ -221,10 +222,8 @@ fn release_gaps(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)],
                     // hole is one mapping) that no Rust reference points
                     // into and nothing reads before the guest runs; the
                     // mapping stays valid, only its contents go.
-                    let r = unsafe { libc::madvise(host.cast(), HUGE as usize, libc::MADV_DONTNEED) };
-                    if r != 0 {
-                        log::debug!("cannot give back guest memory at {page:#x}: {}", std::io::Error::last_os_error());
-                    }
+                    // Only an optimization: where it fails, the page stays.
+                    let _ = unsafe { libc::madvise(host.cast(), HUGE as usize, libc::MADV_DONTNEED) };
                 }
             }
             page += HUGE;
@@ -359,7 +358,7 @@ mod tests {
         for (pref, align) in [(0x10_0000, 0), (0x100_0000, 0x20_0000)] {
             let (ram, r) = unpack(&frame, pref, align);
             let k = match r {
-                Ok(Unpacked::Loaded(k)) => k,
+                Ok(Unpacked::Loaded(k, _)) => k,
                 Ok(Unpacked::InGuest(why)) => panic!("left to the guest: {why}"),
                 Err(e) => panic!("{e}"),
             };
@@ -435,7 +434,7 @@ mod tests {
         let (file, kernel) = super::super::inspect(&bz).unwrap();
         let super::super::Kernel::BzImage(image) = kernel else { panic!("{} is not a bzImage", bz.display()) };
         let t0 = std::time::Instant::now();
-        let Unpacked::Loaded(k) = load(&ram.mem, &file, &image, ram.low_end(), "bz").unwrap() else {
+        let Unpacked::Loaded(k, _) = load(&ram.mem, &file, &image, ram.low_end(), "bz").unwrap() else {
             panic!("Debian's kernel was left to the guest")
         };
         eprintln!("decompressed on the host in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
@@ -443,7 +442,7 @@ mod tests {
         assert_eq!(k, ElfKernel::parse(&elf[..], elf.len() as u64).unwrap());
         // And the vmlinux itself, read in 4 MiB pieces on several threads.
         let ram2 = memory::create(256 << 20, Backing::Private).unwrap();
-        let super::super::Kernel::Elf(k2) = super::super::load(&ram2.mem, &vmlinux, ram2.low_end(), false).unwrap() else {
+        let (super::super::Kernel::Elf(k2), _) = super::super::load(&ram2.mem, &vmlinux, ram2.low_end(), false).unwrap() else {
             panic!("the vmlinux is not loaded as an ELF kernel")
         };
         assert_eq!(k2, k);
