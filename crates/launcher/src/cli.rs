@@ -249,6 +249,7 @@ impl RunArgs {
             allow_slow_kvm: self.allow_slow_kvm,
             seccomp: self.seccomp,
             tap_fds: Default::default(),
+            pci_hotplug: false,
         })
     }
 }

@@ -274,6 +274,7 @@ impl ChVmConfig {
             allow_slow_kvm: host.allow_slow_kvm,
             seccomp: host.seccomp,
             tap_fds: tap_fds.clone(),
+            pci_hotplug: true,
         };
         Ok((cfg, self.serial.serial_target()?))
     }
