@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 usage() {
     cat <<'USAGE'
-Usage: scripts/guest-phases.sh [--runs N] [--vmm LIST] [--out DIR]
+Usage: scripts/guest-phases.sh [--runs N] [--vmm LIST] [--out DIR] [--append ARGS]
+                               [--tabulate]
 
 Boots the default guest image's vmlinux N times (default 3) under each
 VMM of LIST (comma-separated, default kickvm,firecracker,cloud-hypervisor),
@@ -23,17 +24,23 @@ table). VMMs:
   kickvm=PATH           another kickvm binary (an A/B of two builds)
   firecracker           $FIRECRACKER, else where scripts/peers.sh built it
   cloud-hypervisor      $CLOUD_HYPERVISOR, else likewise
-Consoles go to DIR (default target/guest-phases), one file per boot.
+--append adds kernel arguments (with initcall_debug the consoles also
+get each initcall's time). Consoles go to DIR (default
+target/guest-phases), one file per boot;
+--tabulate makes the table again from the consoles a run left there (the
+boots that finished: a run cut short by an L1 failure keeps its consoles).
 Build first: cargo build --release -p kickvm -p kickvm-rig.
 USAGE
 }
 
-runs=3 vmms=kickvm,firecracker,cloud-hypervisor out=$PWD/target/guest-phases
+runs=3 vmms=kickvm,firecracker,cloud-hypervisor out=$PWD/target/guest-phases tabulate= append=
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=${2:?--runs needs a number}; shift 2 ;;
         --vmm) vmms=${2:?--vmm needs a list}; shift 2 ;;
         --out) out=${2:?--out needs a directory}; shift 2 ;;
+        --tabulate) tabulate=1; shift ;;
+        --append) append=${2?--append needs kernel arguments}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "guest-phases: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -52,6 +59,59 @@ PHASES=(
     "late initcalls, free init memory|Run /init"
 )
 
+IFS=, read -r -a list <<EOF
+$vmms
+EOF
+
+# The table: per phase, each VMM's median over its runs (ms), from the
+# consoles in $out.
+tabulate() {
+    printf '| phase (ends at the message) |'
+    for v in "${list[@]}"; do printf ' %s |' "$(basename "${v#kickvm=}")"; done
+    printf '\n|---|'
+    for _ in "${list[@]}"; do printf -- '---|'; done
+    printf '\n'
+    for i in "${!list[@]}"; do
+        for r in $(seq "$runs"); do
+            grep -q KICKVM-EXIT-STATUS=0 "$out/$i-$r.log" 2>/dev/null || continue
+            printf '%s\t%s\t' "$i" "$r"
+            awk -v phases="$(printf '%s\n' "${PHASES[@]}" | sed 's/.*|//' | paste -sd '\t')" '
+                BEGIN { n = split(phases, p, "\t") }
+                /^\[ *[0-9.]+\]/ {
+                    t = substr($0, 2, index($0, "]") - 2) + 0
+                    for (k = 1; k <= n; k++) if (!(k in at) && index($0, p[k])) at[k] = t
+                }
+                END { prev = 0; for (k = 1; k <= n; k++) { if (k in at) { printf "%.1f\t", (at[k] - prev) * 1000; prev = at[k] } else printf "-\t" } printf "%.1f\n", prev * 1000 }
+            ' "$out/$i-$r.log"
+        done
+    done >"$out/phases.tsv"
+    awk -F'\t' -v names="$(printf '%s\n' "${PHASES[@]}" | sed 's/|.*//' | paste -sd '\t')" \
+        -v ends="$(printf '%s\n' "${PHASES[@]}" | sed 's/.*|//' | paste -sd '\t')" -v nv="${#list[@]}" '
+        function median(s,   a, m, i, j, x) {
+            m = split(s, a, " ")
+            if (m == 0) return "–"
+            for (i = 2; i <= m; i++) { x = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+            return sprintf("%.1f", m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2)
+        }
+        BEGIN { n = split(names, nm, "\t"); split(ends, en, "\t") }
+        { runs[$1]++; for (k = 1; k <= n + 1; k++) if ($(k + 2) != "-") v[$1, k] = v[$1, k] " " $(k + 2) }
+        END {
+            for (k = 1; k <= n + 1; k++) {
+                printf "| %s |", k <= n ? nm[k] " (`" en[k] "`)" : "**kernel start → `Run /init`**"
+                for (i = 0; i < nv; i++) printf " %s |", median(v[i, k])
+                printf "\n"
+            }
+            printf "| boots |"
+            for (i = 0; i < nv; i++) printf " %d |", runs[i]
+            printf "\n"
+        }' "$out/phases.tsv"
+}
+
+if [ -n "$tabulate" ]; then
+    tabulate | tee "$out/phases.md"
+    exit 0
+fi
+
 if [ -z "${KICKVM_IN_RIG:-}" ]; then
     rig=target/release/kickvm-rig
     [ -x "$rig" ] || { echo "guest-phases: no $rig: cargo build --release -p kickvm -p kickvm-rig" >&2; exit 1; }
@@ -64,7 +124,7 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     echo "guest-phases: $runs runs of $vmms in one L1; consoles in $out" >&2
     # Only KICKVM_* variables reach L1.
     exec env KICKVM_GP_FIRECRACKER="${FIRECRACKER:-}" KICKVM_GP_CLOUD_HYPERVISOR="${CLOUD_HYPERVISOR:-}" \
-        "$rig" run --share "$out" -- "$0" --runs "$runs" --vmm "$vmms" --out "$out"
+        "$rig" run --share "$out" -- "$0" --runs "$runs" --vmm "$vmms" --out "$out" --append "$append"
 fi
 
 # Inside L1.
@@ -73,10 +133,10 @@ kernel=${paths% *} initrd=${paths#* }
 vmlinux=$(dirname "$kernel")/vmlinux
 [ -f "$vmlinux" ] || { echo "guest-phases: no $vmlinux: run target/release/kickvm-rig image --print-vmlinux on the host" >&2; exit 1; }
 pattern=$(printf '%s\n' "${PHASES[@]}" | sed 's/.*|//' | paste -sd '|' | sed 's/[()]/./g')
-script=$(printf "dmesg | grep -E '%s'" "$pattern")
+script=$(printf "dmesg | grep -E '%s|initcall .* returned'" "$pattern")
 b64=$(printf '%s' "$script" | base64 -w0)
 base="console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd"
-extra="loglevel=4 kickvm.cmd=$b64"
+extra="loglevel=4${append:+ $append} kickvm.cmd=$b64"
 
 boot() { # VMM LOG
     local vmm=$1 log=$2 bin
@@ -108,9 +168,6 @@ boot() { # VMM LOG
     grep -q KICKVM-EXIT-STATUS=0 "$log" || { echo "guest-phases: $vmm did not finish its boot: see $log" >&2; exit 1; }
 }
 
-IFS=, read -r -a list <<EOF
-$vmms
-EOF
 for r in $(seq "$runs"); do
     for i in "${!list[@]}"; do
         echo 1 >/proc/sys/vm/compact_memory 2>/dev/null || true
@@ -119,41 +176,4 @@ for r in $(seq "$runs"); do
     done
 done
 
-# The table: per phase, each VMM's median over its runs (ms).
-{
-    printf '| phase (ends at the message) |'
-    for v in "${list[@]}"; do printf ' %s |' "$(basename "${v#kickvm=}")"; done
-    printf '\n|---|'
-    for _ in "${list[@]}"; do printf -- '---|'; done
-    printf '\n'
-    for i in "${!list[@]}"; do
-        for r in $(seq "$runs"); do
-            printf '%s\t%s\t' "$i" "$r"
-            awk -v phases="$(printf '%s\n' "${PHASES[@]}" | sed 's/.*|//' | paste -sd '\t')" '
-                BEGIN { n = split(phases, p, "\t") }
-                /^\[ *[0-9.]+\]/ {
-                    t = substr($0, 2, index($0, "]") - 2) + 0
-                    for (k = 1; k <= n; k++) if (!(k in at) && index($0, p[k])) at[k] = t
-                }
-                END { prev = 0; for (k = 1; k <= n; k++) { if (k in at) { printf "%.1f\t", (at[k] - prev) * 1000; prev = at[k] } else printf "-\t" } printf "%.1f\n", prev * 1000 }
-            ' "$out/$i-$r.log"
-        done
-    done >"$out/phases.tsv"
-    awk -F'\t' -v names="$(printf '%s\n' "${PHASES[@]}" | sed 's/|.*//' | paste -sd '\t')" \
-        -v ends="$(printf '%s\n' "${PHASES[@]}" | sed 's/.*|//' | paste -sd '\t')" -v nv="${#list[@]}" '
-        function median(s,   a, m, i, j, x) {
-            m = split(s, a, " ")
-            if (m == 0) return "–"
-            for (i = 2; i <= m; i++) { x = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
-            return sprintf("%.1f", m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2)
-        }
-        BEGIN { n = split(names, nm, "\t"); split(ends, en, "\t") }
-        { for (k = 1; k <= n + 1; k++) if ($(k + 2) != "-") v[$1, k] = v[$1, k] " " $(k + 2) }
-        END {
-            for (k = 1; k <= n + 1; k++) {
-                printf "| %s |", k <= n ? nm[k] " (`" en[k] "`)" : "**kernel start → `Run /init`**"
-                for (i = 0; i < nv; i++) printf " %s |", median(v[i, k])
-                printf "\n"
-            }
-        }' "$out/phases.tsv"
-} | tee "$out/phases.md"
+tabulate | tee "$out/phases.md"
