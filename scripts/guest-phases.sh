@@ -25,7 +25,8 @@ table). VMMs:
   firecracker           $FIRECRACKER, else where scripts/peers.sh built it
   cloud-hypervisor      $CLOUD_HYPERVISOR, else likewise
 --append adds kernel arguments (with initcall_debug the consoles also
-get each initcall's time). Consoles go to DIR (default
+get the time of the initcalls that probe the platform: ACPI, PCI, serial,
+i8042, RTC; all of them would take minutes on the rig's serial port). Consoles go to DIR (default
 target/guest-phases), one file per boot;
 --tabulate makes the table again from the consoles a run left there (the
 boots that finished: a run cut short by an L1 failure keeps its consoles).
@@ -133,7 +134,8 @@ kernel=${paths% *} initrd=${paths#* }
 vmlinux=$(dirname "$kernel")/vmlinux
 [ -f "$vmlinux" ] || { echo "guest-phases: no $vmlinux: run target/release/kickvm-rig image --print-vmlinux on the host" >&2; exit 1; }
 pattern=$(printf '%s\n' "${PHASES[@]}" | sed 's/.*|//' | paste -sd '|' | sed 's/[()]/./g')
-script=$(printf "dmesg | grep -E '%s|initcall .* returned'" "$pattern")
+platform='initcall (acpi_init|pci_subsys_init|pnpacpi_init|serial8250_init|i8042_init|cmos_init|add_rtc_cmos)[+]'
+script=$(printf "dmesg | grep -E '%s|%s'" "$pattern" "$platform")
 b64=$(printf '%s' "$script" | base64 -w0)
 base="console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd"
 extra="loglevel=4${append:+ $append} kickvm.cmd=$b64"
