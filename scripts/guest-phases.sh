@@ -121,7 +121,7 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     peers=$(scripts/peers.sh --paths 2>/dev/null || true)
     : "${FIRECRACKER:=$(awk '$1 == "firecracker" { print $2 }' <<<"$peers")}"
     : "${CLOUD_HYPERVISOR:=$(awk '$1 == "cloud-hypervisor" { print $2 }' <<<"$peers")}"
-    rm -rf "$out" && mkdir -p "$out"
+    mkdir -p "$out" && rm -f "$out"/[0-9]*-[0-9]*.log* "$out"/phases.tsv "$out"/phases.md   # a former run's, only
     echo "guest-phases: $runs runs of $vmms in one L1; consoles in $out" >&2
     # Only KICKVM_* variables reach L1.
     exec env KICKVM_GP_FIRECRACKER="${FIRECRACKER:-}" KICKVM_GP_CLOUD_HYPERVISOR="${CLOUD_HYPERVISOR:-}" \
