@@ -280,6 +280,7 @@ mod tests {
         assert_eq!(r.threads, ThreadingMode::PerQueue);
         let c = r.to_config(&|| Err("unused".into())).unwrap();
         assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+        assert!(!c.pci_hotplug, "`kickvm run` cannot hotplug: no slots in its DSDT");
     }
 
     #[test]
