@@ -17,7 +17,8 @@
 //! KEY_POWER) or runs `\_SB.PCI0.PCNT`, which notifies the PCI slots a
 //! device arrived in (Device Check) or should leave (Eject Request); the
 //! slots (`_ADR`, `_SUN`, `_EJ0`) are what Linux's built-in `acpiphp`
-//! handles ([`crate::pci::hotplug`]).
+//! handles ([`crate::pci::hotplug`]). The slots and `PCNT` are there only
+//! when something can hotplug ([`AcpiConfig::pci_hotplug`]).
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -57,6 +58,10 @@ const MADT_PCAT_COMPAT: u32 = 1;
 /// What the tables describe.
 pub struct AcpiConfig {
     pub cpus: u8,
+    /// Bus 0's free slots as hotplug slots, and the GED's PCI hotplug
+    /// event. Without, the DSDT is the bare host bridge: no slot devices
+    /// for ACPICA to parse and Linux to register.
+    pub pci_hotplug: bool,
     /// Extra AML placed inside `\_SB.PCI0` (e.g. from the PCI code).
     pub pci_aml: Vec<u8>,
 }
@@ -131,14 +136,16 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         body.extend(to_bytes(&aml::Name::new(name.into(), &aml::ZERO)));
     }
     body.extend(to_bytes(&aml::Name::new("_CRS".into(), &crs)));
-    body.extend(pci_hotplug());
+    if cfg.pci_hotplug {
+        body.extend(pci_hotplug());
+    }
     body.extend_from_slice(&cfg.pci_aml);
     let body = RawAml(body);
     let pci0 = aml::Device::new("PCI0".into(), vec![&body]);
     let com1 = com1();
     let mbrs = motherboard_resources();
     let pwrb = power_button();
-    let ged = generic_event_device();
+    let ged = generic_event_device(cfg.pci_hotplug);
     let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mbrs, &pwrb, &ged]);
     let s5 = aml::Name::new(
         "_S5_".into(),
@@ -233,8 +240,9 @@ fn power_button() -> RawAml {
 
 /// The Generic Event Device: its interrupt, its event register, and
 /// `_EVT`, which Linux runs at each interrupt: read the register once
-/// (that clears it) and act on every bit set.
-fn generic_event_device() -> RawAml {
+/// (that clears it) and act on every bit set (the PCI hotplug bit only
+/// when `pci_hotplug`: without, there is no `PCNT` to call).
+fn generic_event_device(pci_hotplug: bool) -> RawAml {
     let hid = aml::Name::new("_HID".into(), &"ACPI0013");
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let irq = aml::Interrupt::new(true, false, false, false, layout::GED_GSI);
@@ -259,7 +267,12 @@ fn generic_event_device() -> RawAml {
     let pwrb = aml::Path::new("\\_SB_.PWRB");
     let notify = aml::Notify::new(&pwrb, &pressed);
     let if_button = aml::If::new(&button, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &if_hotplug, &if_button]);
+    let mut body: Vec<&dyn Aml> = vec![&read];
+    if pci_hotplug {
+        body.push(&if_hotplug);
+    }
+    body.push(&if_button);
+    let evt = aml::Method::new("_EVT".into(), 1, true, body);
     RawAml(to_bytes(&aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &region, &field, &evt])))
 }
 
@@ -350,7 +363,7 @@ mod tests {
     }
 
     fn tables() -> Vec<Placed> {
-        build(&AcpiConfig { cpus: 2, pci_aml: Vec::new() })
+        build(&AcpiConfig { cpus: 2, pci_hotplug: true, pci_aml: Vec::new() })
     }
 
     #[test]
@@ -414,7 +427,7 @@ mod tests {
 
     #[test]
     fn dsdt_describes_the_host_bridge_and_s5() {
-        let d = dsdt(&AcpiConfig { cpus: 1, pci_aml: Vec::new() });
+        let d = dsdt(&AcpiConfig { cpus: 1, pci_hotplug: true, pci_aml: Vec::new() });
         let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"PCI0"));
         assert!(has(b"_S5_"));
@@ -423,21 +436,18 @@ mod tests {
         assert!(has(&[0x41, 0xd0, 0x0a, 0x08]));
     }
 
-    /// The DSDT as ACPICA's disassembler reads it (the same parser Linux
-    /// uses): the GED with its interrupt and `_EVT`, the power button, a
-    /// slot device per free slot and `PCNT`. Skips without `iasl`
-    /// (Debian: acpica-tools).
-    #[test]
-    fn dsdt_disassembles_with_ged_button_and_slots() {
-        let dir = std::env::temp_dir().join(format!("kickvm-dsdt-{}", std::process::id()));
+    /// `cfg`'s DSDT as ACPICA's disassembler (`iasl -d`, the parser Linux
+    /// uses) prints it; `None` without `iasl` (Debian: acpica-tools).
+    fn disassembled(cfg: &AcpiConfig) -> Option<String> {
+        let dir = std::env::temp_dir().join(format!("kickvm-dsdt-{}-{}", std::process::id(), cfg.pci_hotplug));
         std::fs::create_dir_all(&dir).unwrap();
         let aml = dir.join("dsdt.aml");
-        std::fs::write(&aml, dsdt(&AcpiConfig { cpus: 1, pci_aml: Vec::new() })).unwrap();
+        std::fs::write(&aml, dsdt(cfg)).unwrap();
         let out = match std::process::Command::new("iasl").arg("-d").arg(&aml).output() {
             Ok(o) => o,
             Err(e) => {
                 eprintln!("skipped: cannot run iasl ({e}); install acpica-tools");
-                return;
+                return None;
             }
         };
         let asl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
@@ -446,6 +456,16 @@ mod tests {
         if std::env::var_os("KICKVM_PRINT_DSDT").is_some() {
             eprintln!("{asl}");
         }
+        Some(asl)
+    }
+
+    /// The GED with its interrupt and `_EVT`, the power button, a slot
+    /// device per free slot and `PCNT`.
+    #[test]
+    fn dsdt_disassembles_with_ged_button_and_slots() {
+        let Some(asl) = disassembled(&AcpiConfig { cpus: 1, pci_hotplug: true, pci_aml: Vec::new() }) else {
+            return;
+        };
         for needle in [
             "Device (GED)",
             "\"ACPI0013\"",
@@ -465,6 +485,21 @@ mod tests {
         }
         assert!(asl.contains(&format!("0x{:08X}", layout::GED_GSI)) || asl.contains(&format!("0x{:08X},", layout::GED_GSI)), "{asl}");
         assert!(!asl.contains("Device (S00)"), "slot 0 is the host bridge's");
+    }
+
+    /// Without hotplug: the host bridge, the GED (power button only) and
+    /// the button, but no slot device, no `PCNT` and no call to it.
+    #[test]
+    fn dsdt_without_hotplug_has_no_slots() {
+        let Some(asl) = disassembled(&AcpiConfig { cpus: 1, pci_hotplug: false, pci_aml: Vec::new() }) else {
+            return;
+        };
+        for needle in ["Device (PCI0)", "Device (GED)", "Method (_EVT, 1, Serialized)", "Notify (\\_SB.PWRB, 0x80)", "_S5_"] {
+            assert!(asl.contains(needle), "no `{needle}` in the DSDT:\n{asl}");
+        }
+        for absent in ["Device (S01)", "PCNT", "B0EJ", "_EJ0", "_SUN"] {
+            assert!(!asl.contains(absent), "`{absent}` in the DSDT without hotplug:\n{asl}");
+        }
     }
 
     #[test]

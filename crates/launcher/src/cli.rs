@@ -265,6 +265,7 @@ impl RunArgs {
             allow_slow_kvm: self.allow_slow_kvm,
             seccomp: self.seccomp,
             tap_fds: Default::default(),
+            pci_hotplug: false,
         })
     }
 }
@@ -295,6 +296,7 @@ mod tests {
         assert_eq!(r.threads, ThreadingMode::PerQueue);
         let c = r.to_config(&|| Err("unused".into())).unwrap();
         assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+        assert!(!c.pci_hotplug, "`kickvm run` cannot hotplug: no slots in its DSDT");
     }
 
     #[test]

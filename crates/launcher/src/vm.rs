@@ -333,7 +333,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     let (kernel, initrd) = loader
         .join()
         .map_err(|_| VmError::Host(format!("the kernel loader failed on {} (a bug: please report it)", cfg.kernel.display())))??;
-    write_acpi(&ram.mem, &AcpiConfig { cpus: cfg.cpus, pci_aml: Vec::new() })?;
+    write_acpi(&ram.mem, &AcpiConfig { cpus: cfg.cpus, pci_hotplug: cfg.pci_hotplug, pci_aml: Vec::new() })?;
     boot::write_boot_structures(&ram.mem, &kernel, &cfg.cmdline, initrd, cfg.memory)?;
 
     if chatty {

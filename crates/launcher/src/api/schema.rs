@@ -276,6 +276,7 @@ impl ChVmConfig {
             allow_slow_kvm: host.allow_slow_kvm,
             seccomp: host.seccomp,
             tap_fds: tap_fds.clone(),
+            pci_hotplug: true,
         };
         Ok((cfg, self.serial.serial_target()?))
     }
@@ -419,6 +420,7 @@ mod tests {
     fn defaults_follow_cloud_hypervisor() {
         let (c, serial) = convert(r#"{"payload":{"kernel":"/k"}}"#).unwrap();
         assert_eq!((c.cpus, c.memory, c.rng), (1, config::DEFAULT_MEMORY, true));
+        assert!(c.pci_hotplug, "the API's vm.add-* need the hotplug slots");
         assert_eq!((c.console, serial), (ConsoleSpec::File("/dev/null".into()), SerialTarget::Discard));
     }
 

@@ -63,6 +63,12 @@ pub struct VmConfig {
     /// TAP queue fds another program opened and handed over (the API's
     /// `vm.add-net`), by interface name.
     pub tap_fds: TapFds,
+    /// Bus 0's free slots are described as ACPI hotplug slots. Only the
+    /// API can plug and unplug devices (`vm.add-*`, `vm.remove-device`);
+    /// `kickvm run` cannot, and leaves the 31 slot devices out of the
+    /// DSDT: parsing them and registering them with Linux's `acpiphp`
+    /// is ~25 ms of a boot in the nested rig (docs/benchmarks.md).
+    pub pci_hotplug: bool,
 }
 
 /// TAP queue fds by interface name: a card whose `tap` is listed here is
