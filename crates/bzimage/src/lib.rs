@@ -70,11 +70,91 @@ pub fn payload(bz: &[u8]) -> Result<&[u8], String> {
         .ok_or_else(|| format!("is truncated: its payload ends at byte {end} of {}", bz.len()))
 }
 
-/// A legacy LZ4 frame, its blocks listed (nothing decompressed yet).
+/// Where the blocks of a legacy LZ4 frame are, found from their 4-byte
+/// headers alone: the frame itself need not be in memory (the launcher
+/// reads each block from the file when it decompresses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lz4Index {
+    /// Block `i`'s compressed bytes, as offsets into the frame; it
+    /// decompresses to bytes `i · 8 MiB ..` of the kernel.
+    pub blocks: Vec<std::ops::Range<u64>>,
+    /// The decompressed length the kernel build appended.
+    pub len: u64,
+}
+
+impl Lz4Index {
+    /// Lists the blocks of the legacy LZ4 frame of `frame_len` bytes whose
+    /// little-endian `u32`s `read_u32(offset)` reads (called only for
+    /// offsets whose 4 bytes lie inside the frame; its error, a read that
+    /// failed, is returned as it is).
+    pub fn scan(frame_len: u64, mut read_u32: impl FnMut(u64) -> Result<u32, String>) -> Result<Lz4Index, String> {
+        let magic = if frame_len >= 4 { read_u32(0)? } else { 0 };
+        if magic != LZ4_LEGACY_MAGIC {
+            return Err(format!("has a payload starting {:08x}, not an LZ4 legacy frame (02214c18)", magic.swap_bytes()));
+        }
+        let mut at = 4u64;
+        let mut blocks = Vec::new();
+        loop {
+            if frame_len - at == 4 {
+                let len = u64::from(read_u32(at)?);
+                let most = blocks.len() as u64 * LZ4_LEGACY_BLOCK as u64;
+                let least = most.saturating_sub(LZ4_LEGACY_BLOCK as u64 - 1);
+                if blocks.is_empty() || len < least || len > most {
+                    return Err(format!(
+                        "has a corrupt LZ4 payload: {} blocks, and its appended length says {len} bytes",
+                        blocks.len()
+                    ));
+                }
+                return Ok(Lz4Index { blocks, len });
+            }
+            if frame_len - at < 4 {
+                return Err("is truncated inside an LZ4 block header (or lacks its appended length)".into());
+            }
+            let size = u64::from(read_u32(at)?);
+            at += 4;
+            if size == u64::from(LZ4_LEGACY_MAGIC) {
+                continue; // a concatenated frame
+            }
+            if size > frame_len - at {
+                return Err("is truncated inside an LZ4 block".into());
+            }
+            if (blocks.len() + 1) * LZ4_LEGACY_BLOCK > MAX_KERNEL {
+                return Err(format!("decompresses to more than {} MiB: not a kernel", MAX_KERNEL >> 20));
+            }
+            blocks.push(at..at + size);
+            at += size;
+        }
+    }
+
+    /// How many bytes block `i` decompresses to.
+    pub fn block_len(&self, i: usize) -> usize {
+        let start = i as u64 * LZ4_LEGACY_BLOCK as u64;
+        // `len` is checked against the block count: at most 8 MiB.
+        self.len.saturating_sub(start).min(LZ4_LEGACY_BLOCK as u64) as usize
+    }
+
+    /// Decompresses block `i`, whose compressed bytes are `compressed`,
+    /// into `out` (at least [`Self::block_len`] bytes); fails unless it
+    /// yields exactly that many bytes.
+    pub fn decompress_block(&self, i: usize, compressed: &[u8], out: &mut [u8]) -> Result<(), String> {
+        let want = self.block_len(i);
+        let out = out.get_mut(..want).ok_or("got a buffer too small for an LZ4 block")?;
+        let n = lz4_flex::block::decompress_into(compressed, out).map_err(|e| format!("has a corrupt LZ4 block {i}: {e}"))?;
+        if n != want {
+            return Err(format!(
+                "has a corrupt LZ4 payload: block {i} decompresses to {n} bytes, and the frame says {want}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A legacy LZ4 frame in memory, its blocks listed (nothing decompressed yet).
 #[derive(Debug)]
 pub struct Lz4Frame<'a> {
-    /// The compressed blocks, in order: block `i` decompresses to bytes
-    /// `i · 8 MiB ..` of the kernel.
+    /// Where the blocks are.
+    pub index: Lz4Index,
+    /// The compressed blocks, in order (`index.blocks` of the frame).
     pub blocks: Vec<&'a [u8]>,
     /// The decompressed length the kernel build appended.
     pub len: u64,
@@ -89,59 +169,21 @@ impl<'a> Lz4Frame<'a> {
 
     /// Lists the blocks of the legacy LZ4 frame `payload`.
     pub fn parse(payload: &'a [u8]) -> Result<Lz4Frame<'a>, String> {
-        if !Self::is_lz4_legacy(payload) {
-            let head: String = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
-            return Err(format!("has a payload starting {head}, not an LZ4 legacy frame (02214c18)"));
-        }
-        let mut rest = &payload[4..];
-        let mut blocks = Vec::new();
-        loop {
-            if rest.len() == 4 {
-                let len = u64::from(u32_at(rest, 0).unwrap_or(0));
-                let most = blocks.len() as u64 * LZ4_LEGACY_BLOCK as u64;
-                let least = most.saturating_sub(LZ4_LEGACY_BLOCK as u64 - 1);
-                if blocks.is_empty() || len < least || len > most {
-                    return Err(format!(
-                        "has a corrupt LZ4 payload: {} blocks, and its appended length says {len} bytes",
-                        blocks.len()
-                    ));
-                }
-                return Ok(Lz4Frame { blocks, len });
-            }
-            let size = u32_at(rest, 0).ok_or("is truncated inside an LZ4 block header (or lacks its appended length)")?;
-            rest = &rest[4..];
-            if size == LZ4_LEGACY_MAGIC {
-                continue; // a concatenated frame
-            }
-            let block = rest.get(..size as usize).ok_or("is truncated inside an LZ4 block")?;
-            rest = &rest[size as usize..];
-            if (blocks.len() + 1) * LZ4_LEGACY_BLOCK > MAX_KERNEL {
-                return Err(format!("decompresses to more than {} MiB: not a kernel", MAX_KERNEL >> 20));
-            }
-            blocks.push(block);
-        }
+        // `scan` reads only within the frame.
+        let index = Lz4Index::scan(payload.len() as u64, |at| Ok(u32_at(payload, at as usize).unwrap_or(0)))?;
+        let blocks = index.blocks.iter().map(|r| &payload[r.start as usize..r.end as usize]).collect();
+        Ok(Lz4Frame { len: index.len, index, blocks })
     }
 
     /// How many bytes block `i` decompresses to.
     pub fn block_len(&self, i: usize) -> usize {
-        let start = i as u64 * LZ4_LEGACY_BLOCK as u64;
-        // `len` is checked against the block count: at most 8 MiB.
-        self.len.saturating_sub(start).min(LZ4_LEGACY_BLOCK as u64) as usize
+        self.index.block_len(i)
     }
 
     /// Decompresses block `i` into `out` (at least [`Self::block_len`]
     /// bytes); fails unless it yields exactly that many bytes.
     pub fn decompress_block(&self, i: usize, out: &mut [u8]) -> Result<(), String> {
-        let want = self.block_len(i);
-        let out = out.get_mut(..want).ok_or("got a buffer too small for an LZ4 block")?;
-        let n = lz4_flex::block::decompress_into(self.blocks[i], out)
-            .map_err(|e| format!("has a corrupt LZ4 block {i}: {e}"))?;
-        if n != want {
-            return Err(format!(
-                "has a corrupt LZ4 payload: block {i} decompresses to {n} bytes, and the frame says {want}"
-            ));
-        }
-        Ok(())
+        self.index.decompress_block(i, self.blocks[i], out)
     }
 
     /// Decompresses the whole frame.
@@ -228,6 +270,38 @@ mod tests {
         let bz = image_with_payload(&stored_frame(&elf));
         assert_eq!(payload_range(&bz).unwrap(), (AT as u64, bz.len() as u64 - AT as u64 - 100));
         assert_eq!(extract(&bz).unwrap(), elf);
+    }
+
+    #[test]
+    fn the_index_reads_only_the_block_headers_and_finds_what_parse_finds() {
+        let data: Vec<u8> = (0..2 * LZ4_LEGACY_BLOCK + 5).map(|i| (i % 251) as u8).collect();
+        let frame = stored_frame(&data);
+        let word = |f: &[u8], at: u64| u32::from_le_bytes(f[at as usize..at as usize + 4].try_into().unwrap());
+        let mut reads = 0;
+        let index = Lz4Index::scan(frame.len() as u64, |at| {
+            reads += 1;
+            Ok(word(&frame, at))
+        })
+        .unwrap();
+        assert_eq!(index, Lz4Frame::parse(&frame).unwrap().index);
+        assert_eq!(reads, 1 + 3 + 1, "the magic, one header per block, the appended length");
+        for (i, r) in index.blocks.iter().enumerate() {
+            let mut out = vec![0u8; index.block_len(i)];
+            index.decompress_block(i, &frame[r.start as usize..r.end as usize], &mut out).unwrap();
+            assert_eq!(out, data[i * LZ4_LEGACY_BLOCK..][..out.len()], "block {i}");
+        }
+        // Cut anywhere: an error, and never a read past the cut.
+        for cut in [0, 3, 4, 7, 8, 100, frame.len() - 9, frame.len() - 4, frame.len() - 1] {
+            let short = &frame[..cut];
+            let r = Lz4Index::scan(cut as u64, |at| {
+                assert!(at + 4 <= cut as u64, "read at {at} of a frame cut at {cut}");
+                Ok(word(short, at))
+            });
+            assert!(r.is_err(), "a frame cut at {cut} of {}", frame.len());
+        }
+        // A read that fails is said as it is.
+        let failing = Lz4Index::scan(frame.len() as u64, |at| if at == 0 { Ok(LZ4_LEGACY_MAGIC) } else { Err("disk gone".into()) });
+        assert_eq!(failing, Err("disk gone".to_string()));
     }
 
     #[test]
