@@ -17,8 +17,9 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      record must be in the image. RUNS per mode (default 20).
                      ~10 s per run in the rig.
   many-vms [N]       N launchers at once in the rig (default 20), tiny
-                     guests (the minimal image's vmlinux, 80 MiB each: the
-                     least Debian's kernel boots in with these devices; see
+                     guests (the minimal image's vmlinux, 64 MiB each, booted
+                     with tracefs's initcalls and the crypto self-tests left
+                     out, which is what lets Debian's kernel fit; see
                      min-memory; KICKVM_MANY_VMS_MIB sets another size) with net, disk, console socket and
                      shared RAM: all boot, all power off, nothing left
                      behind; prints their memory. A few minutes.
@@ -34,7 +35,10 @@ in target/reliability/WHAT-<time>.log. CI runs the same tests small.
                      sizes given, e.g. "80 64") and prints, for each, what
                      the kernel has left after reserving itself, whether it
                      reaches /init, and its MemTotal/MemFree there: how
-                     small a Debian guest can be. A few minutes.
+                     small a Debian guest can be. KICKVM_MIN_MEMORY_CMDLINE
+                     adds to the guest's command line (e.g. the many-VMs
+                     test's "initcall_blacklist=tracer_init_tracefs,event_trace_init
+                     cryptomgr.notests"). A few minutes.
   soak [SECS]        SECS seconds (default 600) of traffic on every device
                      at once in the rig (TCP both ways, fio with crc32c
                      verification, hwrng, hvc0), sampling the launcher's
@@ -68,7 +72,7 @@ min_memory() {
     echo "reliability: min-memory ($sizes MiB); load before: $(uptime)" | tee "$log" >&2
     target/debug/kickvm-rig run --timeout 1200 -- sh -c "for m in $sizes; do echo \"=== \$m MiB\"; \
         timeout 300 target/debug/kickvm run --no-reboot --kernel $vmlinux --initrd $initrd --memory \${m}M \
-        --cmdline kickvm.cmd=$script 2>&1 | grep -E 'Memory:|Freeing unused|MemTotal|MemFree|KVBOOTED|Kernel panic'; done" 2>&1 | tee -a "$log"
+        --cmdline \"kickvm.cmd=$script ${KICKVM_MIN_MEMORY_CMDLINE:-}\" 2>&1 | grep -E 'Memory:|Freeing unused|MemTotal|MemFree|KVBOOTED|Kernel panic'; done" 2>&1 | tee -a "$log"
     echo "reliability: min-memory finished; load after: $(uptime); log: $log" | tee -a "$log" >&2
 }
 

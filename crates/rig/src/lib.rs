@@ -26,7 +26,7 @@ pub use error::{Error, Result};
 pub use image::{default_image, minimal_image, tools_image, GuestImage};
 pub use vmlinux::default_vmlinux;
 pub use rig::{
-    host_kvm_is_usable, reexec_test_in_rig_if_needed, run_in_rig, system_map, threads_report, RigOptions, RigOutput,
+    host_kvm_is_usable, reexec_test_in_rig_if_needed, reexec_test_in_rig_with, run_in_rig, system_map, threads_report, RigOptions, RigOutput,
 };
 
 /// Prints a progress line for a long step, on stderr.

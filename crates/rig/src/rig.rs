@@ -48,6 +48,11 @@ pub struct RigOptions {
     pub stream: bool,
     /// Print stage timings (`rig: L1 booted in 6.8 s`) to stderr.
     pub report: bool,
+    /// For a command that keeps L1 busy all along (the soak): L1 counts
+    /// as hung, and is tried again, once every vCPU has been halted this
+    /// long. L1 has been seen to stop so mid-command, idle, its console
+    /// silent. `None`: a command may idle as long as it likes.
+    pub idle_limit: Option<Duration>,
 }
 
 impl Default for RigOptions {
@@ -59,6 +64,7 @@ impl Default for RigOptions {
             shares: Vec::new(),
             stream: false,
             report: true,
+            idle_limit: None,
         }
     }
 }
@@ -379,6 +385,9 @@ struct L1End {
     /// Every L1 vCPU spun in L1's kernel with interrupts off for
     /// [`WEDGE_AFTER`] and the rig killed it.
     wedged: bool,
+    /// Every L1 vCPU was halted for [`RigOptions::idle_limit`] and the rig
+    /// killed it.
+    idle: bool,
 }
 
 /// True once L1's console shows its kernel stuck in one task for a minute
@@ -458,6 +467,16 @@ fn l1_cpus_spin_with_interrupts_off(dump: &str) -> bool {
     !cpus.is_empty() && cpus.iter().all(|&spinning| spinning)
 }
 
+/// True if every vCPU in an `info registers -a` dump is halted: L1 idle.
+fn l1_cpus_all_halted(dump: &str) -> bool {
+    let cpus: Vec<bool> = dump
+        .lines()
+        .filter(|l| l.starts_with("RIP="))
+        .map(|l| l.split_whitespace().any(|w| w == "HLT=1"))
+        .collect();
+    !cpus.is_empty() && cpus.iter().all(|&halted| halted)
+}
+
 /// How long every L1 vCPU must be seen spinning with interrupts off before
 /// the rig calls L1 wedged (sampled every [`WEDGE_SAMPLE`]).
 const WEDGE_AFTER: Duration = Duration::from_secs(60);
@@ -478,10 +497,11 @@ fn wait_for_l1(
     let deadline = t_boot + opts.timeout;
     let mut started: Option<Instant> = None;
     let mut lockup = false;
-    let mut wedged = false;
+    let (mut wedged, mut idle) = (false, false);
     let mut next_look = Instant::now();
     let mut next_sample = Instant::now() + WEDGE_SAMPLE;
     let mut spinning_since: Option<Instant> = None;
+    let mut halted_since: Option<Instant> = None;
     let exited = loop {
         if Instant::now() >= next_look {
             next_look = Instant::now() + Duration::from_secs(2);
@@ -495,14 +515,17 @@ fn wait_for_l1(
         }
         if started.is_some() && Instant::now() >= next_sample {
             next_sample = Instant::now() + WEDGE_SAMPLE;
-            let spinning = l1_registers(console, Duration::from_millis(300))
-                .is_ok_and(|d| l1_cpus_spin_with_interrupts_off(&d));
+            let dump = l1_registers(console, Duration::from_millis(300)).unwrap_or_default();
+            let spinning = l1_cpus_spin_with_interrupts_off(&dump);
             spinning_since = if spinning { spinning_since.or(Some(Instant::now())) } else { None };
-            if spinning_since.is_some_and(|t| t.elapsed() >= WEDGE_AFTER) {
+            let halted = opts.idle_limit.is_some() && l1_cpus_all_halted(&dump);
+            halted_since = if halted { halted_since.or(Some(Instant::now())) } else { None };
+            let idle_too_long = halted_since.zip(opts.idle_limit).is_some_and(|(t, limit)| t.elapsed() >= limit);
+            if spinning_since.is_some_and(|t| t.elapsed() >= WEDGE_AFTER) || idle_too_long {
                 record_l1_cpus(console);
                 let _ = child.kill();
                 let _ = child.wait();
-                wedged = true;
+                (wedged, idle) = (!idle_too_long, idle_too_long);
                 break false;
             }
         }
@@ -525,7 +548,7 @@ fn wait_for_l1(
             Err(e) => return Err(Error::new(format!("cannot wait for QEMU: {e}"))),
         }
     };
-    Ok(L1End { exited, started, lockup, wedged })
+    Ok(L1End { exited, started, lockup, wedged, idle })
 }
 
 /// The command's exit status as L1 left it in the scratch share, or the
@@ -658,6 +681,13 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
             l1_cpus_file(&files.console).display()
         )));
     }
+    if end.idle {
+        return Ok(Attempt::L1Failed(format!(
+            "L1 hung idle: every vCPU halted for {} s while the command should have kept it busy; L1 was killed (its registers: {})",
+            opts.idle_limit.unwrap_or_default().as_secs(),
+            l1_cpus_file(&files.console).display()
+        )));
+    }
     if l1_failed_to_boot(&end) {
         return Ok(Attempt::L1Failed(format!(
             "L1 stopped before the command started (its own boot failed: {}); L1 console log: {}",
@@ -760,6 +790,13 @@ fn l1_kernel_failed_mid_command(end: &L1End, files: &RunFiles) -> Option<String>
 /// # }
 /// ```
 pub fn reexec_test_in_rig_if_needed(test_name: &str) -> Option<bool> {
+    reexec_test_in_rig_with(test_name, RigOptions::default())
+}
+
+/// [`reexec_test_in_rig_if_needed`] with `opts` for the rig (its output
+/// is always streamed), e.g. an [`RigOptions::idle_limit`] for a test
+/// that keeps L1 busy.
+pub fn reexec_test_in_rig_with(test_name: &str, opts: RigOptions) -> Option<bool> {
     if std::env::var_os("KICKVM_IN_RIG").is_some() || host_kvm_is_usable() {
         return None;
     }
@@ -776,10 +813,7 @@ pub fn reexec_test_in_rig_if_needed(test_name: &str) -> Option<bool> {
         ];
         run_in_rig(
             &cmd,
-            &RigOptions {
-                stream: true,
-                ..RigOptions::default()
-            },
+            &RigOptions { stream: true, ..opts },
         )
     })();
     match result {
@@ -847,7 +881,7 @@ mod tests {
     #[test]
     fn l1_that_stops_dead_mid_command_is_told_from_a_command_that_ends_it() {
         let files = RunFiles::create().unwrap();
-        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false, wedged: false };
+        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false, wedged: false, idle: false };
         let console = |text: &str| fs::write(&files.console, text).unwrap();
         console("KICKVM-RIG-CMD-START\n[ 7.8] kvm [153]: vcpu0, guest rIP: 0x1 Unhandled WRMSR(0xc0010007) = 0xffff\n");
         assert!(l1_stopped_dead(&end(true), &files), "silent stop mid-command");
@@ -886,11 +920,17 @@ mod tests {
         let user = dump(&[cpu("7f00", "00000046", 3, 0), cpu("ffffffffb1a5267b", "00000046", 0, 0)]);
         assert!(!l1_cpus_spin_with_interrupts_off(&user), "user space");
         assert!(!l1_cpus_spin_with_interrupts_off("QEMU's monitor did not answer"), "no dump is no verdict");
+        // Idle: every vCPU halted, as L1 stood when a CI soak hung (stopped 04:48 UTC 2026-12-06).
+        let idle = dump(&[cpu("ffffffffb1c00ba0", "00000246", 0, 1), cpu("ffffffffb1a5267b", "00000246", 0, 1)]);
+        assert!(l1_cpus_all_halted(&idle));
+        assert!(!l1_cpus_all_halted(&one_halted), "one vCPU still works");
+        assert!(!l1_cpus_all_halted(&wedged));
+        assert!(!l1_cpus_all_halted("QEMU's monitor did not answer"), "no dump is no verdict");
     }
 
     #[test]
     fn l1_that_fails_its_own_boot_is_retried_but_not_one_that_times_out() {
-        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false };
+        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false, idle: false };
         assert!(l1_failed_to_boot(&end(true, None)), "L1 panicked while booting");
         assert!(!l1_failed_to_boot(&end(false, None)), "a boot past the deadline is not retried");
         assert!(!l1_failed_to_boot(&end(true, Some(Instant::now()))), "the command started: its result");
