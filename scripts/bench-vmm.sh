@@ -9,7 +9,7 @@
 #       --boot-vmm kickvm,kickvm-vmlinux,kickvm-api,pc,firecracker,cloud-hypervisor
 #   scripts/bench-vmm.sh --only ping --ping-vmm per-queue,per-queue-poll-off,pc,firecracker,cloud-hypervisor
 #
-# Arguments go to kickvm-vmm-bench (crates/bench/src/bin/kickvm-vmm-bench.rs;
+# Arguments go to kickvm-vmm-bench (crates/bench/src/bin/kickvm-vmm-bench/main.rs;
 # --help-ish usage: any unknown argument). On a host whose /dev/kvm cannot
 # run Linux (kvm_pvm, our machines) it runs inside the nested rig
 # (docs/testing.md). Results: Markdown on stdout and in

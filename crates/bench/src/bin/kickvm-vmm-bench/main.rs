@@ -48,6 +48,8 @@ use std::time::{Duration, Instant};
 
 use kickvm_rig::image::{script_cmdline, EXIT_STATUS_PREFIX, INIT_START_MARKER};
 
+mod setup;
+
 const MEMORY_MIB: u64 = 256;
 const TAP: &str = "kvbench0";
 const HOST_ADDR: &str = "10.0.2.2/24";
@@ -161,6 +163,11 @@ struct Opts {
     cloud_hypervisor: Option<PathBuf>,
     boot: bool,
     ping: bool,
+    /// `--only setup`: [`setup`], on this host, no rig.
+    setup: bool,
+    /// kickvm gets `--allow-slow-kvm` (the setup benchmark on kvm_pvm,
+    /// whose guest never gets far).
+    allow_slow_kvm: bool,
     /// `--tabulate FILE`: only the boot tables, from the `bench: boot`
     /// lines of an earlier run's stderr (one cut short, say).
     tabulate: Option<PathBuf>,
@@ -199,13 +206,15 @@ const BOOT_VMMS: &[(&str, Vmm)] = &[
 fn usage() -> ! {
     eprintln!(
         "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
-         \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping]\n\
+         \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping|setup]\n\
          \x20                       [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE]\n\
          \x20                       [--boot-vmm kickvm,kickvm-vmlinux,kickvm-guest-decompress,kickvm-api,microvm,pc,firecracker,
          \x20                                   cloud-hypervisor]\n\
          \x20                       [--ping-vmm per-queue,per-queue-poll-off,per-device,single,vhost-user,vhost-net,pc,pc-vhost,\n\
          \x20                                   firecracker,cloud-hypervisor]\n\
          Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh).\n\
+         --only setup runs on this host itself, whatever its KVM: each VMM up to its guest's first instruction\n\
+         (--boot-vmm chooses them, --boot-runs how often).\n\
          Firecracker and Cloud Hypervisor: built by scripts/peers.sh (bench-vmm.sh passes their paths\n\
          as FIRECRACKER and CLOUD_HYPERVISOR); a peer not found is skipped with the reason."
     );
@@ -227,6 +236,8 @@ fn parse_opts() -> Opts {
         cloud_hypervisor: std::env::var_os("CLOUD_HYPERVISOR").filter(|v| !v.is_empty()).map(PathBuf::from),
         boot: true,
         ping: true,
+        setup: false,
+        allow_slow_kvm: false,
         tabulate: None,
         boot_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux, Vmm::QemuMicrovm, Vmm::QemuPc],
         ping_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::Kickvm("per-device"), Vmm::Kickvm("single"), Vmm::QemuPc],
@@ -251,6 +262,7 @@ fn parse_opts() -> Opts {
             "--only" => match val().as_str() {
                 "boot" => o.ping = false,
                 "ping" => o.boot = false,
+                "setup" => (o.boot, o.ping, o.setup) = (false, false, true),
                 _ => usage(),
             },
             _ => usage(),
@@ -305,6 +317,8 @@ struct Running {
     stdin: Option<File>,
     lines: Receiver<(Instant, String)>,
     t0: Instant,
+    /// `t0` on the monotonic clock (that of the trace events).
+    launched: f64,
     console: String,
     log: File,
 }
@@ -424,8 +438,11 @@ fn firecracker_config(o: &Opts, script: &str, tap: bool) -> PathBuf {
     path
 }
 
+/// The default guest image, found (or built) once per process: finding it
+/// takes seconds, which must not fall inside a timed launch.
 fn image() -> kickvm_rig::GuestImage {
-    kickvm_rig::default_image().unwrap_or_else(|e| die(&e.to_string()))
+    static IMAGE: std::sync::OnceLock<kickvm_rig::GuestImage> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| kickvm_rig::default_image().unwrap_or_else(|e| die(&e.to_string()))).clone()
 }
 
 /// A peer's binary (checked in `parse_opts`: a missing peer is skipped).
@@ -446,6 +463,9 @@ fn vmm_command(o: &Opts, vmm: Vmm, script: &str, tap: bool) -> Command {
             };
             c = Command::new(&o.kickvm);
             c.arg("run").arg("--kernel").arg(&kernel).arg("--initrd").arg(&img.initrd);
+            if o.allow_slow_kvm {
+                c.arg("--allow-slow-kvm");
+            }
             if vmm == Vmm::KickvmGuestDecompress {
                 c.arg("--decompress-in-guest");
             }
@@ -525,7 +545,7 @@ fn spawn(o: &Opts, vmm: Vmm, script: &str, tap: bool, log_name: &str) -> Running
     let mut log = File::create(&log_path).unwrap_or_else(|e| die(&format!("cannot create {}: {e}", log_path.display())));
     let _ = writeln!(log, "$ {cmd:?}");
     let err_log = log.try_clone().unwrap();
-    let t0 = Instant::now();
+    let (t0, launched) = (Instant::now(), monotonic());
     let mut child = cmd
         .stdin(child_stdin)
         .stdout(Stdio::piped())
@@ -551,7 +571,7 @@ fn spawn(o: &Opts, vmm: Vmm, script: &str, tap: bool, log_name: &str) -> Running
         }
     });
     let stdin = master.or_else(|| child.stdin.take().map(|i| File::from(OwnedFd::from(i))));
-    Running { child, stdin, lines: rx, t0, console: String::new(), log }
+    Running { child, stdin, lines: rx, t0, launched, console: String::new(), log }
 }
 
 /// Cloud Hypervisor reads its serial console's input only from a terminal
@@ -625,7 +645,6 @@ struct Own {
 fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
     warm_up(o, vmm);
     let entry = FirstKvmEntry::arm();
-    let launched = monotonic();
     let script = "exit 0";
     let mut r = spawn(o, vmm, script, false, &format!("boot-{}-{run}.log", vmm.short()));
     // The API connection stays open until the figures are read: its
@@ -646,7 +665,7 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
             }
         },
     };
-    let first_run = entry.and_then(|e| e.wait()).map(|t| t - launched);
+    let first_run = entry.and_then(|e| e.wait()).map(|t| t - r.launched);
     let own = Own { first_run, cpu, rss, threads, vcpu_user, vcpu_sys };
     Ok(BootRun { to_init: (init - r.t0).as_secs_f64(), to_exit: exit.map(|e| (e - r.t0).as_secs_f64()), own })
 }
@@ -738,7 +757,10 @@ fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
     let mut md = String::new();
     let col = |i: usize, f: fn(&Own) -> Option<f64>| -> Vec<f64> { owns[i].iter().filter_map(f).collect() };
     let cell = |v: &[f64], d: usize| if v.is_empty() { "n/a".to_string() } else { format!("{:.d$} ({})", median(v), list(v, d)) };
-    let owned = |o: &Own| Some(o.threads? + o.vcpu_user?);
+    // Everything but the guest and KVM's in-kernel work: the process less
+    // its vCPUs' system time (threads that already exited, such as
+    // kickvm's kernel loaders, included).
+    let owned = |o: &Own| Some(o.cpu? - o.vcpu_sys?);
     let _ = writeln!(md, "### The VMM's own share of a boot\n");
     let _ = writeln!(
         md,
@@ -747,7 +769,8 @@ fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
          exited threads included); per thread (`/proc/PID/task/*`, threads alive at `/init`): the non-vCPU threads' CPU time \
          (`schedstat`, ns: main, API, device threads), the vCPU threads' user time outside the guest (`utime - guest_time`, ticks: \
          the VMM's exit handling in user space) and their system time (`stime`, ticks: KVM's in-kernel exit handling, in the rig \
-         L1's nested-SVM work, not the VMM's code); \"VMM-owned\" = non-vCPU threads + vCPU user. Total RSS at `/init` \
+         L1's nested-SVM work, not the VMM's code); \"VMM-owned\" = the process less its vCPUs' system time (exited threads, \
+         such as kickvm's kernel loaders, included). Total RSS at `/init` \
          (256 MiB guest, no devices). Medians (runs).\n"
     );
     let _ = writeln!(
@@ -807,7 +830,8 @@ fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
 /// The vmlinux of the default image (extracted on the host before any L1
 /// starts: the rig's cache is read-only).
 fn vmlinux() -> PathBuf {
-    kickvm_rig::default_vmlinux().unwrap_or_else(|e| die(&e.to_string()))
+    static VMLINUX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VMLINUX.get_or_init(|| kickvm_rig::default_vmlinux().unwrap_or_else(|e| die(&e.to_string()))).clone()
 }
 
 /// CLOCK_MONOTONIC in seconds: the clock of the trace events (`mono`).
@@ -1655,7 +1679,8 @@ fn list(v: &[f64], digits: usize) -> String {
 }
 
 fn main() {
-    let o = parse_opts();
+    let mut o = parse_opts();
+    o.allow_slow_kvm = o.setup && !kickvm_rig::host_kvm_is_usable();
     if let Some(f) = &o.tabulate {
         return tabulate(&o, f);
     }
@@ -1664,6 +1689,10 @@ fn main() {
         die("needs root (TAP, perf); run it through scripts/bench-vmm.sh");
     }
     fs::create_dir_all(&o.out).unwrap_or_else(|e| die(&format!("cannot create {}: {e}", o.out.display())));
+    if o.setup {
+        let mut md = host_header(&o);
+        return setup::setup_bench(&o, &mut md);
+    }
     if !kickvm_rig::host_kvm_is_usable() && std::env::var_os("KICKVM_IN_RIG").is_none() {
         return orchestrate(&o);
     }
