@@ -56,6 +56,10 @@ The kernel command line always starts with:
 and --cmdline is appended. The serial port (ttyS0) prints to stdout and,
 unless --console stdio, reads stdin. Guest `poweroff` ends kickvm with
 status 0; guest `reboot` boots the VM again (or ends it with --no-reboot).
+Exit status: 0 the guest powered off; 1 an error (the line above says
+which); 2 bad options; with --no-reboot, 3 the guest rebooted (as a guest
+kernel does after a panic, panic=1) and 4 a vCPU triple-faulted; 128+N
+stopped by signal N.
 Ctrl-C or SIGTERM stop the VM and restore the terminal. SIGUSR1 logs what
 every vCPU is doing (registers, exits; a guest that seems stuck) and the VM
 goes on; a guest triple fault is logged the same way. With the kernel's
@@ -219,7 +223,8 @@ pub struct RunArgs {
     /// others and has the kernel log them, `off` installs none.
     #[arg(long, value_name = "on|log|off", default_value = "on")]
     pub seccomp: kickvm_virtio::seccomp::SeccompMode,
-    /// When the guest reboots, exit (status 0) instead of booting again.
+    /// When the guest reboots, exit instead of booting again: status 3 (4
+    /// after a triple fault).
     #[arg(long)]
     pub no_reboot: bool,
     /// Run even on kvm_pvm, which emulates guest kernel code far too slowly

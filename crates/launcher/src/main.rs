@@ -91,6 +91,11 @@ fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 
+/// `kickvm run --no-reboot`'s status when the guest reset the machine.
+const EXIT_GUEST_REBOOTED: u8 = 3;
+/// ... and when a vCPU triple-faulted.
+const EXIT_GUEST_TRIPLE_FAULT: u8 = 4;
+
 fn fail(msg: impl std::fmt::Display) -> u8 {
     eprintln!("kickvm: {msg}");
     1
@@ -140,9 +145,15 @@ fn run(args: &RunArgs) -> u8 {
 
     match vm::run_until_stopped(&kvm, &cfg, &io, args.no_reboot, None) {
         Ok(Exit::PowerOff) => 0,
+        // Not 0: a script must tell a guest that powered off from one
+        // that rebooted (a kernel panic does, with `panic=1`) or crashed.
         Ok(Exit::Reset) => {
-            eprintln!("kickvm: the guest rebooted; exiting because of --no-reboot");
-            0
+            eprintln!("kickvm: the guest rebooted (or its kernel panicked); exiting because of --no-reboot");
+            EXIT_GUEST_REBOOTED
+        }
+        Ok(Exit::TripleFault) => {
+            eprintln!("kickvm: the guest triple-faulted (the warning above says where); exiting because of --no-reboot");
+            EXIT_GUEST_TRIPLE_FAULT
         }
         Ok(Exit::Signal(sig)) => stopped_by(sig),
         Ok(Exit::Error(msg)) => fail(msg),

@@ -25,8 +25,11 @@ use crate::bus::BusDevice;
 pub enum Exit {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest reset the machine (i8042, ACPI reset, triple fault).
+    /// The guest reset the machine (i8042, ACPI reset): a reboot it asked
+    /// for, or its kernel's reboot after a panic (`panic=1`).
     Reset,
+    /// A vCPU triple-faulted: a PC resets, but the guest did not ask to.
+    TripleFault,
     /// The launcher got SIGINT/SIGTERM.
     Signal(i32),
     /// A vCPU stopped on something the launcher cannot continue from.

@@ -319,7 +319,7 @@ fn run(id: u32, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control, stop
                     log::warn!("{}", vcpu_dump::dump(&headline, &vcpu, &counts, thread_cpu_us(), true));
                     vcpu_dump::request_all();
                 }
-                Exit::Reset
+                Exit::TripleFault
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Exit::PowerOff,

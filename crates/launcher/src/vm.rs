@@ -278,7 +278,7 @@ pub fn run_until_stopped(
             cfg.validate().map_err(|e| VmError::Host(format!("cannot boot again: {e}")))?;
         }
         match run_watched(kvm, cfg, io, watcher)? {
-            Exit::Reset if !no_reboot => {
+            Exit::Reset | Exit::TripleFault if !no_reboot => {
                 // A guest may reboot in a loop: the first boots are logged, then rarely.
                 if kickvm_virtio::ratelimit::should_log(boots) {
                     log::info!("the guest rebooted; boot #{}", boots + 1)
@@ -372,7 +372,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     let plugged: Vec<_> = live.devices().into_iter().map(|(_, d)| d).collect();
     // What the guest got wrong, now that no vCPU adds to it; at every
     // final exit, and at the reboots whose set-up was logged.
-    if chatty || exit != Exit::Reset {
+    if chatty || !matches!(exit, Exit::Reset | Exit::TripleFault) {
         report_guest_errors(&plugged);
         report_counters(&plugged);
         report_queue_counters(&plugged);

@@ -226,8 +226,12 @@ reboot -f
 #[test]
 fn no_reboot_exits_when_the_guest_reboots() {
     in_rig!("no_reboot_exits_when_the_guest_reboots");
-    let r = boot(&["--no-reboot"], "reboot -f", Duration::from_secs(120));
-    assert_eq!(r.status, Some(0), "{}", r.stderr);
+    // A kernel panic (sysrq `c`) reboots the guest after a second
+    // (`panic=1`): with --no-reboot the launcher ends, not with the status
+    // 0 of a power-off, which once hid such a crash from scripts.
+    let r = boot(&["--no-reboot"], "echo c > /proc/sysrq-trigger", Duration::from_secs(120));
+    assert!(r.console.contains("Kernel panic"), "{}", r.console);
+    assert_eq!(r.status, Some(3), "a panic's reboot is not a power-off: {}", r.stderr);
     assert_eq!(r.count(INIT_START_MARKER), 1);
     assert!(r.stderr.contains("--no-reboot"), "{}", r.stderr);
     assert_eq!(r.count(EXIT_STATUS_PREFIX), 0, "the script should not have finished");
