@@ -83,9 +83,9 @@ fn cmd_image(args: Vec<String>) -> Result<i32> {
     }
     let img = image::image(variant)?;
     if vmlinux {
-        println!("{}", img.vmlinux()?.display());
+        say(&img.vmlinux()?.display().to_string());
     } else if print {
-        println!("{} {}", img.kernel.display(), img.initrd.display());
+        say(&format!("{} {}", img.kernel.display(), img.initrd.display()));
     } else {
         eprintln!(
             "rig: {} image: kernel {} initrd {}",
@@ -277,6 +277,14 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// One line on stdout. A reader that went away (`kickvm-rig image
+/// --print-paths | head -c1`) is not an error of ours: `println!` would
+/// panic on its broken pipe.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let sub = args.next().unwrap_or_else(|| "help".into());
@@ -287,18 +295,11 @@ fn main() -> ExitCode {
         "boot-qemu" => cmd_boot(rest),
         "host-kvm" => {
             let usable = rig::host_kvm_is_usable();
-            println!(
-                "{}",
-                if usable {
-                    "usable: tests run directly"
-                } else {
-                    "not usable: tests use the rig"
-                }
-            );
+            say(if usable { "usable: tests run directly" } else { "not usable: tests use the rig" });
             Ok(if usable { 0 } else { 1 })
         }
         "help" | "--help" | "-h" => {
-            print!("{HELP}");
+            say(HELP.trim_end());
             Ok(0)
         }
         other => Err(usage(&format!("unknown command '{other}'"))),

@@ -129,3 +129,15 @@ fn print_vmlinux_is_one_path_and_does_not_mix_with_print_paths() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no vmlinux") && err.contains("kickvm-rig image --print-vmlinux"), "{err}");
 }
+
+/// A reader that went away before the answer (`| head -c0`) is not a
+/// crash: the answer is dropped, the status is the command's own.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = rig().arg("host-kvm").stdout(writer).output().expect("kickvm-rig runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{:?}: {err}", out.status);
+}
