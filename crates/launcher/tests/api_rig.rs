@@ -77,7 +77,7 @@ fn wait_line(rx: &mpsc::Receiver<String>, marker: &str, secs: u64) -> Duration {
 /// then each device plugged in while it runs, as the host adds them; at
 /// last, wait for KEY_POWER (an `input_event` of type 1, code 116, value
 /// 1: its fifth and sixth dwords) and power off.
-const GUEST_SCRIPT: &str = r#"socat VSOCK-LISTEN:1024 EXEC:cat &
+const GUEST_SCRIPT: &str = r#"socat -t 60 VSOCK-LISTEN:1024 EXEC:cat &
 for e in /sys/class/input/event*; do grep -q "Power Button" $e/device/name && exec 3</dev/input/${e##*/}; done
 [ -e /proc/self/fd/3 ] || { echo NO-POWER-BUTTON; exit 1; }
 ping -c 3 -W 2 10.0.2.2 && echo PING-OK
@@ -112,7 +112,7 @@ fn vsock_echo(sock: &std::path::Path, port: u32, len: usize) -> Result<bool, Str
     if !line.starts_with(b"OK ") {
         return Err(format!("CONNECT answered {:?}", String::from_utf8_lossy(&line)));
     }
-    let data: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1]).collect();
+    let data = data_copy(len);
     let sent = fnv(&data);
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
@@ -121,7 +121,20 @@ fn vsock_echo(sock: &std::path::Path, port: u32, len: usize) -> Result<bool, Str
     let mut back = Vec::with_capacity(len);
     s.read_to_end(&mut back).map_err(|e| format!("reading the echo after {} bytes: {e}", back.len()))?;
     writer.join().unwrap().map_err(|e| format!("writing: {e}"))?;
-    Ok(back.len() == len && fnv(&back) == sent)
+    if back.len() != len {
+        // socat's default 0.5 s after the first EOF cut an echo short
+        // once (`-t 60` above since); a device losing bytes looks the same.
+        return Err(format!("{} of {len} bytes came back", back.len()));
+    }
+    match back.iter().zip(&data_copy(len)).position(|(a, b)| a != b) {
+        Some(at) => Err(format!("the {len} bytes came back different from byte {at} on")),
+        None => Ok(fnv(&back) == sent),
+    }
+}
+
+/// The bytes [`vsock_echo`] sends.
+fn data_copy(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1]).collect()
 }
 
 #[test]
