@@ -638,44 +638,63 @@ exit 0
     .iter()
     .map(|s| s.to_string())
     .collect();
-    // Info, and the per-queue counters at exit (debug, kickvm::vm).
-    std::env::set_var("RUST_LOG", "info,kickvm::vm=debug");
-    let started = Arc::new(AtomicU64::new(0));
-    let s2 = started.clone();
-    let vm = Vm::launch(&img, &args, &script, "", move |line, _| {
-        if line.contains("KICKVM-SCRIPT-START") {
-            s2.store(1, Ordering::SeqCst);
+    let soak = || {
+        // Info, and the per-queue counters at exit (debug, kickvm::vm).
+        std::env::set_var("RUST_LOG", "info,kickvm::vm=debug");
+        let started = Arc::new(AtomicU64::new(0));
+        let s2 = started.clone();
+        let vm = Vm::launch(&img, &args, &script, "", move |line, _| {
+            if line.contains("KICKVM-SCRIPT-START") {
+                s2.store(1, Ordering::SeqCst);
+            }
+        });
+        let pid = vm.pid();
+        let t0 = Instant::now();
+        while started.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(300) {
+            std::thread::sleep(Duration::from_millis(100));
         }
-    });
-    let pid = vm.pid();
-    let t0 = Instant::now();
-    while started.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(300) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let t0 = Instant::now();
-    let mut samples = Vec::new();
-    while let (Some((rss_kib, guest)), Some(fds), Some(threads)) =
-        (rss_split(pid, ram), fd_count(pid), status_field(pid, "Threads:"))
-    {
-        // A launcher that has exited but is not yet waited for is a zombie.
-        if std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")) {
-            break;
+        let t0 = Instant::now();
+        let mut samples = Vec::new();
+        while let (Some((rss_kib, guest)), Some(fds), Some(threads)) =
+            (rss_split(pid, ram), fd_count(pid), status_field(pid, "Threads:"))
+        {
+            // A launcher that has exited but is not yet waited for is a zombie.
+            if std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")) {
+                break;
+            }
+            let t = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "soak: t={t:6.1} s rss={rss_kib} KiB outside-guest-ram={} KiB fds={fds} threads={threads} net rx={} MiB tx={} MiB",
+                rss_kib - guest,
+                net_rx.load(Ordering::Relaxed) >> 20,
+                net_tx.load(Ordering::Relaxed) >> 20
+            );
+            samples.push(Sample { t, rss_kib, outside_kib: rss_kib - guest, fds, threads });
+            if t > secs as f64 + 600.0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(every));
         }
-        let t = t0.elapsed().as_secs_f64();
+        let out = vm.wait(Duration::from_secs(secs + 600));
+        let _ = ip(&["link", "del", "kvsoak"]);
+        (out, samples)
+    };
+    let (mut out, mut samples) = soak();
+    // The rig's L2 triple fault (docs/reliability.md, "Open"): every
+    // sighting so far faulted right after an exit L1's KVM handled (an
+    // x2APIC EOI's WRMSR, another WRMSR, an interrupt's delivery), the
+    // guest's kernel text found unmapped; never natively. One more run in
+    // the same L1, said loudly; a kickvm bug that faults each time still
+    // fails, with both dumps.
+    if out.code == Some(4) {
         eprintln!(
-            "soak: t={t:6.1} s rss={rss_kib} KiB outside-guest-ram={} KiB fds={fds} threads={threads} net rx={} MiB tx={} MiB",
-            rss_kib - guest,
-            net_rx.load(Ordering::Relaxed) >> 20,
-            net_tx.load(Ordering::Relaxed) >> 20
+            "soak: the guest triple-faulted (launcher status 4; the rig's trace line above has the RIP); \
+             running the soak once more, see docs/reliability.md \"Open\"\nsoak: kickvm stderr:\n{}",
+            out.stderr
         );
-        samples.push(Sample { t, rss_kib, outside_kib: rss_kib - guest, fds, threads });
-        if t > secs as f64 + 600.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(every));
+        tap("kvsoak", "10.0.2.2/24", true);
+        (out, samples) = soak();
     }
-    let out = vm.wait(Duration::from_secs(secs + 600));
-    let _ = ip(&["link", "del", "kvsoak"]);
     eprintln!("soak: console tail:\n{}\nsoak: kickvm stderr:\n{}", tail(&out.console), out.stderr);
     // A guest that resets (a triple fault) would run its script again: the
     // soak is then not one run. `--no-reboot` ends the launcher instead.
