@@ -165,6 +165,9 @@ struct Opts {
     ping: bool,
     /// `--only setup`: [`setup`], on this host, no rig.
     setup: bool,
+    /// The number of this process's first run (`--run-offset`): a boot
+    /// run in a fresh L1 is run N of the host's, not run 0.
+    run_offset: usize,
     /// kickvm gets `--allow-slow-kvm` (the setup benchmark on kvm_pvm,
     /// whose guest never gets far).
     allow_slow_kvm: bool,
@@ -207,7 +210,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
          \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping|setup]\n\
-         \x20                       [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE]\n\
+         \x20                       [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE] [--run-offset N]\n\
          \x20                       [--boot-vmm kickvm,kickvm-vmlinux,kickvm-guest-decompress,kickvm-api,microvm,pc,firecracker,
          \x20                                   cloud-hypervisor]\n\
          \x20                       [--ping-vmm per-queue,per-queue-poll-off,per-device,single,vhost-user,vhost-net,pc,pc-vhost,\n\
@@ -237,6 +240,7 @@ fn parse_opts() -> Opts {
         boot: true,
         ping: true,
         setup: false,
+        run_offset: 0,
         allow_slow_kvm: false,
         tabulate: None,
         boot_vmms: vec![Vmm::Kickvm("per-queue"), Vmm::KickvmVmlinux, Vmm::QemuMicrovm, Vmm::QemuPc],
@@ -251,6 +255,7 @@ fn parse_opts() -> Opts {
             "--pings" => o.pings = val().parse().unwrap_or_else(|_| usage()),
             "--interval" => o.interval = val(),
             "--idle" => o.idle_secs = val().parse().unwrap_or_else(|_| usage()),
+            "--run-offset" => o.run_offset = val().parse().unwrap_or_else(|_| usage()),
             "--out" => o.out = PathBuf::from(val()),
             "--kickvm" => o.kickvm = PathBuf::from(val()),
             "--qemu" => o.qemu = val(),
@@ -1101,7 +1106,8 @@ fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
         for (i, v) in vmms.iter().enumerate() {
             let dir = l1.out.join(format!("boot-{}-{run}", v.short()));
             let _ = fs::create_dir_all(&dir);
-            let args = ["--only", "boot", "--boot-runs", "1", "--boot-vmm", vmm_name(*v, BOOT_VMMS)].map(String::from);
+            let args = ["--only", "boot", "--boot-runs", "1", "--boot-vmm", vmm_name(*v, BOOT_VMMS), "--run-offset", &run.to_string()]
+                .map(String::from);
             let (so, se) = l1.run(&args, &dir);
             doc.take_header(&so);
             if !take_boot_result(&se, &mut res[i], &mut owns[i]) {
@@ -1755,7 +1761,7 @@ fn boot_bench(o: &Opts, md: &mut String) {
     let vmms = o.boot_vmms.clone();
     let mut res: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); vmms.len()];
     let mut owns: Vec<Vec<Own>> = vec![Vec::new(); vmms.len()];
-    for run in 0..o.boot_runs {
+    for run in (0..o.boot_runs).map(|r| r + o.run_offset) {
         for (i, v) in vmms.iter().enumerate() {
             match boot_once(o, *v, run) {
                 Ok(b) => {
