@@ -590,6 +590,7 @@ fn soak_every_device_at_once() {
     in_rig!("soak_every_device_at_once", busy_idle_limit_secs = 120);
     let secs = env_num("KICKVM_SOAK_SECS", 15);
     let every = env_num("KICKVM_SOAK_SAMPLE_SECS", 10).max(1);
+    let stall_secs = env_num("KICKVM_STALL_SECS", 120);
     let dir = scratch("soak");
     let disk_path = dir.join("soak.img");
     disk(&disk_path, 64 << 20);
@@ -643,7 +644,7 @@ exit 0
         std::env::set_var("RUST_LOG", "info,kickvm::vm=debug");
         let started = Arc::new(AtomicU64::new(0));
         let s2 = started.clone();
-        let vm = Vm::launch(&img, &args, &script, "", move |line, _| {
+        let mut vm = Vm::launch(&img, &args, &script, "", move |line, _| {
             if line.contains("KICKVM-SCRIPT-START") {
                 s2.store(1, Ordering::SeqCst);
             }
@@ -654,7 +655,7 @@ exit 0
             std::thread::sleep(Duration::from_millis(100));
         }
         let t0 = Instant::now();
-        let mut samples = Vec::new();
+        let (mut samples, mut stalled) = (Vec::new(), None);
         while let (Some((rss_kib, guest)), Some(fds), Some(threads)) =
             (rss_split(pid, ram), fd_count(pid), status_field(pid, "Threads:"))
         {
@@ -670,16 +671,20 @@ exit 0
                 net_tx.load(Ordering::Relaxed) >> 20
             );
             samples.push(Sample { t, rss_kib, outside_kib: rss_kib - guest, fds, threads });
-            if t > secs as f64 + 600.0 {
+            // The script ends `secs` after it starts; its last fio pass
+            // takes seconds. A guest still running long after has
+            // stopped making progress: what every thread is doing, then.
+            if t > (secs + stall_secs) as f64 {
+                stalled = Some(stall_report(&mut vm));
                 break;
             }
             std::thread::sleep(Duration::from_secs(every));
         }
         let out = vm.wait(Duration::from_secs(secs + 600));
         let _ = ip(&["link", "del", "kvsoak"]);
-        (out, samples)
+        (out, samples, stalled)
     };
-    let (mut out, mut samples) = soak();
+    let (mut out, mut samples, mut stalled) = soak();
     // The rig's L2 triple fault (docs/reliability.md, "Open"): every
     // sighting so far faulted right after an exit L1's KVM handled (an
     // x2APIC EOI's WRMSR, another WRMSR, an interrupt's delivery), the
@@ -693,9 +698,12 @@ exit 0
             out.stderr
         );
         tap("kvsoak", "10.0.2.2/24", true);
-        (out, samples) = soak();
+        (out, samples, stalled) = soak();
     }
     eprintln!("soak: console tail:\n{}\nsoak: kickvm stderr:\n{}", tail(&out.console), out.stderr);
+    if let Some(report) = stalled {
+        panic!("the guest was still running {stall_secs} s after its script's end; {report}");
+    }
     // A guest that resets (a triple fault) would run its script again: the
     // soak is then not one run. `--no-reboot` ends the launcher instead.
     assert_eq!(
