@@ -685,10 +685,9 @@ exit 0
         (out, samples, stalled)
     };
     let (mut out, mut samples, mut stalled) = soak();
-    // The rig's L2 triple fault (docs/reliability.md, "Open"): every
-    // sighting so far faulted right after an exit L1's KVM handled (an
-    // x2APIC EOI's WRMSR, another WRMSR, an interrupt's delivery), the
-    // guest's kernel text found unmapped; never natively. One more run in
+    // The rig's L2 triple fault (docs/reliability.md, "Open"): each named
+    // sighting faulted right after an exit L1's KVM handled (an x2APIC
+    // EOI's WRMSR, another WRMSR, an interrupt's delivery); never natively. One more run in
     // the same L1, said loudly; a kickvm bug that faults each time still
     // fails, with both dumps.
     if out.code == Some(4) {
