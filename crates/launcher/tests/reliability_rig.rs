@@ -648,6 +648,11 @@ exit 0
             if line.contains("KICKVM-SCRIPT-START") {
                 s2.store(1, Ordering::SeqCst);
             }
+            // The script's end: the launcher tears down soon after, and a
+            // sample then would count its closing fds and threads.
+            if line.contains(kickvm_rig::image::EXIT_STATUS_PREFIX) {
+                s2.store(2, Ordering::SeqCst);
+            }
         });
         let pid = vm.pid();
         let t0 = Instant::now();
@@ -659,8 +664,11 @@ exit 0
         while let (Some((rss_kib, guest)), Some(fds), Some(threads)) =
             (rss_split(pid, ram), fd_count(pid), status_field(pid, "Threads:"))
         {
-            // A launcher that has exited but is not yet waited for is a zombie.
-            if std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")) {
+            // A launcher that has exited but is not yet waited for is a
+            // zombie; one whose guest has finished is tearing down.
+            if std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+                || started.load(Ordering::SeqCst) == 2
+            {
                 break;
             }
             let t = t0.elapsed().as_secs_f64();
