@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 usage() {
     cat <<'USAGE'
 Usage: scripts/boot-loop.sh [--vmm kickvm|qemu|both] [--boots N] [--cpus N]
-                            [--parallel N] [--timeout SECS]
+                            [--parallel N] [--timeout SECS] [--soak SECS]
+                            [--append ARGS]
 
 Boots the default guest image (Debian cloud kernel, busybox /init) N times
 per VMM inside one rig L1 (QEMU TCG with nested SVM), PARALLEL guests at a
@@ -30,6 +31,14 @@ so both see the same L1 and the same load. Every boot ends as one of:
            SIGUSR1 (it logs every vCPU's registers), then it is killed
   other    anything else (a panic, an error exit)
 
+With --soak SECS each boot is instead a soak like the launcher's
+(crates/launcher/tests/reliability_rig.rs): the tools image, 512 MiB, a
+2-queue virtio-net on its own TAP (TCP both ways to peers in L1), a 2-queue
+virtio-blk (fio random writes, crc32c-verified), virtio-rng and a virtio
+console, all busy for SECS; the same devices under QEMU (virtio-*-pci,
+userspace virtio-net). --append adds ARGS to both VMMs' kernel command
+line (e.g. nox2apic).
+
 With --reboots N (and --vmm kickvm or qemu) one guest instead reboots
 itself N times (`reboot -f`, counting its boots on a disk): a boot that
 does not come within SECS is a hang, recorded as above. --rig-timeout
@@ -43,7 +52,7 @@ Needs QEMU and the built guest image (docs/testing.md). ~8 s per boot.
 USAGE
 }
 
-vmm=both boots=50 cpus=2 parallel=1 timeout=90 reboots=0 rig_timeout=
+vmm=both boots=50 cpus=2 parallel=1 timeout=90 reboots=0 rig_timeout= soak=0 extra=
 while [ $# -gt 0 ]; do
     case "$1" in
     --vmm) vmm=$2; shift 2 ;;
@@ -53,6 +62,8 @@ while [ $# -gt 0 ]; do
     --timeout) timeout=$2; shift 2 ;;
     --reboots) reboots=$2; shift 2 ;;
     --rig-timeout) rig_timeout=$2; shift 2 ;;
+    --soak) soak=$2; shift 2 ;;
+    --append) extra=$2; shift 2 ;;
     --out) out=$2; shift 2 ;; # set by the re-run inside the rig
     -h | --help) usage; exit 0 ;;
     *) echo "boot-loop.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -60,7 +71,7 @@ while [ $# -gt 0 ]; do
 done
 case "$vmm" in kickvm | qemu | both) ;; *) echo "boot-loop.sh: --vmm '$vmm': use kickvm, qemu or both" >&2; exit 2 ;; esac
 [ "$reboots" = 0 ] || [ "$vmm" != both ] || { echo "boot-loop.sh: --reboots needs --vmm kickvm or --vmm qemu (one VMM per L1: a hang stops the whole L1)" >&2; exit 2; }
-for v in "$boots" "$cpus" "$parallel" "$timeout" ${reboots#0} ${rig_timeout}; do
+for v in "$boots" "$cpus" "$parallel" "$timeout" ${reboots#0} ${soak#0} ${rig_timeout}; do
     [[ "$v" =~ ^[0-9]+$ && "$v" -gt 0 ]] || { echo "boot-loop.sh: '$v' is not a positive number (see --help)" >&2; exit 2; }
 done
 
@@ -71,7 +82,9 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     # The binary under test is copied: a rebuild during the run changes nothing.
     cp target/debug/kickvm "$out/kickvm"
     # The image's paths, found here (L1 sees the cache read-only).
-    read -r KICKVM_LOOP_KERNEL KICKVM_LOOP_INITRD < <(target/debug/kickvm-rig image --print-paths)
+    tools=
+    [ "$soak" = 0 ] || tools=--with-tools
+    read -r KICKVM_LOOP_KERNEL KICKVM_LOOP_INITRD < <(target/debug/kickvm-rig image $tools --print-paths)
     export KICKVM_LOOP_KERNEL KICKVM_LOOP_INITRD
     # The kernel's System.map, from its Debian package: kickvm's dumps name
     # the guest function.
@@ -79,16 +92,19 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     for m in "${KICKVM_CACHE:-$HOME/.cache/kickvm}"/unpacked/linux-image-"$release"_*/boot/System.map-"$release"; do
         [ -f "$m" ] && export KICKVM_SYSTEM_MAP=$m
     done
-    echo "boot-loop: $vmm x $boots, $cpus vCPUs, $parallel at a time; load before: $(uptime)" | tee "$out/results.txt" >&2
+    what="boot"
+    [ "$soak" = 0 ] || what="soak of $soak s"
+    echo "boot-loop: $vmm x $boots, $what, $cpus vCPUs, $parallel at a time, append '$extra'; load before: $(uptime)" | tee "$out/results.txt" >&2
     # One boot takes ~8 s in the rig; L1 gets twice that per boot and VMM.
-    per=$((timeout + 20))
+    per=$((timeout + soak + 20))
     turns=1
     [ "$vmm" = both ] && turns=2
     total=${rig_timeout:-$((boots * per * turns / parallel + 300))}
     set +e
     target/debug/kickvm-rig run --timeout "$total" --share "$out" -- \
         "$PWD/scripts/boot-loop.sh" --vmm "$vmm" --boots "$boots" --cpus "$cpus" \
-        --parallel "$parallel" --timeout "$timeout" --reboots "$reboots" --out "$out"
+        --parallel "$parallel" --timeout "$timeout" --reboots "$reboots" --soak "$soak" \
+        --append "$extra" --out "$out"
     status=$?
     set -e
     echo "boot-loop: load after: $(uptime)" | tee -a "$out/results.txt" >&2
@@ -99,8 +115,24 @@ fi
 # ---- inside L1 ----
 kernel=$KICKVM_LOOP_KERNEL initrd=$KICKVM_LOOP_INITRD
 script='echo KVOK'
+if [ "$soak" != 0 ]; then
+    # The launcher's soak (reliability_rig.rs), against this slot's peer
+    # ($gw is set per guest below): fails on any fio or verify error.
+    script='end=$(( $(date +%s) + '$soak' ))
+gw=$(sed -n "s/.*kickvm.gw=\([^ ]*\).*/\1/p" /proc/cmdline)
+FIO="fio --name=soak --filename=/dev/vda --size=4M --bs=4k --direct=1 --ioengine=psync --verify=crc32c --rw=randwrite"
+( p=0; while [ $(date +%s) -lt $end ]; do p=$((p+1)); $FIO --verify_backlog=64 --randseed=$p >/tmp/fio.$p 2>&1 || { echo SOAK-FIO-FAILED $p; cat /tmp/fio.$p; }; echo $p > /tmp/passes; done ) &
+( while [ $(date +%s) -lt $end ]; do nc $gw 5001 < /dev/zero & sleep 5; kill $! 2>/dev/null; done ) &
+( while [ $(date +%s) -lt $end ]; do nc $gw 5002 > /dev/null & sleep 5; kill $! 2>/dev/null; done ) &
+( while [ $(date +%s) -lt $end ]; do dd if=/dev/hwrng of=/dev/null bs=512 count=64 2>/dev/null || echo SOAK-RNG-FAILED; done ) &
+( n=0; while [ $(date +%s) -lt $end ]; do n=$((n+1)); echo "soak console line $n" > /dev/hvc0 || echo SOAK-HVC-FAILED; usleep 20000; done ) &
+wait
+p=$(cat /tmp/passes)
+$FIO --verify_only --randseed=$p > /tmp/fio.final 2>&1 || { echo SOAK-VERIFY-FAILED; cat /tmp/fio.final; exit 1; }
+echo "SOAK-FIO-PASSES $p"'
+fi
 cmd=$(printf '%s' "$script" | base64 -w0)
-append="loglevel=4 kickvm.cmd=$cmd"
+append="loglevel=4 kickvm.cmd=$cmd $extra"
 
 # Records what every thread of PID is doing (for a boot that hangs).
 threads_of() {
@@ -112,26 +144,43 @@ threads_of() {
     done
 }
 
-# One boot of VMM into directory D; prints its outcome.
+# One boot of VMM into directory D, in parallel slot SLOT; prints its
+# outcome.
 boot_one() {
-    local vmm=$1 d=$2 pid
+    local vmm=$1 d=$2 slot=$3 pid mem=256 app=$append
+    local kargs=() qargs=()
     mkdir -p "$d"
+    if [ "$soak" != 0 ]; then
+        # Each slot its own TAP and subnet; the peers listen on all of them.
+        local t=kvl$slot net=10.0.$((20 + slot))
+        ip link del "$t" 2>/dev/null || true
+        ip tuntap add dev "$t" mode tap multi_queue && ip addr add "$net.2/24" dev "$t" && ip link set "$t" up
+        truncate -s 64M "$d/disk.img"
+        mem=512 app="$append kickvm.ip=$net.15/24 kickvm.gw=$net.2"
+        kargs=(--threads per-queue --net "tap=$t,mac=52:54:00:12:34:$((56 + slot))"",queues=2"
+            --disk "path=$d/disk.img,queues=2" --rng --console "file=$d/hvc0")
+        qargs=(-netdev "tap,id=n0,ifname=$t,script=no,downscript=no,queues=2"
+            -device "virtio-net-pci,netdev=n0,mq=on,vectors=6,mac=52:54:00:12:34:$((56 + slot))"
+            -drive "file=$d/disk.img,if=none,id=d0,format=raw,cache=none"
+            -device "virtio-blk-pci,drive=d0,num-queues=2" -device virtio-rng-pci
+            -device virtio-serial-pci -chardev "file,id=hc,path=$d/hvc0" -device "virtconsole,chardev=hc")
+    fi
     case "$vmm" in
     kickvm)
-        RUST_LOG=info "$out/kickvm" run --kernel "$kernel" --initrd "$initrd" --memory 256M \
-            --cpus "$cpus" --no-reboot --cmdline "$append" </dev/null >"$d/console" 2>"$d/log" &
+        RUST_LOG=info "$out/kickvm" run --kernel "$kernel" --initrd "$initrd" --memory "${mem}M" \
+            --cpus "$cpus" --no-reboot "${kargs[@]}" --cmdline "$app" </dev/null >"$d/console" 2>"$d/log" &
         ;;
     qemu)
-        qemu-system-x86_64 -M pc -accel kvm -cpu host -smp "$cpus" -m 256 -nodefaults \
+        qemu-system-x86_64 -M pc -accel kvm -cpu host -smp "$cpus" -m "$mem" -nodefaults \
             -no-user-config -display none -no-reboot -serial "file:$d/console" \
-            -kernel "$kernel" -initrd "$initrd" \
-            -append "console=ttyS0 reboot=k panic=1 $append" \
+            -kernel "$kernel" -initrd "$initrd" "${qargs[@]}" \
+            -append "console=ttyS0 reboot=k panic=1 $app" \
             -d cpu_reset -D "$d/cpu-reset.log" </dev/null >"$d/log" 2>&1 &
         ;;
     esac
     pid=$!
     local waited=0
-    while kill -0 "$pid" 2>/dev/null && [ $waited -lt $((timeout * 10)) ]; do
+    while kill -0 "$pid" 2>/dev/null && [ $waited -lt $(((timeout + soak) * 10)) ]; do
         sleep 0.1
         waited=$((waited + 1))
     done
@@ -146,14 +195,16 @@ boot_one() {
     fi
     local rc=0
     wait "$pid" || rc=$?
-    if grep -q 'KICKVM-EXIT-STATUS=0' "$d/console" && [ $rc = 0 ]; then
+    [ "$soak" = 0 ] || ip link del "kvl$slot" 2>/dev/null || true
+    if grep -q 'KICKVM-EXIT-STATUS=0' "$d/console" && [ $rc = 0 ] && ! grep -q 'SOAK-.*FAILED' "$d/console"; then
         echo ok
     elif grep -qi 'kernel panic\|BUG:\|Oops' "$d/console"; then
         echo other
     elif [ "$vmm" = kickvm ] && grep -q 'triple fault' "$d/log"; then
         echo triple
-    elif [ "$vmm" = qemu ] && [ $rc = 0 ]; then
-        # -no-reboot: a reset the guest did not ask for (no panic) ends QEMU.
+    elif [ "$vmm" = qemu ] && [ $rc = 0 ] && ! grep -q 'KICKVM-EXIT-STATUS=' "$d/console"; then
+        # -no-reboot: a reset the guest did not ask for (no panic, the
+        # script unfinished) ends QEMU with status 0.
         echo triple
     else
         echo other
@@ -212,6 +263,31 @@ fi
 
 vmms=$vmm
 [ "$vmm" = both ] && vmms="kickvm qemu"
+if [ "$soak" != 0 ]; then
+    # The soak's TCP peers: a sink on 5001 and a source on 5002, on every
+    # address of L1 (each slot's TAP has its own).
+    python3 -c '
+import socket, threading
+def serve(port, f):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); threading.Thread(target=f, args=(c,), daemon=True).start()
+def sink(c):
+    try:
+        while c.recv(65536): pass
+    except OSError: pass
+def source(c):
+    b = b"Z" * 65536
+    try:
+        while True: c.sendall(b)
+    except OSError: pass
+threading.Thread(target=serve, args=(5001, sink), daemon=True).start()
+serve(5002, source)
+' &
+    peers=$!
+    trap 'kill $peers 2>/dev/null' EXIT
+fi
 t0=$(date +%s)
 for ((i = 1; i <= boots; i += parallel)); do
     for v in $vmms; do
@@ -219,7 +295,7 @@ for ((i = 1; i <= boots; i += parallel)); do
         for ((j = 0; j < parallel && i + j <= boots; j++)); do
             d="$out/run/$v-$((i + j))"
             (
-                r=$(boot_one "$v" "$d")
+                r=$(boot_one "$v" "$d" "$j")
                 echo "$v $((i + j)) $r $(date -u +%T) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$out/results.txt"
                 case "$r" in
                 ok) rm -rf "$d" ;;

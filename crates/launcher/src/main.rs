@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         None => match &cli.api.api_socket {
             Some(path) => api(path, &cli.api),
             None => {
-                eprintln!("kickvm: say what to do: kickvm run ..., kickvm backend ... or kickvm --api-socket PATH (see kickvm --help)");
+                kickvm_virtio::note!("kickvm: say what to do: kickvm run ..., kickvm backend ... or kickvm --api-socket PATH (see kickvm --help)");
                 2
             }
         },
@@ -86,7 +86,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let text = e.to_string();
     let first = text.lines().next().unwrap_or("invalid command line");
     let first = first.strip_prefix("error: ").unwrap_or(first);
-    eprintln!("kickvm: {first} (see kickvm run --help)");
+    kickvm_virtio::note!("kickvm: {first} (see kickvm run --help)");
     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
@@ -97,7 +97,7 @@ const EXIT_GUEST_REBOOTED: u8 = 3;
 const EXIT_GUEST_TRIPLE_FAULT: u8 = 4;
 
 fn fail(msg: impl std::fmt::Display) -> u8 {
-    eprintln!("kickvm: {msg}");
+    kickvm_virtio::note!("kickvm: {msg}");
     1
 }
 
@@ -148,11 +148,11 @@ fn run(args: &RunArgs) -> u8 {
         // Not 0: a script must tell a guest that powered off from one
         // that rebooted (a kernel panic does, with `panic=1`) or crashed.
         Ok(Exit::Reset) => {
-            eprintln!("kickvm: the guest rebooted (or its kernel panicked); exiting because of --no-reboot");
+            kickvm_virtio::note!("kickvm: the guest rebooted (or its kernel panicked); exiting because of --no-reboot");
             EXIT_GUEST_REBOOTED
         }
         Ok(Exit::TripleFault) => {
-            eprintln!("kickvm: the guest triple-faulted (the warning above says where); exiting because of --no-reboot");
+            kickvm_virtio::note!("kickvm: the guest triple-faulted (the warning above says where); exiting because of --no-reboot");
             EXIT_GUEST_TRIPLE_FAULT
         }
         Ok(Exit::Signal(sig)) => stopped_by(sig),
@@ -168,6 +168,6 @@ fn stopped_by(sig: i32) -> u8 {
         libc::SIGHUP => "SIGHUP",
         _ => "a signal",
     };
-    eprintln!("kickvm: stopped by {name}");
+    kickvm_virtio::note!("kickvm: stopped by {name}");
     (128 + sig).clamp(0, 255) as u8
 }

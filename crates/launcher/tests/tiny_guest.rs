@@ -63,6 +63,39 @@ fn tiny_guest_reset_ends_the_launcher_with_no_reboot() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A supervisor whose log pipes died: the launcher's own lines cannot be
+/// written, the guest's serial output neither, and the status is still
+/// the one the guest's end gives (3 for a reset with `--no-reboot`), not a
+/// panic's 101.
+#[test]
+fn closed_stdout_and_stderr_do_not_change_the_exit_status() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("reset-closed");
+    let k = write(&dir, "bzImage", &fake_bzimage(&serial_then_out(b"resetting\n", 0x64, 0xfe)));
+    let closed = || {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        writer
+    };
+    let status = kickvm()
+        .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M", "--no-reboot", "--allow-slow-kvm"])
+        .stdin(std::process::Stdio::null())
+        .stdout(closed())
+        .stderr(closed())
+        .status()
+        .expect("kickvm runs");
+    assert_eq!(status.code(), Some(3));
+    // A mistake on the command line: 2, and a missing kernel: 1.
+    for (args, code) in [(&["run", "--bogus"][..], 2), (&["run", "--kernel", "/nonexistent/kernel"], 1), (&["bogus"], 2)] {
+        let status = kickvm().args(args).stdout(closed()).stderr(closed()).status().expect("kickvm runs");
+        assert_eq!(status.code(), Some(code), "kickvm {args:?} with stdout and stderr closed");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn sigterm_stops_a_spinning_guest_cleanly() {
     if !have_kvm() {

@@ -31,5 +31,36 @@ pub use rig::{
 
 /// Prints a progress line for a long step, on stderr.
 pub(crate) fn progress(msg: &str) {
-    eprintln!("rig: {msg}");
+    note!("rig: {msg}");
+}
+
+/// `println!` that does not panic when stdout is gone: a reader that went
+/// away (`kickvm-rig image --print-paths | head -c1`) is not our error, and
+/// a tool's exit status must stay its own. For every kickvm tool's output.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that does not panic when stdout is gone (see [`say!`]).
+#[macro_export]
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that does not panic when stderr is gone (a closed pipe, a
+/// full disk): a message nobody can read is no reason to crash, and a
+/// panic would replace the status the caller waits for with 101.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
 }

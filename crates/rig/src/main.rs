@@ -8,7 +8,7 @@ use std::time::Duration;
 use kickvm_rig::image::{self, GuestImage, Variant};
 use kickvm_rig::qemu::{self, Accel, BootOptions};
 use kickvm_rig::rig::{self, RigOptions};
-use kickvm_rig::{Error, Result};
+use kickvm_rig::{note, say, Error, Result};
 
 const HELP: &str = "\
 kickvm-rig: real Linux guests for kickvm's tests
@@ -75,6 +75,7 @@ fn cmd_image(args: Vec<String>) -> Result<i32> {
             "--rig" => variant = Variant::Rig,
             "--print-paths" => print = true,
             "--print-vmlinux" => vmlinux = true,
+            "-h" | "--help" => return Ok(help()),
             other => return Err(usage(&format!("unknown option '{other}' for `image`"))),
         }
     }
@@ -83,11 +84,11 @@ fn cmd_image(args: Vec<String>) -> Result<i32> {
     }
     let img = image::image(variant)?;
     if vmlinux {
-        say(&img.vmlinux()?.display().to_string());
+        say!("{}", img.vmlinux()?.display());
     } else if print {
-        say(&format!("{} {}", img.kernel.display(), img.initrd.display()));
+        say!("{} {}", img.kernel.display(), img.initrd.display());
     } else {
-        eprintln!(
+        note!(
             "rig: {} image: kernel {} initrd {}",
             variant.name(),
             img.kernel.display(),
@@ -110,6 +111,7 @@ fn cmd_run(args: Vec<String>) -> Result<i32> {
             "--" => {
                 cmd.extend(it.by_ref());
             }
+            "-h" | "--help" => return Ok(help()),
             other if other.starts_with("--") => {
                 return Err(usage(&format!("unknown option '{other}' for `run`")))
             }
@@ -123,12 +125,12 @@ fn cmd_run(args: Vec<String>) -> Result<i32> {
     match rig::run_in_rig(&cmd, &opts) {
         Ok(out) => {
             if out.status != 0 {
-                eprintln!("rig: command failed with exit status {}", out.status);
+                note!("rig: command failed with exit status {}", out.status);
             }
             Ok(out.status)
         }
         Err(e) if e.what.starts_with("rig timed out") => {
-            eprintln!("kickvm-rig: {e}");
+            note!("kickvm-rig: {e}");
             Ok(rig::TIMEOUT_EXIT)
         }
         Err(e) => Err(e),
@@ -143,6 +145,8 @@ struct BootArgs {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     script_file: Option<PathBuf>,
+    /// `--help` was asked for: nothing else is done.
+    help: bool,
 }
 
 /// Parses `boot-qemu`'s options.
@@ -151,6 +155,7 @@ fn parse_boot_args(args: Vec<String>) -> Result<BootArgs> {
     let (mut kernel, mut initrd): (Option<PathBuf>, Option<PathBuf>) = (None, None);
     let mut accel = None;
     let mut script_file = None;
+    let mut help = false;
     let placeholder = GuestImage {
         kernel: PathBuf::new(),
         initrd: PathBuf::new(),
@@ -175,6 +180,7 @@ fn parse_boot_args(args: Vec<String>) -> Result<BootArgs> {
             "--cpus" => opts.cpus = number(&mut it, "--cpus")? as u32,
             "--append" => opts.append = value(&mut it, "--append")?,
             "--timeout" => opts.timeout = Duration::from_secs(number(&mut it, "--timeout")?),
+            "-h" | "--help" => help = true,
             other => return Err(usage(&format!("unknown option '{other}' for `boot-qemu`"))),
         }
     }
@@ -187,6 +193,7 @@ fn parse_boot_args(args: Vec<String>) -> Result<BootArgs> {
         kernel,
         initrd,
         script_file,
+        help,
     })
 }
 
@@ -228,7 +235,11 @@ fn cmd_boot(args: Vec<String>) -> Result<i32> {
         kernel,
         initrd,
         script_file,
+        help: asked,
     } = parse_boot_args(args)?;
+    if asked {
+        return Ok(help());
+    }
     opts.image = boot_image(variant, kernel, initrd)?;
     qemu::check_image(&opts.image)?;
     let _disk_guard;
@@ -243,7 +254,7 @@ fn cmd_boot(args: Vec<String>) -> Result<i32> {
     let out = qemu::boot(&opts)?;
     match out.exit_status {
         Some(s) => {
-            eprintln!(
+            note!(
                 "rig: guest finished in {:.1} s (script exit {s})",
                 out.elapsed.as_secs_f64()
             );
@@ -277,12 +288,10 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// One line on stdout. A reader that went away (`kickvm-rig image
-/// --print-paths | head -c1`) is not an error of ours: `println!` would
-/// panic on its broken pipe.
-fn say(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stdout(), "{line}");
+/// Prints the help (every command's) on stdout; status 0.
+fn help() -> i32 {
+    say!("{}", HELP.trim_end());
+    0
 }
 
 fn main() -> ExitCode {
@@ -295,19 +304,16 @@ fn main() -> ExitCode {
         "boot-qemu" => cmd_boot(rest),
         "host-kvm" => {
             let usable = rig::host_kvm_is_usable();
-            say(if usable { "usable: tests run directly" } else { "not usable: tests use the rig" });
+            say!("{}", if usable { "usable: tests run directly" } else { "not usable: tests use the rig" });
             Ok(if usable { 0 } else { 1 })
         }
-        "help" | "--help" | "-h" => {
-            say(HELP.trim_end());
-            Ok(0)
-        }
+        "help" | "--help" | "-h" => Ok(help()),
         other => Err(usage(&format!("unknown command '{other}'"))),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("kickvm-rig: {e}");
+            note!("kickvm-rig: {e}");
             ExitCode::from(2)
         }
     }

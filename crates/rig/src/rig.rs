@@ -193,7 +193,7 @@ static ONE_L1: Mutex<()> = Mutex::new(());
 /// Prints a stage line (`rig: ...`) on stderr when `opts.report` asks for it.
 fn report(opts: &RigOptions, msg: String) {
     if opts.report {
-        eprintln!("rig: {msg}");
+        crate::note!("rig: {msg}");
     }
 }
 
@@ -819,7 +819,7 @@ pub fn reexec_test_in_rig_with(test_name: &str, opts: RigOptions) -> Option<bool
     match result {
         Ok(out) => Some(out.success()),
         Err(e) => {
-            eprintln!("rig: {e}");
+            crate::note!("rig: {e}");
             Some(false)
         }
     }

@@ -131,13 +131,35 @@ fn print_vmlinux_is_one_path_and_does_not_mix_with_print_paths() {
 }
 
 /// A reader that went away before the answer (`| head -c0`) is not a
-/// crash: the answer is dropped, the status is the command's own.
+/// crash: the answer is dropped, the status is the command's own. The same
+/// for stderr, where every error and progress line goes.
 #[test]
-fn a_closed_stdout_is_not_a_panic() {
-    let (reader, writer) = std::io::pipe().expect("a pipe");
-    drop(reader);
-    let out = rig().arg("host-kvm").stdout(writer).output().expect("kickvm-rig runs");
+fn a_closed_stdout_or_stderr_is_not_a_panic() {
+    let closed = || {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        writer
+    };
+    let out = rig().arg("host-kvm").stdout(closed()).output().expect("kickvm-rig runs");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(matches!(out.status.code(), Some(0 | 1)), "{:?}: {err}", out.status);
+    // Errors and help with both streams closed: the status tells.
+    for (args, code) in [(&["run", "--bogus"][..], 2), (&["bogus"], 2), (&["help"], 0), (&["image", "--help"], 0)] {
+        let status = rig().args(args).stdout(closed()).stderr(closed()).status().expect("kickvm-rig runs");
+        assert_eq!(status.code(), Some(code), "kickvm-rig {args:?} with stdout and stderr closed");
+    }
+}
+
+/// Every command's `--help` is the help, on stdout, status 0 (not an
+/// "unknown option").
+#[test]
+fn every_command_takes_help() {
+    for cmd in ["image", "run", "boot-qemu"] {
+        for flag in ["--help", "-h"] {
+            let (code, out, err) = run(rig().args([cmd, flag]));
+            assert_eq!(code, 0, "kickvm-rig {cmd} {flag}: {err}");
+            assert!(out.contains(&format!("kickvm-rig {cmd}")), "kickvm-rig {cmd} {flag}:\n{out}");
+        }
+    }
 }

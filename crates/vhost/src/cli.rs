@@ -71,7 +71,7 @@ pub const MAIN_THREAD: &[i64] = &[libc::SYS_accept4, libc::SYS_accept, libc::SYS
 /// `kickvm backend` as a process: [`sandbox::at_start`], then [`run`].
 pub fn main(args: &BackendArgs) -> u8 {
     if let Err(e) = sandbox::at_start() {
-        eprintln!("kickvm backend: cannot set up the sandbox: {e}");
+        kickvm_virtio::note!("kickvm backend: cannot set up the sandbox: {e}");
         return 1;
     }
     run(args)
@@ -81,7 +81,7 @@ pub fn main(args: &BackendArgs) -> u8 {
 /// one line on stderr.
 pub fn run(args: &BackendArgs) -> u8 {
     fn fail(msg: impl std::fmt::Display) -> u8 {
-        eprintln!("kickvm backend: {msg}");
+        kickvm_virtio::note!("kickvm backend: {msg}");
         1
     }
     let spec = match DeviceSpec::parse(args.device, &args.options) {

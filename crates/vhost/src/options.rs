@@ -73,7 +73,7 @@ impl DeviceSpec {
                 let Some(b) = c.backend() else { return Err(OptionError("no console".into())) };
                 let c = console::Console::new("console0", b).map_err(|e| OptionError(format!("virtio-console: {e}")))?;
                 if let Some(p) = c.pty_path() {
-                    eprintln!("kickvm backend: virtio-console is on {}", p.display());
+                    kickvm_virtio::note!("kickvm backend: virtio-console is on {}", p.display());
                 }
                 Box::new(c)
             }

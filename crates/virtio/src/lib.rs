@@ -21,6 +21,19 @@
 //!    [`queue::QueueCtx::pop`], does the I/O on iovecs that point into
 //!    guest memory, and returns them with [`queue::QueueCtx::add_used`].
 
+/// `eprintln!` that does not panic when stderr is gone (a closed pipe, a
+/// full disk): for the launcher's and back-ends' own messages. A message
+/// nobody can read is no reason to crash, and a panic would replace the
+/// exit status a supervisor waits for (`--no-reboot`'s 3 and 4 among them)
+/// with 101.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod backend_fault;
 pub mod block;
 pub mod chain;

@@ -42,7 +42,7 @@ fn announce_pty(path: &Path) {
     static LAST: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     if last.as_deref() != Some(path) {
-        eprintln!("kickvm: virtio-console (hvc0) is on {}", path.display());
+        kickvm_virtio::note!("kickvm: virtio-console (hvc0) is on {}", path.display());
         *last = Some(path.to_path_buf());
     }
 }

@@ -44,7 +44,7 @@ fn main() {
     while i < args.len() {
         match args[i].as_str() {
             "-h" | "--help" => {
-                println!("{USAGE}");
+                kickvm_rig::say!("{USAGE}");
                 return;
             }
             flag @ ("--seconds" | "--reps") => {
@@ -52,7 +52,7 @@ fn main() {
                 let n = match args.get(i).and_then(|s| s.parse::<u64>().ok()) {
                     Some(n) if n > 0 => n,
                     _ => {
-                        eprintln!("kickvm-bench: {flag} needs a positive number");
+                        kickvm_rig::note!("kickvm-bench: {flag} needs a positive number; see --help");
                         std::process::exit(2);
                     }
                 };
@@ -64,7 +64,7 @@ fn main() {
             }
             w @ ("blk" | "rng" | "net" | "vhost-blk" | "all") => what = w.to_string(),
             other => {
-                eprintln!("kickvm-bench: unknown argument `{other}`; see --help");
+                kickvm_rig::note!("kickvm-bench: unknown argument `{other}`; see --help");
                 std::process::exit(2);
             }
         }
@@ -72,19 +72,19 @@ fn main() {
     }
     let dur = Duration::from_secs(secs);
     if what == "blk" || what == "all" {
-        eprintln!("kickvm-bench: blk ({secs} s per row)...");
-        println!("{}", blk::run(dur));
+        kickvm_rig::note!("kickvm-bench: blk ({secs} s per row)...");
+        kickvm_rig::say!("{}", blk::run(dur));
     }
     if what == "rng" || what == "all" {
-        eprintln!("kickvm-bench: rng ({secs} s per row)...");
-        println!("{}", rng::run(dur));
+        kickvm_rig::note!("kickvm-bench: rng ({secs} s per row)...");
+        kickvm_rig::say!("{}", rng::run(dur));
     }
     if what == "vhost-blk" {
-        eprintln!("kickvm-bench: vhost-blk ({secs} s per run, {reps} runs of each back-end per queue depth)...");
-        println!("{}", vhost_blk::run(dur, reps));
+        kickvm_rig::note!("kickvm-bench: vhost-blk ({secs} s per run, {reps} runs of each back-end per queue depth)...");
+        kickvm_rig::say!("{}", vhost_blk::run(dur, reps));
     }
     if what == "net" || what == "all" {
-        eprintln!("kickvm-bench: net ({secs} s per row)...");
-        println!("{}", net::run(dur));
+        kickvm_rig::note!("kickvm-bench: net ({secs} s per row)...");
+        kickvm_rig::say!("{}", net::run(dur));
     }
 }

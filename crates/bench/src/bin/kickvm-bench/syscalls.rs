@@ -42,7 +42,7 @@ impl SyscallCounter {
     /// or not permitted (the bench then reports "n/a").
     pub fn start(tids: &[u32]) -> Option<SyscallCounter> {
         if std::env::var_os("KICKVM_BENCH_DEBUG").is_some() {
-            eprintln!("perf: counting threads {tids:?}");
+            kickvm_rig::note!("perf: counting threads {tids:?}");
         }
         if tids.is_empty() {
             return None;
@@ -67,7 +67,7 @@ impl SyscallCounter {
         let out = self.child.wait_with_output().ok()?;
         let text = String::from_utf8_lossy(&out.stderr);
         if std::env::var_os("KICKVM_BENCH_DEBUG").is_some() {
-            eprintln!("perf: {text}");
+            kickvm_rig::note!("perf: {text}");
         }
         text.lines()
             .filter(|l| l.contains("raw_syscalls:sys_enter"))

@@ -206,21 +206,22 @@ const BOOT_VMMS: &[(&str, Vmm)] = &[
     ("cloud-hypervisor", Vmm::CloudHypervisor),
 ];
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]\n\
-         \x20                       [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping|setup]\n\
-         \x20                       [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE] [--run-offset N]\n\
-         \x20                       [--boot-vmm kickvm,kickvm-vmlinux,kickvm-guest-decompress,kickvm-api,microvm,pc,firecracker,
-         \x20                                   cloud-hypervisor]\n\
-         \x20                       [--ping-vmm per-queue,per-queue-poll-off,per-device,single,vhost-user,vhost-net,pc,pc-vhost,\n\
-         \x20                                   firecracker,cloud-hypervisor]\n\
-         Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh).\n\
-         --only setup runs on this host itself, whatever its KVM: each VMM up to its guest's first instruction\n\
-         (--boot-vmm chooses them, --boot-runs how often).\n\
-         Firecracker and Cloud Hypervisor: built by scripts/peers.sh (bench-vmm.sh passes their paths\n\
-         as FIRECRACKER and CLOUD_HYPERVISOR); a peer not found is skipped with the reason."
-    );
+const USAGE: &str = "usage: kickvm-vmm-bench [--boot-runs N] [--ping-runs N] [--pings N] [--interval SECS]
+                        [--idle SECS] [--out DIR] [--kickvm PATH] [--qemu PATH] [--only boot|ping|setup]
+                        [--firecracker PATH] [--cloud-hypervisor PATH] [--tabulate STDERR-FILE] [--run-offset N]
+                        [--boot-vmm kickvm,kickvm-vmlinux,kickvm-guest-decompress,kickvm-api,microvm,pc,firecracker,
+                                    cloud-hypervisor]
+                        [--ping-vmm per-queue,per-queue-poll-off,per-device,single,vhost-user,vhost-net,pc,pc-vhost,
+                                    firecracker,cloud-hypervisor]
+Needs root and a KVM that runs Linux (here: inside the rig; use scripts/bench-vmm.sh).
+--only setup runs on this host itself, whatever its KVM: each VMM up to its guest's first instruction
+(--boot-vmm chooses them, --boot-runs how often).
+Firecracker and Cloud Hypervisor: built by scripts/peers.sh (bench-vmm.sh passes their paths
+as FIRECRACKER and CLOUD_HYPERVISOR); a peer not found is skipped with the reason.";
+
+/// A bad command line: what was wrong, in one line, and status 2.
+fn usage(what: &str) -> ! {
+    kickvm_rig::note!("kickvm-vmm-bench: {what} (see kickvm-vmm-bench --help)");
     std::process::exit(2)
 }
 
@@ -248,14 +249,21 @@ fn parse_opts() -> Opts {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = || args.next().unwrap_or_else(|| usage());
+        let mut val = || args.next().unwrap_or_else(|| usage(&format!("{a} needs a value")));
+        fn num<T: std::str::FromStr>(opt: &str, v: String) -> T {
+            v.parse().unwrap_or_else(|_| usage(&format!("{opt} {v}: not a number")))
+        }
         match a.as_str() {
-            "--boot-runs" => o.boot_runs = val().parse().unwrap_or_else(|_| usage()),
-            "--ping-runs" => o.ping_runs = val().parse().unwrap_or_else(|_| usage()),
-            "--pings" => o.pings = val().parse().unwrap_or_else(|_| usage()),
+            "-h" | "--help" => {
+                kickvm_rig::say!("{USAGE}");
+                std::process::exit(0)
+            }
+            "--boot-runs" => o.boot_runs = num(&a, val()),
+            "--ping-runs" => o.ping_runs = num(&a, val()),
+            "--pings" => o.pings = num(&a, val()),
             "--interval" => o.interval = val(),
-            "--idle" => o.idle_secs = val().parse().unwrap_or_else(|_| usage()),
-            "--run-offset" => o.run_offset = val().parse().unwrap_or_else(|_| usage()),
+            "--idle" => o.idle_secs = num(&a, val()),
+            "--run-offset" => o.run_offset = num(&a, val()),
             "--out" => o.out = PathBuf::from(val()),
             "--kickvm" => o.kickvm = PathBuf::from(val()),
             "--qemu" => o.qemu = val(),
@@ -268,9 +276,9 @@ fn parse_opts() -> Opts {
                 "boot" => o.ping = false,
                 "ping" => o.boot = false,
                 "setup" => (o.boot, o.ping, o.setup) = (false, false, true),
-                _ => usage(),
+                other => usage(&format!("--only {other}: use boot, ping or setup")),
             },
-            _ => usage(),
+            other => usage(&format!("unknown option `{other}`")),
         }
     }
     // A peer that is not there is skipped, with the reason, not a failure
@@ -286,12 +294,35 @@ fn parse_opts() -> Opts {
             Some(_) => continue,
         };
         if o.boot_vmms.contains(&vmm) || o.ping_vmms.contains(&vmm) {
-            eprintln!("bench: skipping {}: {why}", vmm.label());
+            kickvm_rig::note!("bench: skipping {}: {why}", vmm.label());
             o.boot_vmms.retain(|v| *v != vmm);
             o.ping_vmms.retain(|v| *v != vmm);
         }
     }
+    // QEMU likewise, once, instead of a failed launch per run.
+    let qemus = [Vmm::QemuMicrovm, Vmm::QemuPc, Vmm::QemuPcVhost];
+    let wants_qemu = o.boot_vmms.iter().chain(&o.ping_vmms).any(|v| qemus.contains(v));
+    if o.tabulate.is_none() && wants_qemu && !on_path(&o.qemu) {
+        kickvm_rig::note!("bench: skipping QEMU: {} not found (scripts/install-deps.sh installs it)", o.qemu);
+        o.boot_vmms.retain(|v| !qemus.contains(v));
+        o.ping_vmms.retain(|v| !qemus.contains(v));
+    }
+    let boots = (o.boot || o.setup) && !o.boot_vmms.is_empty();
+    let pings = o.ping && !o.ping_vmms.is_empty();
+    if o.tabulate.is_none() && !boots && !pings {
+        die("no VMM left to measure (the lines above say why each was skipped)");
+    }
     o
+}
+
+/// Whether `program` names an executable file, as a path or on `PATH`.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let runnable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return runnable(Path::new(program));
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| runnable(&d.join(program))))
 }
 
 /// A comma-separated list of names from `table`, for option `opt`.
@@ -614,7 +645,7 @@ fn console_input(vmm: Vmm) -> std::io::Result<Option<(OwnedFd, File)>> {
 }
 
 fn die(msg: &str) -> ! {
-    eprintln!("kickvm-vmm-bench: {msg}");
+    kickvm_rig::note!("kickvm-vmm-bench: {msg}");
     std::process::exit(1)
 }
 
@@ -669,7 +700,7 @@ fn boot_once(o: &Opts, vmm: Vmm, run: usize) -> Result<BootRun, String> {
         true => match r.wait_exit(Duration::from_secs(30)) {
             Ok(t) => Some(t),
             Err(e) => {
-                eprintln!("bench: boot {} run {run}: no exit time: {e}", vmm.label());
+                kickvm_rig::note!("bench: boot {} run {run}: no exit time: {e}", vmm.label());
                 None
             }
         },
@@ -895,7 +926,7 @@ fn thread_cpu(pid: i32) -> (Option<f64>, Option<f64>, Option<f64>) {
         let f: Vec<u64> = st.rsplit_once(") ")?.1.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
         Some((f.get(11)? + f.get(12)?).saturating_sub(live_ticks) as f64 / hz)
     });
-    eprintln!(
+    kickvm_rig::note!(
         "bench: threads at /init (pid {pid}, not vCPUs): {}; threads already exited: {} s",
         each.join(" "),
         exited.map_or("?".into(), |e| format!("{e:.2}"))
@@ -1026,7 +1057,7 @@ fn orchestrate(o: &Opts) {
         started.elapsed().as_secs_f64(),
         l1.out.display()
     );
-    println!("{tail}");
+    kickvm_rig::say!("{tail}");
     doc.md.push_str(&tail);
     md_flush(o, &doc.md);
 }
@@ -1067,7 +1098,7 @@ impl InL1<'_> {
         let (so, se) = (String::from_utf8_lossy(&r.stdout).into_owned(), String::from_utf8_lossy(&r.stderr).into_owned());
         let shown = |l: &str| ["bench:", "kickvm-rig:", "kickvm-vmm-bench:"].iter().any(|p| l.starts_with(p)) || l.contains("FAILED");
         for l in se.lines().filter(|l| shown(l)) {
-            eprintln!("{l}");
+            kickvm_rig::note!("{l}");
         }
         (so, se)
     }
@@ -1111,7 +1142,7 @@ fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
             let (so, se) = l1.run(&args, &dir);
             doc.take_header(&so);
             if !take_boot_result(&se, &mut res[i], &mut owns[i]) {
-                eprintln!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display());
+                kickvm_rig::note!("bench: boot {} run {run}: no result (see {})", v.label(), dir.display());
             }
         }
     }
@@ -1121,7 +1152,7 @@ fn orchestrate_boot(o: &Opts, l1: &InL1, doc: &mut Doc) {
         "interleaved, each boot in a freshly booted L1 after one untimed `--version` of its VMM",
     );
     table.push_str(&own_table(&vmms, &owns));
-    print!("{}{table}", doc.header.as_deref().map(|h| format!("{h}\n\n")).unwrap_or_default());
+    kickvm_rig::say_raw!("{}{table}", doc.header.as_deref().map(|h| format!("{h}\n\n")).unwrap_or_default());
     doc.md.push_str(&table);
     md_flush(o, &doc.md);
 }
@@ -1152,7 +1183,7 @@ fn tabulate(o: &Opts, file: &Path) {
         }
     }
     let how = format!("tabulated from the `bench: boot` lines of {}", file.display());
-    print!("{}{}", boot_table(&vmms, &res, &how), own_table(&vmms, &owns));
+    kickvm_rig::say_raw!("{}{}", boot_table(&vmms, &res, &how), own_table(&vmms, &owns));
 }
 
 /// The seconds to `/init` and (if it exited) to exit from an L1's `bench: boot ...` line.
@@ -1187,7 +1218,7 @@ fn orchestrate_ping(o: &Opts, l1: &InL1, doc: &mut Doc) {
         .filter(|l| !l.starts_with("Host of the VMMs") && !l.starts_with("Whole benchmark"))
         .map(|l| format!("{l}\n"))
         .collect();
-    print!("{body}");
+    kickvm_rig::say_raw!("{body}");
     doc.md.push_str(&body);
 }
 
@@ -1716,7 +1747,7 @@ fn main() {
         ping_bench(&o, &mut md);
     }
     let _ = writeln!(md, "\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
-    println!("\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
+    kickvm_rig::say!("\nWhole benchmark: {:.0} s inside L1. Raw consoles and perf outputs: `{}`.", started.elapsed().as_secs_f64(), o.out.display());
     md_flush(&o, &md);
 }
 
@@ -1765,7 +1796,7 @@ fn boot_bench(o: &Opts, md: &mut String) {
         for (i, v) in vmms.iter().enumerate() {
             match boot_once(o, *v, run) {
                 Ok(b) => {
-                    eprintln!(
+                    kickvm_rig::note!(
                         "bench: boot {} run {run}: /init {:.2} s, exit {} s, {}",
                         v.label(),
                         b.to_init,
@@ -1776,13 +1807,13 @@ fn boot_bench(o: &Opts, md: &mut String) {
                     res[i].1.extend(b.to_exit);
                     owns[i].push(b.own);
                 }
-                Err(e) => eprintln!("bench: boot {} run {run}: FAILED: {e}", v.label()),
+                Err(e) => kickvm_rig::note!("bench: boot {} run {run}: FAILED: {e}", v.label()),
             }
         }
     }
     md.push_str(&boot_table(&vmms, &res, "interleaved"));
     md.push_str(&own_table(&vmms, &owns));
-    print!("{md}");
+    kickvm_rig::say_raw!("{md}");
     md_flush(o, md);
 }
 
@@ -1802,7 +1833,7 @@ fn ping_bench(o: &Opts, md: &mut String) {
     s.push_str(&syscall_breakdown(&vmms, &res));
     s.push_str(&thread_breakdown(&vmms, &res));
     s.push_str(&memory_table(&vmms, &res));
-    print!("{s}");
+    kickvm_rig::say_raw!("{s}");
     md.push_str(&s);
     md_flush(o, md);
 }
@@ -1815,7 +1846,7 @@ fn ping_runs(o: &Opts, vmms: &[Vmm], events: &[String]) -> Vec<Vec<PingRun>> {
         for (i, v) in vmms.iter().enumerate() {
             match ping_once(o, *v, run, events) {
                 Ok(p) => {
-                    eprintln!(
+                    kickvm_rig::note!(
                         "bench: ping {} run {run}: rtt avg {:.3} ms (L1→guest {:?}, guest clock ×{:.2}), {:.2} syscalls/ping ({:.2} vCPU), raw {:.2}, clock {:.2}, idle {:.1}/s",
                         v.label(),
                         p.rtt_avg,
@@ -1829,7 +1860,7 @@ fn ping_runs(o: &Opts, vmms: &[Vmm], events: &[String]) -> Vec<Vec<PingRun>> {
                     );
                     res[i].push(p);
                 }
-                Err(e) => eprintln!("bench: ping {} run {run}: FAILED: {e}", v.label()),
+                Err(e) => kickvm_rig::note!("bench: ping {} run {run}: FAILED: {e}", v.label()),
             }
         }
     }

@@ -205,7 +205,7 @@ fn warm_host_memory() {
         libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
     };
     if p == libc::MAP_FAILED {
-        return eprintln!("bench: setup: could not map {WARM_MIB} MiB to warm the host's memory");
+        return kickvm_rig::note!("bench: setup: could not map {WARM_MIB} MiB to warm the host's memory");
     }
     // SAFETY: `p..p+len` is the mapping just made, writable, ours alone;
     // it is unmapped once, here, after the last write.
@@ -230,7 +230,7 @@ pub(crate) fn setup_bench(o: &Opts, md: &mut String) {
         for (i, v) in vmms.iter().enumerate() {
             match setup_once(o, *v, run) {
                 Ok(s) => {
-                    eprintln!(
+                    kickvm_rig::note!(
                         "bench: setup {} run {run}: first instruction {:.1} ms, cpu {:.1} ms, rss {:.1} MiB, {} threads",
                         v.label(),
                         s.to_first * 1e3,
@@ -240,12 +240,12 @@ pub(crate) fn setup_bench(o: &Opts, md: &mut String) {
                     );
                     runs[i].push(s);
                 }
-                Err(e) => eprintln!("bench: setup {} run {run}: FAILED: {e}", v.label()),
+                Err(e) => kickvm_rig::note!("bench: setup {} run {run}: FAILED: {e}", v.label()),
             }
         }
     }
     md.push_str(&setup_table(o, &vmms, &runs));
-    print!("{md}");
+    kickvm_rig::say_raw!("{md}");
     md_flush(o, md);
 }
 
