@@ -12,7 +12,8 @@ usage() {
     cat <<'USAGE'
 Usage: scripts/boot-loop.sh [--vmm kickvm|qemu|both] [--boots N] [--cpus N]
                             [--parallel N] [--timeout SECS] [--soak SECS]
-                            [--append ARGS]
+                            [--append ARGS] [--kickvm-args ARGS]
+                            [--kickvm-poll MODE] [--exit-stats]
 
 Boots the default guest image (Debian cloud kernel, busybox /init) N times
 per VMM inside one rig L1 (QEMU TCG with nested SVM), PARALLEL guests at a
@@ -37,7 +38,13 @@ With --soak SECS each boot is instead a soak like the launcher's
 virtio-blk (fio random writes, crc32c-verified), virtio-rng and a virtio
 console, all busy for SECS; the same devices under QEMU (virtio-*-pci,
 userspace virtio-net). --append adds ARGS to both VMMs' kernel command
-line (e.g. nox2apic).
+line (e.g. nox2apic); --kickvm-args adds ARGS to kickvm's (e.g.
+"--threads single" or --decompress-in-guest), to tell which of its choices
+matters; --kickvm-poll sets poll=MODE on kickvm's soak NIC and disk
+(e.g. off: its queue threads never poll). --exit-stats counts L1's
+exits of the L2 guests by reason for each turn (a histogram trigger on
+kvm:kvm_exit), in run/exits-VMM-N.txt: how hard each VMM's guests drive
+L1's nested SVM.
 
 With --reboots N (and --vmm kickvm or qemu) one guest instead reboots
 itself N times (`reboot -f`, counting its boots on a disk): a boot that
@@ -52,7 +59,7 @@ Needs QEMU and the built guest image (docs/testing.md). ~8 s per boot.
 USAGE
 }
 
-vmm=both boots=50 cpus=2 parallel=1 timeout=90 reboots=0 rig_timeout= soak=0 extra=
+vmm=both boots=50 cpus=2 parallel=1 timeout=90 reboots=0 rig_timeout= soak=0 extra= kickvm_args= kpoll= exit_stats=
 while [ $# -gt 0 ]; do
     case "$1" in
     --vmm) vmm=$2; shift 2 ;;
@@ -64,6 +71,9 @@ while [ $# -gt 0 ]; do
     --rig-timeout) rig_timeout=$2; shift 2 ;;
     --soak) soak=$2; shift 2 ;;
     --append) extra=$2; shift 2 ;;
+    --kickvm-args) kickvm_args=$2; shift 2 ;;
+    --kickvm-poll) kpoll=,poll=$2; shift 2 ;;
+    --exit-stats) exit_stats=1; shift ;;
     --out) out=$2; shift 2 ;; # set by the re-run inside the rig
     -h | --help) usage; exit 0 ;;
     *) echo "boot-loop.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -94,7 +104,7 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     done
     what="boot"
     [ "$soak" = 0 ] || what="soak of $soak s"
-    echo "boot-loop: $vmm x $boots, $what, $cpus vCPUs, $parallel at a time, append '$extra'; load before: $(uptime)" | tee "$out/results.txt" >&2
+    echo "boot-loop: $vmm x $boots, $what, $cpus vCPUs, $parallel at a time, append '$extra', kickvm args '$kickvm_args${kpoll:+ $kpoll}'; load before: $(uptime)" | tee "$out/results.txt" >&2
     # One boot takes ~8 s in the rig; L1 gets twice that per boot and VMM.
     per=$((timeout + soak + 20))
     turns=1
@@ -104,7 +114,7 @@ if [ -z "${KICKVM_IN_RIG:-}" ]; then
     target/debug/kickvm-rig run --timeout "$total" --share "$out" -- \
         "$PWD/scripts/boot-loop.sh" --vmm "$vmm" --boots "$boots" --cpus "$cpus" \
         --parallel "$parallel" --timeout "$timeout" --reboots "$reboots" --soak "$soak" \
-        --append "$extra" --out "$out"
+        --append "$extra" --kickvm-args "$kickvm_args" ${kpoll:+--kickvm-poll "${kpoll#,poll=}"} ${exit_stats:+--exit-stats} --out "$out"
     status=$?
     set -e
     echo "boot-loop: load after: $(uptime)" | tee -a "$out/results.txt" >&2
@@ -157,8 +167,10 @@ boot_one() {
         ip tuntap add dev "$t" mode tap multi_queue && ip addr add "$net.2/24" dev "$t" && ip link set "$t" up
         truncate -s 64M "$d/disk.img"
         mem=512 app="$append kickvm.ip=$net.15/24 kickvm.gw=$net.2"
-        kargs=(--threads per-queue --net "tap=$t,mac=52:54:00:12:34:$((56 + slot))"",queues=2"
-            --disk "path=$d/disk.img,queues=2" --rng --console "file=$d/hvc0")
+        kargs=(--net "tap=$t,mac=52:54:00:12:34:$((56 + slot))"",queues=2$kpoll"
+            --disk "path=$d/disk.img,queues=2$kpoll" --rng --console "file=$d/hvc0")
+        # The launcher's soak runs per-queue; --kickvm-args may say otherwise.
+        [[ "$kickvm_args" == *--threads* ]] || kargs+=(--threads per-queue)
         qargs=(-netdev "tap,id=n0,ifname=$t,script=no,downscript=no,queues=2"
             -device "virtio-net-pci,netdev=n0,mq=on,vectors=6,mac=52:54:00:12:34:$((56 + slot))"
             -drive "file=$d/disk.img,if=none,id=d0,format=raw,cache=none"
@@ -168,7 +180,7 @@ boot_one() {
     case "$vmm" in
     kickvm)
         RUST_LOG=info "$out/kickvm" run --kernel "$kernel" --initrd "$initrd" --memory "${mem}M" \
-            --cpus "$cpus" --no-reboot "${kargs[@]}" --cmdline "$app" </dev/null >"$d/console" 2>"$d/log" &
+            --cpus "$cpus" --no-reboot "${kargs[@]}" $kickvm_args --cmdline "$app" </dev/null >"$d/console" 2>"$d/log" &
         ;;
     qemu)
         qemu-system-x86_64 -M pc -accel kvm -cpu host -smp "$cpus" -m "$mem" -nodefaults \
@@ -292,6 +304,8 @@ t0=$(date +%s)
 for ((i = 1; i <= boots; i += parallel)); do
     for v in $vmms; do
         pids=()
+        hist=$tracing/events/kvm/kvm_exit/trigger
+        [ -z "$exit_stats" ] || echo 'hist:keys=exit_reason:sort=hitcount.descending' >"$hist"
         for ((j = 0; j < parallel && i + j <= boots; j++)); do
             d="$out/run/$v-$((i + j))"
             (
@@ -305,6 +319,11 @@ for ((i = 1; i <= boots; i += parallel)); do
             pids+=($!)
         done
         wait "${pids[@]}"
+        if [ -n "$exit_stats" ]; then
+            mkdir -p "$out/run"
+            cp $tracing/events/kvm/kvm_exit/hist "$out/run/exits-$v-$i.txt"
+            echo '!hist:keys=exit_reason:sort=hitcount.descending' >"$hist"
+        fi
     done
 done
 echo "boot-loop: $(($(date +%s) - t0)) s in L1" >>"$out/results.txt"

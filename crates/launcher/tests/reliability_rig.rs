@@ -693,15 +693,16 @@ exit 0
         (out, samples, stalled)
     };
     let (mut out, mut samples, mut stalled) = soak();
-    // The rig's L2 triple fault (docs/reliability.md, "Open"): each named
-    // sighting faulted right after an exit L1's KVM handled (an x2APIC
-    // EOI's WRMSR, another WRMSR, an interrupt's delivery); never natively. One more run in
+    // The rig's L2 triple fault (docs/reliability.md, "The rig's L2 triple
+    // fault and L1 failures"): QEMU's guests fault the same way in the same
+    // rig under this load, at the same instructions (after a WRMSR L1's KVM
+    // handled, in an interrupt's delivery); never natively. One more run in
     // the same L1, said loudly; a kickvm bug that faults each time still
     // fails, with both dumps.
     if out.code == Some(4) {
         eprintln!(
             "soak: the guest triple-faulted (launcher status 4; the rig's trace line above has the RIP); \
-             running the soak once more, see docs/reliability.md \"Open\"\nsoak: kickvm stderr:\n{}",
+             running the soak once more (QEMU's guests fault the same way in the rig: docs/reliability.md, \"The rig's L2 triple fault\")\nsoak: kickvm stderr:\n{}",
             out.stderr
         );
         tap("kvsoak", "10.0.2.2/24", true);
