@@ -15,8 +15,11 @@
 //!    ping counted with `perf stat --per-thread -p PID` over the ping window
 //!    (every thread, vCPU threads included), minus `clock_gettime` /
 //!    `gettimeofday` (real syscalls under TCG, free on real hosts), minus
-//!    the rate measured over an idle window of the same boot, divided by the
-//!    number of pings. kickvm `--threads per-queue|per-device|single` and
+//!    a control window of the same boot (the same console line in, end
+//!    marker out and program starts, `sleep` for as long as the pings take
+//!    in place of `ping`: what marking a window costs), minus the rate of
+//!    an idle window over the two windows' difference in length, divided
+//!    by the number of pings. kickvm `--threads per-queue|per-device|single` and
 //!    QEMU `-M pc` with userspace virtio-net (`vhost=off`); with
 //!    `--ping-vmm` also kickvm `--vhost-user net` (its `kickvm backend net`
 //!    process counted the same way, beside it), kickvm `--net ...,vhost=on`
@@ -225,6 +228,14 @@ fn usage(what: &str) -> ! {
     std::process::exit(2)
 }
 
+impl Opts {
+    /// The control window's `sleep`: as long as the pings should take.
+    fn control_secs(&self) -> String {
+        let interval: f64 = self.interval.parse().unwrap_or(0.0);
+        format!("{:.3}", f64::from(self.pings) * interval)
+    }
+}
+
 fn parse_opts() -> Opts {
     let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
     let mut o = Opts {
@@ -261,7 +272,10 @@ fn parse_opts() -> Opts {
             "--boot-runs" => o.boot_runs = num(&a, val()),
             "--ping-runs" => o.ping_runs = num(&a, val()),
             "--pings" => o.pings = num(&a, val()),
-            "--interval" => o.interval = val(),
+            "--interval" => {
+                o.interval = val();
+                let _: f64 = num(&a, o.interval.clone());
+            }
             "--idle" => o.idle_secs = num(&a, val()),
             "--run-offset" => o.run_offset = num(&a, val()),
             "--out" => o.out = PathBuf::from(val()),
@@ -1407,9 +1421,9 @@ struct PingRun {
     raw_per_ping: f64,
     clock_per_ping: f64,
     idle_rate: f64,
-    /// Per syscall name, per ping, idle-subtracted (all threads).
+    /// Per syscall name, per ping, control- and idle-subtracted (all threads).
     by_syscall: BTreeMap<String, f64>,
-    /// Per thread name, per ping, idle-subtracted, clocks excluded.
+    /// Per thread name, per ping, control- and idle-subtracted, clocks excluded.
     by_thread: BTreeMap<String, f64>,
     mem: Mem,
     /// The vhost-user back-end process's device-path syscalls per ping,
@@ -1488,33 +1502,69 @@ fn host_ping(o: &Opts) -> Option<(f64, f64)> {
 /// character, so nothing is printed inside the counted window but the
 /// one-character end marker `D`: terminal echo is off, ping's output and
 /// the guest's clock readings go to files, printed after the window.
+/// The guest's side of a ping run. After `BENCH-READY` it waits for a line
+/// on its console three times: the first starts the control window (the
+/// same console exchange, file writes and program start as the ping
+/// window, with `sleep` for as long as the pings take in place of `ping`),
+/// the second the ping window, the third the report.
 fn ping_script(o: &Opts) -> String {
     format!(
-        "stty -echo 2>/dev/null; echo BENCH-READY; read x; cat /proc/uptime > /tmp/t0; \
-         ping -q -c {} -i {} 10.0.2.2 > /tmp/ping 2>&1; cat /proc/uptime > /tmp/t1; echo D; \
+        "stty -echo 2>/dev/null; echo BENCH-READY; \
+         read x; cat /proc/uptime > /tmp/c0; sleep {control} > /tmp/sleep 2>&1; cat /proc/uptime > /tmp/c1; echo D; \
+         read x; cat /proc/uptime > /tmp/t0; ping -q -c {} -i {} 10.0.2.2 > /tmp/ping 2>&1; cat /proc/uptime > /tmp/t1; echo D; \
          read x; echo \"BENCH-T0 $(cat /tmp/t0)\"; cat /tmp/ping; echo \"BENCH-T1 $(cat /tmp/t1)\"; \
          echo BENCH-REPORTED; read x",
-        o.pings, o.interval
+        o.pings,
+        o.interval,
+        control = o.control_secs()
     )
+}
+
+/// perf counts over one window, and its length in seconds.
+struct Window {
+    counts: Counts,
+    secs: f64,
+}
+
+/// One process's three windows of a ping run.
+struct Windows {
+    /// Guest blocked in `read` on its console: the process's own rate.
+    idle: Window,
+    /// The ping window's console exchange and program starts, no pings.
+    control: Window,
+    /// The pings.
+    busy: Window,
+}
+
+impl Windows {
+    /// What the pings cost per ping, as counted by `total` over the
+    /// threads `f` accepts: the ping window less the control window (what
+    /// marking a window costs: the console line in, the end marker out,
+    /// the guest's program starts), less the idle rate over the windows'
+    /// difference in length.
+    fn per_ping(&self, pings: f64, f: ThreadFilter, total: &dyn Fn(&Counts, ThreadFilter) -> f64) -> f64 {
+        let rate = total(&self.idle.counts, f) / self.idle.secs;
+        (total(&self.busy.counts, f) - total(&self.control.counts, f) - rate * (self.busy.secs - self.control.secs)) / pings
+    }
+
+    /// The idle rate, per second, over the threads `f` accepts.
+    fn idle_rate(&self, f: ThreadFilter) -> f64 {
+        device_total(&self.idle.counts, f) / self.idle.secs
+    }
 }
 
 /// What one ping run measured, before any arithmetic.
 struct PingMeasured {
     mem: Mem,
-    /// perf counts over the idle window, and its length in seconds.
-    idle: Counts,
-    idle_secs: f64,
-    /// perf counts over the ping window, and its length in seconds.
-    busy: Counts,
-    busy_secs: f64,
+    /// The VMM process's counts.
+    vmm: Windows,
     /// What the guest printed after the window: clock readings and ping's
     /// summary.
     summary: String,
     guest_clock: f64,
     host_rtt: Option<(f64, f64)>,
-    /// The back-end process's counts over the same two windows, with
-    /// their lengths: (idle, idle_secs, busy, busy_secs).
-    backend: Option<(Counts, f64, Counts, f64)>,
+    /// The back-end process's counts over the same windows.
+    backend: Option<Windows>,
 }
 
 /// `kickvm backend net` on the bench TAP, for [`NetServer::VhostUser`]
@@ -1551,9 +1601,9 @@ impl Drop for NetBackend {
     }
 }
 
-/// Boots `vmm` with [`ping_script`] and drives it: memory, an idle window
-/// and the ping window (both counted by perf), the guest's report, then a
-/// ping from L1.
+/// Boots `vmm` with [`ping_script`] and drives it: memory, an idle window,
+/// the control window and the ping window (all three counted by perf),
+/// the guest's report, then a ping from L1.
 fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingMeasured, String> {
     let script = ping_script(o);
     let name = format!("ping-{}-{run}", vmm.short());
@@ -1570,20 +1620,28 @@ fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<Pin
     let backend_perf = |window: &str| -> Result<Option<Perf>, String> {
         backend.as_ref().map(|b| Perf::start(b.0.id() as i32, events, &o.out, &format!("{name}-backend-{window}"))).transpose()
     };
-    let stop = |p: Option<Perf>| p.map(Perf::stop).transpose();
+    let stop = |p: Option<Perf>| p.map(|p| p.stop().map(|(counts, secs)| Window { counts, secs })).transpose();
     let bperf = backend_perf("idle")?;
     let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-idle"))?;
     std::thread::sleep(Duration::from_secs_f64(o.idle_secs));
-    let (idle, idle_secs) = perf.stop()?;
+    let idle = stop(Some(perf))?.expect("a window was counted");
     let b_idle = stop(bperf)?;
-    let bperf = backend_perf("ping")?;
-    let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-ping"))?;
-    let go = Instant::now();
-    r.type_line("g");
-    let done = r.wait_line("D", Duration::from_secs(30 + (o.pings as u64) * 2))?;
-    let (busy, busy_secs) = perf.stop()?;
-    let b_busy = stop(bperf)?;
-    let backend_counts = b_idle.zip(b_busy).map(|((i, is), (b, bs))| (i, is, b, bs));
+    // A window marked as the ping window is, around `sleep`; then the pings.
+    let mut window = |what: &str| -> Result<(Window, Option<Window>, Instant, Instant), String> {
+        let bperf = backend_perf(what)?;
+        let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-{what}"))?;
+        let go = Instant::now();
+        r.type_line("g");
+        let done = r.wait_line("D", Duration::from_secs(30 + (o.pings as u64) * 2))?;
+        let w = stop(Some(perf))?.expect("a window was counted");
+        Ok((w, stop(bperf)?, go, done))
+    };
+    let (control, b_control, _, _) = window("control")?;
+    let (busy, b_busy, go, done) = window("ping")?;
+    let backend_counts = match (b_idle, b_control, b_busy) {
+        (Some(idle), Some(control), Some(busy)) => Some(Windows { idle, control, busy }),
+        _ => None,
+    };
     let start = r.console.len();
     r.type_line("s");
     r.wait_for("BENCH-REPORTED", Duration::from_secs(30))?;
@@ -1603,7 +1661,7 @@ fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<Pin
         r.wait_exit(Duration::from_secs(60))?;
     }
     drop(backend);
-    Ok(PingMeasured { mem, idle, idle_secs, busy, busy_secs, summary, guest_clock, host_rtt, backend: backend_counts })
+    Ok(PingMeasured { mem, vmm: Windows { idle, control, busy }, summary, guest_clock, host_rtt, backend: backend_counts })
 }
 
 /// A filter on thread names.
@@ -1625,7 +1683,7 @@ fn device_total(c: &Counts, f: ThreadFilter) -> f64 {
 }
 
 /// Per syscall name (plus `ALL`, and `(other)` for what no named one
-/// covers): per ping, idle-subtracted, all threads.
+/// covers): per ping, control- and idle-subtracted, all threads.
 fn per_syscall(m: &PingMeasured, events: &[String], pings: f64) -> BTreeMap<String, f64> {
     let all = |_: &str| true;
     let mut by_syscall = BTreeMap::new();
@@ -1636,7 +1694,7 @@ fn per_syscall(m: &PingMeasured, events: &[String], pings: f64) -> BTreeMap<Stri
         .collect();
     names.push("ALL".into());
     for n in &names {
-        let v = (event_total(&m.busy, &all, n) - event_total(&m.idle, &all, n) / m.idle_secs * m.busy_secs) / pings;
+        let v = m.vmm.per_ping(pings, &all, &|c, f| event_total(c, f, n));
         by_syscall.insert(n.clone(), v);
     }
     let named: f64 = names.iter().filter(|n| *n != "ALL").map(|n| by_syscall[n]).sum();
@@ -1644,12 +1702,14 @@ fn per_syscall(m: &PingMeasured, events: &[String], pings: f64) -> BTreeMap<Stri
     by_syscall
 }
 
-/// Per thread name: device-path syscalls per ping, idle-subtracted.
+/// Per thread name: device-path syscalls per ping, control- and
+/// idle-subtracted.
 fn per_thread(m: &PingMeasured, pings: f64) -> BTreeMap<String, f64> {
     let mut by_thread = BTreeMap::new();
-    for t in m.busy.keys().chain(m.idle.keys()) {
+    let w = &m.vmm;
+    for t in w.busy.counts.keys().chain(w.control.counts.keys()).chain(w.idle.counts.keys()) {
         let only = |x: &str| x == t;
-        let v = (device_total(&m.busy, &only) - device_total(&m.idle, &only) / m.idle_secs * m.busy_secs) / pings;
+        let v = w.per_ping(pings, &only, &device_total);
         by_thread.insert(t.clone(), v);
     }
     by_thread
@@ -1666,13 +1726,10 @@ fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRu
 
     let all = |_: &str| true;
     let vcpu = |t: &str| is_vcpu_thread(t);
-    let idle_rate = device_total(&m.idle, &all) / m.idle_secs;
-    let per_ping = (device_total(&m.busy, &all) - idle_rate * m.busy_secs) / pings;
-    let backend_per_ping = m.backend.as_ref().map(|(idle, idle_secs, busy, busy_secs)| {
-        (device_total(busy, &all) - device_total(idle, &all) / idle_secs * busy_secs) / pings
-    });
-    let idle_rate_vcpu = device_total(&m.idle, &vcpu) / m.idle_secs;
-    let per_ping_vcpu = (device_total(&m.busy, &vcpu) - idle_rate_vcpu * m.busy_secs) / pings;
+    let idle_rate = m.vmm.idle_rate(&all);
+    let per_ping = m.vmm.per_ping(pings, &all, &device_total);
+    let backend_per_ping = m.backend.as_ref().map(|b| b.per_ping(pings, &all, &device_total));
+    let per_ping_vcpu = m.vmm.per_ping(pings, &vcpu, &device_total);
     Ok(PingRun {
         guest_clock: m.guest_clock,
         host_rtt: m.host_rtt,
@@ -1680,8 +1737,8 @@ fn ping_once(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<PingRu
         received,
         per_ping,
         per_ping_vcpu,
-        raw_per_ping: event_total(&m.busy, &all, "ALL") / pings,
-        clock_per_ping: clock_total(&m.busy, &all) / pings,
+        raw_per_ping: event_total(&m.vmm.busy.counts, &all, "ALL") / pings,
+        clock_per_ping: clock_total(&m.vmm.busy.counts, &all) / pings,
         idle_rate,
         by_syscall: per_syscall(&m, events, pings),
         by_thread: per_thread(&m, pings),
@@ -1878,14 +1935,17 @@ fn ping_table(o: &Opts, vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
          {} runs each, interleaved. Syscalls: `perf stat --per-thread -p PID -e raw_syscalls:sys_enter,syscalls:sys_enter_...` \
          over exactly the ping (switched on/off through perf's control FIFO; the guest prints nothing in that \
          window but a one-letter end marker, since every console character costs the VMM exits and a `write`), \
-         every thread of the VMM (vCPU threads included), minus `clock_gettime`/`gettimeofday`, minus the rate of a {:.0} s idle \
-         window of the same boot (guest blocked in `read` on its console), divided by {} pings. \
+         every thread of the VMM (vCPU threads included), minus `clock_gettime`/`gettimeofday`, minus a control window of the \
+         same boot marked the same way (console line in, end marker out, the guest's `cat` and one program start) with \
+         `sleep {}` in place of `ping`, minus the rate of a {:.0} s idle window (guest blocked in `read` on its console) over \
+         the two windows' difference in length, divided by {} pings. \
          RTT twice: busybox's in the guest (timed by the guest's clock), and busybox `ping -c N -i I 10.0.2.15` run in L1 \
          right after (host→guest, timed by L1's clock, not syscall-counted); \"guest clock / L1 clock\" compares the guest's \
          `/proc/uptime` with L1's clock over the ping.\n",
         o.pings,
         o.interval,
         o.ping_runs,
+        o.control_secs(),
         o.idle_secs,
         o.pings
     );
@@ -1965,7 +2025,7 @@ fn syscall_breakdown(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
     names.sort_by_key(|n| n == "(other)");
     let _ = writeln!(
         s,
-        "\nWhere the syscalls go — per ping, by syscall (median over runs, idle-subtracted, all threads; \
+        "\nWhere the syscalls go — per ping, by syscall (median over runs, control- and idle-subtracted, all threads; \
          `clock_gettime` included here):\n"
     );
     let _ = write!(s, "| syscall |");
@@ -1988,7 +2048,7 @@ fn syscall_breakdown(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
 /// Per VMM, one line: device-path syscalls per ping by thread name.
 fn thread_breakdown(vmms: &[Vmm], res: &[Vec<PingRun>]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "\nBy thread (per ping, median, idle-subtracted, clocks excluded; threads with the same name added up):\n");
+    let _ = writeln!(s, "\nBy thread (per ping, median, control- and idle-subtracted, clocks excluded; threads with the same name added up):\n");
     for (i, v) in vmms.iter().enumerate() {
         let mut threads: Vec<String> = Vec::new();
         for p in &res[i] {
@@ -2085,6 +2145,27 @@ mod tests {
         assert_eq!(http_response(&mut r).unwrap(), (204, String::new()));
         drop(b);
         assert!(http_response(&mut r).is_err(), "a closed connection is no response");
+    }
+
+    #[test]
+    fn the_cost_of_marking_a_window_is_not_charged_to_the_pings() {
+        // A process that makes 2 syscalls a second on its own, 30 to mark
+        // any window (console in and out), and 5 per ping on `net0-q0`.
+        let counts = |thread: &str, all: f64| -> Counts {
+            BTreeMap::from([(thread.to_string(), BTreeMap::from([("ALL".to_string(), all)]))])
+        };
+        let w = |secs: f64, all: f64| Window { counts: counts("net0-q0", all), secs };
+        let (pings, busy_secs, control_secs) = (200.0, 4.5, 4.0);
+        let m = Windows {
+            idle: w(3.0, 2.0 * 3.0),
+            control: w(control_secs, 30.0 + 2.0 * control_secs),
+            busy: w(busy_secs, 30.0 + 2.0 * busy_secs + 5.0 * pings),
+        };
+        let all = |_: &str| true;
+        assert!((m.per_ping(pings, &all, &device_total) - 5.0).abs() < 1e-9);
+        assert!((m.idle_rate(&all) - 2.0).abs() < 1e-9);
+        let other = |t: &str| t == "vcpu0";
+        assert_eq!(m.per_ping(pings, &other, &device_total), 0.0);
     }
 
     #[test]
