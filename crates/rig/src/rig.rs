@@ -248,12 +248,24 @@ fn shares_for(cmd: &[String], cwd: &Path, extra: &[PathBuf]) -> Result<Vec<PathB
         let top: PathBuf = p.components().take(3).collect();
         let hidden = top.starts_with("/tmp") || top.starts_with("/run");
         if hidden && top.components().count() == 3 && !wanted.iter().any(|w| top.starts_with(w)) {
+            // A program right in /tmp cannot be shared: that would hide
+            // L1's own /tmp.
+            if !top.is_dir() && top.exists() {
+                return Err(Error::new(format!(
+                    "{} is a file right in {}, which L1 replaces with its own tmpfs: move it into a directory there (the rig shares /tmp/DIR)",
+                    top.display(),
+                    top.parent().map_or("/".into(), |d| d.display().to_string())
+                )));
+            }
             wanted.push(top);
         }
     }
     let mut shares = Vec::new();
     for s in &wanted {
         let abs = fs::canonicalize(s).map_err(|e| Error::io("cannot share", s, e))?;
+        if !abs.is_dir() {
+            return Err(Error::new(format!("cannot share {}: not a directory (--share takes directories)", s.display())));
+        }
         shares.push(abs);
     }
     Ok(shares)
@@ -688,6 +700,9 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
             l1_cpus_file(&files.console).display()
         )));
     }
+    if let Some(why) = qemu_refused(&end, &files) {
+        return Err(Error::new(format!("QEMU did not start L1: {why}")));
+    }
     if l1_failed_to_boot(&end) {
         return Ok(Attempt::L1Failed(format!(
             "L1 stopped before the command started (its own boot failed: {}); L1 console log: {}",
@@ -727,6 +742,18 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
         stderr: output.stderr,
         timings: timings.clone(),
     }))
+}
+
+/// QEMU's own error, if it exited before L1's kernel printed anything and
+/// said why: an option it would refuse again (a share it cannot open, a
+/// missing firmware), not a failure of L1 worth a fresh try.
+fn qemu_refused(end: &L1End, files: &RunFiles) -> Option<String> {
+    if !end.exited || end.started.is_some() || !fs::read_to_string(&files.console).unwrap_or_default().trim().is_empty() {
+        return None;
+    }
+    let log = fs::read_to_string(&files.qemu_log).unwrap_or_default();
+    let said = qemu::tail(&log, 2);
+    (!said.is_empty()).then_some(said)
 }
 
 /// True if L1 ended on its own before the command started: its kernel
@@ -926,6 +953,50 @@ mod tests {
         assert!(!l1_cpus_all_halted(&one_halted), "one vCPU still works");
         assert!(!l1_cpus_all_halted(&wedged));
         assert!(!l1_cpus_all_halted("QEMU's monitor did not answer"), "no dump is no verdict");
+    }
+
+    #[test]
+    fn qemu_refusing_its_options_is_an_error_not_an_l1_to_retry() {
+        let files = RunFiles::create().unwrap();
+        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false, idle: false };
+        // As QEMU 7.2 said when a file was given as a share (2026-12-06).
+        let said = "qemu-system-x86_64: -virtfs local,path=/tmp/tl.sh,mount_tag=share0: cannot initialize fsdev 'share0': failed to open '/tmp/tl.sh': Not a directory\n";
+        fs::write(&files.qemu_log, said).unwrap();
+        fs::write(&files.console, "").unwrap();
+        let why = qemu_refused(&end(true, None), &files).expect("QEMU said why");
+        assert!(why.contains("Not a directory"), "{why}");
+        assert_eq!(qemu_refused(&end(false, None), &files), None, "killed at the deadline");
+        assert_eq!(qemu_refused(&end(true, Some(Instant::now())), &files), None, "the command ran");
+        fs::write(&files.console, "[    0.000000] Linux version 6.1.0\n[ 2.1] Kernel panic - not syncing: IO-APIC + timer doesn't work!\n").unwrap();
+        assert_eq!(qemu_refused(&end(true, None), &files), None, "L1's kernel ran: its own boot failed");
+        fs::write(&files.console, "").unwrap();
+        fs::write(&files.qemu_log, "").unwrap();
+        assert_eq!(qemu_refused(&end(true, None), &files), None, "QEMU said nothing");
+        let _ = fs::remove_dir_all(&files.dir);
+    }
+
+    #[test]
+    fn a_share_must_be_a_directory_and_a_program_right_in_tmp_is_refused() {
+        let dir = std::env::temp_dir().join(format!("kickvm-rig-share-test-{}", std::process::id()));
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        let file = dir.join("sub/run.sh");
+        fs::write(&file, "#!/bin/sh\n").unwrap();
+        let root = Path::new("/");
+        let e = shares_for(&["true".into()], root, &[file.clone()]).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        assert_eq!(shares_for(&["true".into()], root, &[dir.join("sub")]).unwrap(), vec![fs::canonicalize(dir.join("sub")).unwrap()]);
+        if dir.starts_with("/tmp") {
+            // A program in a directory under /tmp: that directory is shared.
+            let shared = shares_for(&[file.display().to_string()], root, &[]).unwrap();
+            assert!(shared.contains(&fs::canonicalize(&dir).unwrap()), "{shared:?}");
+            // A program right in /tmp: refused, saying what to do.
+            let right_in_tmp = PathBuf::from(format!("/tmp/kickvm-rig-share-test-{}.sh", std::process::id()));
+            fs::write(&right_in_tmp, "#!/bin/sh\n").unwrap();
+            let e = shares_for(&[right_in_tmp.display().to_string()], root, &[]).unwrap_err().to_string();
+            let _ = fs::remove_file(&right_in_tmp);
+            assert!(e.contains("move it into a directory"), "{e}");
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
