@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use kickvm_virtio::{GuestMemory, Runtime, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -327,8 +327,9 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     let devs = devices::build(cfg)?;
     let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime)?;
 
+    let fds = create_vcpus(kvm, &vm, cfg)?;
     if chatty {
-        log::debug!("{:7.1} ms: devices", ms());
+        log::debug!("{:7.1} ms: devices and vCPUs", ms());
     }
     let (kernel, initrd) = loader
         .join()
@@ -339,7 +340,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     if chatty {
         log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     }
-    let vcpus = start_vcpus(kvm, &vm, cfg, kernel.entry(), &pio, &mmio, &control)?;
+    let vcpus = start_vcpus(fds, cfg, kernel.entry(), &pio, &mmio, &control)?;
     if chatty {
         log::info!("VM set up in {:.1} ms", ms());
     }
@@ -460,11 +461,7 @@ fn spawn_loader(
     std::thread::Builder::new()
         .name("kickvm-load".into())
         .spawn(move || {
-            let (kernel, how) = boot::load(&mem, &kernel, low_end, in_guest)?;
-            let initrd = match &initrd {
-                Some(p) => Some(boot::load_initrd(&mem, p, low_end, &kernel)?),
-                None => None,
-            };
+            let boot::Loaded { kernel, initrd, how } = boot::load_with_initrd(&mem, &kernel, initrd.as_deref(), low_end, in_guest)?;
             if chatty {
                 if let Some(how) = how {
                     log::debug!("kernel {}: {how}", cfg_kernel.display());
@@ -526,16 +523,11 @@ fn write_acpi(mem: &kickvm_virtio::GuestMemory, cfg: &AcpiConfig) -> Result<(), 
     Ok(())
 }
 
-fn start_vcpus(
-    kvm: &Kvm,
-    vm: &VmFd,
-    cfg: &VmConfig,
-    entry: boot::Entry,
-    pio: &Bus,
-    mmio: &Bus,
-    control: &Arc<Control>,
-) -> Result<Vcpus, VmError> {
-    let (count, seccomp) = (cfg.cpus, cfg.seccomp);
+/// Creates and configures every vCPU (CPUID, MSRs, LAPIC), before any
+/// runs, so an AP is ready when the boot vCPU sends it INIT/SIPI. Nothing
+/// here needs the kernel: it runs while the loader reads it.
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<Vec<VcpuFd>, VmError> {
+    let count = cfg.cpus;
     kickvm_virtio::sys::install_wake_handler();
     crate::vcpu_dump::prepare(&cfg.kernel);
     let mut base = kvm
@@ -543,19 +535,30 @@ fn start_vcpus(
         .map_err(kvm_err("cannot read the CPUID KVM supports"))?;
     cpuid::ensure_topology_leaves(&mut base);
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-    // Configure every vCPU before any runs, so an AP is ready when the
-    // boot vCPU sends it INIT/SIPI.
     let mut fds = Vec::new();
     for id in 0..u32::from(count) {
         let fd = vm.create_vcpu(u64::from(id)).map_err(|err| VcpuError::Create { id, err })?;
         let mut c = base.clone();
         cpuid::patch(&mut c, id, u32::from(count), tsc_deadline);
         vcpu::configure(&fd, id, &c)?;
-        if id == 0 {
-            vcpu::set_boot_state(&fd, entry)?;
-        }
         fds.push(fd);
     }
+    Ok(fds)
+}
+
+/// Puts the boot vCPU at the kernel's `entry` and starts a thread per vCPU.
+fn start_vcpus(
+    fds: Vec<VcpuFd>,
+    cfg: &VmConfig,
+    entry: boot::Entry,
+    pio: &Bus,
+    mmio: &Bus,
+    control: &Arc<Control>,
+) -> Result<Vcpus, VmError> {
+    if let Some(boot) = fds.first() {
+        vcpu::set_boot_state(boot, entry)?;
+    }
+    let seccomp = cfg.seccomp;
     let mut vcpus = Vcpus { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
     let dumps_since = crate::vcpu_dump::requests();
     for (id, fd) in fds.into_iter().enumerate() {

@@ -22,7 +22,7 @@ pub mod params;
 pub mod pvh;
 pub mod unpack;
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
@@ -210,48 +210,127 @@ pub fn inspect(path: &Path) -> Result<(std::fs::File, Kernel), BootError> {
 /// ([`unpack`]), unless `in_guest`; for the log, how it was (`None` for an
 /// ELF kernel, or a bzImage with `in_guest`).
 pub fn load(mem: &GuestMemory, path: &Path, low_end: u64, in_guest: bool) -> Result<(Kernel, Option<String>), BootError> {
+    load_with_initrd(mem, path, None, low_end, in_guest).map(|l| (l.kernel, l.how))
+}
+
+/// What [`load_with_initrd`] loaded.
+pub struct Loaded {
+    pub kernel: Kernel,
+    /// The initramfs's guest address and size.
+    pub initrd: Option<(u64, u64)>,
+    /// How a bzImage was decompressed, for the log.
+    pub how: Option<String>,
+}
+
+/// [`load`], and the initramfs at `initrd` ([`load_initrd`]). A kernel
+/// that is copied as it is (a vmlinux's segments, a bzImage left to
+/// decompress itself) and the initramfs are read together, in pieces on
+/// the same threads: where each goes is known from the headers (the
+/// initramfs above the kernel's reserved area), and the first touch of
+/// guest memory, not the reading, is what costs. A kernel decompressed on
+/// the host uses the memory below `low_end` as it likes meanwhile, so the
+/// initramfs comes after it there.
+pub fn load_with_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    initrd: Option<&Path>,
+    low_end: u64,
+    in_guest: bool,
+) -> Result<Loaded, BootError> {
     let (file, kernel) = inspect(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
-    let k = match &kernel {
-        Kernel::Elf(k) => k,
+    let mut how = None;
+    let mut pieces = Vec::new();
+    match &kernel {
         Kernel::BzImage(image) => {
-            let how = match in_guest {
-                true => None,
-                false => match unpack::load(mem, &file, image, low_end, &path.display().to_string())? {
-                    unpack::Unpacked::Loaded(k, how) => return Ok((Kernel::Elf(k), Some(how))),
-                    unpack::Unpacked::InGuest(why) => Some(format!("decompressed by the guest: {why}")),
-                },
-            };
-            drop(file);
-            return Ok((Kernel::BzImage(load_kernel(mem, path, low_end)?), how));
+            if !in_guest {
+                match unpack::load(mem, &file, image, low_end, &path.display().to_string())? {
+                    unpack::Unpacked::Loaded(k, unpacked) => {
+                        let kernel = Kernel::Elf(k);
+                        let initrd = initrd.map(|p| load_initrd(mem, p, low_end, &kernel)).transpose()?;
+                        return Ok(Loaded { kernel, initrd, how: Some(unpacked) });
+                    }
+                    unpack::Unpacked::InGuest(why) => how = Some(format!("decompressed by the guest: {why}")),
+                }
+            }
+            // The protected-mode part, at 1 MiB.
+            pieces.extend(Piece::split(false, image.payload_offset, layout::HIGH_RAM_START, image.payload_len));
         }
+        // Each segment's file bytes go straight into the guest memory it
+        // runs from. The rest of a segment (its .bss) is left as it is:
+        // guest RAM is fresh (zero) at every boot, and the kernel clears
+        // its .bss itself; writing zeroes would only make the host back
+        // those pages.
+        Kernel::Elf(k) => {
+            for s in &k.segments {
+                pieces.extend(Piece::split(false, s.offset, s.addr, s.file_len));
+            }
+        }
+    }
+    let rd = match initrd {
+        Some(p) => {
+            let (f, size) = hostfile::open_nonempty("initrd", p)?;
+            let addr = check_initrd_fits(p, size, low_end, &kernel)?;
+            pieces.extend(Piece::split(true, 0, addr, size));
+            Some((f, p, addr, size))
+        }
+        None => None,
     };
-    let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
-    // Each segment's file bytes are read straight into the guest memory it
-    // runs from, in pieces on several threads: what it costs is mostly the
-    // host backing each page of guest memory the first time (zeroing it),
-    // which threads share. The rest of a segment (its .bss) is left as it
-    // is: guest RAM is fresh (zero) at every boot, and the kernel clears
-    // its .bss itself; writing zeroes would only make the host back those
-    // pages.
-    let pieces: Vec<(u64, u64, u64)> = k
-        .segments
-        .iter()
-        .flat_map(|s| {
-            (0..s.file_len.div_ceil(LOAD_PIECE)).map(move |i| {
-                let at = i * LOAD_PIECE;
-                (s.offset + at, s.addr + at, LOAD_PIECE.min(s.file_len - at))
-            })
+    read_pieces(mem, &pieces, (&file, path), rd.as_ref().map(|(f, p, _, _)| (f, *p)))?;
+    Ok(Loaded { kernel, initrd: rd.map(|(_, _, addr, size)| (addr, size)), how })
+}
+
+/// A piece of the kernel or initramfs file: `len` bytes at `offset` go to
+/// guest address `addr`.
+struct Piece {
+    initrd: bool,
+    offset: u64,
+    addr: u64,
+    len: u64,
+}
+
+impl Piece {
+    /// `len` bytes from `offset` to `addr`, in pieces of [`LOAD_PIECE`].
+    fn split(initrd: bool, offset: u64, addr: u64, len: u64) -> impl Iterator<Item = Piece> {
+        (0..len.div_ceil(LOAD_PIECE)).map(move |i| {
+            let at = i * LOAD_PIECE;
+            Piece { initrd, offset: offset + at, addr: addr + at, len: LOAD_PIECE.min(len - at) }
         })
-        .collect();
+    }
+}
+
+/// Reads `pieces` of the kernel and initramfs files into guest memory on
+/// up to [`MAX_LOAD_THREADS`] threads. What it costs is mostly the host
+/// backing each page of guest memory the first time (zeroing it), which
+/// threads share.
+fn read_pieces(
+    mem: &GuestMemory,
+    pieces: &[Piece],
+    kernel: (&std::fs::File, &Path),
+    initrd: Option<(&std::fs::File, &Path)>,
+) -> Result<(), BootError> {
     in_parallel(pieces.len(), |i| {
-        let (offset, addr, len) = pieces[i];
+        let p = &pieces[i];
+        let file = match (p.initrd, initrd) {
+            (true, Some((f, _))) => f,
+            _ => kernel.0,
+        };
         // Pieces are at most LOAD_PIECE bytes, so in usize.
-        with_guest_bytes(mem, addr, len as usize, |buf| elf::ReadAt::read_exact_at(&file, buf, offset))?
-            .map_err(|e| e.to_string())
+        with_guest_bytes(mem, p.addr, p.len as usize, |buf| elf::ReadAt::read_exact_at(file, buf, p.offset))
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| match e.kind() {
+                // Shorter than when it was opened: changed meanwhile.
+                std::io::ErrorKind::UnexpectedEof => std::io::Error::new(e.kind(), "the file ended early"),
+                _ => e,
+            })
+            .map_err(|e| (p.initrd, e))
     })
-    .map_err(|e| read_err(std::io::Error::other(e)))?;
-    Ok((kernel, None))
+    .map(|_| ())
+    .map_err(|(on_initrd, err)| match (on_initrd, initrd) {
+        (true, Some((_, path))) => BootError::ReadInitrd { path: path.display().to_string(), err },
+        _ => BootError::ReadKernel { path: kernel.1.display().to_string(), err },
+    })
 }
 
 /// The pieces an ELF kernel's segments are read in, a thread each.
@@ -263,7 +342,7 @@ const MAX_LOAD_THREADS: usize = 4;
 /// Runs `job(0)` .. `job(n - 1)` on up to [`MAX_LOAD_THREADS`] threads
 /// (this one among them), each taking the next job not yet taken; the
 /// first error stops them and is returned. Returns how many threads ran.
-fn in_parallel(n: usize, job: impl Fn(usize) -> Result<(), String> + Sync) -> Result<usize, String> {
+fn in_parallel<E: Send>(n: usize, job: impl Fn(usize) -> Result<(), E> + Sync) -> Result<usize, E> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, MAX_LOAD_THREADS).min(n.max(1));
     let next = AtomicUsize::new(0);
@@ -336,12 +415,10 @@ pub fn check_kernel_fits(path: &Path, kernel: &impl BootImage, low_end: u64) -> 
 /// file may have changed since the options were validated (every reboot
 /// loads it anew).
 pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<KernelImage, BootError> {
-    let (mut file, kernel) = inspect_kernel(path)?;
+    let (file, kernel) = inspect_kernel(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
-    let read_err = |err| BootError::ReadKernel { path: path.display().to_string(), err };
-    file.seek(SeekFrom::Start(kernel.payload_offset)).map_err(read_err)?;
-    let len = usize::try_from(kernel.payload_len).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
-    read_into(mem, GuestAddress(layout::HIGH_RAM_START), &mut file, len).map_err(read_err)?;
+    let pieces: Vec<Piece> = Piece::split(false, kernel.payload_offset, layout::HIGH_RAM_START, kernel.payload_len).collect();
+    read_pieces(mem, &pieces, (&file, path), None)?;
     Ok(kernel)
 }
 
@@ -376,31 +453,11 @@ pub fn load_initrd(
     low_end: u64,
     kernel: &impl BootImage,
 ) -> Result<(u64, u64), BootError> {
-    let (mut file, size) = hostfile::open_nonempty("initrd", path)?;
+    let (file, size) = hostfile::open_nonempty("initrd", path)?;
     let addr = check_initrd_fits(path, size, low_end, kernel)?;
-    let read_err = |err| BootError::ReadInitrd { path: path.display().to_string(), err };
-    // Fits below 4 GiB, so in usize.
-    let len = usize::try_from(size).map_err(|_| read_err(std::io::ErrorKind::InvalidInput.into()))?;
-    read_into(mem, GuestAddress(addr), &mut file, len).map_err(read_err)?;
+    let pieces: Vec<Piece> = Piece::split(true, 0, addr, size).collect();
+    read_pieces(mem, &pieces, (&file, path), Some((&file, path)))?;
     Ok((addr, size))
-}
-
-/// Reads `len` bytes of `file` into guest memory at `addr`. A file system
-/// may return less than asked for (9p hands out one message at a time, as
-/// when the rig shares /tmp), so this reads until done.
-fn read_into(mem: &GuestMemory, addr: GuestAddress, file: &mut std::fs::File, len: usize) -> std::io::Result<()> {
-    use vm_memory::{Address, Bytes};
-    let mut done = 0usize;
-    while done < len {
-        let at = addr.checked_add(done as u64).ok_or(std::io::ErrorKind::InvalidInput)?;
-        match mem.read_volatile_from(at, file, len - done) {
-            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ended early")),
-            Ok(n) => done += n,
-            Err(vm_memory::GuestMemoryError::IOError(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(std::io::Error::other(e.to_string())),
-        }
-    }
-    Ok(())
 }
 
 /// Checks `cmdline` against what the kernel and the zero page take.
@@ -630,33 +687,37 @@ mod tests {
         }
     }
 
-    /// A file system that returns less than asked (9p does, one message at
-    /// a time): the loader reads on until it has everything.
+    /// The kernel and the initramfs are read in pieces on several threads:
+    /// every byte lands where it belongs, and a file that turns out shorter
+    /// than its pieces is an error naming that file.
     #[test]
-    fn short_reads_are_read_on() {
-        use std::io::Write;
+    fn pieces_of_two_files_land_in_place_and_a_short_file_is_named() {
         use vm_memory::Bytes;
-        let mut fds = [0; 2];
-        // SAFETY: pipe writes two new fds into the array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: both fds are new and owned here.
-        let (mut r, mut w) = unsafe {
-            use std::os::fd::FromRawFd;
-            (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+        let made = |len: usize, seed: u8| {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+            (file(&bytes), bytes)
         };
-        let writer = std::thread::spawn(move || {
-            for i in 0..4u8 {
-                w.write_all(&[i; 1000]).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        });
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        read_into(&mem, GuestAddress(0x1000), &mut r, 4000).unwrap();
-        writer.join().unwrap();
-        let mut back = vec![0u8; 4000];
-        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
-        assert!(back.chunks(1000).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
-        let e = read_into(&mem, GuestAddress(0), &mut r, 1).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        let (k, kbytes) = made((9 << 20) + 123, 0x55);
+        let (rd, rdbytes) = made((4 << 20) + 7, 0xaa);
+        let (kf, rdf) = (std::fs::File::open(k.as_path()).unwrap(), std::fs::File::open(rd.as_path()).unwrap());
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mut pieces: Vec<Piece> = Piece::split(false, 0, 1 << 20, kbytes.len() as u64).collect();
+        pieces.extend(Piece::split(true, 0, 16 << 20, rdbytes.len() as u64));
+        assert_eq!(pieces.len(), 3 + 2);
+        read_pieces(&mem, &pieces, (&kf, k.as_path()), Some((&rdf, rd.as_path()))).unwrap();
+        let mut back = vec![0u8; kbytes.len()];
+        mem.read_slice(&mut back, GuestAddress(1 << 20)).unwrap();
+        assert!(back == kbytes, "kernel bytes");
+        let mut back = vec![0u8; rdbytes.len()];
+        mem.read_slice(&mut back, GuestAddress(16 << 20)).unwrap();
+        assert!(back == rdbytes, "initramfs bytes");
+        // The initramfs shrank after it was measured.
+        let pieces: Vec<Piece> = Piece::split(true, 0, 16 << 20, rdbytes.len() as u64 + 1).collect();
+        let e = read_pieces(&mem, &pieces, (&kf, k.as_path()), Some((&rdf, rd.as_path()))).unwrap_err();
+        assert!(matches!(e, BootError::ReadInitrd { .. }), "{e}");
+        assert!(e.to_string().contains("the file ended early"), "{e}");
+        let pieces: Vec<Piece> = Piece::split(false, 0, 1 << 20, kbytes.len() as u64 + 1).collect();
+        let e = read_pieces(&mem, &pieces, (&kf, k.as_path()), Some((&rdf, rd.as_path()))).unwrap_err();
+        assert!(matches!(e, BootError::ReadKernel { .. }), "{e}");
     }
 }
