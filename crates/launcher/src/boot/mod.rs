@@ -344,7 +344,7 @@ const MAX_LOAD_THREADS: usize = 4;
 /// first error stops them and is returned. Returns how many threads ran.
 fn in_parallel<E: Send>(n: usize, job: impl Fn(usize) -> Result<(), E> + Sync) -> Result<usize, E> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, MAX_LOAD_THREADS).min(n.max(1));
+    let threads = cpus_to_run_on().clamp(1, MAX_LOAD_THREADS).min(n.max(1));
     let next = AtomicUsize::new(0);
     let failed = std::sync::Mutex::new(None);
     let work = || loop {
@@ -369,6 +369,22 @@ fn in_parallel<E: Send>(n: usize, job: impl Fn(usize) -> Result<(), E> + Sync) -
     match failed.into_inner().ok().flatten() {
         Some(e) => Err(e),
         None => Ok(threads),
+    }
+}
+
+/// The CPUs this thread may run on. Not `available_parallelism`, which
+/// also reads the cgroup's CPU quota through /proc and /sys: a few
+/// milliseconds on the set-up's critical path under QEMU TCG, for a limit
+/// that only time-slices loader threads that are few anyway.
+fn cpus_to_run_on() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // writes at most its size into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 1;
+        }
+        usize::try_from(libc::CPU_COUNT(&set)).unwrap_or(1)
     }
 }
 
