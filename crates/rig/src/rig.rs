@@ -242,9 +242,12 @@ fn shares_for(cmd: &[String], cwd: &Path, extra: &[PathBuf]) -> Result<Vec<PathB
     // The command's directory and program too: a clone checked out under
     // /tmp (as CI may do) would otherwise be invisible in L1. Share the
     // whole top directory (`/tmp/X`), which holds the checkout and its
-    // target directory alike.
+    // target directory alike. So for every host path among the arguments
+    // (`--kernel /tmp/X/vmlinux`); one that does not exist yet may be made
+    // in L1 and is left alone.
     let program = cmd.first().map(PathBuf::from).filter(|p| p.is_absolute());
-    for p in std::iter::once(cwd.to_path_buf()).chain(program) {
+    let args = cmd.iter().skip(1).map(PathBuf::from).filter(|p| p.is_absolute() && p.exists());
+    for p in std::iter::once(cwd.to_path_buf()).chain(program).chain(args) {
         let top: PathBuf = p.components().take(3).collect();
         let hidden = top.starts_with("/tmp") || top.starts_with("/run");
         if hidden && top.components().count() == 3 && !wanted.iter().any(|w| top.starts_with(w)) {
@@ -252,7 +255,7 @@ fn shares_for(cmd: &[String], cwd: &Path, extra: &[PathBuf]) -> Result<Vec<PathB
             // L1's own /tmp.
             if !top.is_dir() && top.exists() {
                 return Err(Error::new(format!(
-                    "{} is a file right in {}, which L1 replaces with its own tmpfs: move it into a directory there (the rig shares /tmp/DIR)",
+                    "{} is a file right in {}, which L1 replaces with its own tmpfs: move it into a directory there (the rig shares /tmp/DIR) or elsewhere",
                     top.display(),
                     top.parent().map_or("/".into(), |d| d.display().to_string())
                 )));
@@ -995,6 +998,17 @@ mod tests {
             let e = shares_for(&[right_in_tmp.display().to_string()], root, &[]).unwrap_err().to_string();
             let _ = fs::remove_file(&right_in_tmp);
             assert!(e.contains("move it into a directory"), "{e}");
+            // The same for a host path among the arguments.
+            let shared = shares_for(&["/bin/cat".into(), file.display().to_string()], root, &[]).unwrap();
+            assert!(shared.contains(&fs::canonicalize(&dir).unwrap()), "{shared:?}");
+            fs::write(&right_in_tmp, "x").unwrap();
+            let e = shares_for(&["/bin/cat".into(), right_in_tmp.display().to_string()], root, &[]).unwrap_err().to_string();
+            let _ = fs::remove_file(&right_in_tmp);
+            assert!(e.contains("move it into a directory"), "{e}");
+            // A path the command will make in L1 is none of the rig's business.
+            let later = format!("/tmp/kickvm-rig-share-test-{}-not-yet", std::process::id());
+            let shared = shares_for(&["/bin/touch".into(), later.clone()], root, &[]).unwrap();
+            assert!(!shared.iter().any(|s| later.starts_with(&*s.to_string_lossy())), "{shared:?}");
         }
         let _ = fs::remove_dir_all(&dir);
     }
