@@ -985,7 +985,7 @@ mod tests {
         let file = dir.join("sub/run.sh");
         fs::write(&file, "#!/bin/sh\n").unwrap();
         let root = Path::new("/");
-        let e = shares_for(&["true".into()], root, &[file.clone()]).unwrap_err().to_string();
+        let e = shares_for(&["true".into()], root, std::slice::from_ref(&file)).unwrap_err().to_string();
         assert!(e.contains("not a directory"), "{e}");
         assert_eq!(shares_for(&["true".into()], root, &[dir.join("sub")]).unwrap(), vec![fs::canonicalize(dir.join("sub")).unwrap()]);
         if dir.starts_with("/tmp") {
