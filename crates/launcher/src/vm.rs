@@ -327,9 +327,8 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     let devs = devices::build(cfg)?;
     let plugged = devices::plug(&mut pci, devs, &ram.mem, &runtime)?;
 
-    let fds = create_vcpus(kvm, &vm, cfg)?;
     if chatty {
-        log::debug!("{:7.1} ms: devices and vCPUs", ms());
+        log::debug!("{:7.1} ms: devices", ms());
     }
     let (kernel, initrd) = loader
         .join()
@@ -340,6 +339,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     if chatty {
         log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     }
+    let fds = create_vcpus(kvm, &vm, cfg)?;
     let vcpus = start_vcpus(fds, cfg, kernel.entry(), &pio, &mmio, &control)?;
     if chatty {
         log::info!("VM set up in {:.1} ms", ms());
@@ -525,7 +525,10 @@ fn write_acpi(mem: &kickvm_virtio::GuestMemory, cfg: &AcpiConfig) -> Result<(), 
 
 /// Creates and configures every vCPU (CPUID, MSRs, LAPIC), before any
 /// runs, so an AP is ready when the boot vCPU sends it INIT/SIPI. Nothing
-/// here needs the kernel: it runs while the loader reads it.
+/// here needs the kernel, yet it runs after the loader: done while the
+/// loader worked (2026-12-06), it gained nothing measurable, and two test
+/// runs with it had a rig guest triple-fault in its first seconds
+/// (`many_vms_boot_and_power_off_cleanly`; cause not found, docs/benchmarks.md).
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<Vec<VcpuFd>, VmError> {
     let count = cfg.cpus;
     kickvm_virtio::sys::install_wake_handler();
