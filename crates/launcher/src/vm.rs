@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use kickvm_virtio::{GuestMemory, Runtime, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -339,8 +339,7 @@ pub fn run_watched(kvm: &Kvm, cfg: &VmConfig, io: &ConsoleIo, watcher: Option<&d
     if chatty {
         log::debug!("{:7.1} ms: ACPI and boot tables", ms());
     }
-    let fds = create_vcpus(kvm, &vm, cfg)?;
-    let vcpus = start_vcpus(fds, cfg, kernel.entry(), &pio, &mmio, &control)?;
+    let vcpus = start_vcpus(kvm, &vm, cfg, kernel.entry(), &pio, &mmio, &control)?;
     if chatty {
         log::info!("VM set up in {:.1} ms", ms());
     }
@@ -523,14 +522,21 @@ fn write_acpi(mem: &kickvm_virtio::GuestMemory, cfg: &AcpiConfig) -> Result<(), 
     Ok(())
 }
 
-/// Creates and configures every vCPU (CPUID, MSRs, LAPIC), before any
-/// runs, so an AP is ready when the boot vCPU sends it INIT/SIPI. Nothing
-/// here needs the kernel, yet it runs after the loader: done while the
-/// loader worked (2026-12-06), it gained nothing measurable, and two test
-/// runs with it had a rig guest triple-fault in its first seconds
+/// Creates, configures and starts every vCPU. Creating them needs nothing
+/// of the kernel, but it is done after the loader: done while the loader
+/// worked (2026-12-06), it gained nothing measurable, and two test runs
+/// with it had a rig guest triple-fault in its first seconds
 /// (`many_vms_boot_and_power_off_cleanly`; cause not found, docs/benchmarks.md).
-fn create_vcpus(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<Vec<VcpuFd>, VmError> {
-    let count = cfg.cpus;
+fn start_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    cfg: &VmConfig,
+    entry: boot::Entry,
+    pio: &Bus,
+    mmio: &Bus,
+    control: &Arc<Control>,
+) -> Result<Vcpus, VmError> {
+    let (count, seccomp) = (cfg.cpus, cfg.seccomp);
     kickvm_virtio::sys::install_wake_handler();
     crate::vcpu_dump::prepare(&cfg.kernel);
     let mut base = kvm
@@ -538,30 +544,19 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, cfg: &VmConfig) -> Result<Vec<VcpuFd>, VmE
         .map_err(kvm_err("cannot read the CPUID KVM supports"))?;
     cpuid::ensure_topology_leaves(&mut base);
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    // Configure every vCPU before any runs, so an AP is ready when the
+    // boot vCPU sends it INIT/SIPI.
     let mut fds = Vec::new();
     for id in 0..u32::from(count) {
         let fd = vm.create_vcpu(u64::from(id)).map_err(|err| VcpuError::Create { id, err })?;
         let mut c = base.clone();
         cpuid::patch(&mut c, id, u32::from(count), tsc_deadline);
         vcpu::configure(&fd, id, &c)?;
+        if id == 0 {
+            vcpu::set_boot_state(&fd, entry)?;
+        }
         fds.push(fd);
     }
-    Ok(fds)
-}
-
-/// Puts the boot vCPU at the kernel's `entry` and starts a thread per vCPU.
-fn start_vcpus(
-    fds: Vec<VcpuFd>,
-    cfg: &VmConfig,
-    entry: boot::Entry,
-    pio: &Bus,
-    mmio: &Bus,
-    control: &Arc<Control>,
-) -> Result<Vcpus, VmError> {
-    if let Some(boot) = fds.first() {
-        vcpu::set_boot_state(boot, entry)?;
-    }
-    let seccomp = cfg.seccomp;
     let mut vcpus = Vcpus { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
     let dumps_since = crate::vcpu_dump::requests();
     for (id, fd) in fds.into_iter().enumerate() {

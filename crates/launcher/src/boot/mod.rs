@@ -240,7 +240,8 @@ pub fn load_with_initrd(
     let (file, kernel) = inspect(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
     let mut how = None;
-    let mut pieces = Vec::new();
+    // (file offset, guest address, length) of each run of kernel bytes.
+    let mut runs = Vec::new();
     match &kernel {
         Kernel::BzImage(image) => {
             if !in_guest {
@@ -254,83 +255,85 @@ pub fn load_with_initrd(
                 }
             }
             // The protected-mode part, at 1 MiB.
-            pieces.extend(Piece::split(false, image.payload_offset, layout::HIGH_RAM_START, image.payload_len));
+            runs.push((image.payload_offset, layout::HIGH_RAM_START, image.payload_len));
         }
         // Each segment's file bytes go straight into the guest memory it
         // runs from. The rest of a segment (its .bss) is left as it is:
         // guest RAM is fresh (zero) at every boot, and the kernel clears
         // its .bss itself; writing zeroes would only make the host back
         // those pages.
-        Kernel::Elf(k) => {
-            for s in &k.segments {
-                pieces.extend(Piece::split(false, s.offset, s.addr, s.file_len));
-            }
-        }
+        Kernel::Elf(k) => runs.extend(k.segments.iter().map(|s| (s.offset, s.addr, s.file_len))),
     }
     let rd = match initrd {
         Some(p) => {
             let (f, size) = hostfile::open_nonempty("initrd", p)?;
             let addr = check_initrd_fits(p, size, low_end, &kernel)?;
-            pieces.extend(Piece::split(true, 0, addr, size));
-            Some((f, p, addr, size))
+            Some((Source { file: f, path: p, initrd: true }, addr, size))
         }
         None => None,
     };
-    read_pieces(mem, &pieces, (&file, path), rd.as_ref().map(|(f, p, _, _)| (f, *p)))?;
-    Ok(Loaded { kernel, initrd: rd.map(|(_, _, addr, size)| (addr, size)), how })
+    let k = Source { file, path, initrd: false };
+    let mut pieces: Vec<Piece> = runs.into_iter().flat_map(|(offset, addr, len)| Piece::split(&k, offset, addr, len)).collect();
+    if let Some((src, addr, size)) = &rd {
+        pieces.extend(Piece::split(src, 0, *addr, *size));
+    }
+    read_pieces(mem, &pieces)?;
+    Ok(Loaded { kernel, initrd: rd.map(|(_, addr, size)| (addr, size)), how })
 }
 
-/// A piece of the kernel or initramfs file: `len` bytes at `offset` go to
-/// guest address `addr`.
-struct Piece {
+/// A file the loader reads into guest memory: the kernel or the initramfs.
+struct Source<'a> {
+    file: std::fs::File,
+    path: &'a Path,
     initrd: bool,
+}
+
+impl Source<'_> {
+    fn error(&self, err: std::io::Error) -> BootError {
+        let path = self.path.display().to_string();
+        match self.initrd {
+            true => BootError::ReadInitrd { path, err },
+            false => BootError::ReadKernel { path, err },
+        }
+    }
+}
+
+/// A piece of a [`Source`]: `len` bytes at `offset` go to guest address
+/// `addr`.
+struct Piece<'a> {
+    src: &'a Source<'a>,
     offset: u64,
     addr: u64,
     len: u64,
 }
 
-impl Piece {
-    /// `len` bytes from `offset` to `addr`, in pieces of [`LOAD_PIECE`].
-    fn split(initrd: bool, offset: u64, addr: u64, len: u64) -> impl Iterator<Item = Piece> {
+impl<'a> Piece<'a> {
+    /// `len` bytes of `src` from `offset` to `addr`, in pieces of [`LOAD_PIECE`].
+    fn split(src: &'a Source<'a>, offset: u64, addr: u64, len: u64) -> impl Iterator<Item = Piece<'a>> {
         (0..len.div_ceil(LOAD_PIECE)).map(move |i| {
             let at = i * LOAD_PIECE;
-            Piece { initrd, offset: offset + at, addr: addr + at, len: LOAD_PIECE.min(len - at) }
+            Piece { src, offset: offset + at, addr: addr + at, len: LOAD_PIECE.min(len - at) }
         })
     }
 }
 
-/// Reads `pieces` of the kernel and initramfs files into guest memory on
-/// up to [`MAX_LOAD_THREADS`] threads. What it costs is mostly the host
-/// backing each page of guest memory the first time (zeroing it), which
-/// threads share.
-fn read_pieces(
-    mem: &GuestMemory,
-    pieces: &[Piece],
-    kernel: (&std::fs::File, &Path),
-    initrd: Option<(&std::fs::File, &Path)>,
-) -> Result<(), BootError> {
+/// Reads `pieces` into guest memory on up to [`MAX_LOAD_THREADS`] threads.
+/// What it costs is mostly the host backing each page of guest memory the
+/// first time (zeroing it), which threads share.
+fn read_pieces(mem: &GuestMemory, pieces: &[Piece]) -> Result<(), BootError> {
     in_parallel(pieces.len(), |i| {
         let p = &pieces[i];
-        let file = match (p.initrd, initrd) {
-            (true, Some((f, _))) => f,
-            _ => kernel.0,
-        };
         // Pieces are at most LOAD_PIECE bytes, so in usize.
-        with_guest_bytes(mem, p.addr, p.len as usize, |buf| elf::ReadAt::read_exact_at(file, buf, p.offset))
+        with_guest_bytes(mem, p.addr, p.len as usize, |buf| elf::ReadAt::read_exact_at(&p.src.file, buf, p.offset))
             .map_err(std::io::Error::other)
             .and_then(|r| r)
             .map_err(|e| match e.kind() {
                 // Shorter than when it was opened: changed meanwhile.
-                std::io::ErrorKind::UnexpectedEof => std::io::Error::new(e.kind(), "the file ended early"),
-                _ => e,
+                std::io::ErrorKind::UnexpectedEof => p.src.error(std::io::Error::new(e.kind(), "the file ended early")),
+                _ => p.src.error(e),
             })
-            .map_err(|e| (p.initrd, e))
     })
     .map(|_| ())
-    .map_err(|(on_initrd, err)| match (on_initrd, initrd) {
-        (true, Some((_, path))) => BootError::ReadInitrd { path: path.display().to_string(), err },
-        _ => BootError::ReadKernel { path: kernel.1.display().to_string(), err },
-    })
 }
 
 /// The pieces an ELF kernel's segments are read in, a thread each.
@@ -433,8 +436,8 @@ pub fn check_kernel_fits(path: &Path, kernel: &impl BootImage, low_end: u64) -> 
 pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<KernelImage, BootError> {
     let (file, kernel) = inspect_kernel(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
-    let pieces: Vec<Piece> = Piece::split(false, kernel.payload_offset, layout::HIGH_RAM_START, kernel.payload_len).collect();
-    read_pieces(mem, &pieces, (&file, path), None)?;
+    let k = Source { file, path, initrd: false };
+    read_pieces(mem, &Piece::split(&k, kernel.payload_offset, layout::HIGH_RAM_START, kernel.payload_len).collect::<Vec<_>>())?;
     Ok(kernel)
 }
 
@@ -471,8 +474,8 @@ pub fn load_initrd(
 ) -> Result<(u64, u64), BootError> {
     let (file, size) = hostfile::open_nonempty("initrd", path)?;
     let addr = check_initrd_fits(path, size, low_end, kernel)?;
-    let pieces: Vec<Piece> = Piece::split(true, 0, addr, size).collect();
-    read_pieces(mem, &pieces, (&file, path), Some((&file, path)))?;
+    let rd = Source { file, path, initrd: true };
+    read_pieces(mem, &Piece::split(&rd, 0, addr, size).collect::<Vec<_>>())?;
     Ok((addr, size))
 }
 
@@ -715,12 +718,14 @@ mod tests {
         };
         let (k, kbytes) = made((9 << 20) + 123, 0x55);
         let (rd, rdbytes) = made((4 << 20) + 7, 0xaa);
-        let (kf, rdf) = (std::fs::File::open(k.as_path()).unwrap(), std::fs::File::open(rd.as_path()).unwrap());
+        let open = |f: &vmm_sys_util::tempfile::TempFile| std::fs::File::open(f.as_path()).unwrap();
+        let ks = Source { file: open(&k), path: k.as_path(), initrd: false };
+        let rds = Source { file: open(&rd), path: rd.as_path(), initrd: true };
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let mut pieces: Vec<Piece> = Piece::split(false, 0, 1 << 20, kbytes.len() as u64).collect();
-        pieces.extend(Piece::split(true, 0, 16 << 20, rdbytes.len() as u64));
+        let mut pieces: Vec<Piece> = Piece::split(&ks, 0, 1 << 20, kbytes.len() as u64).collect();
+        pieces.extend(Piece::split(&rds, 0, 16 << 20, rdbytes.len() as u64));
         assert_eq!(pieces.len(), 3 + 2);
-        read_pieces(&mem, &pieces, (&kf, k.as_path()), Some((&rdf, rd.as_path()))).unwrap();
+        read_pieces(&mem, &pieces).unwrap();
         let mut back = vec![0u8; kbytes.len()];
         mem.read_slice(&mut back, GuestAddress(1 << 20)).unwrap();
         assert!(back == kbytes, "kernel bytes");
@@ -728,12 +733,12 @@ mod tests {
         mem.read_slice(&mut back, GuestAddress(16 << 20)).unwrap();
         assert!(back == rdbytes, "initramfs bytes");
         // The initramfs shrank after it was measured.
-        let pieces: Vec<Piece> = Piece::split(true, 0, 16 << 20, rdbytes.len() as u64 + 1).collect();
-        let e = read_pieces(&mem, &pieces, (&kf, k.as_path()), Some((&rdf, rd.as_path()))).unwrap_err();
+        let pieces: Vec<Piece> = Piece::split(&rds, 0, 16 << 20, rdbytes.len() as u64 + 1).collect();
+        let e = read_pieces(&mem, &pieces).unwrap_err();
         assert!(matches!(e, BootError::ReadInitrd { .. }), "{e}");
         assert!(e.to_string().contains("the file ended early"), "{e}");
-        let pieces: Vec<Piece> = Piece::split(false, 0, 1 << 20, kbytes.len() as u64 + 1).collect();
-        let e = read_pieces(&mem, &pieces, (&kf, k.as_path()), Some((&rdf, rd.as_path()))).unwrap_err();
+        let pieces: Vec<Piece> = Piece::split(&ks, 0, 1 << 20, kbytes.len() as u64 + 1).collect();
+        let e = read_pieces(&mem, &pieces).unwrap_err();
         assert!(matches!(e, BootError::ReadKernel { .. }), "{e}");
     }
 }

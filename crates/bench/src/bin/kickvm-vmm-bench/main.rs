@@ -1502,8 +1502,9 @@ fn host_ping(o: &Opts) -> Option<(f64, f64)> {
 /// character, so nothing is printed inside the counted window but the
 /// one-character end marker `D`: terminal echo is off, ping's output and
 /// the guest's clock readings go to files, printed after the window.
-/// The guest's side of a ping run. After `BENCH-READY` it waits for a line
-/// on its console three times: the first starts the control window (the
+///
+/// After `BENCH-READY` it waits for a line on its console three times:
+/// the first starts the control window (the
 /// same console exchange, file writes and program start as the ping
 /// window, with `sleep` for as long as the pings take in place of `ping`),
 /// the second the ping window, the third the report.
@@ -1620,24 +1621,24 @@ fn measure_ping(o: &Opts, vmm: Vmm, run: usize, events: &[String]) -> Result<Pin
     let backend_perf = |window: &str| -> Result<Option<Perf>, String> {
         backend.as_ref().map(|b| Perf::start(b.0.id() as i32, events, &o.out, &format!("{name}-backend-{window}"))).transpose()
     };
-    let stop = |p: Option<Perf>| p.map(|p| p.stop().map(|(counts, secs)| Window { counts, secs })).transpose();
+    let window = |p: Perf| p.stop().map(|(counts, secs)| Window { counts, secs });
+    let stop = |p: Option<Perf>| p.map(window).transpose();
     let bperf = backend_perf("idle")?;
     let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-idle"))?;
     std::thread::sleep(Duration::from_secs_f64(o.idle_secs));
-    let idle = stop(Some(perf))?.expect("a window was counted");
+    let idle = window(perf)?;
     let b_idle = stop(bperf)?;
     // A window marked as the ping window is, around `sleep`; then the pings.
-    let mut window = |what: &str| -> Result<(Window, Option<Window>, Instant, Instant), String> {
+    let mut marked = |what: &str| -> Result<(Window, Option<Window>, Instant, Instant), String> {
         let bperf = backend_perf(what)?;
         let perf = Perf::start(r.pid(), events, &o.out, &format!("{name}-{what}"))?;
         let go = Instant::now();
         r.type_line("g");
         let done = r.wait_line("D", Duration::from_secs(30 + (o.pings as u64) * 2))?;
-        let w = stop(Some(perf))?.expect("a window was counted");
-        Ok((w, stop(bperf)?, go, done))
+        Ok((window(perf)?, stop(bperf)?, go, done))
     };
-    let (control, b_control, _, _) = window("control")?;
-    let (busy, b_busy, go, done) = window("ping")?;
+    let (control, b_control, _, _) = marked("control")?;
+    let (busy, b_busy, go, done) = marked("ping")?;
     let backend_counts = match (b_idle, b_control, b_busy) {
         (Some(idle), Some(control), Some(busy)) => Some(Windows { idle, control, busy }),
         _ => None,
