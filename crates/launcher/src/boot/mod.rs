@@ -261,7 +261,8 @@ pub fn load_with_initrd(
         // runs from. The rest of a segment (its .bss) is left as it is:
         // guest RAM is fresh (zero) at every boot, and the kernel clears
         // its .bss itself; writing zeroes would only make the host back
-        // those pages.
+        // those pages. The file's holes are left out for the same reason
+        // ([`data_runs`]).
         Kernel::Elf(k) => runs.extend(k.segments.iter().map(|s| (s.offset, s.addr, s.file_len))),
     }
     let rd = match initrd {
@@ -273,9 +274,12 @@ pub fn load_with_initrd(
         None => None,
     };
     let k = Source { file, path, initrd: false };
-    let mut pieces: Vec<Piece> = runs.into_iter().flat_map(|(offset, addr, len)| Piece::split(&k, offset, addr, len)).collect();
+    let mut pieces = Vec::new();
+    for (offset, addr, len) in runs {
+        pieces.extend(k.pieces(offset, addr, len)?);
+    }
     if let Some((src, addr, size)) = &rd {
-        pieces.extend(Piece::split(src, 0, *addr, *size));
+        pieces.extend(src.pieces(0, *addr, *size)?);
     }
     read_pieces(mem, &pieces)?;
     Ok(Loaded { kernel, initrd: rd.map(|(_, addr, size)| (addr, size)), how })
@@ -288,7 +292,15 @@ struct Source<'a> {
     initrd: bool,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    /// The pieces that bring `len` bytes of the file from `offset` to
+    /// guest address `addr`: its data in pieces of [`LOAD_PIECE`], its
+    /// holes left out ([`data_runs`]).
+    fn pieces(&'a self, offset: u64, addr: u64, len: u64) -> Result<Vec<Piece<'a>>, BootError> {
+        let runs = data_runs(&self.file, offset, len).map_err(|e| self.error(e))?;
+        Ok(runs.into_iter().flat_map(|(at, n)| Piece::split(self, at, addr + (at - offset), n)).collect())
+    }
+
     fn error(&self, err: std::io::Error) -> BootError {
         let path = self.path.display().to_string();
         match self.initrd {
@@ -296,6 +308,50 @@ impl Source<'_> {
             false => BootError::ReadKernel { path, err },
         }
     }
+}
+
+/// Where the `len` bytes of `file` from `offset` hold data, as (offset,
+/// length) runs: its holes are left out. A hole reads as zeroes, and guest
+/// RAM is fresh (zero) at every boot, so copying one would only make the
+/// host back guest pages for nothing. A vmlinux is a third zeroes (its
+/// .bss and .brk are in the file): `kickvm-rig image` writes its vmlinux
+/// with holes there, and `fallocate --dig-holes` makes any file so. Where
+/// the filesystem does not report holes (9p, NFS) it is all data.
+///
+/// A file that no longer holds `offset + len` bytes is an error, not a
+/// run cut short.
+fn data_runs(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let size = file.metadata()?.len();
+    let end = offset.checked_add(len).filter(|&end| end <= size);
+    let Some(end) = end else {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ended early"));
+    };
+    // The offset of the next data (SEEK_DATA) or hole (SEEK_HOLE) from
+    // `at`; None when no data follows it.
+    let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on an open descriptor. The loader reads with
+        // pread, so the file position this moves is never used.
+        match unsafe { libc::lseek(file.as_raw_fd(), at, whence) } {
+            -1 => match std::io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+            to => Ok(Some(to as u64)),
+        }
+    };
+    let mut runs = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else { break };
+        // A hole at `data` cannot be (SEEK_DATA found data there); were a
+        // filesystem to say so, the rest counts as data.
+        let hole = seek(data, libc::SEEK_HOLE)?.filter(|&h| h > data).map_or(end, |h| h.min(end));
+        runs.push((data, hole - data));
+        at = hole;
+    }
+    Ok(runs)
 }
 
 /// A piece of a [`Source`]: `len` bytes at `offset` go to guest address
@@ -475,7 +531,7 @@ pub fn load_initrd(
     let (file, size) = hostfile::open_nonempty("initrd", path)?;
     let addr = check_initrd_fits(path, size, low_end, kernel)?;
     let rd = Source { file, path, initrd: true };
-    read_pieces(mem, &Piece::split(&rd, 0, addr, size).collect::<Vec<_>>())?;
+    read_pieces(mem, &rd.pieces(0, addr, size)?)?;
     Ok((addr, size))
 }
 
@@ -704,6 +760,52 @@ mod tests {
         for bad in ["console=ttyS0\tquiet", "a\nb", "init=/bin/\u{e9}"] {
             assert!(matches!(check_cmdline(bad, &k), Err(BootError::CmdlineChar(_))), "{bad:?}");
         }
+    }
+
+    /// A file's holes are not read: the guest memory under them is never
+    /// backed, reads as zeroes, and the data around them lands in place.
+    #[test]
+    fn a_files_holes_are_not_read_and_leave_guest_memory_untouched() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestMemoryBackend};
+        const MIB: u64 = 1 << 20;
+        // Data 0..4 MiB and 12..13 MiB + 5, a hole between.
+        let head: Vec<u8> = (0..4 * MIB).map(|i| (i % 253) as u8 | 1).collect();
+        let tail: Vec<u8> = (0..MIB + 5).map(|i| (i % 241) as u8 | 1).collect();
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let file = f.as_file();
+        file.write_all_at(&head, 0).unwrap();
+        file.write_all_at(&tail, 12 * MIB).unwrap();
+        let len = 13 * MIB + 5;
+        let src = Source { file: std::fs::File::open(f.as_path()).unwrap(), path: f.as_path(), initrd: false };
+        // 20 MiB of guest memory, the file at 2 MiB.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 20 << 20)]).unwrap();
+        let pieces = src.pieces(0, 2 * MIB, len).unwrap();
+        read_pieces(&mem, &pieces).unwrap();
+        // SAFETY: lseek on an open descriptor.
+        let first_hole = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(file), 0, libc::SEEK_HOLE) };
+        if first_hole < 0 || first_hole as u64 >= len {
+            eprintln!("skipped the untouched-memory check: {}'s filesystem does not report holes", f.as_path().display());
+        } else {
+            assert_eq!(pieces.iter().map(|p| p.len).sum::<u64>(), 5 * MIB + 5, "only the data is read");
+            // The middle of the hole (guest 8..12 MiB: away from its edges,
+            // which may share a host huge page with data) was never backed.
+            // Checked before anything reads it (a read maps the zero page).
+            let host = mem.get_host_address(GuestAddress(8 * MIB)).unwrap();
+            let mut resident = vec![0u8; (4 * MIB / 4096) as usize];
+            // SAFETY: 4 MiB from `host` are mapped guest memory; mincore
+            // writes one byte per page into `resident`, which holds that many.
+            assert_eq!(unsafe { libc::mincore(host.cast(), (4 * MIB) as usize, resident.as_mut_ptr()) }, 0);
+            assert!(resident.iter().all(|&r| r & 1 == 0), "a page in the hole was backed");
+        }
+        let mut back = vec![0u8; len as usize];
+        mem.read_slice(&mut back, GuestAddress(2 * MIB)).unwrap();
+        assert!(back[..head.len()] == head[..], "data before the hole");
+        assert!(back[4 * MIB as usize..12 * MIB as usize].iter().all(|&b| b == 0), "the hole reads as zeroes");
+        assert!(back[12 * MIB as usize..] == tail[..], "data after the hole");
+        // A file shorter than the run asked for is an error, holes or not.
+        let e = src.pieces(0, 2 * MIB, len + 1).err().expect("a run past the end");
+        assert!(e.to_string().contains("the file ended early"), "{e}");
     }
 
     /// The kernel and the initramfs are read in pieces on several threads:
