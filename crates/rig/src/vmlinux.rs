@@ -49,8 +49,9 @@ impl GuestImage {
 }
 
 /// Writes `bytes` to a new file at `path`, leaving a hole for each 4 KiB
-/// block of zeroes (on a filesystem without holes they are zeroes anyway).
-fn write_sparse(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+/// block of zeroes (on a filesystem without holes they are zeroes anyway),
+/// as `cp --sparse=always` does.
+pub fn write_sparse(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     const BLOCK: usize = 4096;
     let file = fs::File::create(path)?;

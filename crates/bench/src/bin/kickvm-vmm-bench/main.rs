@@ -492,7 +492,32 @@ fn firecracker_config(o: &Opts, script: &str, tap: bool) -> PathBuf {
 /// takes seconds, which must not fall inside a timed launch.
 fn image() -> kickvm_rig::GuestImage {
     static IMAGE: std::sync::OnceLock<kickvm_rig::GuestImage> = std::sync::OnceLock::new();
-    IMAGE.get_or_init(|| kickvm_rig::default_image().unwrap_or_else(|e| die(&e.to_string()))).clone()
+    IMAGE
+        .get_or_init(|| {
+            let mut img = kickvm_rig::default_image().unwrap_or_else(|e| die(&e.to_string()));
+            img.kernel = local(&img.kernel);
+            img.initrd = local(&img.initrd);
+            img
+        })
+        .clone()
+}
+
+/// A boot file where the VMMs read it. On a host as users have it, the
+/// kernel and initramfs are on a local filesystem. In the rig, L1 sees the
+/// host's files over 9p, which reports no holes (the image's vmlinux has
+/// them: `kickvm-rig image` writes its zero blocks so), so in L1 each is
+/// first copied into L1's own /tmp, a tmpfs, its zero blocks as holes (as
+/// `cp --sparse=always`): once per bench process, before any timed launch,
+/// and every VMM boots the same copies.
+fn local(path: &Path) -> PathBuf {
+    if std::env::var_os("KICKVM_IN_RIG").is_none() {
+        return path.to_path_buf();
+    }
+    let dir = Path::new("/tmp/kickvm-bench-boot");
+    let to = dir.join(path.file_name().unwrap_or_else(|| die(&format!("{} names no file", path.display()))));
+    let copied = fs::create_dir_all(dir).and_then(|()| fs::read(path)).and_then(|b| kickvm_rig::vmlinux::write_sparse(&to, &b));
+    copied.unwrap_or_else(|e| die(&format!("cannot copy {} to {}: {e}", path.display(), to.display())));
+    to
 }
 
 /// A peer's binary (checked in `parse_opts`: a missing peer is skipped).
@@ -885,7 +910,7 @@ fn own_table(vmms: &[Vmm], owns: &[Vec<Own>]) -> String {
 /// starts: the rig's cache is read-only).
 fn vmlinux() -> PathBuf {
     static VMLINUX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    VMLINUX.get_or_init(|| kickvm_rig::default_vmlinux().unwrap_or_else(|e| die(&e.to_string()))).clone()
+    VMLINUX.get_or_init(|| local(&kickvm_rig::default_vmlinux().unwrap_or_else(|e| die(&e.to_string())))).clone()
 }
 
 /// CLOCK_MONOTONIC in seconds: the clock of the trace events (`mono`).
@@ -1040,11 +1065,10 @@ fn warm_up(o: &Opts, vmm: Vmm) {
         Vmm::QemuMicrovm | Vmm::QemuPc | Vmm::QemuPcVhost => Path::new(&o.qemu),
     };
     let _ = Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
-    if let Ok(img) = kickvm_rig::default_image() {
-        let elf = matches!(vmm, Vmm::KickvmVmlinux | Vmm::Firecracker | Vmm::CloudHypervisor);
-        let _ = fs::read(if elf { vmlinux() } else { img.kernel });
-        let _ = fs::read(&img.initrd);
-    }
+    let img = image();
+    let elf = matches!(vmm, Vmm::KickvmVmlinux | Vmm::Firecracker | Vmm::CloudHypervisor);
+    let _ = fs::read(if elf { vmlinux() } else { img.kernel });
+    let _ = fs::read(&img.initrd);
 }
 
 // ---------------------------------------------------------------- rig
