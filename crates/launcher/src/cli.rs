@@ -143,7 +143,9 @@ pub struct RunArgs {
     /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*), or an
     /// uncompressed ELF vmlinux with a PVH entry point (CONFIG_PVH=y), which
     /// the guest need not decompress and which touches less guest memory;
-    /// told apart by the file's first bytes. Default: the project's test guest image
+    /// told apart by the file's first bytes. The file's holes are not read:
+    /// `fallocate --dig-holes vmlinux` makes its zero blocks (a third of a
+    /// vmlinux) holes once. Default: the project's test guest image
     /// (built from Debian packages on first use).
     #[arg(long, value_name = "BZIMAGE|VMLINUX")]
     pub kernel: Option<PathBuf>,
