@@ -27,10 +27,17 @@ impl GuestImage {
     /// have been extracted on the host.
     pub fn vmlinux(&self) -> Result<PathBuf> {
         let path = self.dir.join("vmlinux");
+        let in_rig = std::env::var_os("KICKVM_IN_RIG").is_some();
         if path.is_file() {
+            // One extracted before vmlinuxes were written with holes gets
+            // them now, once.
+            if !in_rig && dense(&path) && makes_holes(&self.dir) {
+                let bytes = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+                self.replace(&path, &bytes)?;
+            }
             return Ok(path);
         }
-        if std::env::var_os("KICKVM_IN_RIG").is_some() {
+        if in_rig {
             return Err(Error::with_hint(
                 format!("no vmlinux in the image {}", self.dir.display()),
                 "extract it on the host first: kickvm-rig image --print-vmlinux",
@@ -38,14 +45,36 @@ impl GuestImage {
         }
         let bz = fs::read(&self.kernel).map_err(|e| Error::io("cannot read kernel", &self.kernel, e))?;
         let elf = kickvm_bzimage::extract(&bz).map_err(|what| Error::new(format!("kernel {}: {what}", self.kernel.display())))?;
-        // Written aside and renamed: a reader never sees half a file, and
-        // two processes extracting at once both leave a whole one.
-        let tmp = self.dir.join(format!(".vmlinux-{}", std::process::id()));
-        write_sparse(&tmp, &elf).map_err(|e| Error::io("cannot write", &tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io("cannot write", &path, e))?;
+        self.replace(&path, &elf)?;
         crate::progress(&format!("vmlinux ({} MiB) extracted: {}", elf.len() >> 20, path.display()));
         Ok(path)
     }
+
+    /// Writes `elf` as `path`, with holes ([`write_sparse`]): aside, then
+    /// renamed, so that a reader never sees half a file and two processes
+    /// writing at once both leave a whole one.
+    fn replace(&self, path: &std::path::Path, elf: &[u8]) -> Result<()> {
+        let tmp = self.dir.join(format!(".vmlinux-{}", std::process::id()));
+        write_sparse(&tmp, elf).map_err(|e| Error::io("cannot write", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io("cannot write", path, e))
+    }
+}
+
+/// True if the file at `path` has a block on disk for every byte of it
+/// (no holes), as a vmlinux extracted before holes were made has.
+fn dense(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).is_ok_and(|m| m.blocks() * 512 >= m.len())
+}
+
+/// True if the filesystem of `dir` makes holes: a file only extended
+/// there takes no blocks.
+fn makes_holes(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let probe = dir.join(format!(".holes-{}", std::process::id()));
+    let made = fs::File::create(&probe).and_then(|f| f.set_len(1 << 20).and_then(|()| f.metadata()));
+    let _ = fs::remove_file(&probe);
+    made.is_ok_and(|m| m.blocks() == 0)
 }
 
 /// Writes `bytes` to a new file at `path`, leaving a hole for each 4 KiB
@@ -81,7 +110,7 @@ mod tests {
     #[test]
     fn a_sparse_write_reads_back_the_same_bytes_with_its_zero_blocks_as_holes() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile_dir();
+        let dir = tempfile_dir("sparse");
         let path = dir.join("f");
         // data, 64 KiB of zeroes, data, a zero tail that is not a whole block.
         let mut bytes: Vec<u8> = (0..8192u32).map(|i| (i % 7) as u8 + 1).collect();
@@ -94,9 +123,7 @@ mod tests {
         println!("{} bytes in {blocks} bytes of blocks", bytes.len());
         // ext4, xfs, btrfs and tmpfs make holes (a file only extended has
         // no blocks); where they are not made the bytes above are still right.
-        let probe = fs::File::create(dir.join("probe")).unwrap();
-        probe.set_len(1 << 20).unwrap();
-        if probe.metadata().unwrap().blocks() > 0 {
+        if !makes_holes(&dir) {
             eprintln!("skipped the hole check: {} does not make holes", dir.display());
         } else {
             assert!(blocks < 64 * 1024, "the zero blocks took space: {blocks}");
@@ -104,8 +131,34 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("kickvm-rig-sparse-{}", std::process::id()));
+    /// A vmlinux extracted before holes were made (every block on disk)
+    /// gets its holes at the next lookup, its bytes unchanged.
+    #[test]
+    fn a_dense_vmlinux_in_the_cache_gets_its_holes_at_the_next_lookup() {
+        if std::env::var_os("KICKVM_IN_RIG").is_some() {
+            return eprintln!("skipped: in the rig the cache is read-only and vmlinuxes are left as they are");
+        }
+        let dir = tempfile_dir("dense");
+        if !makes_holes(&dir) {
+            return eprintln!("skipped: {} makes no holes", dir.display());
+        }
+        let mut bytes = vec![0x5au8; 8192];
+        bytes.extend(std::iter::repeat_n(0u8, 1 << 20));
+        bytes.extend([1, 2, 3]);
+        let path = dir.join("vmlinux");
+        fs::write(&path, &bytes).unwrap();
+        assert!(dense(&path), "fs::write leaves no holes");
+        let img = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), kernel_version: String::new(), dir: dir.clone() };
+        assert_eq!(img.vmlinux().unwrap(), path);
+        assert!(!dense(&path), "still dense after the lookup");
+        assert!(fs::read(&path).unwrap() == bytes);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left behind");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A new directory of this test's own (tests run in parallel).
+    fn tempfile_dir(test: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("kickvm-rig-{test}-{}", std::process::id()));
         fs::create_dir_all(&d).unwrap();
         d
     }
