@@ -327,8 +327,6 @@ fn data_runs(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Vec
     let Some(end) = end else {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ended early"));
     };
-    // The offset of the next data (SEEK_DATA) or hole (SEEK_HOLE) from
-    // `at`; None when no data follows it.
     let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
         let at = libc::off_t::try_from(at).map_err(std::io::Error::other)?;
         // SAFETY: lseek on an open descriptor. The loader reads with
@@ -341,17 +339,38 @@ fn data_runs(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Vec
             to => Ok(Some(to as u64)),
         }
     };
+    Ok(runs_of_data(offset, end, seek))
+}
+
+/// The runs of data in `at..end`, as `seek` (`lseek` with `SEEK_DATA` or
+/// `SEEK_HOLE`; `None` for ENXIO, no data from there on) reports them.
+/// An answer that makes no sense — an error (a filesystem without
+/// `SEEK_DATA`), an offset before the one asked (one whose `lseek` ignores
+/// `whence`), a hole where data was just found — makes the rest data:
+/// reading a hole as data costs only time, skipping data would corrupt
+/// the guest's kernel.
+fn runs_of_data(mut at: u64, end: u64, seek: impl Fn(u64, libc::c_int) -> std::io::Result<Option<u64>>) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
-    let mut at = offset;
     while at < end {
-        let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else { break };
-        // A hole at `data` cannot be (SEEK_DATA found data there); were a
-        // filesystem to say so, the rest counts as data.
-        let hole = seek(data, libc::SEEK_HOLE)?.filter(|&h| h > data).map_or(end, |h| h.min(end));
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(None) => break,
+            Ok(Some(d)) if d >= at => d,
+            _ => {
+                runs.push((at, end - at));
+                break;
+            }
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match seek(data, libc::SEEK_HOLE) {
+            Ok(Some(h)) if h > data => h.min(end),
+            _ => end,
+        };
         runs.push((data, hole - data));
         at = hole;
     }
-    Ok(runs)
+    runs
 }
 
 /// A piece of a [`Source`]: `len` bytes at `offset` go to guest address
@@ -806,6 +825,41 @@ mod tests {
         // A file shorter than the run asked for is an error, holes or not.
         let e = src.pieces(0, 2 * MIB, len + 1).err().expect("a run past the end");
         assert!(e.to_string().contains("the file ended early"), "{e}");
+    }
+
+    /// What `lseek` says is trusted only where it makes sense: a
+    /// filesystem without `SEEK_DATA`, or one whose `lseek` ignores
+    /// `whence`, leaves the rest of the file to be read as data.
+    #[test]
+    fn odd_lseek_answers_make_the_rest_data_never_skip_it() {
+        use std::io::{Error, ErrorKind};
+        // Data at 4096..8192 and 12288..16384 of a 16 KiB file.
+        let holes = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+            Ok(match whence {
+                libc::SEEK_DATA if at < 4096 => Some(4096),
+                libc::SEEK_DATA if at < 8192 => Some(at),
+                libc::SEEK_DATA if at < 12288 => Some(12288),
+                libc::SEEK_DATA if at < 16384 => Some(at),
+                libc::SEEK_DATA => None,
+                _ if at < 8192 => Some(8192),
+                _ => Some(16384),
+            })
+        };
+        assert_eq!(runs_of_data(0, 16384, holes), [(4096, 4096), (12288, 4096)]);
+        assert_eq!(runs_of_data(5000, 14000, holes), [(5000, 3192), (12288, 1712)]);
+        assert_eq!(runs_of_data(8192, 12288, holes), []);
+        let unsupported = |_: u64, _: libc::c_int| Err(Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(runs_of_data(100, 16384, unsupported), [(100, 16284)]);
+        // An lseek that ignores `whence` and returns the file position.
+        let position = |_: u64, _: libc::c_int| Ok(Some(0));
+        assert_eq!(runs_of_data(0, 16384, position), [(0, 16384)]);
+        assert_eq!(runs_of_data(4096, 16384, position), [(4096, 12288)]);
+        // Data, then an error where its hole was asked for.
+        let half = |at: u64, whence: libc::c_int| match whence {
+            libc::SEEK_DATA => Ok(Some(at)),
+            _ => Err(Error::from(ErrorKind::Other)),
+        };
+        assert_eq!(runs_of_data(0, 16384, half), [(0, 16384)]);
     }
 
     /// The kernel and the initramfs are read in pieces on several threads:
