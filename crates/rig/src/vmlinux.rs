@@ -31,9 +31,11 @@ impl GuestImage {
         if path.is_file() {
             // One extracted before vmlinuxes were written with holes gets
             // them now, once.
+            // Only a saving: if it fails, the dense file still serves.
             if !in_rig && dense(&path) && makes_holes(&self.dir) {
-                let bytes = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e))?;
-                self.replace(&path, &bytes)?;
+                if let Err(e) = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e)).and_then(|b| self.replace(&path, &b)) {
+                    crate::progress(&format!("vmlinux left without holes: {e}"));
+                }
             }
             return Ok(path);
         }
@@ -55,8 +57,12 @@ impl GuestImage {
     /// writing at once both leave a whole one.
     fn replace(&self, path: &std::path::Path, elf: &[u8]) -> Result<()> {
         let tmp = self.dir.join(format!(".vmlinux-{}", std::process::id()));
-        write_sparse(&tmp, elf).map_err(|e| Error::io("cannot write", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io("cannot write", path, e))
+        let written = write_sparse(&tmp, elf).map_err(|e| Error::io("cannot write", &tmp, e));
+        let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io("cannot write", path, e)));
+        if renamed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        renamed
     }
 }
 
@@ -84,20 +90,20 @@ pub fn write_sparse(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     use std::os::unix::fs::FileExt;
     const BLOCK: usize = 4096;
     let file = fs::File::create(path)?;
-    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
-    let blocks: Vec<&[u8]> = bytes.chunks(BLOCK).collect();
-    let mut i = 0;
-    while i < blocks.len() {
-        if zero(blocks[i]) {
-            i += 1;
-            continue;
+    // Where the current run of data blocks starts, if in one.
+    let mut run = None;
+    for (i, block) in bytes.chunks(BLOCK).enumerate() {
+        match (run, block.iter().all(|&b| b == 0)) {
+            (None, false) => run = Some(i * BLOCK),
+            (Some(start), true) => {
+                file.write_all_at(&bytes[start..i * BLOCK], start as u64)?;
+                run = None;
+            }
+            _ => {}
         }
-        let start = i;
-        while i < blocks.len() && !zero(blocks[i]) {
-            i += 1;
-        }
-        let end = (i * BLOCK).min(bytes.len());
-        file.write_all_at(&bytes[start * BLOCK..end], (start * BLOCK) as u64)?;
+    }
+    if let Some(start) = run {
+        file.write_all_at(&bytes[start..], start as u64)?;
     }
     file.set_len(bytes.len() as u64)?;
     file.sync_all()
