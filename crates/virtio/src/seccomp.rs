@@ -106,16 +106,22 @@ pub const SPAWN_THREADS: &[i64] = &[
 /// Installs on the calling thread a filter allowing [`RUNTIME`] and the
 /// calls in `lists`. `kind` names the thread kind in errors.
 pub fn apply(kind: &str, lists: &[&[i64]], mode: SeccompMode) -> Result<(), SeccompError> {
+    let Some(bpf) = filter(lists, mode) else { return Ok(()) };
+    seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind: kind.to_string(), source })
+}
+
+/// The filter [`apply`] installs for `lists` (and [`RUNTIME`]) in `mode`;
+/// `None` for `off`.
+pub fn filter(lists: &[&[i64]], mode: SeccompMode) -> Option<Vec<sock_filter>> {
     let deny = match mode {
-        SeccompMode::Off => return Ok(()),
+        SeccompMode::Off => return None,
         SeccompMode::On => libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
         SeccompMode::Log => libc::SECCOMP_RET_LOG,
     };
     let mut allowed: Vec<u32> = RUNTIME.iter().chain(lists.iter().flat_map(|l| l.iter())).filter_map(|&nr| u32::try_from(nr).ok()).collect();
     allowed.sort_unstable();
     allowed.dedup();
-    let bpf = program(&allowed, deny);
-    seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind: kind.to_string(), source })
+    Some(program(&allowed, deny))
 }
 
 /// `AUDIT_ARCH_*` of the system calls a filter allows; any other is a

@@ -2,7 +2,7 @@
 //! guest. Every figure is printed next to a peer measured in the same run.
 //!
 //! ```text
-//! kickvm-bench [blk|rng|net|vhost-blk|all] [--seconds N] [--reps N]
+//! kickvm-bench [blk|rng|net|vhost-blk|seccomp|all] [--seconds N] [--reps N]
 //! ```
 //! Syscall counts need `perf` (linux-perf) and root; without them those
 //! columns read "n/a".
@@ -10,13 +10,14 @@
 mod blk;
 mod net;
 mod rng;
+mod seccomp;
 mod stats;
 mod syscalls;
 mod vhost_blk;
 
 use std::time::Duration;
 
-const USAGE: &str = "usage: kickvm-bench [blk|rng|net|vhost-blk|all] [--seconds N] [--reps N]
+const USAGE: &str = "usage: kickvm-bench [blk|rng|net|vhost-blk|seccomp|all] [--seconds N] [--reps N]
 
 Benchmarks kickvm's device servers in this process, with the test driver
 playing the guest, and prints Markdown tables (as in docs/benchmarks.md):
@@ -31,7 +32,10 @@ playing the guest, and prints Markdown tables (as in docs/benchmarks.md):
        /dev/shm file, in turn: 4 KiB random reads at QD1 and QD32, IOPS,
        p50/p99, back-end CPU time per I/O (needs the kickvm binary next to
        this one: cargo build --release -p kickvm -p kickvm-bench)
-  all  everything but vhost-blk (default)
+  seccomp  the CPU time of installing the seccomp filter of each kind of
+       kickvm thread, kickvm's filter against seccompiler's for the same
+       calls (needs a kernel with seccomp)
+  all  everything but vhost-blk and seccomp (default)
 --seconds N  time per measurement (default 3)
 --reps N     vhost-blk: runs of each back-end, alternating (default 3)";
 
@@ -62,7 +66,7 @@ fn main() {
                     reps = n as usize;
                 }
             }
-            w @ ("blk" | "rng" | "net" | "vhost-blk" | "all") => what = w.to_string(),
+            w @ ("blk" | "rng" | "net" | "vhost-blk" | "seccomp" | "all") => what = w.to_string(),
             other => {
                 kickvm_rig::note!("kickvm-bench: unknown argument `{other}`; see --help");
                 std::process::exit(2);
@@ -82,6 +86,10 @@ fn main() {
     if what == "vhost-blk" {
         kickvm_rig::note!("kickvm-bench: vhost-blk ({secs} s per run, {reps} runs of each back-end per queue depth)...");
         kickvm_rig::say!("{}", vhost_blk::run(dur, reps));
+    }
+    if what == "seccomp" {
+        kickvm_rig::note!("kickvm-bench: seccomp...");
+        kickvm_rig::say!("{}", seccomp::run());
     }
     if what == "net" || what == "all" {
         kickvm_rig::note!("kickvm-bench: net ({secs} s per row)...");
