@@ -153,19 +153,12 @@ const LEAF: usize = 4;
 /// the same (`the_search_decides_as_a_list_compared_in_turn`).
 fn program(allowed: &[u32], deny: u32) -> Vec<sock_filter> {
     use libc::{BPF_ABS, BPF_JA, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
-    let op = |code: u32, k: u32, jt: u8, jf: u8| sock_filter { code: code as u16, jt, jf, k };
-    // `struct seccomp_data`: the call's number, then its architecture.
-    const NR_AT: u32 = 0;
-    const ARCH_AT: u32 = 4;
-    let mut bpf = vec![
-        op(BPF_LD | BPF_W | BPF_ABS, ARCH_AT, 0, 0),
-        op(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH, 1, 0),
-        op(BPF_RET | BPF_K, libc::SECCOMP_RET_KILL_PROCESS, 0, 0),
-        op(BPF_LD | BPF_W | BPF_ABS, NR_AT, 0, 0),
-    ];
+    fn op(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+        sock_filter { code: code as u16, jt, jf, k }
+    }
     // Jumps go forward only; a conditional one reaches at most 255
     // instructions, `ja` any distance.
-    fn search(nrs: &[u32], deny: u32, bpf: &mut Vec<sock_filter>, op: &impl Fn(u32, u32, u8, u8) -> sock_filter) {
+    fn search(nrs: &[u32], deny: u32, bpf: &mut Vec<sock_filter>) {
         if nrs.len() <= LEAF {
             // Each comparison jumps to the `ret allow` after `ret deny`.
             for (i, &nr) in nrs.iter().enumerate() {
@@ -177,7 +170,7 @@ fn program(allowed: &[u32], deny: u32) -> Vec<sock_filter> {
         }
         let (low, high) = nrs.split_at(nrs.len() / 2);
         let mut left = Vec::new();
-        search(low, deny, &mut left, op);
+        search(low, deny, &mut left);
         match u8::try_from(left.len()) {
             // nr >= high[0]: past the lower half's instructions.
             Ok(skip) => bpf.push(op(BPF_JMP | BPF_JGE | BPF_K, high[0], skip, 0)),
@@ -187,9 +180,18 @@ fn program(allowed: &[u32], deny: u32) -> Vec<sock_filter> {
             }
         }
         bpf.extend(left);
-        search(high, deny, bpf, op);
+        search(high, deny, bpf);
     }
-    search(allowed, deny, &mut bpf, &op);
+    // `struct seccomp_data`: the call's number, then its architecture.
+    const NR_AT: u32 = 0;
+    const ARCH_AT: u32 = 4;
+    let mut bpf = vec![
+        op(BPF_LD | BPF_W | BPF_ABS, ARCH_AT, 0, 0),
+        op(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH, 1, 0),
+        op(BPF_RET | BPF_K, libc::SECCOMP_RET_KILL_PROCESS, 0, 0),
+        op(BPF_LD | BPF_W | BPF_ABS, NR_AT, 0, 0),
+    ];
+    search(allowed, deny, &mut bpf);
     bpf
 }
 
