@@ -32,8 +32,12 @@ impl GuestImage {
             // One extracted before vmlinuxes were written with holes gets
             // them now, once.
             // Only a saving: if it fails, the dense file still serves.
+            // A file with no block of zeroes would stay dense: it is not
+            // written again at every lookup.
             if !in_rig && dense(&path) && makes_holes(&self.dir) {
-                if let Err(e) = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e)).and_then(|b| self.replace(&path, &b)) {
+                let bytes = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e));
+                let zero_block = |b: &[u8]| b.chunks(4096).any(|c| c.len() == 4096 && c.iter().all(|&x| x == 0));
+                if let Err(e) = bytes.and_then(|b| if zero_block(&b) { self.replace(&path, &b) } else { Ok(()) }) {
                     crate::progress(&format!("vmlinux left without holes: {e}"));
                 }
             }
