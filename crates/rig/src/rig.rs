@@ -403,6 +403,22 @@ struct L1End {
     /// Every L1 vCPU was halted for [`RigOptions::idle_limit`] and the rig
     /// killed it.
     idle: bool,
+    /// L1 had not started the command [`L1_BOOT_LIMIT`] after QEMU
+    /// started, and the rig killed it.
+    boot_hung: bool,
+}
+
+/// How long L1 may take to boot before the rig gives up on it and tries a
+/// fresh one. L1 boots in 8–12 s here, and in under a minute with other
+/// L1s and builds sharing the CPUs. One CI run (2026-12-06 20:00 UTC) had
+/// an L1 whose kernel ran for 20 minutes, busy and with nothing on its
+/// console, until the command's whole timeout ended it and failed the test.
+const L1_BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// True if L1, booted `since_boot` ago, has not started the command and is
+/// past [`L1_BOOT_LIMIT`].
+fn l1_boot_overdue(started: Option<Instant>, since_boot: Duration) -> bool {
+    started.is_none() && since_boot >= L1_BOOT_LIMIT
 }
 
 /// True once L1's console shows its kernel stuck in one task for a minute
@@ -512,7 +528,7 @@ fn wait_for_l1(
     let deadline = t_boot + opts.timeout;
     let mut started: Option<Instant> = None;
     let mut lockup = false;
-    let (mut wedged, mut idle) = (false, false);
+    let (mut wedged, mut idle, mut boot_hung) = (false, false, false);
     let mut next_look = Instant::now();
     let mut next_sample = Instant::now() + WEDGE_SAMPLE;
     let mut spinning_since: Option<Instant> = None;
@@ -525,6 +541,13 @@ fn wait_for_l1(
                 let _ = child.kill();
                 let _ = child.wait();
                 lockup = true;
+                break false;
+            }
+            if l1_boot_overdue(started, t_boot.elapsed()) && Instant::now() < deadline {
+                record_l1_cpus(console);
+                let _ = child.kill();
+                let _ = child.wait();
+                boot_hung = true;
                 break false;
             }
         }
@@ -563,7 +586,7 @@ fn wait_for_l1(
             Err(e) => return Err(Error::new(format!("cannot wait for QEMU: {e}"))),
         }
     };
-    Ok(L1End { exited, started, lockup, wedged, idle })
+    Ok(L1End { exited, started, lockup, wedged, idle, boot_hung })
 }
 
 /// The command's exit status as L1 left it in the scratch share, or the
@@ -700,6 +723,14 @@ fn attempt_in_l1(cmd: &[String], opts: &RigOptions, l1: &image::GuestImage, timi
         return Ok(Attempt::L1Failed(format!(
             "L1 hung idle: every vCPU halted for {} s while the command should have kept it busy; L1 was killed (its registers: {})",
             opts.idle_limit.unwrap_or_default().as_secs(),
+            l1_cpus_file(&files.console).display()
+        )));
+    }
+    if end.boot_hung {
+        return Ok(Attempt::L1Failed(format!(
+            "L1 did not finish booting in {} s (last console lines: {}); L1 was killed (its registers: {})",
+            L1_BOOT_LIMIT.as_secs(),
+            qemu::tail(&files.console_text(), 2),
             l1_cpus_file(&files.console).display()
         )));
     }
@@ -911,7 +942,7 @@ mod tests {
     #[test]
     fn l1_that_stops_dead_mid_command_is_told_from_a_command_that_ends_it() {
         let files = RunFiles::create().unwrap();
-        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false, wedged: false, idle: false };
+        let end = |exited| L1End { exited, started: Some(Instant::now()), lockup: false, wedged: false, idle: false, boot_hung: false };
         let console = |text: &str| fs::write(&files.console, text).unwrap();
         console("KICKVM-RIG-CMD-START\n[ 7.8] kvm [153]: vcpu0, guest rIP: 0x1 Unhandled WRMSR(0xc0010007) = 0xffff\n");
         assert!(l1_stopped_dead(&end(true), &files), "silent stop mid-command");
@@ -958,10 +989,20 @@ mod tests {
         assert!(!l1_cpus_all_halted("QEMU's monitor did not answer"), "no dump is no verdict");
     }
 
+    /// An L1 still booting past the limit is given up on; one that started
+    /// the command is never, however long the command runs.
+    #[test]
+    fn only_an_l1_that_never_started_the_command_is_overdue() {
+        assert!(!l1_boot_overdue(None, Duration::from_secs(12)));
+        assert!(!l1_boot_overdue(None, L1_BOOT_LIMIT - Duration::from_secs(1)));
+        assert!(l1_boot_overdue(None, L1_BOOT_LIMIT));
+        assert!(!l1_boot_overdue(Some(Instant::now()), L1_BOOT_LIMIT * 4));
+    }
+
     #[test]
     fn qemu_refusing_its_options_is_an_error_not_an_l1_to_retry() {
         let files = RunFiles::create().unwrap();
-        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false, idle: false };
+        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false, idle: false, boot_hung: false };
         // As QEMU 7.2 said when a file was given as a share (2026-12-06).
         let said = "qemu-system-x86_64: -virtfs local,path=/tmp/tl.sh,mount_tag=share0: cannot initialize fsdev 'share0': failed to open '/tmp/tl.sh': Not a directory\n";
         fs::write(&files.qemu_log, said).unwrap();
@@ -1015,7 +1056,7 @@ mod tests {
 
     #[test]
     fn l1_that_fails_its_own_boot_is_retried_but_not_one_that_times_out() {
-        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false, idle: false };
+        let end = |exited, started: Option<Instant>| L1End { exited, started, lockup: false, wedged: false, idle: false, boot_hung: false };
         assert!(l1_failed_to_boot(&end(true, None)), "L1 panicked while booting");
         assert!(!l1_failed_to_boot(&end(false, None)), "a boot past the deadline is not retried");
         assert!(!l1_failed_to_boot(&end(true, Some(Instant::now()))), "the command started: its result");
