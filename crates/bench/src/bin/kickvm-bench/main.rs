@@ -2,12 +2,13 @@
 //! guest. Every figure is printed next to a peer measured in the same run.
 //!
 //! ```text
-//! kickvm-bench [blk|rng|net|vhost-blk|seccomp|all] [--seconds N] [--reps N]
+//! kickvm-bench [blk|rng|net|vhost-blk|seccomp|first-touch|all] [--seconds N] [--reps N] [--file PATH]
 //! ```
 //! Syscall counts need `perf` (linux-perf) and root; without them those
 //! columns read "n/a".
 
 mod blk;
+mod first_touch;
 mod net;
 mod rng;
 mod seccomp;
@@ -17,7 +18,7 @@ mod vhost_blk;
 
 use std::time::Duration;
 
-const USAGE: &str = "usage: kickvm-bench [blk|rng|net|vhost-blk|seccomp|all] [--seconds N] [--reps N]
+const USAGE: &str = "usage: kickvm-bench [blk|rng|net|vhost-blk|seccomp|first-touch|all] [--seconds N] [--reps N] [--file PATH]
 
 Benchmarks kickvm's device servers in this process, with the test driver
 playing the guest, and prints Markdown tables (as in docs/benchmarks.md):
@@ -35,15 +36,23 @@ playing the guest, and prints Markdown tables (as in docs/benchmarks.md):
   seccomp  the CPU time of installing the seccomp filter of each kind of
        kickvm thread, kickvm's filter against seccompiler's for the same
        calls (needs a kernel with seccomp)
-  all  everything but vhost-blk and seccomp (default)
+  first-touch  what this host charges for memory touched the first time
+       (anonymous, MADV_HUGEPAGE, as guest RAM) and for copying a file into
+       memory with pread against memcpy from a mapping, CPU ms per MiB: the
+       floor under a VMM's own work of loading a kernel (run it in the rig:
+       kickvm-rig run -- target/release/kickvm-bench first-touch)
+  all  everything but vhost-blk, seccomp and first-touch (default)
 --seconds N  time per measurement (default 3)
---reps N     vhost-blk: runs of each back-end, alternating (default 3)";
+--reps N     vhost-blk: runs of each back-end, alternating (default 3)
+--file PATH  first-touch: the file to copy (default: the default guest
+             image's kernel, built by `kickvm-rig image`)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut what = "all".to_string();
     let mut secs = 3u64;
     let mut reps = 3usize;
+    let mut file = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -66,7 +75,17 @@ fn main() {
                     reps = n as usize;
                 }
             }
-            w @ ("blk" | "rng" | "net" | "vhost-blk" | "seccomp" | "all") => what = w.to_string(),
+            "--file" => {
+                i += 1;
+                match args.get(i) {
+                    Some(p) => file = Some(std::path::PathBuf::from(p)),
+                    None => {
+                        kickvm_rig::note!("kickvm-bench: --file needs a path; see --help");
+                        std::process::exit(2);
+                    }
+                }
+            }
+            w @ ("blk" | "rng" | "net" | "vhost-blk" | "seccomp" | "first-touch" | "all") => what = w.to_string(),
             other => {
                 kickvm_rig::note!("kickvm-bench: unknown argument `{other}`; see --help");
                 std::process::exit(2);
@@ -90,6 +109,10 @@ fn main() {
     if what == "seccomp" {
         kickvm_rig::note!("kickvm-bench: seccomp...");
         kickvm_rig::say!("{}", seccomp::run());
+    }
+    if what == "first-touch" {
+        kickvm_rig::note!("kickvm-bench: first-touch...");
+        kickvm_rig::say!("{}", first_touch::run(file));
     }
     if what == "net" || what == "all" {
         kickvm_rig::note!("kickvm-bench: net ({secs} s per row)...");
