@@ -436,12 +436,21 @@ fn load(
 ) -> Result<(), String> {
     // What `kickvm run` does by default: decompress on the host when the
     // payload is LZ4 (else the same as `load_kernel`).
-    match boot::load(mem, kpath, low_end, false) {
-        Ok((boot::Kernel::Elf(e), _)) => {
+    // The initramfs, if any, is read alongside the blocks when it can be.
+    match boot::load_with_initrd(mem, kpath, initrd.map(|(_, p)| p.as_path()), low_end, false) {
+        Ok(boot::Loaded { kernel: boot::Kernel::Elf(e), initrd: rd, .. }) => {
             assert!(e.reserved_end <= low_end, "host-decompressed kernel past RAM");
             assert!(e.segments.iter().any(|s| e.entry >= s.addr && e.entry < s.addr + s.file_len), "entry outside");
+            if let (Some((addr, sz)), Some((size, p))) = (rd, initrd) {
+                assert_eq!(sz, *size, "initrd size");
+                assert!(addr >= e.reserved_end && addr + sz <= low_end, "initrd at {addr:#x}+{sz:#x} over the kernel or past RAM");
+                let want = std::fs::read(p).expect("the initrd file");
+                let mut got = vec![0u8; want.len()];
+                vm_memory::Bytes::read_slice(mem, &mut got, GuestAddress(addr)).expect("initrd in RAM");
+                assert!(got == want, "the initrd in guest memory is not the file");
+            }
         }
-        Ok((boot::Kernel::BzImage(_), _)) => {}
+        Ok(_) => {}
         Err(e) => one_line(&e.to_string()),
     }
     let k = boot::load_kernel(mem, kpath, low_end).map_err(|e| e.to_string())?;

@@ -228,8 +228,9 @@ pub struct Loaded {
 /// the same threads: where each goes is known from the headers (the
 /// initramfs above the kernel's reserved area), and the first touch of
 /// guest memory, not the reading, is what costs. A kernel decompressed on
-/// the host uses the memory below `low_end` as it likes meanwhile, so the
-/// initramfs comes after it there.
+/// the host ([`unpack`]) takes the initramfs onto its decompressing threads
+/// when it can place it clear of the file before the kernel's headers are
+/// read, and reads it after when not.
 pub fn load_with_initrd(
     mem: &GuestMemory,
     path: &Path,
@@ -245,10 +246,21 @@ pub fn load_with_initrd(
     match &kernel {
         Kernel::BzImage(image) => {
             if !in_guest {
-                match unpack::load(mem, &file, image, low_end, &path.display().to_string())? {
-                    unpack::Unpacked::Loaded(k, unpacked) => {
+                let rd = match initrd {
+                    Some(p) => {
+                        let (file, size) = hostfile::open_nonempty("initrd", p)?;
+                        Some((Source { file, path: p, initrd: true }, size))
+                    }
+                    None => None,
+                };
+                let rd_arg = rd.as_ref().map(|(src, size)| (src, *size));
+                match unpack::load(mem, &file, image, low_end, &path.display().to_string(), rd_arg)? {
+                    unpack::Unpacked::Loaded(k, unpacked, read) => {
                         let kernel = Kernel::Elf(k);
-                        let initrd = initrd.map(|p| load_initrd(mem, p, low_end, &kernel)).transpose()?;
+                        let initrd = match (initrd, read) {
+                            (Some(_), Some(at)) => Some(at),
+                            (p, _) => p.map(|p| load_initrd(mem, p, low_end, &kernel)).transpose()?,
+                        };
                         return Ok(Loaded { kernel, initrd, how: Some(unpacked) });
                     }
                     unpack::Unpacked::InGuest(why) => how = Some(format!("decompressed by the guest: {why}")),
@@ -396,19 +408,20 @@ impl<'a> Piece<'a> {
 /// What it costs is mostly the host backing each page of guest memory the
 /// first time (zeroing it), which threads share.
 fn read_pieces(mem: &GuestMemory, pieces: &[Piece]) -> Result<(), BootError> {
-    in_parallel(pieces.len(), |i| {
-        let p = &pieces[i];
-        // Pieces are at most LOAD_PIECE bytes, so in usize.
-        with_guest_bytes(mem, p.addr, p.len as usize, |buf| elf::ReadAt::read_exact_at(&p.src.file, buf, p.offset))
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(|e| match e.kind() {
-                // Shorter than when it was opened: changed meanwhile.
-                std::io::ErrorKind::UnexpectedEof => p.src.error(std::io::Error::new(e.kind(), "the file ended early")),
-                _ => p.src.error(e),
-            })
-    })
-    .map(|_| ())
+    in_parallel(pieces.len(), |i| read_piece(mem, &pieces[i])).map(|_| ())
+}
+
+/// Reads one piece into guest memory.
+fn read_piece(mem: &GuestMemory, p: &Piece) -> Result<(), BootError> {
+    // Pieces are at most LOAD_PIECE bytes, so in usize.
+    with_guest_bytes(mem, p.addr, p.len as usize, |buf| elf::ReadAt::read_exact_at(&p.src.file, buf, p.offset))
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| match e.kind() {
+            // Shorter than when it was opened: changed meanwhile.
+            std::io::ErrorKind::UnexpectedEof => p.src.error(std::io::Error::new(e.kind(), "the file ended early")),
+            _ => p.src.error(e),
+        })
 }
 
 /// The pieces an ELF kernel's segments are read in, a thread each.

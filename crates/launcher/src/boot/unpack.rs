@@ -26,15 +26,16 @@ use kickvm_bzimage::{Lz4Index, LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
 use super::elf::{ElfError, ElfLayout, ReadAt, Segment};
-use super::{BootError, ElfKernel, KernelImage, PAGE};
+use super::{BootError, ElfKernel, KernelImage, Source, PAGE};
 use crate::layout;
 use kickvm_virtio::GuestMemory;
 
 /// What became of a bzImage's kernel.
 pub enum Unpacked {
     /// Decompressed into guest memory, to be entered at its PVH entry;
-    /// how long that took, for the log.
-    Loaded(ElfKernel, String),
+    /// how long that took, for the log; where the initramfs went if it
+    /// was read alongside (address, size).
+    Loaded(ElfKernel, String, Option<(u64, u64)>),
     /// Left to the bzImage's own decompressor, for this reason.
     InGuest(String),
 }
@@ -51,7 +52,18 @@ pub enum Unpacked {
 /// the kernel is allocated and nothing is copied twice: in the rig, where
 /// every first touch of a page costs ~10 ms per MiB (QEMU TCG zeroing it),
 /// what is touched is what the boot costs.
-pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, path: &str) -> Result<Unpacked, BootError> {
+///
+/// `initrd` (the file and its size), if given, is read into place on the
+/// same threads when it can be told where before the kernel's headers are
+/// read ([`Unpacked::Loaded`] says where it went, or that it was not).
+pub(super) fn load(
+    mem: &GuestMemory,
+    file: &File,
+    image: &KernelImage,
+    low_end: u64,
+    path: &str,
+    initrd: Option<(&Source, u64)>,
+) -> Result<Unpacked, BootError> {
     let t0 = std::time::Instant::now();
     let read_err = |err| BootError::ReadKernel { path: path.to_string(), err };
     let corrupt = |what: String| BootError::Unpack { path: path.to_string(), what };
@@ -81,10 +93,12 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
     let read_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     // Block 0 holds the ELF and program headers, which say where
-    // everything goes; it is decompressed first, where the file's start
-    // lands if the kernel is laid out as Linux lays it out (its first
-    // segment at `pref_address`, `kernel_alignment` into the file), and
-    // moved if not.
+    // everything goes. The blocks are decompressed before those are read,
+    // at `guess`: where the file's start lands if the kernel is laid out
+    // as Linux lays it out (its first segment at `pref_address`,
+    // `kernel_alignment` into the file), and the file moved if not. When
+    // the whole file does not fit there, block 0 goes first, alone, and
+    // the others once the headers say where.
     let head_len = frame.block_len(0) as u64;
     let guess = image.header.pref_address.saturating_sub(u64::from(image.header.kernel_alignment));
     let guess = if guess >= layout::HIGH_RAM_START && guess.saturating_add(head_len) <= low_end {
@@ -92,8 +106,25 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
     } else {
         low_end.saturating_sub(head_len).max(layout::HIGH_RAM_START) & !(PAGE - 1)
     };
-    let mut dirtied = vec![(guess, head_len)];
-    super::with_guest_bytes(mem, guess, head_len as usize, |out| block(0, out)).and_then(|r| r).map_err(corrupt)?;
+    let blocks = frame.blocks.len();
+    let all_at_guess = guess.saturating_add(frame.len) <= low_end;
+    // The initramfs is read alongside, where it goes under an ELF kernel
+    // (the top of RAM below 4 GiB), if that is clear of the file.
+    let rd = initrd.filter(|_| all_at_guess).and_then(|(src, size)| {
+        let at = low_end.min(layout::MEM_32BIT_GAP_START).checked_sub(size)? & !(PAGE - 1);
+        (at >= guess + frame.len).then_some((src, size, at))
+    });
+    let rd_pieces = match rd {
+        Some((src, size, at)) => src.pieces(0, at, size)?,
+        None => Vec::new(),
+    };
+    let first = if all_at_guess { blocks } else { 1 };
+    let mut threads = super::in_parallel(first + rd_pieces.len(), |j| match j.checked_sub(first) {
+        None => super::with_guest_bytes(mem, guess + (j * LZ4_LEGACY_BLOCK) as u64, frame.block_len(j), |out| block(j, out))
+            .and_then(|r| r)
+            .map_err(corrupt),
+        Some(p) => super::read_piece(mem, &rd_pieces[p]),
+    })?;
     let layout = ElfLayout::parse(&InGuest { mem, at: guess, len: head_len }, frame.len).map_err(|e| match e {
         // The headers reach past block 0: only a corrupt ELF does that.
         ElfError::Read(_) => corrupt("decompresses to an ELF file whose headers do not fit in its first 8 MiB".into()),
@@ -105,25 +136,28 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
     let Some(base) = place(&layout.segments, frame.len, low_end) else {
         return Ok(Unpacked::InGuest("its segments leave no room to decompress it in place".into()));
     };
+    let done = if all_at_guess { frame.len } else { head_len };
+    let mut dirtied = vec![(guess, done)];
     if base != guess {
-        move_within(mem, guess, base, head_len)?;
-        dirtied.push((base, head_len));
+        move_within(mem, guess, base, done)?;
+        dirtied.push((base, done));
     }
-    dirtied.push((base, frame.len));
-
-    // The other blocks, each straight into its place, in parallel.
-    let blocks = frame.blocks.len();
-    let threads = super::in_parallel(blocks - 1, |n| {
-        let i = n + 1;
-        super::with_guest_bytes(mem, base + (i * LZ4_LEGACY_BLOCK) as u64, frame.block_len(i), |out| block(i, out))
-            .and_then(|r| r)
-    })
-    .map_err(corrupt)?;
+    if first < blocks {
+        dirtied.push((base, frame.len));
+        // The other blocks, each straight into its place, in parallel.
+        let n = super::in_parallel(blocks - first, |n| {
+            let i = n + first;
+            super::with_guest_bytes(mem, base + (i * LZ4_LEGACY_BLOCK) as u64, frame.block_len(i), |out| block(i, out))
+                .and_then(|r| r)
+        })
+        .map_err(corrupt)?;
+        threads = threads.max(n);
+    }
     if !move_segments(mem, &layout.segments, base)? {
         return Ok(Unpacked::InGuest("its segments cannot be moved into place one by one".into()));
     }
     clear_tails(mem, &layout.segments, &dirtied)?;
-    release_gaps(mem, &layout.segments, &dirtied, low_end);
+    release_gaps(mem, &layout.segments, &dirtied, rd.map(|(_, size, at)| (at, size)), low_end);
 
     // The PVH note is read where its bytes now are: in a loaded segment.
     let segments = layout.segments.clone();
@@ -133,13 +167,20 @@ pub fn load(mem: &GuestMemory, file: &File, image: &KernelImage, low_end: u64, p
         Err(ElfError::Read(_)) => return Ok(Unpacked::InGuest("its notes are outside the segments it loads".into())),
         Err(e) => return Err(elf_err(e)),
     };
+    // The initramfs read alongside stays where it is if that is where it
+    // belongs under this kernel (above its reserved area) and the file
+    // was not moved over it; else the caller reads it again.
+    let rd = rd
+        .filter(|&(_, size, at)| base == guess && super::initrd_placement(size, low_end, &kernel) == Some(at))
+        .map(|(_, size, at)| (at, size));
     let how = format!(
-        "{} MiB decompressed on the host in {:.1} ms ({read_ms:.1} ms finding the {blocks} blocks of {} KiB), on {threads} threads",
+        "{} MiB decompressed on the host in {:.1} ms ({read_ms:.1} ms finding the {blocks} blocks of {} KiB), on {threads} threads{}",
         frame.len >> 20,
         t0.elapsed().as_secs_f64() * 1e3,
         len >> 10,
+        if rd.is_some() { ", the initramfs read alongside" } else { "" },
     );
-    Ok(Unpacked::Loaded(kernel, how))
+    Ok(Unpacked::Loaded(kernel, how, rd))
 }
 
 thread_local! {
@@ -236,10 +277,13 @@ fn clear_tails(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)]) 
 /// segment): the guest sees zeroes there, or what was there when guest
 /// RAM is shared; neither is memory the kernel expects anything in. Only
 /// whole 2 MiB pages clear of every segment, so that no huge page under
-/// the kernel is split. Nothing but the kernel is above 1 MiB yet.
-fn release_gaps(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)], low_end: u64) {
+/// the kernel is split, and none that holds any of `keep` (the initramfs,
+/// if it was read alongside). Nothing else is above 1 MiB yet.
+fn release_gaps(mem: &GuestMemory, segments: &[Segment], dirtied: &[(u64, u64)], keep: Option<(u64, u64)>, low_end: u64) {
     const HUGE: u64 = 2 << 20;
-    let holds_kernel = |page: u64| segments.iter().any(|s| s.addr < page + HUGE && page < s.addr + s.mem_len);
+    let holds_kernel = |page: u64| {
+        segments.iter().map(|s| (s.addr, s.mem_len)).chain(keep).any(|(at, len)| at < page + HUGE && page < at + len)
+    };
     for &(at, len) in dirtied {
         let mut page = at & !(HUGE - 1);
         while page < at + len {
@@ -357,12 +401,7 @@ mod tests {
     /// A bzImage whose payload is `payload`, asking to run at `pref` with
     /// `align`: where block 0 is decompressed first.
     fn bzimage(payload: &[u8], pref: u64, align: u32) -> (std::fs::File, KernelImage) {
-        let mut img = image(payload.len());
-        put(&mut img, 0x248, &0u32.to_le_bytes());
-        put(&mut img, 0x24c, &(payload.len() as u32).to_le_bytes());
-        put(&mut img, 0x258, &pref.to_le_bytes());
-        put(&mut img, 0x230, &align.to_le_bytes());
-        img[1024..].copy_from_slice(payload);
+        let img = bzimage_bytes(payload, pref, align);
         let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
         std::fs::write(f.as_path(), &img).unwrap();
         let file = std::fs::File::open(f.as_path()).unwrap();
@@ -370,12 +409,23 @@ mod tests {
         (file, k)
     }
 
+    /// The bytes of [`bzimage`]'s file.
+    fn bzimage_bytes(payload: &[u8], pref: u64, align: u32) -> Vec<u8> {
+        let mut img = image(payload.len());
+        put(&mut img, 0x248, &0u32.to_le_bytes());
+        put(&mut img, 0x24c, &(payload.len() as u32).to_le_bytes());
+        put(&mut img, 0x258, &pref.to_le_bytes());
+        put(&mut img, 0x230, &align.to_le_bytes());
+        img[1024..].copy_from_slice(payload);
+        img
+    }
+
     fn unpack(payload: &[u8], pref: u64, align: u32) -> (memory::GuestRam, Result<Unpacked, BootError>) {
         let ram = memory::create(64 << 20, Backing::Private).unwrap();
         // Whatever was in guest memory must not show through.
         ram.mem.write_slice(&vec![0x55u8; 32 << 20], GuestAddress(1 << 20)).unwrap();
         let (file, k) = bzimage(payload, pref, align);
-        let r = load(&ram.mem, &file, &k, ram.low_end(), "bz");
+        let r = load(&ram.mem, &file, &k, ram.low_end(), "bz", None);
         (ram, r)
     }
 
@@ -386,7 +436,7 @@ mod tests {
         for (pref, align) in [(0x10_0000, 0), (0x100_0000, 0x20_0000)] {
             let (ram, r) = unpack(&frame, pref, align);
             let k = match r {
-                Ok(Unpacked::Loaded(k, _)) => k,
+                Ok(Unpacked::Loaded(k, _, _)) => k,
                 Ok(Unpacked::InGuest(why)) => panic!("left to the guest: {why}"),
                 Err(e) => panic!("{e}"),
             };
@@ -445,6 +495,63 @@ mod tests {
         assert!(matches!(e, BootError::KernelTooLarge { .. }), "{e}");
     }
 
+    /// The initramfs is read on the decompressing threads when it can be
+    /// placed before the kernel's headers are read, and where it belongs
+    /// either way: with the file in place (read alongside, in a roomy
+    /// guest and in a tight one), with the file moved (read again after);
+    /// and where it does not fit, the same error as without.
+    #[test]
+    fn the_initramfs_is_read_alongside_the_blocks_when_it_can_be() {
+        let frame = kickvm_bzimage::stored_frame(&elf(&SEGS, true));
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let rd: Vec<u8> = (0..0x12_3456u32).map(|i| (i % 241) as u8 + 1).collect();
+        let rd_path = dir.as_path().join("initrd");
+        std::fs::write(&rd_path, &rd).unwrap();
+        for (pref, align, mib, alongside) in
+            [(0x100_0000u64, 0x20_0000u32, 64u64, true), (0x10_0000, 0, 64, false), (0x100_0000, 0x20_0000, 24, true)]
+        {
+            let bz = dir.as_path().join("bz");
+            std::fs::write(&bz, bzimage_bytes(&frame, pref, align)).unwrap();
+            let ram = memory::create(mib << 20, Backing::Private).unwrap();
+            ram.mem.write_slice(&vec![0x55u8; ((mib - 1) << 20) as usize], GuestAddress(1 << 20)).unwrap();
+            let l = super::super::load_with_initrd(&ram.mem, &bz, Some(&rd_path), ram.low_end(), false).unwrap();
+            let case = format!("pref {pref:#x}, {mib} MiB");
+            let how = l.how.unwrap_or_default();
+            assert_eq!(how.contains("initramfs read alongside"), alongside, "{case}: {how}");
+            let want_at = ((mib << 20) - rd.len() as u64) & !(PAGE - 1);
+            assert_eq!(l.initrd, Some((want_at, rd.len() as u64)), "{case}");
+            let mut got = vec![0u8; rd.len()];
+            ram.mem.read_slice(&mut got, GuestAddress(want_at)).unwrap();
+            assert!(got == rd, "{case}: the initramfs in guest memory is not the file");
+            let super::super::Kernel::Elf(k) = l.kernel else { panic!("{case}: not decompressed on the host") };
+            assert_eq!(k.entry, ENTRY, "{case}");
+            for &(off, addr, len, _) in &SEGS {
+                let mut seg = vec![0u8; len as usize];
+                ram.mem.read_slice(&mut seg, GuestAddress(addr)).unwrap();
+                let bad = (0..len).find(|&i| seg[i as usize] != byte(off + i) && !(off == SEGS[0].0 && (0x100..0x114).contains(&i)));
+                assert_eq!(bad, None, "{case}: segment at {addr:#x}");
+            }
+        }
+        // 22 MiB: the initramfs would end up under the kernel's last segment.
+        let ram = memory::create(22 << 20, Backing::Private).unwrap();
+        let e = super::super::load_with_initrd(&ram.mem, &dir.as_path().join("bz"), Some(&rd_path), ram.low_end(), false)
+            .err()
+            .expect("an initramfs over the kernel loads");
+        assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
+        // An initramfs that shrinks after it was opened is an error naming
+        // it, on the decompressing threads as anywhere.
+        let big: Vec<u8> = vec![0x77; 5 << 20];
+        std::fs::write(&rd_path, &big).unwrap();
+        let bz = dir.as_path().join("bz");
+        let ram = memory::create(64 << 20, Backing::Private).unwrap();
+        let (file, size) = crate::hostfile::open_nonempty("initrd", &rd_path).unwrap();
+        std::fs::File::options().write(true).open(&rd_path).unwrap().set_len(1 << 20).unwrap();
+        let src = Source { file, path: &rd_path, initrd: true };
+        let (kf, k) = super::super::inspect_kernel(&bz).unwrap();
+        let e = load(&ram.mem, &kf, &k, ram.low_end(), "bz", Some((&src, size))).err().expect("a shrunk initramfs loads");
+        assert!(e.to_string().contains("initrd") && e.to_string().contains("ended early"), "{e}");
+    }
+
     /// The default guest image's bzImage and the vmlinux the rig extracts
     /// from it (built from Debian packages on first use).
     fn debian_kernel() -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
@@ -462,7 +569,7 @@ mod tests {
         let (file, kernel) = super::super::inspect(&bz).unwrap();
         let super::super::Kernel::BzImage(image) = kernel else { panic!("{} is not a bzImage", bz.display()) };
         let t0 = std::time::Instant::now();
-        let Unpacked::Loaded(k, _) = load(&ram.mem, &file, &image, ram.low_end(), "bz").unwrap() else {
+        let Unpacked::Loaded(k, _, _) = load(&ram.mem, &file, &image, ram.low_end(), "bz", None).unwrap() else {
             panic!("Debian's kernel was left to the guest")
         };
         eprintln!("decompressed on the host in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
