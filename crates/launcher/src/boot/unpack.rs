@@ -157,7 +157,11 @@ pub(super) fn load(
         return Ok(Unpacked::InGuest("its segments cannot be moved into place one by one".into()));
     }
     clear_tails(mem, &layout.segments, &dirtied)?;
-    release_gaps(mem, &layout.segments, &dirtied, rd.map(|(_, size, at)| (at, size)), low_end);
+    // The huge pages under an initramfs read alongside are kept, unless
+    // the file moved: then it may lie where the move wrote, and the
+    // caller reads it again into pages whose stale bytes must go.
+    let keep = rd.filter(|_| base == guess).map(|(_, size, at)| (at, size));
+    release_gaps(mem, &layout.segments, &dirtied, keep, low_end);
 
     // The PVH note is read where its bytes now are: in a loaded segment.
     let segments = layout.segments.clone();
