@@ -38,6 +38,10 @@ pub use elf::{ElfError, ElfKernel};
 use kickvm_virtio::GuestMemory;
 
 const PAGE: u64 = 0x1000;
+/// Where an initramfs may end under an ELF kernel: a module may be
+/// anywhere in the RAM the memory map lists; below the PCI hole here, so
+/// that [`initrd_placement`] stays below 4 GiB.
+const ELF_INITRD_TOP: u64 = layout::MEM_32BIT_GAP_START;
 /// Where an initramfs may end when the kernel does not say
 /// (`initrd_addr_max` of boot protocols before 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u32 = 0x37ff_ffff;
@@ -135,9 +139,7 @@ impl BootImage for ElfKernel {
         self.reserved_end
     }
     fn initrd_top(&self) -> u64 {
-        // A module may be anywhere in the RAM the memory map lists; below
-        // the PCI hole here, so that `initrd_placement` stays below 4 GiB.
-        layout::MEM_32BIT_GAP_START
+        ELF_INITRD_TOP
     }
     fn cmdline_max(&self) -> usize {
         ElfKernel::cmdline_max(self)
@@ -240,26 +242,32 @@ pub fn load_with_initrd(
 ) -> Result<Loaded, BootError> {
     let (file, kernel) = inspect(path)?;
     check_kernel_fits(path, &kernel, low_end)?;
+    // The initramfs, opened once; (file, size).
+    let rd = match initrd {
+        Some(p) => {
+            let (file, size) = hostfile::open_nonempty("initrd", p)?;
+            Some((Source { file, path: p, initrd: true }, size))
+        }
+        None => None,
+    };
     let mut how = None;
     // (file offset, guest address, length) of each run of kernel bytes.
     let mut runs = Vec::new();
     match &kernel {
         Kernel::BzImage(image) => {
             if !in_guest {
-                let rd = match initrd {
-                    Some(p) => {
-                        let (file, size) = hostfile::open_nonempty("initrd", p)?;
-                        Some((Source { file, path: p, initrd: true }, size))
-                    }
-                    None => None,
-                };
                 let rd_arg = rd.as_ref().map(|(src, size)| (src, *size));
                 match unpack::load(mem, &file, image, low_end, &path.display().to_string(), rd_arg)? {
                     unpack::Unpacked::Loaded(k, unpacked, read) => {
                         let kernel = Kernel::Elf(k);
-                        let initrd = match (initrd, read) {
+                        let initrd = match (&rd, read) {
                             (Some(_), Some(at)) => Some(at),
-                            (p, _) => p.map(|p| load_initrd(mem, p, low_end, &kernel)).transpose()?,
+                            (Some((src, size)), None) => {
+                                let addr = check_initrd_fits(src.path, *size, low_end, &kernel)?;
+                                read_pieces(mem, &src.pieces(0, addr, *size)?)?;
+                                Some((addr, *size))
+                            }
+                            (None, _) => None,
                         };
                         return Ok(Loaded { kernel, initrd, how: Some(unpacked) });
                     }
@@ -277,12 +285,8 @@ pub fn load_with_initrd(
         // ([`data_runs`]).
         Kernel::Elf(k) => runs.extend(k.segments.iter().map(|s| (s.offset, s.addr, s.file_len))),
     }
-    let rd = match initrd {
-        Some(p) => {
-            let (f, size) = hostfile::open_nonempty("initrd", p)?;
-            let addr = check_initrd_fits(p, size, low_end, &kernel)?;
-            Some((Source { file: f, path: p, initrd: true }, addr, size))
-        }
+    let rd = match rd {
+        Some((src, size)) => Some((check_initrd_fits(src.path, size, low_end, &kernel)?, size, src)),
         None => None,
     };
     let k = Source { file, path, initrd: false };
@@ -290,11 +294,11 @@ pub fn load_with_initrd(
     for (offset, addr, len) in runs {
         pieces.extend(k.pieces(offset, addr, len)?);
     }
-    if let Some((src, addr, size)) = &rd {
+    if let Some((addr, size, src)) = &rd {
         pieces.extend(src.pieces(0, *addr, *size)?);
     }
     read_pieces(mem, &pieces)?;
-    Ok(Loaded { kernel, initrd: rd.map(|(_, addr, size)| (addr, size)), how })
+    Ok(Loaded { kernel, initrd: rd.map(|(addr, size, _)| (addr, size)), how })
 }
 
 /// A file the loader reads into guest memory: the kernel or the initramfs.
@@ -533,9 +537,14 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path, low_end: u64) -> Result<Kerne
 /// `low_end` (and below what the kernel can address), page-aligned, and
 /// above the kernel's reserved area.
 pub fn initrd_placement(size: u64, low_end: u64, kernel: &impl BootImage) -> Option<u64> {
-    let top = low_end.min(kernel.initrd_top());
-    let addr = top.checked_sub(size)? & !(PAGE - 1);
+    let addr = initrd_below(low_end.min(kernel.initrd_top()), size)?;
     (size > 0 && addr >= kernel.reserved_end()).then_some(addr)
+}
+
+/// The highest page-aligned address an initramfs of `size` bytes ending
+/// by `top` can start at.
+fn initrd_below(top: u64, size: u64) -> Option<u64> {
+    Some(top.checked_sub(size)? & !(PAGE - 1))
 }
 
 /// Checks that an initramfs of `size` bytes fits; says why not.

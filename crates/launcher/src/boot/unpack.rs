@@ -111,7 +111,7 @@ pub(super) fn load(
     // The initramfs is read alongside, where it goes under an ELF kernel
     // (the top of RAM below 4 GiB), if that is clear of the file.
     let rd = initrd.filter(|_| all_at_guess).and_then(|(src, size)| {
-        let at = low_end.min(layout::MEM_32BIT_GAP_START).checked_sub(size)? & !(PAGE - 1);
+        let at = super::initrd_below(low_end.min(super::ELF_INITRD_TOP), size)?;
         (at >= guess + frame.len).then_some((src, size, at))
     });
     let rd_pieces = match rd {

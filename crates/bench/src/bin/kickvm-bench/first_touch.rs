@@ -6,8 +6,8 @@
 //! (docs/benchmarks.md): run it there with
 //! `kickvm-rig run -- target/release/kickvm-bench first-touch`.
 //!
-//! Each round maps fresh anonymous private memory with `MADV_HUGEPAGE`,
-//! as kickvm maps guest RAM, and takes the thread's CPU time
+//! Each round maps fresh guest RAM with the launcher's own code (private:
+//! anonymous, `MADV_HUGEPAGE`), and takes the thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`) across:
 //! - **first touch**: one write per 4 KiB page of fresh memory (with
 //!   transparent huge pages the first write in each 2 MiB allocates and
@@ -27,9 +27,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use kickvm::memory::{self, Backing, GuestRam};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+
 const ROUNDS: usize = 7;
 const MIB: usize = 1 << 20;
-const HUGE: usize = 2 << 20;
 /// The memory each round touches.
 const SPAN: usize = 48 * MIB;
 
@@ -40,43 +42,31 @@ fn thread_cpu_s() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// `len` bytes of fresh anonymous memory, 2 MiB-aligned, `MADV_HUGEPAGE`;
-/// unmapped when dropped.
+/// Fresh guest RAM of `len` bytes, mapped as `kickvm run` maps it
+/// (`kickvm::memory`, private: anonymous, 2 MiB-aligned, `MADV_HUGEPAGE`).
 struct Fresh {
-    map: *mut libc::c_void,
-    map_len: usize,
-    at: *mut u8,
+    ram: GuestRam,
     len: usize,
 }
 
 impl Fresh {
     fn new(len: usize) -> Fresh {
-        let map_len = len + HUGE;
-        // SAFETY: a new private anonymous mapping; nothing else refers to it.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            die(&format!("cannot map {} MiB: {}", map_len / MIB, std::io::Error::last_os_error()));
-        }
-        let at = (map as usize).next_multiple_of(HUGE) as *mut u8;
-        // SAFETY: `at..at + len` is inside the mapping. Without THP the
-        // advice fails and the memory stays in 4 KiB pages: measured as is.
-        unsafe { libc::madvise(at.cast(), len, libc::MADV_HUGEPAGE) };
-        Fresh { map, map_len, at, len }
+        let ram = memory::create(len as u64, Backing::Private)
+            .unwrap_or_else(|e| die(&format!("cannot map {} MiB of guest RAM: {e}", len / MIB)));
+        Fresh { ram, len }
     }
 
     fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: `at..at + len` is mapped read-write for as long as `self`
-        // lives, and only this borrow refers to it.
-        unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
+        let slice = self
+            .ram
+            .mem
+            .get_slice(GuestAddress(0), self.len)
+            .unwrap_or_else(|e| die(&format!("guest RAM is not one mapping from 0: {e}")));
+        // SAFETY: `get_slice` checked that `len` bytes from guest address 0
+        // are one private mapping, owned by `self.ram` and unmapped only
+        // when it drops (the guard is a plain pointer into it); only this
+        // borrow of `self` refers to it.
+        unsafe { std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), self.len) }
     }
 
     /// One write per 4 KiB page.
@@ -86,13 +76,6 @@ impl Fresh {
             // dropping the writes the measurement is about.
             unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 1) };
         }
-    }
-}
-
-impl Drop for Fresh {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; no borrow outlives `self`.
-        unsafe { libc::munmap(self.map, self.map_len) };
     }
 }
 
@@ -175,21 +158,21 @@ pub fn run(file: Option<PathBuf>) -> String {
         m.touch();
         cpu[1].push((thread_cpu_s() - t) * 1e3 / (SPAN / MIB) as f64);
 
-        let mut fresh = Fresh::new(copy_len);
+        let mut fresh = Fresh::new(SPAN);
         let t = thread_cpu_s();
-        pread_all(&file, fresh.bytes());
+        pread_all(&file, &mut fresh.bytes()[..copy_len]);
         cpu[2].push((thread_cpu_s() - t) * 1e3 / (copy_len / MIB) as f64);
         let t = thread_cpu_s();
-        pread_all(&file, fresh.bytes());
+        pread_all(&file, &mut fresh.bytes()[..copy_len]);
         cpu[3].push((thread_cpu_s() - t) * 1e3 / (copy_len / MIB) as f64);
         let t = thread_cpu_s();
-        map_and_copy(&file, fresh.bytes());
+        map_and_copy(&file, &mut fresh.bytes()[..copy_len]);
         cpu[4].push((thread_cpu_s() - t) * 1e3 / (copy_len / MIB) as f64);
     }
     let med: Vec<f64> = cpu.into_iter().map(median).collect();
     let mut md = format!(
         "First touch and copies: this thread's CPU time, ms per MiB, median of {ROUNDS} rounds; {} MiB of fresh \
-         anonymous memory with `MADV_HUGEPAGE` per round ({}), copies of the first {} MiB of {} (in the page cache)\n\n\
+         guest RAM per round, mapped as `kickvm run` maps it ({}), copies of the first {} MiB of {} (in the page cache)\n\n\
          | what | ms per MiB | ms per 2 MiB |\n|---|---|---|\n",
         SPAN / MIB,
         match huge {
